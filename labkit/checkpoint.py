@@ -1,0 +1,251 @@
+"""Checkpoints that survive interruptions, and "load if trained, else train" for the notebooks.
+
+- :func:`atomic_save` writes through a temporary file in the target directory, fsyncs it and
+  renames it over the target with :func:`os.replace`. A crash or Ctrl-C mid-save therefore leaves
+  either the previous checkpoint or the new one, never a truncated file.
+- :func:`load_checkpoint` returns ``None`` for an absent file and raises :class:`CheckpointError`
+  (naming the path) for an unreadable one, instead of torch's bare unpickling error.
+- :func:`load_or_train` is what a notebook cell calls: the first run trains and saves
+  ``{"model": state_dict, "meta": {...}}``; later runs load it and say where it came from.
+- :func:`machine_description` records which machine produced a result.
+
+Resumable *training* (optimizer, RNG, epoch counter) lives in :mod:`labkit.training`; its files go
+through the same :func:`atomic_save`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from labkit.device import resolve_device
+
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "load_checkpoint",
+    "load_or_train",
+    "machine_description",
+    "partial_path",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be used (corrupt, wrong layout, or from another run)."""
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; restore immediately.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` such that an interrupted save never leaves a broken ``path``.
+
+    The object is written to a temporary file in ``path``'s directory (same file system, so the
+    final rename is atomic), flushed and fsynced, then moved over ``path`` with :func:`os.replace`.
+    Missing parent directories are created. On any failure the temporary file is removed and the
+    previous ``path`` (if any) is left untouched.
+
+    Returns the path as a :class:`~pathlib.Path`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory, expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; give the checkpoint the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable (best effort: not every file system supports it).
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = None,
+    *,
+    weights_only: bool = True,
+) -> Any | None:
+    """Load a file written by :func:`atomic_save`; ``None`` if ``path`` does not exist.
+
+    ``map_location=None`` keeps tensors where they were saved, except that on a machine without
+    CUDA everything is mapped to the CPU (so a GPU-trained checkpoint opens on a laptop).
+    ``weights_only=True`` (torch's safe unpickler) accepts tensors, dicts, lists, tuples, numbers
+    and strings, which is all labkit stores.
+
+    Raises :class:`CheckpointError` naming ``path`` when the file is corrupt or unreadable.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, expected a file")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+            "delete it to retrain"
+        ) from exc
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a resumable training run for the final checkpoint ``path`` keeps its progress.
+
+    ``results/x/dmfa.pt`` -> ``results/x/dmfa.partial.pt``. Pass it as ``checkpoint=`` to
+    :func:`labkit.training.fit` inside the ``train`` function of :func:`load_or_train`, so an
+    interrupted notebook resumes training instead of starting over.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix or '.pt'}")
+
+
+def machine_description() -> str:
+    """One line saying where a result was computed: CPU model, cores, torch version, GPU if any.
+
+    Example: ``"AMD EPYC (2 cores), torch 2.14.1, CUDA: NVIDIA H100 80GB HBM3"``.
+    """
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 0
+    parts = [f"{cpu} ({cores} cores)", f"torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        parts.append("CUDA: " + ", ".join(names))
+    else:
+        parts.append("no CUDA")
+    return ", ".join(parts)
+
+
+def _json_check(meta: Any, what: str) -> dict:
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"{what} must be a dict of JSON-able values, got {type(meta).__name__}")
+    try:
+        text = json.dumps(dict(meta), sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-able (numbers, strings, lists, dicts): {exc}") from exc
+    return json.loads(text)
+
+
+def _summary(meta: Mapping) -> str:
+    items = [f"{k}={v}" for k, v in meta.items() if k not in ("machine", "trained_at")]
+    text = ", ".join(items)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def load_or_train(
+    path: str | os.PathLike,
+    build: Callable[[], nn.Module],
+    train: Callable[[nn.Module], Mapping[str, Any]],
+    *,
+    device: str | torch.device | None = None,
+    quiet: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Return a trained model: load it from ``path`` if it exists, else train and save it.
+
+    Args:
+        path: checkpoint file; it stores ``{"model": state_dict, "meta": meta}``.
+        build: ``() -> nn.Module``, builds the untrained architecture (called in both cases).
+        train: ``(model) -> meta``, trains the model in place (already on ``device``) and returns a
+            JSON-able dict describing the setting (data, sizes, epochs, seed, ...). ``machine``
+            (:func:`machine_description`), ``trained_at`` and ``train_seconds`` are added when absent.
+        device: where the model lives (``None``/``"auto"``: CUDA if available).
+        quiet: suppress the one-line "loaded ..." / "trained ..." message.
+
+    Returns:
+        ``(model, meta)`` with the model in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: the file is corrupt, lacks ``model``/``meta``, or does not fit ``build()``.
+        TypeError: ``build`` did not return an ``nn.Module`` or ``train`` returned non-JSON-able meta.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    model = build()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build() must return an nn.Module, got {type(model).__name__}")
+    model = model.to(device)
+
+    stored = load_checkpoint(path, map_location=device)
+    if stored is not None:
+        if not isinstance(stored, Mapping) or "model" not in stored or "meta" not in stored:
+            keys = sorted(stored) if isinstance(stored, Mapping) else type(stored).__name__
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a load_or_train file (expected keys 'model' and "
+                f"'meta', found {keys}); delete it to retrain"
+            )
+        try:
+            model.load_state_dict(stored["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match the model built now ({exc}); "
+                "the architecture changed: delete the file to retrain"
+            ) from exc
+        meta = dict(stored["meta"])
+        model.eval()
+        if not quiet:
+            print(f"loaded {path} (trained on {meta.get('machine', 'unknown machine')}, {_summary(meta)})")
+        return model, meta
+
+    model.train()
+    start = time.perf_counter()
+    meta = train(model)
+    seconds = time.perf_counter() - start
+    meta = _json_check(meta, "train(model) return value (meta)")
+    meta.setdefault("machine", machine_description())
+    meta.setdefault("trained_at", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    meta.setdefault("train_seconds", round(seconds, 1))
+    # Store tensors on the CPU so the file opens anywhere; load_checkpoint maps them back.
+    state = {
+        k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
+    }
+    atomic_save({"model": state, "meta": meta}, path)
+    model.eval()
+    if not quiet:
+        print(f"trained and saved {path} in {seconds:.1f} s ({_summary(meta)})")
+    return model, meta

@@ -1,0 +1,26 @@
+"""Shared fixtures: small random MFAs and images in float64 for exactness checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit.mfa import MFA
+
+
+def random_mfa(B=3, K=2, L=2, C=2, H=5, W=5, *, seed=0, dtype=torch.float64, factor_scale=0.3) -> MFA:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.softmax(torch.randn(B, K, generator=g, dtype=dtype), 1)
+    m = torch.randn(B, K, C, H, W, generator=g, dtype=dtype)
+    A = factor_scale * torch.randn(B, K, L, C, H, W, generator=g, dtype=dtype)
+    d = torch.rand(B, K, C, H, W, generator=g, dtype=dtype) + 0.1
+    return MFA(w, m, A, d)
+
+
+@pytest.fixture
+def make_mfa():
+    return random_mfa
+
+
+def pytest_configure(config):
+    # Two cores here: keep intra-op threads at the core count, never oversubscribe.
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
