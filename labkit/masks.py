@@ -9,8 +9,8 @@ Generators (all ``(n, height, width, *, generator=None, device=None)``, reproduc
                      within ``tolerance * H * W`` pixels, random shape and orientation, fully inside.
 - :func:`noise`      exactly ``round(fraction * H * W)`` pixels, chosen uniformly.
 
-Random numbers are drawn on the generator's device (the CPU for ``generator=None`` unless ``device``
-says otherwise), so a CPU generator gives the same masks whatever ``device`` they are put on.
+Random numbers are drawn on the generator's device (on ``device`` with the global RNG when no generator
+is given), so a CPU generator gives the same masks whatever ``device`` they are put on.
 ``device=None`` means :func:`labkit.device.resolve_device` (CUDA when available).
 
 Also: :func:`make_masks` (by name), :func:`combine` (logical OR), :func:`training_pair` /
