@@ -194,6 +194,8 @@ def load_or_train(
         train: ``(model) -> meta``, trains the model in place (already on ``device``) and returns a
             JSON-able dict describing the setting (data, sizes, epochs, seed, ...). ``machine``
             (:func:`machine_description`), ``trained_at`` and ``train_seconds`` are added when absent.
+            To survive interruptions, it can run :func:`labkit.training.fit` with
+            ``checkpoint=partial_path(path)``; that file is deleted once ``path`` is saved.
         device: where the model lives (``None``/``"auto"``: CUDA if available).
         quiet: suppress the one-line "loaded ..." / "trained ..." message.
 
@@ -245,6 +247,8 @@ def load_or_train(
         k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
     }
     atomic_save({"model": state, "meta": meta}, path)
+    # The final checkpoint supersedes a resumable run's progress file (see partial_path).
+    partial_path(path).unlink(missing_ok=True)
     model.eval()
     if not quiet:
         print(f"trained and saved {path} in {seconds:.1f} s ({_summary(meta)})")

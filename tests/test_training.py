@@ -336,6 +336,26 @@ def test_load_or_train_errors(tmp_path):
         load_or_train(tmp_path / "c.pt", lambda: nn.Linear(1, 1), lambda m: {}, device="cpu")
 
 
+def test_load_or_train_with_resumable_fit(tmp_path):
+    """The documented pattern: train() runs fit() on partial_path(path); an interrupted first
+    attempt resumes, and the progress file goes away once the final checkpoint exists."""
+    path = tmp_path / "net.pt"
+    model, opt, sched, counter, batches, step, calls = make_run()
+
+    def train(net):
+        fit(net, opt, batches, step, epochs=2, seed=0, progress=False, checkpoint=ckpt.partial_path(path))
+        return {"epochs": 2}
+
+    calls["fail_at"] = (1, 0)
+    with pytest.raises(Interrupted):
+        load_or_train(path, lambda: model, train, device="cpu", quiet=True)
+    assert ckpt.partial_path(path).exists() and not path.exists()
+    calls["fail_at"] = None
+    load_or_train(path, lambda: model, train, device="cpu", quiet=True)
+    assert calls["steps"] == 2 * (N // BATCH)  # epoch 0 once, epoch 1 once
+    assert path.exists() and not ckpt.partial_path(path).exists()
+
+
 def test_partial_path_and_machine_description():
     assert ckpt.partial_path("results/x/dmfa.pt").as_posix() == "results/x/dmfa.partial.pt"
     desc = machine_description()
