@@ -1,0 +1,309 @@
+"""The draw-a-mask notebook in a real browser: JupyterLab + Debian's Chromium driven by Playwright.
+
+The test starts JupyterLab on 127.0.0.1 (a free port, a random token, throw-away config, data,
+settings, workspace and runtime folders), serves a temporary copy of
+``notebooks/05_draw_a_mask.ipynb`` (JupyterLab autosaves outputs into the notebook it runs; the
+committed one must stay clean), opens it in headless Chromium, runs all cells from the Run menu,
+waits for the kernel to be idle, then drags the mouse across the canvas with real mouse events.
+It asserts that the missing-pixel count shows exactly the pixels under the stroke and that the
+probability panel changed, and saves a screenshot of the app to ``results/draw/browser.png``.
+The server's process group (and any kernel it started) is stopped by process id in every outcome.
+
+Skipped, with the reason, when ``/usr/bin/chromium`` (``apt-get install chromium``) or the Python
+package ``playwright`` is missing. Playwright drives the system Chromium through
+``executable_path``; ``playwright install`` (which downloads browsers) is never needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from labkit import draw
+
+CHROMIUM = Path(os.environ.get("LABKIT_CHROMIUM", "/usr/bin/chromium"))
+NOTEBOOK = draw.REPO_ROOT / "notebooks" / "05_draw_a_mask.ipynb"
+SCREENSHOT = draw.DRAW_DIR / "browser.png"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+pytestmark = pytest.mark.browser
+
+
+def _skip_reason() -> str | None:
+    if not CHROMIUM.is_file():
+        return f"Chromium not found at {CHROMIUM} (install it with `apt-get install chromium`)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the Python package playwright is not installed (pip install playwright; no browser download needed)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_notebook(folder: Path, overrides: dict) -> Path:
+    """Copy the notebook into ``folder``, appending ``overrides`` to its parameters cell."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += "\n# set by tests/test_browser.py\n" + "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
+    nb.metadata.pop("jupytext", None)      # no .py twin in the temporary folder
+    out = folder / NOTEBOOK.name
+    nbformat.write(nb, out)
+    return out
+
+
+class JupyterLab:
+    """A JupyterLab server in its own process group; ``stop()`` ends it (and its kernels) by pid."""
+
+    def __init__(self, root: Path, scratch: Path):
+        self.port = _free_port()
+        self.token = secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}"
+        dirs = {k: scratch / k for k in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
+        for d in dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        # the news prompt is a toast that could cover the page: switch its plugin off
+        (dirs["config"] / "labconfig").mkdir()
+        (dirs["config"] / "labconfig" / "page_config.json").write_text(json.dumps(
+            {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
+                   JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
+                   JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
+                   PYTHONUNBUFFERED="1")
+        # sys.executable is the virtualenv's python: the server and, through the "python3" kernelspec
+        # whose argv[0] "python" jupyter_client maps to sys.executable, the kernel run in it.
+        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+               "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
+               "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-root")         # CI containers run as root
+        self.log_path = scratch / "jupyterlab.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.children: set[int] = set()
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def api(self, path: str, method: str = "GET", timeout: float = 5.0):
+        req = urllib.request.Request(f"{self.base}{path}", method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+        return json.loads(body) if body else None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.api("/api/status", timeout=2.0)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"JupyterLab did not answer on {self.base} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def remember_children(self) -> None:
+        """Record the pids of the server's descendants (kernels run in sessions of their own)."""
+        import psutil
+
+        try:
+            self.children |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+
+    def stop(self) -> None:
+        import psutil
+
+        self.remember_children()
+        if self.proc.poll() is None:
+            try:
+                self.api("/api/shutdown", method="POST", timeout=5.0)   # shuts the kernels down too
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=5)
+        for pid in self.children:                                        # a kernel left behind
+            try:
+                p = psutil.Process(pid)
+                if p.is_running():
+                    p.kill()
+            except psutil.Error:
+                pass
+        self._log.close()
+
+
+def _dismiss_dialogs(page) -> None:
+    """Accept any JupyterLab dialog (e.g. a kernel choice) so it cannot block the clicks."""
+    for button in page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").all():
+        try:
+            button.click(timeout=1000)
+        except Exception:  # noqa: BLE001 - the dialog may close by itself meanwhile
+            pass
+
+
+def _kernel_status(page) -> str:
+    """The status bar's kernel item, e.g. ``"Python 3 (ipykernel) | Idle"`` (empty if not shown yet)."""
+    for text in page.locator(".jp-StatusBar-TextItem").all_inner_texts():
+        if " | " in text:
+            return text.strip()
+    return ""
+
+
+def _wait_kernel_idle(page, timeout_s: float) -> None:
+    """Wait until the notebook's kernel is connected and idle, accepting a kernel dialog if one shows.
+
+    The "Select Kernel" dialog appears when the notebook opens before the kernel specs have
+    loaded (a race on a slow machine); accepting it starts the default, the venv's python3.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if page.locator(".jp-Dialog").count():
+            _dismiss_dialogs(page)
+        last = _kernel_status(page)
+        if (last.endswith("| Idle") and not page.locator(".jp-Dialog").count()
+                and page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count()):
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"the kernel was not idle within {timeout_s:.0f} s (status bar: {last!r})")
+
+
+def _wait_js(page, expression: str, arg, timeout_s: float, what: str) -> None:
+    """``page.wait_for_function`` with a failure that says what was awaited."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(expression, arg=arg, timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from None
+
+
+def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_draw import notebook_model_overrides
+
+    # the committed checkpoints, or tiny models trained once per session (then the kernel only loads)
+    overrides = {"n_images": 20, "device": "cpu", **notebook_model_overrides(tmp_path_factory)}
+    started = time.monotonic()
+    root = tmp_path / "lab"
+    root.mkdir()
+    _prepare_notebook(root, overrides)
+
+    server = JupyterLab(root, tmp_path / "jupyter")
+    try:
+        server.wait_ready()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            try:
+                page.goto(f"{server.base}/lab/tree/{NOTEBOOK.name}?token={server.token}", timeout=60_000)
+                page.wait_for_selector(".jp-Notebook", timeout=60_000)
+                _wait_kernel_idle(page, 60)
+                server.remember_children()
+
+                # Run > Run All Cells, through the menu like a user
+                page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel",
+                                                                has_text=re.compile(r"^Run All Cells$"))).click()
+                # the last cell's output (its source says the same words, hence the output area)
+                page.locator(".jp-OutputArea-output", has_text="mask cleared").wait_for(
+                    state="attached", timeout=90_000)
+                _wait_kernel_idle(page, 30)
+                server.remember_children()
+
+                canvas = page.locator("canvas.draw-canvas")
+                canvas.scroll_into_view_if_needed()
+                count = page.locator(".draw-count")
+                probs = page.locator(".draw-probs")
+                _wait_js(page, "() => /missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
+                         None, 10, "the count to show 0 missing pixels after Run All")
+                probs_before = probs.inner_html()
+                exact_before = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
+                box = canvas.bounding_box()
+                assert box and round(box["width"]) == 280 and round(box["height"]) == 280, box
+
+                # A horizontal drag along the centres of image row 14 from column 4 to column 23
+                # (canvas x 45..235 at scale 10): brush 1.5 paints exactly those 20 pixels.
+                y = box["y"] + 145
+                page.mouse.move(box["x"] + 45, y)
+                page.mouse.down()
+                page.mouse.move(box["x"] + 235, y, steps=12)
+                page.mouse.up()
+
+                _wait_js(page, "() => !/missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
+                         None, 20, "the missing-pixel count to change after the stroke")
+                _wait_js(page, "(before) => document.querySelector('.draw-probs').innerHTML !== before",
+                         probs_before, 20, "the probability panel to be redrawn after the stroke")
+                _wait_kernel_idle(page, 20)
+                text = count.inner_text()
+                n = int(re.search(r"missing pixels:\s*(\d+)\s*/\s*784", text).group(1))
+                assert n == 20, f"the stroke should mark row 14, columns 4..23 (20 pixels); the page says {text!r}"
+                assert "MisConv (DMFA)" in probs.inner_text()
+                # the masked classifiers' probabilities moved; the complete-image reference did not
+                exact = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
+                assert set(exact) == {draw.MISCONV, draw.ZERO, draw.COMPLETE}
+                for name in (draw.MISCONV, draw.ZERO):
+                    assert exact[name] != exact_before[name], f"{name}: probabilities unchanged by the stroke"
+                assert exact[draw.COMPLETE] == exact_before[draw.COMPLETE]
+
+                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(SCREENSHOT))
+            except Exception:
+                # keep what the page showed: tmp_path/failure.png, named in the error below
+                try:
+                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            finally:
+                browser.close()
+    except Exception as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n(screenshot: {tmp_path / 'failure.png'})\n"
+                             f"--- JupyterLab log (tail) ---\n{server.log_tail()}") from exc
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None
+    assert time.monotonic() - started < 150, "the browser test should take about a minute"
+    # the committed notebook was never served, so it is untouched and output-free
+    from labkit.run_notebooks import check_clean
+
+    assert check_clean(NOTEBOOK) == []
