@@ -1,0 +1,317 @@
+"""The classifiers, preparers and the resumable sweep (labkit.classifier); notebook 02 smoke run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from labkit import classifier as clf
+from labkit.classifier import (ACCURACY_COLUMNS, METHODS, CellData, SweepConfig, build_classifier, cell_masks,
+                               pivot_table, run_sweep, table_markdown, train_classifier)
+from labkit.mfa import fit_mfa
+
+
+@pytest.fixture(autouse=True)
+def _eager_misconv():
+    """MisConv's fast path compiles with torch.compile on first use (tens of seconds); the eager path
+    computes the same function (tests/test_misconv*.py hold them equal), so these tests use it."""
+    from labkit import misconv
+
+    before = misconv.fast_default()
+    misconv.set_fast_default(False)
+    yield
+    misconv.set_fast_default(before)
+
+
+def _tiny_data(n=48, n_test=16, mask="square", seed=0, C=1, S=12) -> CellData:
+    g = torch.Generator().manual_seed(seed)
+    # two classes that differ in which half is bright: learnable in one epoch
+    labels = torch.randint(0, 2, (n + n_test,), generator=g)
+    imgs = 0.2 * torch.rand(n + n_test, C, S, S, generator=g)
+    imgs[labels == 1, :, :, : S // 2] += 0.7
+    imgs[labels == 0, :, :, S // 2:] += 0.7
+    imgs = imgs.clamp(0, 1)
+    miss = cell_masks("tiny", "train", mask, seed, n + n_test, S, S)
+    idx = torch.arange(n)
+    return CellData("mnist", mask, seed, imgs[:n], labels[:n], miss[:n], idx[: n - 8], idx[n - 8:],
+                    imgs[n:], labels[n:], miss[n:])
+
+
+def test_architectures_output_logits_for_every_front():
+    x = torch.rand(4, 1, 28, 28)
+    missing = cell_masks("mnist", "train", "square", 0, 4, 28, 28)
+    for name in ("zero", "mask", "pc", "knn", "gt"):
+        model = build_classifier("mnist", name)
+        aux = x if METHODS[name].front.aux_kind == "images" else None
+        assert model(x.masked_fill(missing, float("nan")), missing, aux).shape == (4, 10)
+    cifar = build_classifier("cifar10", "zero")
+    assert cifar(torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32, dtype=torch.bool)).shape == (2, 10)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in cifar.modules()) == 6
+    # MNIST: conv32 (front) + down + 2 x conv64, lin20, lin10
+    convs = [m for m in build_classifier("mnist", "zero").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64] and convs[1].stride == (2, 2)
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
+        build_classifier("vgg", "zero")
+
+
+def test_cell_masks_are_fixed_per_dataset_split_kind_seed():
+    a = cell_masks("mnist", "train", "noise", 0, 5, 28, 28)
+    assert a.dtype == torch.bool and a.shape == (5, 1, 28, 28)
+    assert torch.equal(a, cell_masks("mnist", "train", "noise", 0, 5, 28, 28))
+    assert not torch.equal(a, cell_masks("mnist", "train", "noise", 1, 5, 28, 28))
+    assert not torch.equal(a, cell_masks("mnist", "test", "noise", 0, 5, 28, 28))
+    assert (a.sum((1, 2, 3)) == round(0.75 * 784)).all()
+    sq = cell_masks("mnist", "test", "square", 2, 5, 28, 28)
+    assert (sq.sum((1, 2, 3)) == 14 * 14).all()
+
+
+def test_mfa_aux_sources_give_batches_of_mfas():
+    d = _tiny_data()
+    model, _ = fit_mfa(d.train_images, 2, 2, iterations=3, progress=False)
+    src = clf.ConditionedMFAAux(model)
+    b = torch.tensor([0, 3, 5])
+    x = clf._with_nan(d.train_images[b], d.train_missing[b])
+    mfa = src.get(b, x, d.train_missing[b])
+    assert mfa.batch_size == 3 and torch.isfinite(mfa.means).all()
+    # conditional means equal x at observed pixels
+    obs = ~d.train_missing[b].expand_as(x)
+    assert torch.allclose(mfa.means[:, 0][obs], d.train_images[b][obs])
+    # the float16 cache round trip renormalises weights and keeps variances positive
+    stored = clf.MFAAux(clf._mfa_fields(mfa))
+    back = stored.get(torch.arange(3), x, d.train_missing[b])
+    torch.testing.assert_close(back.weights.sum(1), torch.ones(3))
+    assert (back.variances > 0).all()
+    torch.testing.assert_close(back.means, mfa.means, atol=2e-3, rtol=2e-3)
+
+
+def test_knn_imputation_uses_only_observed_training_values(tmp_path):
+    d = _tiny_data(n=60, mask="noise")
+    cfg = SweepConfig(cache_dir=str(tmp_path), knn_k=(1, 3), knn_val=8, knn_fit=40, progress=False)
+    tr, te, info = clf.prepare_knn(d, cfg)
+    assert info["knn_k"] in (1, 3) and set(info["knn_val_sse_per_image"]) == {1, 3}
+    assert tr.images.shape == d.train_images.shape and torch.isfinite(tr.images.float()).all()
+    miss = d.train_missing.expand_as(d.train_images)
+    obs = ~miss
+    torch.testing.assert_close(tr.images.float()[obs], d.train_images[obs], atol=1e-3, rtol=0)
+    if info["knn_k"] == 1:
+        # k = 1: every imputed value is an *observed* value of a fitted image at the same pixel
+        fit = d.fit_idx[:40]
+        donors = torch.where(miss[fit], torch.nan, d.train_images[fit])    # (40, 1, H, W)
+        filled = tr.images.float()
+        for i in range(5):
+            vals = filled[i][miss[i]]
+            cand = donors[:, miss[i]]                                      # (40, n_missing)
+            assert torch.isclose(cand, vals.expand_as(cand), atol=1e-3).any(0).all()
+    # cached: a second call computes nothing (no new file, same values)
+    files = sorted(tmp_path.iterdir())
+    tr2, _, _ = clf.prepare_knn(d, cfg)
+    assert sorted(tmp_path.iterdir()) == files and torch.equal(tr2.images, tr.images)
+
+
+def test_mfa_mean_imputation_keeps_observed_pixels(tmp_path):
+    d = _tiny_data()
+    cfg = SweepConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3, progress=False)
+    tr, te, _ = clf.prepare_mfa_mean(d, cfg)
+    obs = ~d.test_missing.expand_as(d.test_images)
+    torch.testing.assert_close(te.images.float()[obs], d.test_images[obs], atol=1e-3, rtol=0)
+    assert torch.isfinite(te.images.float()).all()
+
+
+def test_dmfa_preparers_with_a_checkpoint(tmp_path):
+    """The DMFA methods read a load_or_train checkpoint and cache per-image MFAs."""
+    from labkit.checkpoint import atomic_save
+    from labkit.dmfa import build_dmfa
+
+    torch.manual_seed(0)
+    model = build_dmfa("mnist", n_components=1, n_factors=2)
+    path = tmp_path / "mnist_complete.pt"
+    atomic_save({"model": model.state_dict(), "meta": {"model": model.config}}, path)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(12, 1, 28, 28, generator=g)
+    miss = cell_masks("mnist", "train", "square", 0, 12, 28, 28)
+    d = CellData("mnist", "square", 0, imgs[:8], torch.zeros(8, dtype=torch.long), miss[:8], torch.arange(6),
+                 torch.arange(6, 8), imgs[8:], torch.zeros(4, dtype=torch.long), miss[8:])
+    cfg = SweepConfig(cache_dir=str(tmp_path / "cache"), dmfa_complete=str(tmp_path / "{dataset}_complete.pt"),
+                      impute_batch=5, progress=False)
+    assert clf.method_available("dmfa_misconv_complete", cfg) is None
+    assert "does not exist" in clf.method_available("dmfa_misconv_incomplete",
+                                                    SweepConfig(dmfa_incomplete=str(tmp_path / "nope.pt")))
+    tr, te, _ = METHODS["dmfa_misconv_complete"].prepare(d, cfg)
+    mfa = te.get(torch.tensor([1, 2]), imgs[9:11], miss[9:11])
+    ref = model.eval()(imgs[9:11], miss[9:11])
+    torch.testing.assert_close(mfa.means, ref.means, atol=2e-3, rtol=2e-3)
+    trm, tem, _ = METHODS["dmfa_mean_complete"].prepare(d, cfg)
+    m = miss[9:11].expand(-1, 1, -1, -1)
+    torch.testing.assert_close(tem.images[1:3][m], ref.mean()[m], atol=2e-3, rtol=2e-3)
+
+
+def _fake_runner(calls):
+    def run(dataset, mask, method, seed, cfg):
+        calls.append((dataset, mask, method, seed))
+        row = {"dataset": dataset, "mask": mask, "method": method, "seed": seed, "accuracy": 0.5 + 0.01 * seed,
+               "n_train": 10, "n_test": 5, "epochs": cfg.epochs}
+        return {"row": row, "details": {**row, "wall_seconds": 0.0}}
+    return run
+
+
+def test_sweep_skips_finished_cells_and_orders_seeds_outermost(tmp_path):
+    calls = []
+    kw = dict(config=SweepConfig(results_dir=str(tmp_path), progress=False), _run_cell=_fake_runner(calls),
+              progress=False)
+    df = run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", max_cells=3, **kw)
+    assert len(df) == 3 and len(calls) == 3
+    assert calls == [("mnist", "square", "zero", 0), ("mnist", "square", "pc", 0), ("mnist", "noise", "zero", 0)]
+    df = run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", **kw)   # "after a kill"
+    assert len(calls) == 8 and len(set(calls)) == 8 and len(df) == 8
+    assert list(df.columns) == ACCURACY_COLUMNS
+    run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", **kw)
+    assert len(calls) == 8  # nothing recomputed
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+
+
+def test_sweep_runs_unavailable_methods_when_their_checkpoint_appears(tmp_path):
+    calls = []
+    ck = tmp_path / "dmfa_{dataset}.pt"
+    cfg = SweepConfig(results_dir=str(tmp_path), dmfa_complete=str(ck), progress=False)
+    grid = (["mnist"], ["square"], ["zero", "dmfa_misconv_complete"], [0, 1])
+    run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+    assert [c[2] for c in calls] == ["zero", "zero"]
+    (tmp_path / "dmfa_mnist.pt").write_bytes(b"x")
+    run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+    assert [c[2:] for c in calls[2:]] == [("dmfa_misconv_complete", 0), ("dmfa_misconv_complete", 1)]
+
+
+def test_sweep_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'misconv'"):
+        run_sweep(["mnist"], ["square"], ["misconv"], [0], "t", results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown mask kind 'circle'"):
+        run_sweep(["mnist"], ["circle"], ["zero"], [0], "t", results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown sweep setting 'epoch'"):
+        run_sweep(["mnist"], ["square"], ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    d = _tiny_data()
+    torch.manual_seed(0)
+    ref = build_classifier("mnist", "zero", image_size=12)
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    kw = dict(epochs=2, batch_size=8, lr=1e-3, seed=3, progress=False, device="cpu", select="last")
+    train_classifier(ref, d, clf.AuxSource(), checkpoint=tmp_path / "a.pt", **kw)
+
+    model = build_classifier("mnist", "zero", image_size=12)
+    model.load_state_dict(init)
+    calls = {"n": 0}
+    orig = clf.F.cross_entropy
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6 + 2:   # during epoch 2 (5 batches per epoch)
+            raise _Stop
+        return orig(*a, **k)
+
+    clf.F.cross_entropy = flaky
+    try:
+        with pytest.raises(_Stop):
+            train_classifier(model, d, clf.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
+    finally:
+        clf.F.cross_entropy = orig
+    model2 = build_classifier("mnist", "zero", image_size=12)   # a fresh process would rebuild the model
+    hist, _ = train_classifier(model2, d, clf.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model2.state_dict()[k], v)
+
+
+def test_real_cell_end_to_end_tiny(tmp_path, monkeypatch):
+    """A real (tiny) cell: NaN at missing pixels everywhere, a CSV row and a runs.jsonl record."""
+    d = _tiny_data()
+    monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: d)
+    cfg = SweepConfig(results_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), epochs=1, batch_size=8,
+                      mfa_components=2, mfa_factors=2, mfa_iterations=2, progress=False)
+    monkeypatch.setattr(clf, "build_classifier", lambda arch, m, **k: build_classifier(arch, m, in_channels=1,
+                                                                                        image_size=12))
+    df = run_sweep(["mnist"], ["square"], ["zero", "mfa_misconv"], [0], "t", config=cfg, progress=False)
+    assert set(df["method"]) == {"zero", "mfa_misconv"}
+    assert ((df["accuracy"] >= 0) & (df["accuracy"] <= 1)).all() and (df["n_train"] == 40).all()
+    rec = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {"batch_size", "lr", "wall_seconds", "machine", "epoch_selected"} <= set(rec[0])
+    assert not list((tmp_path / "c" / "runs").rglob("*.pt"))   # checkpoints deleted after the row
+
+
+def test_pivot_table_mean_std_and_paper_columns():
+    df = pd.DataFrame([
+        {"dataset": "mnist", "mask": "square", "method": "zero", "seed": s, "accuracy": a, "n_train": 1,
+         "n_test": 1, "epochs": 1} for s, a in enumerate([0.90, 0.92, 0.94])
+    ] + [{"dataset": "mnist", "mask": "square", "method": "dmfa_misconv_complete", "seed": 0, "accuracy": 0.95,
+          "n_train": 1, "n_test": 1, "epochs": 1}])
+    piv = pivot_table(df)
+    assert piv.loc["zero", "square"] == f"0.920 ± {np.std([0.90, 0.92, 0.94], ddof=1):.3f} (n=3)"
+    assert piv.loc["zero", "paper square"] == "0.910"
+    assert piv.loc["dmfa_misconv_complete", "square"] == "0.950 (n=1)"
+    md = table_markdown(df)
+    assert "**0.950 (n=1)**" in md and md.count("\n") == 3
+
+
+def test_update_markdown_table_replaces_only_between_markers(tmp_path):
+    df = pd.DataFrame([{"dataset": "mnist", "mask": "noise", "method": "pc", "seed": 0, "accuracy": 0.8,
+                        "n_train": 1, "n_test": 1, "epochs": 1}])
+    md = tmp_path / "r.md"
+    md.write_text("before\n<!-- classification-table:start -->\nold\n<!-- classification-table:end -->\nafter\n")
+    assert clf.update_markdown_table(md, df)
+    text = md.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| pc | **0.800 (n=1)** | 0.804 |" in text
+    assert not clf.update_markdown_table(md, df)          # unchanged the second time
+    (tmp_path / "bad.md").write_text("no markers")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        clf.update_markdown_table(tmp_path / "bad.md", df)
+
+
+def test_imputation_quality_reports_errors_and_nll(tmp_path, monkeypatch):
+    d = _tiny_data()
+    monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: d)
+    cfg = SweepConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3, progress=False,
+                      dmfa_complete=str(tmp_path / "no_such_dmfa.pt"))
+    q = clf.imputation_quality("mnist", "square", 0, ["zero", "mfa_mean", "mfa_misconv", "dmfa_mean_complete"],
+                               cfg, n=10)
+    assert list(q.index) == ["zero", "mfa_mean", "mfa_misconv"]   # the DMFA has no checkpoint here
+    hole = d.test_missing[:10].expand_as(d.test_images[:10])
+    zero_sse = float((d.test_images[:10] ** 2)[hole].sum() / 10)
+    assert q.loc["zero", "sse"] == pytest.approx(zero_sse, rel=1e-5)
+    # the conditional mean of mfa_misconv's MFA is the mfa_mean imputation
+    assert q.loc["mfa_misconv", "sse"] == pytest.approx(q.loc["mfa_mean", "sse"], rel=1e-2)
+    assert np.isfinite(q.loc["mfa_misconv", "nll"]) and q.loc["mfa_misconv", "pred_std"] > 0
+
+
+def test_sweep_config_reads_the_profile_and_rejects_unknown_keys():
+    grid, cfg = clf.sweep_config("quick")
+    assert grid["datasets"] == ["mnist"] and cfg.profile == "quick" and cfg.epochs >= 1
+    grid, cfg = clf.sweep_config("quick", epochs=None, masks=["noise"])
+    assert cfg.epochs == 10 and grid["masks"] == ["noise"]
+    with pytest.raises(ValueError, match="unknown 02_classification parameter"):
+        clf.sweep_config("quick", epochz=3)
+
+
+@pytest.mark.slow
+def test_notebook_02_smoke(tmp_path):
+    """Papermill run of notebook 02 on the offline MNIST copy: two methods, one mask, one epoch."""
+    import nbformat
+
+    from labkit.run_notebooks import execute
+
+    out = execute("02_classification", "quick", output_dir=tmp_path, masks=["square"], methods=["zero", "pc"],
+                  epochs=1, seeds=[0], n_train=300, n_test=100, results_dir=str(tmp_path / "res"),
+                  device="cpu")
+    df = pd.read_csv(tmp_path / "res" / "accuracy.csv")
+    assert sorted(df["method"]) == ["pc", "zero"] and (df["n_test"] == 100).all()
+    assert (tmp_path / "res" / "accuracy.png").exists()
+    nb = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "paper square" in text
