@@ -22,7 +22,7 @@ Architectures (:func:`build_dmfa` picks one per data set):
   16, 32, 64 and 32 filters followed by one fully-connected head per MFA parameter. **Difference
   from the authors:** they keep the full 28x28 resolution before the heads (25,088 features, about
   118 M parameters, a 470 MB checkpoint). Here the second and third convolutions have stride 2, so
-  the heads read 32x7x7 = 1,568 features: 7.4 M parameters and a 29.6 MB checkpoint for K = 1,
+  the heads read 32x7x7 = 1,568 features: 7.4 M parameters and a 29.8 MB checkpoint for K = 1,
   L = 4, 16x smaller and about 10x faster to train on a CPU, while each head is still a full
   linear map onto every pixel (the head, not the extractor, is what makes the prediction global).
 - :class:`FullyConvDMFA` (SVHN, CIFAR-10 3x32x32; CelebA 3x64x64): conv-ReLU-BatchNorm blocks
@@ -239,7 +239,7 @@ class LinearHeadsDMFA(DMFA):
                Linear(→ K·C·H·W) variances, Linear(→ K) mixture logits.
 
     The authors' network keeps 28x28 up to the heads (about 118 M parameters); the two strides
-    here cut the heads 16x (7.4 M parameters, a 29.6 MB checkpoint for K=1, L=4). Checkpoint size
+    here cut the heads 16x (7.4 M parameters, a 29.8 MB checkpoint for K=1, L=4). Checkpoint size
     grows as ``4 bytes · 1568 · (K·(L+2)·C·H·W)``: K=1, L=4 is the largest MNIST setting under 32 MB.
     """
 
@@ -992,7 +992,7 @@ def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str
         authors = AUTHORS_DENSITY.get((key, hole, kind))
         if kind == "dmfa":
             what = f"DMFA, {s['mode']}-data training (K={s['n_components']}, L={s['n_factors']})"
-            setting = f"{s['n_train']} train, {s['epochs']} epochs, seed {s['seed']}"
+            setting = f"{s['n_train']} train, {s['epochs']} epochs, lr {s.get('lr', '?')}, seed {s['seed']}"
         else:
             what = f"classical MFA (K={s['n_components']}, L={s['n_factors']})"
             setting = f"{s['n_train']} train, EM {s.get('iterations_run', s.get('iterations'))} it., seed {s['seed']}"
