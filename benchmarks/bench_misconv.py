@@ -1,0 +1,108 @@
+"""Benchmark: MisConv2d (fast and eager paths) against conv2d + ReLU on the paper's grid.
+
+Prints, per setting (images of 28/32/64 px with 1/3/3 channels, a missing square of side I/2,
+batches of 16/32/64, 32 filters 3x3, K = 1, L = 4), the median time of one forward pass of
+conv2d + ReLU, of MisConv's fast path and of its eager path, each MisConv measured interleaved
+with conv2d + ReLU in the same process; the ratios; the target 1.25·(L+2)·K and the paper's GPU
+ratios. Then the same for K > 1 and L in {1, 2, 4, 8, 16}. Figures, not a test: nothing asserts.
+
+    .venv/bin/python benchmarks/bench_misconv.py [--repeats 40] [--eager-repeats 5] [--threads 1]
+                                                 [--clock auto|cpu|wall] [--out results/timing/cpu]
+
+On a CPU the default clock is the CPU time of the computing thread (see labkit.timing.interleaved):
+this machine is shared, and elapsed time would mostly measure the other jobs. The load average
+is recorded with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from labkit import misconv, timing
+from labkit.checkpoint import machine_description
+
+
+def _lines(title: str, fast: pd.DataFrame, eager: pd.DataFrame | None) -> list[str]:
+    head = (f"{'I':>3} {'C':>2} {'B':>3} {'K':>2} {'L':>3} | {'conv ms':>8} {'fast ms':>8} {'eager ms':>9} | "
+            f"{'fast/conv':>9} {'eager/conv':>10} {'target':>6} {'paper':>6} | {'fast<=target':>12} {'fast<=paper':>11}")
+    out = [title, head, "-" * len(head)]
+    e = eager.set_index(["size", "batch", "K", "L"]) if eager is not None and len(eager) else None
+    for r in fast.itertuples():
+        er = e.loc[(r.size, r.batch, r.K, r.L)] if e is not None and (r.size, r.batch, r.K, r.L) in e.index else None
+        eager_ms = f"{er.misconv_median * 1e3:9.3f}" if er is not None else f"{'-':>9}"
+        eager_ratio = f"{er.ratio:10.2f}" if er is not None else f"{'-':>10}"
+        paper = r.paper_ratio if not pd.isna(r.paper_ratio) else float("nan")
+        out.append(f"{r.size:>3} {r.channels:>2} {r.batch:>3} {r.K:>2} {r.L:>3} | {r.conv_median * 1e3:8.3f} "
+                   f"{r.misconv_median * 1e3:8.3f} {eager_ms} | {r.ratio:9.2f} {eager_ratio} {r.target:6.2f} "
+                   f"{paper:6.2f} | {str(bool(r.ratio <= r.target)):>12} "
+                   f"{(str(bool(r.ratio <= paper)) if paper == paper else '-'):>11}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=40, help="interleaved rounds per setting (fast path)")
+    p.add_argument("--eager-repeats", type=int, default=5, help="rounds for the eager path (0: skip)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[28, 32, 64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--Ks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--Ls", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--sweep-cell", type=int, nargs=2, default=[28, 32], metavar=("SIZE", "BATCH"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-tune-malloc", action="store_true")
+    p.add_argument("--out", default=None, help="folder for bench_*.csv and bench.txt (default: print only)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if not args.no_tune_malloc:
+        timing.tune_malloc()
+    t0 = time.time()
+    machine = timing.machine_description(args.device) | {"summary": machine_description()}
+    print("machine:", json.dumps(machine), flush=True)
+    layers = ["conv", "misconv"] + (["misconv_eager"] if args.eager_repeats > 0 else [])
+
+    grid = timing.forward_grid(timing.grid_cases(args.sizes, args.batch_sizes), args.repeats, layers=layers,
+                               eager_repeats=args.eager_repeats, device=args.device, clock=args.clock, progress=True)
+    size, batch = args.sweep_cell
+    comp = timing.component_sweep(size, batch, args.repeats, Ks=args.Ks, Ls=args.Ls, layers=layers,
+                                  eager_repeats=args.eager_repeats, device=args.device, clock=args.clock, progress=True)
+    clock = grid["clock"].iloc[0]
+    text = [f"MisConv2d vs conv2d+ReLU, one forward pass, medians over interleaved rounds ({clock} time, "
+            f"{args.threads} thread(s); fast: {args.repeats} rounds, eager: {args.eager_repeats})",
+            f"machine: {machine['summary']}; load average before: {machine['load_average_1_5_15']}; "
+            f"malloc tuned: {machine['malloc_tuned']}; compile: {machine['misconv_compile']}", ""]
+    eager = timing.ratio_table(grid, misconv="misconv_eager") if args.eager_repeats > 0 else None
+    text += _lines("Paper grid (K=1, L=4)", timing.ratio_table(grid), eager)
+    text.append("")
+    eager_c = timing.ratio_table(comp, misconv="misconv_eager") if args.eager_repeats > 0 else None
+    text += _lines(f"Components (I={size}, C={timing.channels_for(size)}, B={batch})", timing.ratio_table(comp), eager_c)
+    load_after = timing.machine_description(args.device)["load_average_1_5_15"]
+    text += ["", f"load average after: {load_after}; wall time of the benchmark: {time.time() - t0:.0f} s",
+             "compile seconds (first call of each fused kernel): "
+             + ", ".join(f"{k}={v:.1f}" if v is not None else f"{k}=failed" for k, v in misconv.compile_report().items())]
+    report = "\n".join(text)
+    print("\n" + report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        grid.to_csv(out / "bench_forward.csv", index=False)
+        comp.to_csv(out / "bench_components.csv", index=False)
+        pd.concat([timing.ratio_table(grid).assign(path="fast"), timing.ratio_table(comp).assign(path="fast")]
+                  + ([eager.assign(path="eager"), eager_c.assign(path="eager")] if eager is not None else [])
+                  ).to_csv(out / "bench_ratios.csv", index=False)
+        (out / "bench.txt").write_text(report + "\n")
+        (out / "bench_machine.json").write_text(json.dumps(machine | {"load_average_after": load_after}, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""labkit.timing (issue 5): the measuring core, the tables against the paper, the CLI and notebook 04."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from labkit import timing
+
+
+def test_paper_table_holds_supplementary_table_2():
+    paper = timing.paper_table()
+    assert len(paper) == 9 and set(paper["size"]) == {28, 32, 64} and set(paper["batch"]) == {16, 32, 64}
+    assert (paper.hole == paper["size"] // 2).all()
+    # the paper's own range of ratios, 2.6x to 6.9x (anchor-numbers.md)
+    assert paper.paper_ratio.min() == pytest.approx(0.00091 / 0.00034)
+    assert paper.paper_ratio.max() == pytest.approx(0.00138 / 0.00020)
+
+
+def test_case_defaults_and_validation():
+    c = timing.Case(size=28, batch=16)
+    assert (c.channels, c.hole, c.K, c.L, c.filters, c.kernel) == (1, 14, 1, 4, 32, 3)
+    assert timing.Case(size=64, batch=2).channels == 3
+    with pytest.raises(ValueError, match="Case.batch must be a positive int, got 0"):
+        timing.Case(size=28, batch=0)
+    with pytest.raises(ValueError, match="Case.L must be an int >= 0"):
+        timing.Case(size=28, batch=1, L=-1)
+    with pytest.raises(ValueError, match=r"Case.hole must be an int in \[0, size=8\]"):
+        timing.Case(size=8, batch=1, hole=9)
+    cases = timing.grid_cases([28, 32], [16, 64])
+    assert [(c.size, c.batch, c.channels) for c in cases] == [(28, 16, 1), (28, 64, 1), (32, 16, 3), (32, 64, 3)]
+
+
+def test_make_inputs_squares_nan_and_mfa():
+    case = timing.Case(size=12, batch=5, K=2, L=3)                     # 12 px: 3 channels
+    x, missing, mfa = timing.make_inputs(case, device="cpu", seed=3)
+    assert x.shape == (5, 3, 12, 12) and missing.shape == (5, 1, 12, 12) and missing.dtype == torch.bool
+    assert (missing.sum((1, 2, 3)) == 36).all()                       # a 6x6 square per image
+    J = missing.expand_as(x)
+    assert torch.isnan(x[J]).all() and torch.isfinite(x[~J]).all()
+    assert mfa.factors.shape == (5, 2, 3, 3, 12, 12) and torch.allclose(mfa.weights.sum(1), torch.ones(5))
+    x2, missing2, _ = timing.make_inputs(case, device="cpu", seed=3)
+    assert torch.equal(missing, missing2) and torch.equal(x.nan_to_num(), x2.nan_to_num())
+
+
+def test_interleaved_counts_rotates_and_validates():
+    order = []
+    fns = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    out = timing.interleaved(fns, 3, warmup=1, device="cpu", clock="wall")
+    assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(s >= 0 for v in out.values() for s in v)
+    timed = order[3:]                                                 # after one warm-up call each
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        timing.interleaved(fns, 0)
+    with pytest.raises(ValueError, match="clock must be"):
+        timing.interleaved(fns, 1, clock="sundial")
+
+
+def test_cpu_clock_ignores_time_spent_sleeping():
+    import time
+
+    out = timing.interleaved({"sleep": lambda: time.sleep(0.02)}, 2, warmup=0, device="cpu", clock="cpu", num_threads=1)
+    assert max(out["sleep"]) < 0.01
+    out = timing.interleaved({"sleep": lambda: time.sleep(0.02)}, 2, warmup=0, device="cpu", clock="wall")
+    assert min(out["sleep"]) >= 0.02
+
+
+def _synthetic(conv_times, mis_times, size=28, batch=16, K=1, L=4):
+    rows = []
+    for layer, ts in (("conv", conv_times), ("misconv", mis_times)):
+        rows += [dict(study="forward", size=size, channels=1, batch=batch, K=K, L=L, hole=size // 2, layer=layer,
+                      group="fast", round=i, seconds=s) for i, s in enumerate(ts)]
+    return pd.DataFrame(rows)
+
+
+def test_ratio_table_computes_medians_floor_and_joins_the_paper():
+    df = pd.concat([_synthetic([1.0, 2.0, 3.0], [4.0, 10.0, 6.0]), _synthetic([1.0, 1.0], [3.0, 3.0], L=1, batch=32)])
+    t = timing.ratio_table(df)
+    r = t[t.L == 4].iloc[0]
+    assert r.ratio == pytest.approx(6.0 / 2.0) and r.ratio_per_round == pytest.approx(4.0)
+    assert r.conv_mean == pytest.approx(2.0) and r.misconv_std == pytest.approx(pd.Series([4.0, 10.0, 6.0]).std())
+    assert (r.floor, r.target) == (6, 7.5)
+    assert r.paper_ratio == pytest.approx(0.00092 / 0.00016)          # the paper's (28, 16) cell
+    r1 = t[t.L == 1].iloc[0]
+    assert (r1.floor, r1.target) == (3, 3.75) and math.isnan(r1.paper_ratio)   # not a paper setting
+    text = timing.format_table(t)
+    assert "5.75" in text and "0.92±" in text and "target" in text
+
+
+def test_summarize_per_layer():
+    s = timing.summarize(_synthetic([1.0, 2.0, 3.0], [4.0, 10.0, 6.0]))
+    row = s[s.layer == "misconv"].iloc[0]
+    assert (row.n, row["median"], row["min"]) == (3, 6.0, 4.0)
+
+
+def test_tune_malloc_and_machine_description():
+    assert isinstance(timing.tune_malloc(), bool)
+    m = timing.machine_description("cpu")
+    assert m["device"] == "cpu" and m["cpu_cores"] >= 1 and len(m["load_average_1_5_15"]) == 3
+    assert m["malloc_tuned"] == timing.malloc_tuned()
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """The timing machinery does not need Inductor; the fast kernels run eagerly (seconds saved)."""
+    import labkit.misconv as M
+
+    monkeypatch.setattr(M, "_COMPILE", False)
+
+
+def test_forward_grid_measures_misconv_and_checks_layers(no_compile):
+    cases = [timing.Case(size=8, batch=2, L=1, filters=4)]
+    with pytest.raises(ValueError, match="layers must be a non-empty subset"):
+        timing.forward_grid(cases, 1, layers=["conv", "misconvv"])
+    df = timing.forward_grid(cases, 2, layers=["conv", "misconv", "misconv_eager"], eager_repeats=1, device="cpu",
+                             warmup=1)
+    counts = df.groupby(["group", "layer"]).size().to_dict()
+    assert counts == {("fast", "conv"): 2, ("fast", "misconv"): 2, ("eager", "conv"): 1, ("eager", "misconv_eager"): 1}
+    assert (df.seconds > 0).all() and set(df.clock) == {"cpu"}
+    assert len(timing.ratio_table(df)) == 1 and len(timing.ratio_table(df, misconv="misconv_eager")) == 1
+
+
+def test_cli_prints_the_table(capsys, no_compile):
+    assert timing.main(["--profile", "quick", "--repeats", "2", "--sizes", "8", "--batch-sizes", "2",
+                        "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Forward pass, conv2d+ReLU vs MisConv" in out and "machine:" in out
+
+
+@pytest.mark.slow
+def test_notebook_04_smoke_run(tmp_path):
+    """Papermill run of notebooks/04_timing.ipynb with a handful of measurements."""
+    from labkit.run_notebooks import execute
+
+    results = tmp_path / "timing"
+    execute("04_timing", "quick", output_dir=tmp_path, results_dir=str(results), repeats=3, eager_repeats=1,
+            Ks=[1, 2], Ls=[1], end_to_end_repeats=1, end_to_end_batch=4, device="cpu", timeout=600)
+    fwd = pd.read_csv(results / "forward.csv")
+    assert set(fwd.layer) == {"conv", "misconv", "misconv_eager"} and (fwd.seconds > 0).all()
+    assert len(fwd[(fwd.layer == "misconv") & (fwd.group == "fast")]) == 3
+    ratios = pd.read_csv(results / "forward_ratios.csv")
+    assert len(ratios) == 1 and ratios.ratio.iloc[0] > 0 and ratios.paper_ratio.iloc[0] == pytest.approx(5.75, abs=0.01)
+    comp = pd.read_csv(results / "components_ratios.csv")
+    assert sorted(comp.K) == [1, 2] and (comp.floor == [3, 6]).all()
+    e2e = pd.read_csv(results / "end_to_end.csv")
+    assert set(e2e.layer) == {"classifier", "dmfa", "dmfa+misconv_classifier"}
+    assert (results / "forward_boxplots.png").stat().st_size > 5_000
+    assert "Forward, fast path" in (results / "summary.md").read_text()
