@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
+from labkit.sweeps import append_csv_row, append_jsonl
 from labkit.fronts import (ACFlowFront, Front, GroundTruthFront, KNNFront, MaskFront, MFAMeanFront,
                            MisConvFront, PartialConvFront, ZeroFront)
 from labkit.mfa import MFA, ClassicalMFA
@@ -816,27 +817,12 @@ def read_results(path: str | os.PathLike):
 
 
 def _append_row(path: Path, row: dict) -> None:
-    """Add ``row`` to the CSV atomically: rewrite to a temporary file, then rename over it."""
-    import pandas as pd
-
-    df = read_results(path)
-    df = pd.concat([df, pd.DataFrame([{c: row[c] for c in ACCURACY_COLUMNS}])], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".accuracy.", suffix=".csv.tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        df.to_csv(fh, index=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
+    append_csv_row(path, row, ACCURACY_COLUMNS, read_results)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+_append_jsonl = append_jsonl
+
 
 
 def _done(df) -> set[tuple]:

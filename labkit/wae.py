@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
+from labkit.sweeps import append_csv_row, append_jsonl
 from labkit.fronts import FRONTS, Front, make_front
 
 __all__ = [
@@ -952,28 +953,12 @@ def read_results(path) -> "Any":
 
 
 def _append_row(path: Path, row: dict) -> None:
-    """Add ``row`` to the CSV atomically (rewrite to a temporary file, fsync, rename over)."""
-    import pandas as pd
-
-    df = read_results(path)
-    new = pd.DataFrame([{c: row[c] for c in WAE_COLUMNS}])
-    df = new if df.empty else pd.concat([df, new], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".csv.tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        df.to_csv(fh, index=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
+    append_csv_row(path, row, WAE_COLUMNS, read_results)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+_append_jsonl = append_jsonl
+
 
 
 def plan_cells(datasets: Sequence[str], fronts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:

@@ -9,7 +9,7 @@ Every finished (dataset, mask, method, seed) cell is appended to
 cells and resumes an interrupted one from its last epoch. Overrides (``-p key=value``, value in
 YAML) replace the profile's ``02_classification`` parameters. The Markdown table
 (``accuracy.md``) and the figure (``accuracy.png``) beside the CSV are refreshed after every cell
-(``--no-report`` to skip); ``--readme docs/README_classification.md`` also refreshes the table in
+(``--no-report`` to skip); ``--readme README.md`` also refreshes the table in
 that file between its ``<!-- classification-table:start/end -->`` markers.
 """
 from __future__ import annotations

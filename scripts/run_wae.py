@@ -9,7 +9,7 @@ Settings come from the profile's ``03_wae`` section (``profiles/<profile>.yaml``
 overrides any of them (values read as YAML). Finished cells are appended to
 ``results/wae/<profile>/metrics.csv`` one by one, so the command can be interrupted and rerun: it
 skips what is done and resumes an interrupted cell from its last epoch. At the end (and with
-``--table-only``) the results table is regenerated from the CSV into ``docs/README_wae.md``
+``--table-only``) the results table is regenerated from the CSV into ``README.md``
 between the ``<!-- wae-table:<profile> -->`` markers.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-README = REPO / "docs" / "README_wae.md"
+README = REPO / "README.md"
 
 
 def write_table(profile: str, csv: Path, readme: Path = README) -> str:

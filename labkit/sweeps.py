@@ -1,0 +1,41 @@
+"""Bookkeeping shared by the resumable sweeps (classification, WAE): result rows that survive an
+interruption at any instant."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def append_csv_row(path: Path, row: dict, columns: list[str], read) -> None:
+    """Add ``row`` (its ``columns``) to the CSV at ``path`` atomically.
+
+    The whole table is rewritten to a temporary file in the same folder, fsynced and renamed over
+    the old one, so a crash leaves either the old or the new table, never half a line.
+    ``read(path)`` returns the current table as a DataFrame (empty when the file is absent).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    df = read(path)
+    new = pd.DataFrame([{c: row[c] for c in columns}])
+    df = new if df.empty else pd.concat([df, new], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        df.to_csv(fh, index=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON record (a run's details) as a line, flushed to disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
