@@ -29,26 +29,37 @@ outputs and gradients, in float64 and float32):
      (L+2)·K full-size convolutions become one full-size convolution plus (L+1)·K (K = 1) or
      (L+2)·K (K > 1) crop-size ones. When the box covers most of the output (scattered noise
      masks) the full-size convolutions are used.
-  2. *Fusion.* The elementwise part (gather of the window's means, squares and sum over L, √,
-     Φ, φ, the mixture sum, ReLU outside the window, scatter back) is one ``torch.compile``-d
-     function, and its backward another, written by hand from ``∂E/∂μ = Φ(t)`` and
-     ``∂E/∂σ² = φ(t)/(2σ)``: each is a few fused loops instead of a dozen passes over memory.
-     On the CPU in float32, Φ uses a vectorisable erfc (exp times a degree-9 polynomial in
-     1/(1+z/2), relative error < 5e-7; Inductor's own erfc runs one element at a time); float64
-     and CUDA use ``torch.erfc``.
+  2. *Fusion.* The elementwise part (gather of the window's means, squares and sum over L, the
+     expected ReLU, the mixture sum, ReLU outside the window, scatter back) is one
+     ``torch.compile``-d function, and its backward another, written by hand from
+     ``∂E/∂μ = Φ(t)`` and ``∂E/∂σ² = φ(t)/(2σ)``: a few fused loops instead of a dozen passes
+     over memory. The crops are cut by one compiled gather.
+  3. *Direct kernel.* Without autograd and for few input taps (one channel, 3x3: C·kh·kw ≤ 9),
+     the window's convolutions are computed inside the fused kernel itself (an unrolled sum over
+     the taps), so their (L+1)·K outputs never go to memory.
+
+  On the CPU in float32 the expected ReLU is evaluated as ``ReLU(μ) + σ·φ(u)·g(u)``, u = |μ|/σ,
+  with ``g(u) = 1 − u·Φ(−u)/φ(u)`` from a polynomial fit (relative error < 1e-6, no cancellation
+  in the lower tail, one exp; Inductor evaluates ``erfc`` one element at a time). Float64 and
+  CUDA use ``torch.erfc``. Kernels are compiled per shape (``dynamic=False``); the first call
+  with a new shape compiles (about 1 to 15 s, cached on disk by Inductor), see
+  :func:`compile_report`. Importing this module changes nothing; the first compilation raises
+  ``torch._dynamo.config.recompile_limit`` to 64 (process-wide) so that a process meeting several
+  dtypes / geometries keeps its kernels compiled.
 
   If ``torch.compile`` is unavailable or fails (no C++ compiler, an unsupported platform, or the
   environment variable ``LABKIT_MISCONV_COMPILE=0``), the same windowed algorithm runs with the
-  elementwise part in eager PyTorch, and the reason is logged once (logger ``labkit.misconv``).
-  The fast path's backward is first order only (``torch.autograd.gradgradcheck`` needs
-  ``fast=False``). If :func:`expected_relu` is replaced (monkeypatched) the layer uses the eager
-  path, which calls the replacement.
+  elementwise part in eager PyTorch (convolutions instead of the direct kernel), and the reason
+  is logged once (logger ``labkit.misconv``). The fast path's backward is first order only
+  (``torch.autograd.gradgradcheck`` needs ``fast=False``). If :func:`expected_relu` is replaced
+  (monkeypatched) the layer uses the eager path, which calls the replacement.
 
 ``W⊙W`` is computed from ``self.weight`` on every call (never a separate parameter), so the
 weight receives gradient through both paths.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -152,16 +163,18 @@ def _run_fused(name: str, fn, *args, eager_ok: bool = True, **kwargs):
                 # Dynamo recompiles a function for each dtype, grad mode, kernel geometry and
                 # loop count (K, L) it meets, and gives up after 8 variants per function: too few
                 # for a process that times several layers (benchmarks, tests). Process-wide setting.
-                import torch._dynamo
-
-                if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
+                dynamo_config = importlib.import_module("torch._dynamo").config
+                if dynamo_config.recompile_limit < _RECOMPILE_LIMIT:
                     log.info("raising torch._dynamo.config.recompile_limit from %d to %d",
-                             torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-                    torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
+                             dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+                    dynamo_config.recompile_limit = _RECOMPILE_LIMIT
                 _DYNAMO_LIMIT_RAISED = True
-            # dynamic=None: the first shape is compiled statically; a second shape recompiles once
-            # with symbolic sizes, so windows of varying size do not recompile on every batch.
-            compiled = _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=None)
+            # dynamic=False: one specialised kernel per shape. Kernels compiled with symbolic
+            # sizes (what dynamic=None switches to at the second shape) run up to 3x slower here
+            # (the unrolled direct kernel loses its vectorisation). Squares give one window size
+            # per data set; spread-out masks take the full-size path; a new shape costs a
+            # compilation of a second or two (Inductor caches them on disk).
+            compiled = _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
         try:
             out = compiled(*args, **kwargs)

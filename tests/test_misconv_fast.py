@@ -25,8 +25,10 @@ from tests.conftest import random_mfa
 
 @pytest.fixture
 def eager_kernels(monkeypatch):
-    """Run the fast path's kernels without torch.compile (the same Python functions)."""
+    """Run the fast path's kernels without torch.compile (the same Python functions), the direct
+    kernel included (uncompiled, the layer would otherwise take the convolution path)."""
     monkeypatch.setattr(M, "_COMPILE", False)
+    monkeypatch.setattr(M, "_DIRECT_EAGER", True)
 
 
 @pytest.fixture
@@ -129,6 +131,14 @@ def test_fast_uses_the_window_and_the_direct_kernel(grad, eager_kernels, spy):
     conv, x, missing, mfa = _case(C=2, mask="noise")
     _outputs_and_grads(conv, x, missing, mfa, fast=True, grad=grad)
     assert spy == (["full_fwd", "full_bwd"] if grad else ["full_fwd"])
+
+
+def test_without_compiler_the_direct_kernel_gives_way_to_convolutions(monkeypatch, spy):
+    monkeypatch.setattr(M, "_COMPILE", False)
+    conv, x, missing, mfa = _case(C=1)
+    with torch.no_grad():
+        conv(x, missing, mfa)
+    assert spy == ["crop_inputs", "window_direct", "window_fwd_k1"]    # direct declined, then convolutions
 
 
 def test_nothing_missing_and_fully_observed_images(eager_kernels):
