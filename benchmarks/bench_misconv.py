@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--no-tune-malloc", action="store_true")
+    p.add_argument("--backward-repeats", type=int, default=0, help="also time forward+backward on the grid (0: skip)")
+    p.add_argument("--end-to-end", nargs="*", default=[], metavar="DATASET",
+                   help="also time DMFA + MisConv classifier vs classifier per image (mnist svhn celeba)")
+    p.add_argument("--e2e-batch", type=int, default=32)
+    p.add_argument("--e2e-repeats", type=int, default=10)
     p.add_argument("--out", default=None, help="folder for bench_*.csv and bench.txt (default: print only)")
     args = p.parse_args(argv)
 
@@ -84,6 +89,22 @@ def main(argv=None) -> int:
     text.append("")
     eager_c = timing.ratio_table(comp, misconv="misconv_eager") if args.eager_repeats > 0 else None
     text += _lines(f"Components (I={size}, C={timing.channels_for(size)}, B={batch})", timing.ratio_table(comp), eager_c)
+    extra = {}
+    if args.backward_repeats > 0:
+        bwd = timing.backward_grid(timing.grid_cases(args.sizes, args.batch_sizes), args.backward_repeats,
+                                   device=args.device, clock=args.clock, progress=True)
+        extra["backward.csv"] = bwd
+        text += ["", f"Forward + backward (weight and bias gradients), {args.backward_repeats} rounds",
+                 timing.format_table(timing.ratio_table(bwd))]
+    if args.end_to_end:
+        e2e = timing.end_to_end(args.end_to_end, args.e2e_batch, args.e2e_repeats, device=args.device,
+                                clock=args.clock, progress=True)
+        extra["end_to_end.csv"] = e2e
+        per = e2e.groupby(["dataset", "layer"], sort=False).per_image.median().unstack("layer") * 1e3
+        per["method / classifier"] = per["dmfa+misconv_classifier"] / per["classifier"]
+        per["DMFA share"] = per["dmfa"] / per["dmfa+misconv_classifier"]
+        text += ["", f"End to end, eval mode, no gradients, batch {args.e2e_batch}, {args.e2e_repeats} rounds: "
+                 "ms per image (medians)", per.round(3).to_string()]
     load_after = timing.machine_description(args.device)["load_average_1_5_15"]
     text += ["", f"load average after: {load_after}; wall time of the benchmark: {time.time() - t0:.0f} s",
              "compile seconds (first call of each fused kernel): "
@@ -98,6 +119,8 @@ def main(argv=None) -> int:
         pd.concat([timing.ratio_table(grid).assign(path="fast"), timing.ratio_table(comp).assign(path="fast")]
                   + ([eager.assign(path="eager"), eager_c.assign(path="eager")] if eager is not None else [])
                   ).to_csv(out / "bench_ratios.csv", index=False)
+        for name, frame in extra.items():
+            frame.to_csv(out / name, index=False)
         (out / "bench.txt").write_text(report + "\n")
         (out / "bench_machine.json").write_text(json.dumps(machine | {"load_average_after": load_after}, indent=1))
         print(f"wrote {out}")

@@ -56,6 +56,7 @@ __all__ = [
     "malloc_tuned",
     "machine_description",
     "interleaved",
+    "grid_cases",
     "forward_grid",
     "backward_grid",
     "component_sweep",
@@ -610,8 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = args.sizes or list(params.get("sizes", [28, 32, 64]))
     batches = args.batch_sizes or list(params.get("batch_sizes", [16, 32, 64]))
     device = args.device or params.get("device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else int(params.get("threads") or 0)
+    if threads:
+        torch.set_num_threads(threads)
     if not args.no_tune_malloc:
         tune_malloc()
     layers = ["conv", "misconv"] + (["misconv_eager"] if args.eager_repeats > 0 else [])
