@@ -162,9 +162,24 @@ class DMFA(nn.Module):
         self.factor_scale = float(factor_scale)
         self.min_variance = float(min_variance)
 
-    # subclasses fill this in
-    def raw(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    def raw(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Unconstrained head outputs for ``inputs (B, 2C, H, W)``: weight logits ``(B, K)``, means
+        ``(B, K, C, H, W)``, factors ``(B, K, L, C, H, W)``, variances ``(B, K, C, H, W)``.
+
+        Subclasses provide ``extractor`` and the ``weight/mean/factor/variance`` heads (``factor_head``
+        is None when L = 0); the heads' outputs are reshaped here.
+        """
+        B = inputs.shape[0]
+        C, H, W = self.image_shape
+        K, L = self.n_components, self.n_factors
+        f = self.extractor(inputs)
+        means = self.mean_head(f).view(B, K, C, H, W)
+        if self.factor_head is not None:
+            factors = self.factor_head(f).view(B, K, L, C, H, W)
+        else:
+            factors = f.new_zeros((B, K, 0, C, H, W))
+        variances = self.variance_head(f).view(B, K, C, H, W)
+        return self.weight_head(f), means, factors, variances
 
     def model_input(self, x: Tensor, missing: Tensor) -> Tensor:
         """``[x ⊙ observed, observed]``: ``(B, 2C, H, W)``; NaN at missing pixels is harmless.
@@ -266,19 +281,6 @@ class LinearHeadsDMFA(DMFA):
         self.config = {"architecture": "linear_heads", "image_shape": list(self.image_shape), "n_components": K,
                        "n_factors": L, "factor_scale": self.factor_scale, "min_variance": self.min_variance}
 
-    def raw(self, inputs: Tensor):
-        B = inputs.shape[0]
-        C, H, W = self.image_shape
-        K, L = self.n_components, self.n_factors
-        f = self.extractor(inputs)
-        means = self.mean_head(f).view(B, K, C, H, W)
-        if self.factor_head is not None:
-            factors = self.factor_head(f).view(B, K, L, C, H, W)
-        else:
-            factors = f.new_zeros((B, K, 0, C, H, W))
-        variances = self.variance_head(f).view(B, K, C, H, W)
-        return self.weight_head(f), means, factors, variances
-
 
 def _conv_block(cin: int, cout: int) -> list[nn.Module]:
     """``conv_n`` of the supplementary: Convolution-ReLU-BatchNorm (3x3, same size)."""
@@ -340,19 +342,6 @@ class FullyConvDMFA(DMFA):
         self.config = {"architecture": f"fully_conv_{layout}", "image_shape": list(self.image_shape),
                        "n_components": K, "n_factors": L, "factor_scale": self.factor_scale,
                        "min_variance": self.min_variance}
-
-    def raw(self, inputs: Tensor):
-        B = inputs.shape[0]
-        C, H, W = self.image_shape
-        K, L = self.n_components, self.n_factors
-        f = self.extractor(inputs)
-        means = self.mean_head(f).view(B, K, C, H, W)
-        if self.factor_head is not None:
-            factors = self.factor_head(f).view(B, K, L, C, H, W)
-        else:
-            factors = f.new_zeros((B, K, 0, C, H, W))
-        variances = self.variance_head(f).view(B, K, C, H, W)
-        return self.weight_head(f), means, factors, variances
 
 
 def build_dmfa(dataset: str, *, n_components: int = 1, n_factors: int = 4, factor_scale: float | None = None,

@@ -24,3 +24,15 @@ def make_mfa():
 def pytest_configure(config):
     # Two cores here: keep intra-op threads at the core count, never oversubscribe.
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def eager_misconv():
+    """MisConv's fast path compiles with torch.compile on first use (tens of seconds); the eager path
+    computes the same function (tests/test_misconv*.py hold them equal), so slow-to-compile tests use it."""
+    from labkit import misconv
+
+    before = misconv.fast_default()
+    misconv.set_fast_default(False)
+    yield
+    misconv.set_fast_default(before)

@@ -15,16 +15,7 @@ from labkit.classifier import (ACCURACY_COLUMNS, METHODS, CellData, SweepConfig,
 from labkit.mfa import fit_mfa
 
 
-@pytest.fixture(autouse=True)
-def _eager_misconv():
-    """MisConv's fast path compiles with torch.compile on first use (tens of seconds); the eager path
-    computes the same function (tests/test_misconv*.py hold them equal), so these tests use it."""
-    from labkit import misconv
-
-    before = misconv.fast_default()
-    misconv.set_fast_default(False)
-    yield
-    misconv.set_fast_default(before)
+pytestmark = pytest.mark.usefixtures("eager_misconv")  # see tests/conftest.py
 
 
 def _tiny_data(n=48, n_test=16, mask="square", seed=0, C=1, S=12) -> CellData:

@@ -9,16 +9,7 @@ from labkit.fronts import (FRONTS, ACFlowFront, GroundTruthFront, ImputationFron
                            MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront, make_front)
 from labkit.mfa import MFA
 
-@pytest.fixture(autouse=True)
-def _eager_misconv():
-    """MisConv's fast path compiles with torch.compile on first use (tens of seconds); the eager path
-    computes the same function (tests/test_misconv*.py hold them equal), so these tests use it."""
-    from labkit import misconv
-
-    before = misconv.fast_default()
-    misconv.set_fast_default(False)
-    yield
-    misconv.set_fast_default(before)
+pytestmark = pytest.mark.usefixtures("eager_misconv")  # see tests/conftest.py
 
 
 ALL_CLASSES = sorted({cls for cls in FRONTS.values()}, key=lambda c: c.__name__)
