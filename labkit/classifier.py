@@ -365,7 +365,7 @@ class SweepConfig:
     mfa_factors: int = 4
     mfa_iterations: int = 30
     dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete.pt"      # {dataset} is filled in
-    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete.pt"
+    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"   # one per mask kind
     acflow: str | None = "results/acflow/acflow_{dataset}.pt"
     acflow_samples: int = 4
     impute_batch: int = 256
@@ -381,10 +381,14 @@ class SweepConfig:
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else DEFAULT_CACHE
 
-    def resolve(self, path: str | None, dataset: str = "mnist") -> Path | None:
+    def resolve(self, path: str | None, dataset: str = "mnist", mask: str | None = None) -> Path | None:
+        """A checkpoint path template made concrete: ``{dataset}`` is the data set's name and
+        ``{mask_suffix}`` is ``""`` for square masks (or no mask) and ``"_<kind>"`` otherwise, so the
+        incomplete-data DMFA of each mask kind can be its own file (trained on that kind's missing data)."""
         if not path:
             return None
-        p = Path(str(path).replace("{dataset}", dataset))
+        suffix = "" if mask in (None, "square") else f"_{mask}"
+        p = Path(str(path).replace("{dataset}", dataset).replace("{mask_suffix}", suffix))
         return p if p.is_absolute() else REPO_ROOT / p
 
 
@@ -435,7 +439,7 @@ class Method:
     name: str
     front: type[Front]
     prepare: Callable[[CellData, SweepConfig], tuple[AuxSource, AuxSource, dict]]
-    needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist": None)
+    needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None: None)
     description: str = ""
 
 
@@ -568,8 +572,8 @@ def prepare_mfa_misconv(data: CellData, cfg: SweepConfig):
 
 
 # ---------------------------------------------------------------------------- DMFA
-def _dmfa_path(cfg: SweepConfig, variant: str, dataset: str = "mnist") -> Path | None:
-    return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset)
+def _dmfa_path(cfg: SweepConfig, variant: str, dataset: str = "mnist", mask: str | None = None) -> Path | None:
+    return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask)
 
 
 def load_dmfa(path: str | os.PathLike, device=None):
@@ -594,8 +598,8 @@ def load_dmfa(path: str | os.PathLike, device=None):
 
 
 def _dmfa_needs(variant: str):
-    def needs(cfg: SweepConfig, dataset: str = "mnist") -> str | None:
-        p = _dmfa_path(cfg, variant, dataset)
+    def needs(cfg: SweepConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+        p = _dmfa_path(cfg, variant, dataset, mask)
         if p is None:
             return f"no {variant}-data DMFA checkpoint configured"
         if not p.is_file():
@@ -608,7 +612,7 @@ def _dmfa_mfas(data: CellData, cfg: SweepConfig, variant: str) -> dict:
     """Per-image DMFA outputs for train and test (fields stored float16), cached."""
     from labkit import dmfa as dmfa_mod
 
-    path = _dmfa_path(cfg, variant, data.dataset)
+    path = _dmfa_path(cfg, variant, data.dataset, data.mask)
     key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}", "checkpoint": _file_id(path),
            "v": 1}
 
@@ -637,21 +641,21 @@ def _prepare_dmfa_mean(variant: str):
             w = f["weights"].float()
             mean = torch.einsum("bk,bkchw->bchw", w / w.sum(1, keepdim=True), f["means"].float())
             out.append(TensorAux(torch.where(missing.expand_as(images), mean, images)))
-        return out[0], out[1], {"dmfa": str(_dmfa_path(cfg, variant, data.dataset)),
-                                "dmfa_checkpoint": _file_id(_dmfa_path(cfg, variant, data.dataset))}
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        return out[0], out[1], {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
     return prepare
 
 
 def _prepare_dmfa_misconv(variant: str):
     def prepare(data, cfg):
         v = _dmfa_mfas(data, cfg, variant)
-        return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(_dmfa_path(cfg, variant, data.dataset)),
-                                                       "dmfa_checkpoint": _file_id(_dmfa_path(cfg, variant, data.dataset))}
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
     return prepare
 
 
 # ---------------------------------------------------------------------------- ACFlow
-def _acflow_needs(cfg: SweepConfig, dataset: str = "mnist") -> str | None:
+def _acflow_needs(cfg: SweepConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
     p = cfg.resolve(cfg.acflow, dataset)
     if p is None:
         return "no ACFlow checkpoint configured"
@@ -708,11 +712,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_available(name: str, cfg: SweepConfig, dataset: str = "mnist") -> str | None:
-    """``None`` if method ``name`` can run now, else why not (e.g. its checkpoint does not exist yet)."""
+def method_available(name: str, cfg: SweepConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+    """``None`` if method ``name`` can run now on ``dataset`` with ``mask``-kind missing data, else why
+    not (e.g. its checkpoint does not exist yet)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name].needs(cfg, dataset)
+    return METHODS[name].needs(cfg, dataset, mask)
 
 
 # ============================================================================ train / evaluate
@@ -836,7 +841,7 @@ def run_cell(dataset: str, mask: str, method: str, seed: int, cfg: SweepConfig) 
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    why = method_available(method, cfg, dataset)
+    why = method_available(method, cfg, dataset, mask)
     if why:
         raise RuntimeError(f"method {method!r} cannot run: {why}")
     dev = resolve_device(cfg.device)
@@ -926,12 +931,12 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
     while True:
         done = _done(read_results(csv))
         todo = [c for c in cells if c not in done]
-        runnable = [c for c in todo if method_available(c[2], cfg, c[0]) is None]
+        runnable = [c for c in todo if method_available(c[2], cfg, c[0], c[1]) is None]
         for c in todo:
-            why = method_available(c[2], cfg, c[0])
-            if why and c[2] not in reported:
-                print(f"[sweep] skipping {c[2]} for now: {why}", flush=True)
-                reported.add(c[2])
+            why = method_available(c[2], cfg, c[0], c[1])
+            if why and (c[2], c[1]) not in reported:
+                print(f"[sweep] skipping {c[2]} on {c[1]} masks for now: {why}", flush=True)
+                reported.add((c[2], c[1]))
         if not todo:
             print(f"[sweep] all {len(cells)} cells done -> {csv}", flush=True)
             break
@@ -977,7 +982,7 @@ def imputation_quality(dataset: str, mask: str, seed: int, methods: Sequence[str
     x = _with_nan(x_true, J)
     rows = []
     for name in methods:
-        if method_available(name, cfg, dataset):
+        if method_available(name, cfg, dataset, mask):
             continue
         _, aux_test, _ = METHODS[name].prepare(data, cfg)
         rec = {"method": name}

@@ -2,10 +2,32 @@
 interruption at any instant."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:             # Windows: no advisory locks; one sweep process per results folder
+    fcntl = None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` so that sweeps running side by side (say, one per
+    method group) never read the table while another is replacing it, and no row is lost."""
+    if fcntl is None:
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def append_csv_row(path: Path, row: dict, columns: list[str], read) -> None:
@@ -18,24 +40,25 @@ def append_csv_row(path: Path, row: dict, columns: list[str], read) -> None:
     import pandas as pd
 
     path = Path(path)
-    df = read(path)
-    new = pd.DataFrame([{c: row[c] for c in columns}])
-    df = new if df.empty else pd.concat([df, new], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        df.to_csv(fh, index=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with _locked(path):
+        df = read(path)
+        new = pd.DataFrame([{c: row[c] for c in columns}])
+        df = new if df.empty else pd.concat([df, new], ignore_index=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            df.to_csv(fh, index=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON record (a run's details) as a line, flushed to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    with _locked(path), open(path, "a") as fh:
         fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

@@ -31,7 +31,9 @@
 # 3. draws inpaintings: the masked input, the MFA mean, samples, the per-pixel standard deviation
 #    and the factors;
 # 4. fits the classical baseline — one MFA for the whole data set, conditioned on each image's
-#    observed pixels — and puts both next to the authors' figures.
+#    observed pixels;
+# 5. scores the ACFlow baseline (a normalizing flow, `labkit/acflow.py`) on the same holes, and puts
+#    everything next to the authors' figures.
 #
 # **Two training modes.** `complete`: the training images are complete; each batch hides a random
 # square (1/4 of the image) and learns it. `incomplete` (the realistic one, paper section 1.1):
@@ -63,6 +65,8 @@ n_factors = 4             # L
 mfa_components = 10       # classical MFA baseline: K (0: skip the baseline)
 mfa_factors = 4
 mfa_iterations = 10
+acflow = "results/acflow/acflow_{dataset}.pt"   # trained ACFlow scored on the same holes, if it exists ("": skip)
+acflow_samples = 4        # ACFlow imputation = mean of this many samples
 threads = 0               # torch intra-op threads (0: leave the default)
 results_dir = None        # default: results/dmfa/<profile>
 
@@ -166,7 +170,37 @@ if mfa_components:
     display(Image(filename=str(out_dir / f"{stem}.png")))
 
 # %% [markdown]
-# ## 6. Next to the authors' figures
+# ## 6. ACFlow: a normalizing flow over the hidden pixels
+#
+# The other density baseline (issue 8, `labkit/acflow.py`): a RealNVP-style flow over the missing
+# pixels conditioned on the observed ones, trained by `scripts/train_acflow.py` on a mix of square,
+# trapezoid and noise masks (this cell only *scores* it; it is skipped when no checkpoint exists).
+# Same test images, same holes. Its imputation is the mean of `acflow_samples` samples.
+#
+# **Reading its NLL.** Two numbers: at the exact pixel values (the protocol of the DMFA rows) and
+# at dequantised values `(255·x + u)/256`, which is what a flow is trained on and what flow papers
+# report (as bits per pixel). A density at exact 8-bit values is not a likelihood of the data: on
+# MNIST, where most pixels are exactly 0 or 1, any model that can make its density narrow enough
+# wins. The DMFA's Gaussian is capped by its variance floor (1e-4: at most 3.7 nats per pixel), the
+# flow's by its logit margin. So compare the NLLs with care and the SSEs directly.
+
+# %%
+from labkit.profiles import REPO_ROOT
+
+acflow_path = REPO_ROOT / acflow.format(dataset=dataset) if acflow else None
+if acflow_path is not None and acflow_path.exists():
+    for r in dmfa.run_acflow_baseline(dataset, results_dir=out_dir, checkpoint=acflow_path, n_test=n_test,
+                                      holes=[hole], n_samples=acflow_samples, seed=seed, profile=profile,
+                                      device=dev):
+        print(f"ACFlow {r['hole']}x{r['hole']}: mean NLL {r['test_nll']:.1f} at exact values, "
+              f"{r['test_nll_dequantized']:.1f} dequantised ({r['test_bits_per_dim']:.2f} bits/pixel); "
+              f"mean SSE {r['test_sse']:.2f}")
+    display(Image(filename=str(out_dir / f"{dmfa.result_stem(dataset, 'acflow', hole)}.png")))
+else:
+    print(f"no ACFlow checkpoint at {acflow_path}: skipped (train one with scripts/train_acflow.py)")
+
+# %% [markdown]
+# ## 7. Next to the authors' figures
 #
 # Everything in `results/dmfa/<profile>/` (this run and any earlier ones of this profile: other
 # modes, other hole sizes), with the authors' numbers (`../shared/reference/anchor-numbers.md`,

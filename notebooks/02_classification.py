@@ -56,7 +56,7 @@ knn_fit = 5000         # incomplete training images the KNNImputer is fitted on
 mfa_components = 4     # classical MFA: K
 mfa_factors = 4        # classical MFA: L
 dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"      # frozen DMFAs (notebook 01), relative to the repo
-dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete.pt"
+dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"  # per mask kind: "" (square), "_trapezoid", "_noise"
 acflow = "results/acflow/acflow_{dataset}.pt"                  # frozen ACFlow (scripts/train_acflow.py)
 results_dir = None     # default: results/classification/<profile>
 
@@ -81,8 +81,8 @@ print(f"machine: {machine_description()}; device: {resolve_device(device)}")
 print(f"grid: {grid}")
 print(f"results: {out_dir}")
 for m in grid["methods"]:
-    why = clf.method_available(m, cfg, dataset)
-    print(f"  {m:<24} {'ready' if why is None else 'NOT READY: ' + why}")
+    whys = sorted({w for k in grid["masks"] if (w := clf.method_available(m, cfg, dataset, k))})
+    print(f"  {m:<24} {'ready' if not whys else 'NOT READY: ' + '; '.join(whys)}")
 
 # %% [markdown]
 # ## The missing data

@@ -10,8 +10,11 @@ Examples (the committed CPU runs)::
 
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode complete --hole 14
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --hole 14
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --missing-kind trapezoid
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --missing-kind noise
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode complete --hole 10
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mfa --holes 10 14 18
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --acflow     # score the trained ACFlow (issue 8)
     .venv/bin/python scripts/train_dmfa.py --profile cpu --table README.md
     .venv/bin/python scripts/train_dmfa.py --profile cpu --throughput
 """
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset")
     p.add_argument("--mode", choices=["complete", "incomplete"])
     p.add_argument("--hole", type=int, help="side of the square holes, train and test")
+    p.add_argument("--missing-kind", choices=["square", "trapezoid", "noise"], default="square",
+                   help="with --mode incomplete: the kind of the training images' truly missing data "
+                        "(files <dataset>_incomplete_<kind>.* unless square)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-val", type=int)
@@ -62,10 +68,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: profile's, else torch's)")
     p.add_argument("--results-dir", help="default results/dmfa/<profile>")
     p.add_argument("--mfa", action="store_true", help="fit and score the classical MFA baseline instead")
-    p.add_argument("--holes", type=int, nargs="+", help="with --mfa: hole sides to score (default: --hole)")
+    p.add_argument("--holes", type=int, nargs="+", help="with --mfa/--acflow: hole sides to score (default: --hole)")
     p.add_argument("--mfa-components", type=int)
     p.add_argument("--mfa-factors", type=int)
     p.add_argument("--mfa-iterations", type=int)
+    p.add_argument("--acflow", action="store_true",
+                   help="score the profile's trained ACFlow (scripts/train_acflow.py) on the same holes instead")
     p.add_argument("--table", metavar="MARKDOWN", help="only (re)write the density table into this file")
     p.add_argument("--throughput", action="store_true",
                    help="only measure training/inference images/s with 1 and 2 threads -> <results>/throughput.json")
@@ -99,6 +107,16 @@ def main(argv=None) -> int:
     if args.table:
         print(write_table(Path(args.table), out, params["dataset"]))
         return 0
+    if args.acflow:
+        results = dmfa.run_acflow_baseline(
+            params["dataset"], results_dir=out, checkpoint=REPO_ROOT / params["acflow"].format(dataset=params["dataset"]),
+            n_test=params["n_test"], holes=args.holes or [params["hole"]], n_samples=params.get("acflow_samples", 4),
+            seed=params["seed"], profile=params["profile"], device=device, progress=not args.no_progress,
+        )
+        for r in results:
+            print(f"ACFlow {r['hole']}x{r['hole']}: NLL {r['test_nll']:.2f} (dequantised {r['test_nll_dequantized']:.2f}, "
+                  f"{r['test_bits_per_dim']:.3f} bits/pixel)  SSE {r['test_sse']:.3f}  ({r['infer_images_per_s']:.1f} images/s)")
+        return 0
     if args.mfa:
         results = dmfa.run_mfa_baseline(
             params["dataset"], results_dir=out, n_train=params["n_train"], n_test=params["n_test"],
@@ -116,8 +134,8 @@ def main(argv=None) -> int:
         n_test=params["n_test"], hole=params["hole"], epochs=params["epochs"], batch_size=params["batch_size"],
         lr=params["lr"], lr_milestones=params.get("lr_milestones") or (), lr_gamma=params.get("lr_gamma", 1.0),
         mse_warmup_epochs=params.get("mse_warmup_epochs", 0), n_components=params.get("n_components", 1),
-        n_factors=params.get("n_factors", 4), seed=params["seed"], profile=params["profile"], device=device,
-        progress=not args.no_progress,
+        n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind, seed=params["seed"],
+        profile=params["profile"], device=device, progress=not args.no_progress,
     )
     print(f"{result['dataset']} {result['mode']} {result['hole']}x{result['hole']}: test NLL {result['test_nll']:.2f}  "
           f"SSE {result['test_sse']:.3f}; train {result['train_images_per_s']:.0f} images/s, "

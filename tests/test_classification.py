@@ -131,6 +131,15 @@ def test_dmfa_preparers_with_a_checkpoint(tmp_path):
     assert clf.method_available("dmfa_misconv_complete", cfg) is None
     assert "does not exist" in clf.method_available("dmfa_misconv_incomplete",
                                                     SweepConfig(dmfa_incomplete=str(tmp_path / "nope.pt")))
+    # one incomplete-data DMFA per mask kind: {mask_suffix} is "" for squares, "_<kind>" otherwise
+    per_kind = SweepConfig(dmfa_incomplete=str(tmp_path / "{dataset}_incomplete{mask_suffix}.pt"))
+    atomic_save({"model": model.state_dict(), "meta": {"model": model.config}}, tmp_path / "mnist_incomplete_noise.pt")
+    assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist", "trapezoid") == tmp_path / "mnist_incomplete_trapezoid.pt"
+    assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist") == tmp_path / "mnist_incomplete.pt"
+    assert clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "noise") is None
+    why = clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "trapezoid")
+    assert "mnist_incomplete_trapezoid.pt does not exist" in why
+    assert "mnist_incomplete.pt does not exist" in clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "square")
     tr, te, _ = METHODS["dmfa_misconv_complete"].prepare(d, cfg)
     mfa = te.get(torch.tensor([1, 2]), imgs[9:11], miss[9:11])
     ref = model.eval()(imgs[9:11], miss[9:11])

@@ -339,6 +339,36 @@ def test_density_table_puts_our_numbers_next_to_the_authors(tmp_path):
     assert "-70.8" in row and "5.46" in row       # the authors'
 
 
+def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path):
+    # A fresh (identity) flow saved like scripts/train_acflow.py does: the runner must score it on
+    # exactly the DMFA protocol's holes (test_masks) and write files density_table picks up.
+    import pandas as pd
+
+    from labkit.acflow import ACFlow, score_holes
+    from labkit.checkpoint import atomic_save
+    from labkit.dmfa import run_acflow_baseline, test_masks
+
+    model = ACFlow(1, 28, 28, hidden=4, n_blocks=0, n_scales=2, n_couplings=1)
+    ckpt = tmp_path / "acflow.pt"
+    atomic_save({"model": model.state_dict(), "meta": {"config": {"model": model.config}, "epochs": 0,
+                 "setting": {"n_train": 7, "mask_kinds": ["square"]}}}, ckpt)
+    with pytest.raises(FileNotFoundError, match="train_acflow"):
+        run_acflow_baseline(results_dir=tmp_path, checkpoint=tmp_path / "nope.pt", n_test=4, progress=False)
+    [r] = run_acflow_baseline(results_dir=tmp_path, checkpoint=ckpt, n_test=6, holes=[10], n_samples=2,
+                              n_figure=2, progress=False)
+    df = pd.read_csv(tmp_path / "mnist_acflow_h10.csv")
+    assert len(df) == 6 and (df["n_missing"] == 100).all()
+    from labkit.data import load_dataset
+
+    images = load_dataset("mnist", "test", limit=6, quiet=True).images
+    ref = score_holes(model, images, test_masks(6, 28, 28, side=10, seed=0), n_samples=2, seed=0)
+    assert df["nll"].to_numpy() == pytest.approx(ref["nll"].to_numpy(), rel=1e-5)
+    assert r["test_sse"] == pytest.approx(ref["sse"].mean(), rel=1e-5)
+    assert r["n_train"] == 7 and r["n_samples"] == 2 and (tmp_path / "mnist_acflow_h10.png").exists()
+    row = [line for line in density_table(tmp_path).splitlines() if "ACFlow" in line][0]
+    assert row.startswith("| 10×10") and f"{df['nll'].mean():.1f}" in row and "bits/pixel" in row
+
+
 # ----------------------------------------------------------------------------------- notebook 01
 @pytest.mark.slow
 def test_notebook_01_smoke_run_lowers_the_training_nll(tmp_path):
@@ -365,3 +395,8 @@ def test_notebook_01_smoke_run_lowers_the_training_nll(tmp_path):
     assert (results / "mnist_incomplete.pt").stat().st_size <= 32e6
     assert (results / "_scratch" / "mnist_incomplete.partial.pt").exists()   # resumable state kept aside
     assert (results / "mnist_mfa_K10_L4.csv").exists()
+    # the committed ACFlow checkpoint is scored on the same 60 holes (issue 8's density row)
+    acflow = pd.read_csv(results / "mnist_acflow.csv")
+    assert len(acflow) == 60 and acflow[["nll", "nll_dequantized", "sse"]].notna().all().all()
+    assert (acflow["n_missing"] == 14 * 14).all()
+    assert "ACFlow" in density_table(results)
