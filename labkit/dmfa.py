@@ -888,20 +888,25 @@ def plot_inpainting(model: nn.Module, images: Tensor, missing: Tensor, *, n_samp
     Returns:
         a matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
-
     images = _check_images(images, "images")
     mfa = predict_mfa(model, images, missing, batch_size=len(images), device=device)
-    miss = missing.expand_as(images).cpu()
-    x = images.cpu()
     g = torch.Generator(device=mfa.means.device).manual_seed(seed)
     samples = mfa.sample(generator=g, n=n_samples).cpu()                     # (S, n, C, H, W)
-    mean = mfa.mean().cpu()
-    std = mfa.variance().sqrt().cpu()
     top = mfa.weights.argmax(dim=1).cpu()
-    factors = mfa.factors.cpu()[torch.arange(len(x)), top]                   # (n, L, C, H, W)
-    L = factors.shape[1]
-    cols = ["original", "input", "mean"] + [f"sample {i + 1}" for i in range(n_samples)] + ["std"] + \
+    factors = mfa.factors.cpu()[torch.arange(len(images)), top]              # (n, L, C, H, W)
+    return _inpainting_figure(images.cpu(), missing.expand_as(images).cpu(), mfa.mean().cpu(), samples,
+                              mfa.variance().sqrt().cpu(), factors=factors, title=title)
+
+
+def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, std: Tensor, *,
+                       factors: Tensor | None = None, mean_label: str = "mean", title: str | None = None):
+    """The inpainting grid shared by the DMFA and ACFlow figures. ``x``, ``miss``, ``mean``, ``std``:
+    ``(n, C, H, W)`` on the CPU; ``samples`` ``(S, n, C, H, W)``; ``factors`` ``(n, L, C, H, W)`` or None.
+    Observed pixels of every panel come from ``x``; the std and factor panels show missing pixels only."""
+    import matplotlib.pyplot as plt
+
+    n_samples, L = samples.shape[0], 0 if factors is None else factors.shape[1]
+    cols = ["original", "input", mean_label] + [f"sample {i + 1}" for i in range(n_samples)] + ["std"] + \
            [f"factor {j + 1}" for j in range(L)]
     n = len(x)
     fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.4 * n + 0.4), squeeze=False)
@@ -1193,36 +1198,14 @@ def plot_acflow_inpainting(model, images: Tensor, missing: Tensor, *, n_samples:
                            title: str | None = None):
     """One row per image: original, masked input, the mean of 16 samples, ``n_samples`` samples and
     the per-pixel standard deviation of the 16 samples (an ACFlow has no closed-form moments)."""
-    import matplotlib.pyplot as plt
-
     dev = next(model.parameters()).device
     x = _check_images(images, "images").to(dev)
     miss = missing.to(dev).expand_as(x)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        draws = model.sample(x, miss, n_samples=16, generator=g)          # (16, n, C, H, W)
-    x, miss, draws = x.cpu(), miss.cpu(), draws.cpu()
-    mean, std = draws.mean(0), draws.std(0)
-    cols = ["original", "input", "mean of 16"] + [f"sample {i + 1}" for i in range(n_samples)] + ["std"]
-    fig, axes = plt.subplots(len(x), len(cols), figsize=(1.3 * len(cols), 1.4 * len(x) + 0.4), squeeze=False)
-    for i in range(len(x)):
-        fill = lambda v: torch.where(miss[i], v, x[i])  # noqa: E731 - observed pixels from x
-        masked = torch.where(miss[i][:1].expand(3, -1, -1), torch.tensor([0.9, 0.2, 0.2]).view(3, 1, 1),
-                             x[i].expand(3, -1, -1)) if x.shape[1] == 1 else torch.where(miss[i], 0.5, x[i])
-        panels = [_show(x[i]), _show(masked), _show(fill(mean[i]))] + [_show(fill(draws[s, i]))
-                                                                      for s in range(n_samples)]
-        for j, pnl in enumerate(panels):
-            axes[i, j].imshow(pnl, cmap="gray", vmin=0, vmax=1)
-        axes[i, len(panels)].imshow(torch.where(miss[i], std[i], torch.zeros(())).mean(0).numpy(), cmap="magma", vmin=0)
-    for j, c in enumerate(cols):
-        axes[0, j].set_title(c, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+        draws = model.sample(x, miss, n_samples=16, generator=g).cpu()    # (16, n, C, H, W)
+    return _inpainting_figure(x.cpu(), miss.cpu(), draws.mean(0), draws[:n_samples], draws.std(0),
+                              mean_label="mean of 16", title=title)
 
 
 def run_acflow_baseline(
