@@ -779,12 +779,21 @@ def plot_reconstructions(examples: Mapping[str, Tensor], *, title: str | None = 
     rows = [("input", lambda i: _to_rgb(examples["input"][i], examples["missing"][i])),
             ("reconstruction", lambda i: _to_rgb(examples["reconstruction"][i])),
             ("ground truth", lambda i: _to_rgb(examples["target"][i]))]
-    for r, (label, get) in enumerate(rows):
-        for i in range(k):
-            ax = axes[r][i]
-            ax.imshow(get(i), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    _image_rows(axes, [(label, [get(i) for i in range(k)]) for label, get in rows], fontsize=9)
+    return _finish_figure(fig, title, path)
+
+
+def _image_rows(axes, rows, *, fontsize: int) -> None:
+    """Fill a grid of axes: ``rows`` = [(label, [RGB arrays, one per column])], label on the left."""
+    for r, (label, images) in enumerate(rows):
+        for i, img in enumerate(images):
+            axes[r][i].imshow(img, interpolation="nearest")
+            axes[r][i].set_xticks([]), axes[r][i].set_yticks([])
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=fontsize)
+
+
+def _finish_figure(fig, title: str | None, path):
+    """Title, tight layout and (when ``path`` is given) a PNG at 100 dpi; returns the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -806,13 +815,7 @@ def plot_samples(samples: Tensor, *, ncols: int = 8, title: str | None = None, p
             ax.imshow(_to_rgb(samples[i]), interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish_figure(fig, title, path)
 
 
 def plot_front_grid(examples_by_front: Mapping[str, Mapping[str, Tensor]], *, what: str = "reconstruction",
@@ -835,19 +838,9 @@ def plot_front_grid(examples_by_front: Mapping[str, Mapping[str, Tensor]], *, wh
         raise ValueError(f"what must be 'reconstruction' or 'samples', got {what!r}")
     k = min(r[1].shape[0] for r in rows)
     fig, axes = plt.subplots(len(rows), k, figsize=(1.0 * k + 2.2, 1.05 * len(rows) + 0.4), squeeze=False)
-    for r, (label, imgs, miss) in enumerate(rows):
-        for i in range(k):
-            ax = axes[r][i]
-            ax.imshow(_to_rgb(imgs[i], None if miss is None else miss[i]), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    return fig
+    _image_rows(axes, [(label, [_to_rgb(imgs[i], None if miss is None else miss[i]) for i in range(k)])
+                       for label, imgs, miss in rows], fontsize=8)
+    return _finish_figure(fig, title, path)
 
 
 # --------------------------------------------------------------------------- one cell

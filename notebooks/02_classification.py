@@ -28,7 +28,7 @@
 # | `knn` | conv of the image completed by scikit-learn's `KNNImputer` (fitted on *incomplete* training images) |
 # | `pc` | partial convolution (Liu et al. 2018): re-normalised over the observed pixels of each window |
 # | `mfa_mean` / `mfa_misconv` | a classical MFA (EM on the training images): its conditional mean, or MisConv over the conditional MFA |
-# | `dmfa_mean_*` / `dmfa_misconv_*` | the deep MFA of notebook 01 (trained on complete or on incomplete images): mean imputation, or MisConv |
+# | `dmfa_mean_*` / `dmfa_misconv_*` | the deep MFA of notebook 01, trained on complete images, or on incomplete images that carry the same kind of missing data as the column (one DMFA per mask kind): mean imputation, or MisConv |
 # | `acflow` | ACFlow imputation |
 # | `gt` | the complete images (the ceiling) |
 #
