@@ -792,14 +792,14 @@ def _image_rows(axes, rows, *, fontsize: int) -> None:
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=fontsize)
 
 
-def _finish_figure(fig, title: str | None, path):
-    """Title, tight layout and (when ``path`` is given) a PNG at 100 dpi; returns the figure."""
+def _finish_figure(fig, title: str | None, path, dpi: int = 100):
+    """Title, tight layout and (when ``path`` is given) a PNG; returns the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=dpi)
     return fig
 
 
@@ -1130,10 +1130,4 @@ def plot_metrics(df, path=None, *, title: str | None = None):
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish_figure(fig, title, path, dpi=110)

@@ -179,14 +179,20 @@ def test_adversarial_losses_by_hand():
 
 
 # --------------------------------------------------------------------------- the two steps
-@pytest.mark.parametrize("front", ["zero", "pc", "gt", "dmfa_misconv_complete"])
-def test_discriminator_step_changes_only_the_discriminator(front):
+def _step_setup(front):
+    """A tiny WAE with ``front``, its optimisers, a batch, its codes and snapshots of the three nets."""
     torch.manual_seed(0)
     model = _tiny(front)
     opts = W.make_optimizers(model)
     x, missing, complete = _batch()
     z = model.encode(x, missing, _aux(front, complete, missing))
-    enc, dec, disc = _snapshot(model.encoder), _snapshot(model.decoder), _snapshot(model.discriminator)
+    snaps = _snapshot(model.encoder), _snapshot(model.decoder), _snapshot(model.discriminator)
+    return model, opts, x, missing, z, snaps
+
+
+@pytest.mark.parametrize("front", ["zero", "pc", "gt", "dmfa_misconv_complete"])
+def test_discriminator_step_changes_only_the_discriminator(front):
+    model, opts, x, missing, z, (enc, dec, disc) = _step_setup(front)
     out = W.discriminator_step(model, opts["discriminator"], z, generator=torch.Generator().manual_seed(1))
     assert set(out) == {"d_loss", "d_prior", "d_encoded"} and all(math.isfinite(v) for v in out.values())
     assert _changed(model.encoder, enc) == set() and _changed(model.decoder, dec) == set()
@@ -196,12 +202,7 @@ def test_discriminator_step_changes_only_the_discriminator(front):
 
 @pytest.mark.parametrize("front", ["zero", "pc", "gt", "dmfa_misconv_complete"])
 def test_autoencoder_step_changes_only_encoder_and_decoder(front):
-    torch.manual_seed(0)
-    model = _tiny(front)
-    opts = W.make_optimizers(model)
-    x, missing, complete = _batch()
-    z = model.encode(x, missing, _aux(front, complete, missing))
-    enc, dec, disc = _snapshot(model.encoder), _snapshot(model.decoder), _snapshot(model.discriminator)
+    model, opts, x, missing, z, (enc, dec, disc) = _step_setup(front)
     out = W.autoencoder_step(model, opts["autoencoder"], z, x, ~missing, lambda_adv=1.0)
     assert set(out) == {"loss", "recon", "adv"} and all(math.isfinite(v) for v in out.values())
     assert _changed(model.discriminator, disc) == set()
