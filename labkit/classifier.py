@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
-from labkit.sweeps import append_csv_row, append_jsonl
+from labkit.sweeps import append_csv_row, append_jsonl, read_table
 from labkit.fronts import (ACFlowFront, Front, GroundTruthFront, KNNFront, MaskFront, MFAMeanFront,
                            MisConvFront, PartialConvFront, ZeroFront)
 from labkit.mfa import MFA, ClassicalMFA
@@ -813,17 +813,12 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
 # ============================================================================ results files
 def read_results(path: str | os.PathLike):
     """The accuracy CSV as a pandas DataFrame (empty with ``ACCURACY_COLUMNS`` if absent)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        return pd.DataFrame(columns=ACCURACY_COLUMNS)
-    return pd.read_csv(path)
+    return read_table(path, ACCURACY_COLUMNS)
 
 
 def _append_row(path: Path, row: dict) -> None:
     """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
-    append_csv_row(path, row, ACCURACY_COLUMNS, read_results)
+    append_csv_row(path, row, ACCURACY_COLUMNS)
 
 
 _append_jsonl = append_jsonl

@@ -30,19 +30,27 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def append_csv_row(path: Path, row: dict, columns: list[str], read) -> None:
+def read_table(path: str | os.PathLike, columns: list[str]):
+    """The CSV at ``path`` as a pandas DataFrame, or an empty one with ``columns`` if it is absent."""
+    import pandas as pd
+
+    path = Path(path)
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+
+
+def append_csv_row(path: Path, row: dict, columns: list[str], read=None) -> None:
     """Add ``row`` (its ``columns``) to the CSV at ``path`` atomically.
 
     The whole table is rewritten to a temporary file in the same folder, fsynced and renamed over
     the old one, so a crash leaves either the old or the new table, never half a line.
-    ``read(path)`` returns the current table as a DataFrame (empty when the file is absent).
+    ``read(path)`` returns the current table as a DataFrame (default: :func:`read_table`).
     """
     import pandas as pd
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        df = read(path)
+        df = read(path) if read is not None else read_table(path, columns)
         new = pd.DataFrame([{c: row[c] for c in columns}])
         df = new if df.empty else pd.concat([df, new], ignore_index=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)

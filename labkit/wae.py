@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
-from labkit.sweeps import append_csv_row, append_jsonl
+from labkit.sweeps import append_csv_row, append_jsonl, read_table
 from labkit.fronts import FRONTS, Front, make_front
 
 __all__ = [
@@ -937,17 +937,12 @@ def run_cell(dataset: str, front: str, seed: int, cfg: WAEConfig, *, features=No
 # --------------------------------------------------------------------------- results files
 def read_results(path) -> "Any":
     """The metrics CSV as a pandas DataFrame (empty with :data:`WAE_COLUMNS` if absent)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        return pd.DataFrame(columns=WAE_COLUMNS)
-    return pd.read_csv(path)
+    return read_table(path, WAE_COLUMNS)
 
 
 def _append_row(path: Path, row: dict) -> None:
     """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
-    append_csv_row(path, row, WAE_COLUMNS, read_results)
+    append_csv_row(path, row, WAE_COLUMNS)
 
 
 _append_jsonl = append_jsonl
