@@ -1037,6 +1037,30 @@ def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None):
     return pd.DataFrame(rows).set_index("method")
 
 
+def paired_differences(df, method: str, baseline: str):
+    """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask).
+
+    Cells with the same seed share their masks, initialisation and batch order, so the per-seed
+    difference removes most of the noise that separate means carry. Returns a DataFrame indexed by
+    (dataset, mask) with ``mean``, ``std`` (over seeds; NaN for one seed), ``n`` and ``seeds`` (the
+    per-seed differences, seed order); only seeds where both methods finished count.
+    """
+    import pandas as pd
+
+    for m in (method, baseline):
+        if m not in set(df["method"]):
+            raise ValueError(f"no results for method {m!r}; have {sorted(set(df['method']))}")
+    a = df[df["method"] == method].set_index(["dataset", "mask", "seed"])["accuracy"]
+    b = df[df["method"] == baseline].set_index(["dataset", "mask", "seed"])["accuracy"]
+    d = (a - b).dropna().sort_index()
+    rows = []
+    for (ds, mk), grp in d.groupby(level=["dataset", "mask"]):
+        rows.append({"dataset": ds, "mask": mk, "mean": float(grp.mean()),
+                     "std": float(grp.std(ddof=1)) if len(grp) > 1 else float("nan"), "n": int(len(grp)),
+                     "seeds": [round(float(v), 4) for v in grp]})
+    return pd.DataFrame(rows, columns=["dataset", "mask", "mean", "std", "n", "seeds"]).set_index(["dataset", "mask"])
+
+
 def table_markdown(df, **kw) -> str:
     """:func:`pivot_table` as a Markdown table (for the README), best mean per mask in bold."""
     import pandas as pd

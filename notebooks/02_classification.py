@@ -138,6 +138,21 @@ plt.show()
 print(f"wrote {out_dir / 'accuracy.png'} and {out_dir / 'accuracy.md'}")
 
 # %% [markdown]
+# ## What does the variance add? Paired differences
+#
+# Cells with the same seed share their masks, initialisation and batch order, so MisConv minus
+# mean imputation *from the same density*, seed by seed, is a much sharper comparison than two
+# separate means: it isolates what passing the variance to the first layer buys.
+
+# %%
+pairs = [("dmfa_misconv_complete", "dmfa_mean_complete"), ("dmfa_misconv_incomplete", "dmfa_mean_incomplete"),
+         ("mfa_misconv", "mfa_mean")]
+for a, b in pairs:
+    if {a, b} <= set(df["method"]):
+        print(f"{a} − {b}:")
+        print(clf.paired_differences(df, a, b).round(4).to_string(), end="\n\n")
+
+# %% [markdown]
 # ## Reading the numbers
 #
 # The findings for the committed `cpu` run (which method wins where, and why MisConv does or does

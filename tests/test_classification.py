@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,20 @@ def test_notebook_02_smoke(tmp_path):
     nb = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "paper square" in text
+
+
+def test_paired_differences_by_hand():
+    import pandas as pd
+
+    rows = [("square", "misconv", 0, 0.90), ("square", "mean", 0, 0.88), ("square", "misconv", 1, 0.91),
+            ("square", "mean", 1, 0.92), ("square", "misconv", 2, 0.95),          # seed 2: no baseline
+            ("noise", "misconv", 0, 0.80), ("noise", "mean", 0, 0.70)]
+    df = pd.DataFrame([{"dataset": "mnist", "mask": m, "method": k, "seed": s, "accuracy": a} for m, k, s, a in rows])
+    out = clf.paired_differences(df, "misconv", "mean")
+    sq = out.loc[("mnist", "square")]
+    assert sq["n"] == 2 and sq["seeds"] == [0.02, -0.01]
+    assert sq["mean"] == pytest.approx(0.005) and sq["std"] == pytest.approx((2 * 0.015 ** 2) ** 0.5)
+    no = out.loc[("mnist", "noise")]
+    assert no["n"] == 1 and no["mean"] == pytest.approx(0.10) and math.isnan(no["std"])
+    with pytest.raises(ValueError, match="no results for method 'knn'"):
+        clf.paired_differences(df, "knn", "mean")
