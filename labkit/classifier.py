@@ -816,9 +816,10 @@ def read_results(path: str | os.PathLike):
     return read_table(path, ACCURACY_COLUMNS)
 
 
-def _append_row(path: Path, row: dict) -> None:
-    """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
-    append_csv_row(path, row, ACCURACY_COLUMNS)
+def _append_row(path: Path, row: dict) -> bool:
+    """Add ``row`` to the CSV atomically unless its cell is there already (see
+    :func:`labkit.sweeps.append_csv_row`); returns whether it was added."""
+    return append_csv_row(path, row, ACCURACY_COLUMNS, key=["dataset", "mask", "method", "seed"])
 
 
 _append_jsonl = append_jsonl
@@ -944,8 +945,8 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
         d, m, meth, s = runnable[0]
         print(f"[sweep] {len(cells) - len(todo) + 1}/{len(cells)}: {d} {m} {meth} seed {s}", flush=True)
         res = runner(d, m, meth, s, cfg)
-        _append_row(csv, res["row"])
-        _append_jsonl(out / "runs.jsonl", res["details"])
+        if _append_row(csv, res["row"]):      # False: another sweep process finished this cell first
+            _append_jsonl(out / "runs.jsonl", res["details"])
         ckpt = res.get("checkpoint")
         if ckpt is not None:
             Path(ckpt).unlink(missing_ok=True)

@@ -38,12 +38,14 @@ def read_table(path: str | os.PathLike, columns: list[str]):
     return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
 
 
-def append_csv_row(path: Path, row: dict, columns: list[str], read=None) -> None:
+def append_csv_row(path: Path, row: dict, columns: list[str], read=None, *, key: list[str] | None = None) -> bool:
     """Add ``row`` (its ``columns``) to the CSV at ``path`` atomically.
 
     The whole table is rewritten to a temporary file in the same folder, fsynced and renamed over
     the old one, so a crash leaves either the old or the new table, never half a line.
     ``read(path)`` returns the current table as a DataFrame (default: :func:`read_table`).
+    With ``key`` (the columns naming a cell), a row whose cell is already in the table is not
+    added (two sweeps that raced for the same cell leave one row); returns whether it was added.
     """
     import pandas as pd
 
@@ -51,6 +53,8 @@ def append_csv_row(path: Path, row: dict, columns: list[str], read=None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         df = read(path) if read is not None else read_table(path, columns)
+        if key and not df.empty and (df[key].astype(str) == [str(row[k]) for k in key]).all(axis=1).any():
+            return False
         new = pd.DataFrame([{c: row[c] for c in columns}])
         df = new if df.empty else pd.concat([df, new], ignore_index=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)
@@ -60,6 +64,7 @@ def append_csv_row(path: Path, row: dict, columns: list[str], read=None) -> None
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    return True
 
 
 def append_jsonl(path: Path, record: dict) -> None:

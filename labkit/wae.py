@@ -940,9 +940,10 @@ def read_results(path) -> "Any":
     return read_table(path, WAE_COLUMNS)
 
 
-def _append_row(path: Path, row: dict) -> None:
-    """Add ``row`` to the CSV atomically (see :func:`labkit.sweeps.append_csv_row`)."""
-    append_csv_row(path, row, WAE_COLUMNS)
+def _append_row(path: Path, row: dict) -> bool:
+    """Add ``row`` to the CSV atomically unless its cell is there already (see
+    :func:`labkit.sweeps.append_csv_row`); returns whether it was added."""
+    return append_csv_row(path, row, WAE_COLUMNS, key=["dataset", "front", "seed"])
 
 
 _append_jsonl = append_jsonl
@@ -1025,8 +1026,8 @@ def run_sweep(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Seque
                                            path=out / "figures" / f"{stem}-reconstruction.png"))
             plt.close(plot_samples(res["examples"]["samples"], title=f"{d}, {f}, seed {s}: prior samples",
                                    path=out / "figures" / f"{stem}-samples.png"))
-        _append_row(csv, res["row"])
-        _append_jsonl(out / "runs.jsonl", res["details"])
+        if _append_row(csv, res["row"]):      # False: another sweep process finished this cell first
+            _append_jsonl(out / "runs.jsonl", res["details"])
         Path(res["checkpoint"]).unlink(missing_ok=True)
         r = res["row"]
         print(f"[wae] {d} {f} seed {s}: PSNR missing {r['psnr_missing']:.2f} all {r['psnr_all']:.2f}, "

@@ -42,3 +42,12 @@ def test_concurrent_writers_lose_no_row(tmp_path):
     lines = path.with_suffix(".jsonl").read_text().splitlines()
     assert sorted((r["worker"], r["i"]) for r in map(json.loads, lines)) == [(w, i) for w in range(3) for i in range(40)]
     assert not list(tmp_path.glob("*.tmp"))              # no temporary file left behind
+
+
+def test_a_cell_already_in_the_table_is_not_added_twice(tmp_path):
+    path = tmp_path / "accuracy.csv"
+    assert append_csv_row(path, {"worker": 1, "i": 0}, COLUMNS, key=COLUMNS)
+    assert append_csv_row(path, {"worker": 1, "i": 1}, COLUMNS, key=COLUMNS)
+    assert not append_csv_row(path, {"worker": 1, "i": 0}, COLUMNS, key=COLUMNS)   # the same cell again
+    assert append_csv_row(path, {"worker": 1, "i": 0}, COLUMNS)                     # no key: appended
+    assert _read(path).values.tolist() == [[1, 0], [1, 1], [1, 0]]
