@@ -1091,22 +1091,60 @@ def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classi
 
     Returns True if the file changed. Raises ``ValueError`` if the markers are missing.
     """
+    n_cells = len(df)
+    seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
+    body = (f"_Generated from the CSV by `labkit.classifier.update_markdown_table`: {n_cells} cells, "
+            f"seeds {seeds}._\n\n" + table_markdown(df, **kw))
+    return replace_marked_block(md_path, name, body)
+
+
+def replace_marked_block(md_path: str | os.PathLike, name: str, body: str) -> bool:
+    """Put ``body`` between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in ``md_path``.
+
+    Returns True if the file changed. Raises ``ValueError`` if the markers are missing.
+    """
     path = Path(md_path)
     text = path.read_text(encoding="utf-8")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
         raise ValueError(f"{path} lacks the markers {start} ... {end}")
-    n_cells = len(df)
-    seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
-    body = (f"\n_Generated from the CSV by `labkit.classifier.update_markdown_table`: {n_cells} cells, "
-            f"seeds {seeds}._\n\n" + table_markdown(df, **kw) + "\n")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    new = head + start + body + end + tail
+    new = head + start + "\n" + body.strip("\n") + "\n" + end + tail
     if new != text:
         path.write_text(new, encoding="utf-8")
         return True
     return False
+
+
+#: what the paired table compares: (MisConv over a density, mean imputation from the same density)
+#: and MisConv against the two strongest density-free baselines
+PAIRS = [("dmfa_misconv_complete", "dmfa_mean_complete"), ("dmfa_misconv_incomplete", "dmfa_mean_incomplete"),
+         ("mfa_misconv", "mfa_mean"), ("dmfa_misconv_complete", "pc"), ("dmfa_misconv_complete", "mask"),
+         ("dmfa_misconv_incomplete", "pc")]
+
+
+def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS) -> str:
+    """:func:`paired_differences` for ``pairs`` as a Markdown table: one row per pair, one column per
+    mask, cells "mean ± std (n)" in accuracy *points* (×100). Pairs lacking results are left out."""
+    masks = [m for m in ("square", "trapezoid", "noise") if m in set(df["mask"])]
+    lines = ["| MisConv variant − other method | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
+    have = set(df["method"])
+    for a, b in pairs:
+        if not {a, b} <= have:
+            continue
+        d = paired_differences(df, a, b)
+        cells = []
+        for mk in masks:
+            rows = d[d.index.get_level_values("mask") == mk]
+            if rows.empty:
+                cells.append("")
+                continue
+            r = rows.iloc[0]
+            sd = "" if r["n"] < 2 else f" ± {100 * r['std']:.2f}"
+            cells.append(f"{100 * r['mean']:+.2f}{sd} (n={int(r['n'])})")
+        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None = None):

@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from labkit.classifier import (plot_results, read_results, run_sweep, sweep_config, table_markdown,
-                               update_markdown_table)
+from labkit.classifier import (paired_markdown, plot_results, read_results, replace_marked_block, run_sweep,
+                               sweep_config, table_markdown, update_markdown_table)
 from labkit.profiles import parse_override
 
 
 def write_report(out_dir, profile: str, readme=None) -> None:
-    """``accuracy.md`` (the pivot beside the paper's Table 1) and ``accuracy.png`` from the CSV."""
+    """``accuracy.md`` (the pivot beside the paper's Table 1), ``accuracy_paired.md`` (per-seed
+    differences, :func:`labkit.classifier.paired_markdown`) and ``accuracy.png`` from the CSV."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -39,8 +41,13 @@ def write_report(out_dir, profile: str, readme=None) -> None:
         + table_markdown(df) + "\n")
     fig = plot_results(df, out_dir / "accuracy.png", title=f"MNIST test accuracy, profile {profile}")
     plt.close(fig)
+    paired = paired_markdown(df)
+    (out_dir / "accuracy_paired.md").write_text(
+        f"Per-seed accuracy differences in points, profile `{profile}` (mean ± std over seeds)\n\n" + paired + "\n")
     if readme:
         update_markdown_table(readme, df)
+        if "<!-- classification-paired:start -->" in Path(readme).read_text(encoding="utf-8"):
+            replace_marked_block(readme, "classification-paired", paired)
 
 
 def main(argv=None) -> int:

@@ -333,3 +333,24 @@ def test_paired_differences_by_hand():
     assert no["n"] == 1 and no["mean"] == pytest.approx(0.10) and math.isnan(no["std"])
     with pytest.raises(ValueError, match="no results for method 'knn'"):
         clf.paired_differences(df, "knn", "mean")
+
+
+def test_paired_markdown_and_marked_blocks(tmp_path):
+    import pandas as pd
+
+    rows = [("square", "dmfa_misconv_complete", 0, 0.90), ("square", "dmfa_mean_complete", 0, 0.88),
+            ("square", "dmfa_misconv_complete", 1, 0.91), ("square", "dmfa_mean_complete", 1, 0.92),
+            ("noise", "dmfa_misconv_complete", 0, 0.80), ("noise", "dmfa_mean_complete", 0, 0.70)]
+    df = pd.DataFrame([{"dataset": "mnist", "mask": m, "method": k, "seed": s, "accuracy": a} for m, k, s, a in rows])
+    md = clf.paired_markdown(df)
+    lines = md.splitlines()
+    assert lines[0] == "| MisConv variant − other method | square | noise |"
+    assert len(lines) == 3                                   # only the pair with results
+    assert "+0.50 ± 2.12 (n=2)" in lines[2] and "+10.00 (n=1)" in lines[2]
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- x:start -->\nold\n<!-- x:end -->\nrest\n")
+    assert clf.replace_marked_block(doc, "x", md)
+    assert doc.read_text() == f"intro\n<!-- x:start -->\n{md}\n<!-- x:end -->\nrest\n"
+    assert not clf.replace_marked_block(doc, "x", md)        # unchanged: no write
+    with pytest.raises(ValueError, match="lacks the markers"):
+        clf.replace_marked_block(doc, "y", md)
