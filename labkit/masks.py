@@ -34,6 +34,7 @@ __all__ = [
     "supervised",
     "visible",
     "check_mask",
+    "ink_hidden",
 ]
 
 MASK_KINDS = ("square", "trapezoid", "noise")
@@ -332,3 +333,26 @@ def check_mask(mask, *, name: str = "missing", like: torch.Tensor | None = None)
         raise ValueError(f"{name} is on {mask.device} but the images are on {like.device}")
     return mask.expand(b, c, h, w)
 
+
+
+def ink_hidden(images: torch.Tensor, missing: torch.Tensor, *, threshold: float = 0.5, centre: int = 8) -> dict:
+    """How much of the digits a set of masks hides: a diagnostic for comparing mask kinds.
+
+    ``images`` (N, 1, H, W) in [0, 1] (pixels above ``threshold`` count as ink); ``missing`` bool
+    (N, 1, H, W). Returns ``ink_hidden`` (mean over images of the hidden share of each image's
+    ink; images without ink are skipped), ``centre_hidden`` (mean hidden share of the central
+    ``centre`` × ``centre`` pixels) and ``most_ink_lost`` (share of images losing more than 3/4 of
+    their ink).
+    """
+    if images.dim() != 4 or missing.shape != images.shape or missing.dtype != torch.bool:
+        raise ValueError(f"images (N, 1, H, W) and a bool missing of the same shape expected, got "
+                         f"{tuple(images.shape)} and {tuple(missing.shape)} {missing.dtype}")
+    ink = images > threshold
+    count = ink.flatten(1).sum(1)
+    has = count > 0
+    share = (ink & missing).flatten(1).sum(1)[has].double() / count[has].double()
+    H, W = images.shape[-2:]
+    top, left = (H - centre) // 2, (W - centre) // 2
+    centre_share = missing[..., top:top + centre, left:left + centre].flatten(1).double().mean(1)
+    return {"ink_hidden": float(share.mean()), "centre_hidden": float(centre_share.mean()),
+            "most_ink_lost": float((share > 0.75).double().mean())}

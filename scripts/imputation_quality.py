@@ -11,7 +11,10 @@ methods ``nll`` (nats, of the true missing pixels) and ``pred_std`` (mean predic
 deviation there) beside ``rmse`` (the actual per-pixel error). Nothing is tuned on these numbers.
 
 Writes ``results/classification/<profile>/imputation_quality.csv`` (one row per mask × method,
-rewritten as a whole) and prints it. Methods whose checkpoint is missing are skipped.
+rewritten as a whole) and ``mask_coverage.csv`` (how much of the digits each mask kind hides on
+the same images, :func:`labkit.masks.ink_hidden`) and ``misconv_vs_mean_fill.csv`` (how much the
+MisConv front's output differs from conv+ReLU of the mean-filled image, :func:`misconv_vs_mean_fill`),
+and prints them. Methods whose checkpoint is missing are skipped.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import time
 import torch
 
 from labkit.checkpoint import machine_description
-from labkit.classifier import imputation_quality, method_available, replace_marked_block, sweep_config
+from labkit.classifier import (imputation_quality, load_cell_data, method_available, replace_marked_block,
+                               sweep_config)
+from labkit.masks import ink_hidden
 
 #: imputer -> the method whose preparer yields it (the MisConv methods carry the MFA, hence NLL/std)
 DEFAULT_METHODS = ["knn", "mfa_misconv", "dmfa_misconv_complete", "dmfa_misconv_incomplete", "acflow"]
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
     cfg.progress = False
     import pandas as pd
 
-    frames = []
+    frames, coverage, variance_effect = [], [], []
     started = time.time()
     for dataset in grid["datasets"]:
         for mask in args.masks or grid["masks"]:
@@ -55,6 +60,14 @@ def main(argv=None) -> int:
             if skipped:
                 print(f"[imputation_quality] {dataset}/{mask}: skipping {skipped} (checkpoint missing)", flush=True)
             df = imputation_quality(dataset, mask, args.seed, methods, cfg, n=args.n).reset_index()
+            data = load_cell_data(dataset, mask, args.seed, n_train=cfg.n_train, n_test=cfg.n_test,
+                                  val_fraction=cfg.val_fraction)
+            k = min(args.n, len(data.test_images))
+            if method_available("dmfa_misconv_complete", cfg, dataset, mask) is None:
+                variance_effect.append({"dataset": dataset, "mask": mask, "seed": args.seed, "n_test_images": min(k, 500),
+                                        **misconv_vs_mean_fill(data, cfg, min(k, 500))})
+            coverage.append({"dataset": dataset, "mask": mask, "seed": args.seed, "n_test_images": k,
+                             **ink_hidden(data.test_images[:k], data.test_missing[:k])})
             if "nll" in df:
                 df["rmse"] = (df["sse"] / df["missing_pixels"]) ** 0.5
             df.insert(0, "mask", mask)
@@ -67,6 +80,11 @@ def main(argv=None) -> int:
     table.insert(len(table.columns), "seed", args.seed)
     table.insert(len(table.columns), "n_test_images", args.n)
     table.to_csv(out / "imputation_quality.csv", index=False, float_format="%.4f")
+    pd.DataFrame(coverage).to_csv(out / "mask_coverage.csv", index=False, float_format="%.4f")
+    if variance_effect:
+        pd.DataFrame(variance_effect).to_csv(out / "misconv_vs_mean_fill.csv", index=False, float_format="%.4f")
+        print(pd.DataFrame(variance_effect).round(3).to_string(index=False))
+    print(pd.DataFrame(coverage).round(3).to_string(index=False))
     (out / "imputation_quality.json").write_text(json.dumps(
         {"command": " ".join(sys.argv), "machine": machine_description(), "seconds": round(time.time() - started, 1)},
         indent=1))
@@ -74,6 +92,36 @@ def main(argv=None) -> int:
     if args.readme:
         replace_marked_block(args.readme, "imputation-quality", markdown(table))
     return 0
+
+
+def misconv_vs_mean_fill(data, cfg, n: int, seeds=range(5)) -> dict:
+    """Does the variance change the first layer? For freshly initialised fronts (one per seed), the
+    MisConv front over the complete-data DMFA against ``relu(conv(image filled with the DMFA mean))``
+    with the same weights, on the first ``n`` test images, over the output positions whose 3×3
+    window touches a missing pixel: ``rel_diff`` = mean |difference| / mean |mean-fill output|
+    (mean, min and max over the seeds)."""
+    import torch.nn.functional as F
+
+    from labkit.classifier import METHODS
+    from labkit.fronts import make_front
+
+    _, aux_test, _ = METHODS["dmfa_misconv_complete"].prepare(data, cfg)
+    idx = torch.arange(n)
+    x, miss = data.test_images[idx], data.test_missing[idx]
+    J = miss.expand_as(x)
+    mfa = aux_test.get(idx, x, miss)
+    filled = torch.where(J, mfa.mean(), x)
+    near = F.max_pool2d(miss.float(), 3, stride=1, padding=1).bool()          # window touches the hole
+    rel = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        front = make_front("dmfa_misconv_complete", x.shape[1], 32).eval()
+        with torch.no_grad():
+            a = front(torch.where(J, torch.nan, x), miss, mfa)
+            b = torch.relu(F.conv2d(filled, front.conv.weight, front.conv.bias, padding=front.conv.padding))
+        m = near.expand_as(a)
+        rel.append(float((a - b).abs()[m].mean() / b.abs()[m].mean()))
+    return {"rel_diff": sum(rel) / len(rel), "rel_diff_min": min(rel), "rel_diff_max": max(rel)}
 
 
 NAMES = {"knn": "k-NN", "mfa_misconv": "classical MFA (K = 4, L = 4)", "dmfa_misconv_complete": "DMFA, complete data",

@@ -301,3 +301,20 @@ def test_training_pair_multichannel_missing_and_errors():
         M.training_pair(missing.float())
     with pytest.raises(TypeError, match="hidden must be a bool tensor"):
         M.visible(missing, hidden.float())
+
+
+def test_ink_hidden_by_hand():
+    from labkit.masks import ink_hidden
+
+    images = torch.zeros(3, 1, 8, 8)
+    images[0, 0, 0, :4] = 1.0            # 4 ink pixels, 1 hidden
+    images[1, 0, 2:6, 2:6] = 0.9         # 16 ink pixels (the centre), all hidden
+    missing = torch.zeros(3, 1, 8, 8, dtype=torch.bool)   # image 2 has no ink: skipped
+    missing[0, 0, 0, 0] = True
+    missing[1, 0, 2:6, 2:6] = True
+    r = ink_hidden(images, missing, centre=4)
+    assert r["ink_hidden"] == pytest.approx((0.25 + 1.0) / 2)
+    assert r["most_ink_lost"] == pytest.approx(0.5)
+    assert r["centre_hidden"] == pytest.approx((0 + 1 + 0) / 3)
+    with pytest.raises(ValueError, match="bool missing"):
+        ink_hidden(images, missing.float())
