@@ -285,6 +285,10 @@ class CellData:
         n = len(self.train_images) if split == "train" else len(self.test_images)
         return {"dataset": self.dataset, "split": split, "n": n, "mask": self.mask, "seed": self.seed}
 
+    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
+        """``(name, images, missing)`` for the training and the test split, in that order."""
+        return ("train", self.train_images, self.train_missing), ("test", self.test_images, self.test_missing)
+
 
 _DATA_CACHE: dict = {}
 
@@ -620,8 +624,7 @@ def _dmfa_mfas(data: CellData, cfg: SweepConfig, variant: str) -> dict:
         dev = resolve_device(cfg.device)
         model, _ = load_dmfa(path, device=dev)
         out = {}
-        for split, images, missing in (("train", data.train_images, data.train_missing),
-                                       ("test", data.test_images, data.test_missing)):
+        for split, images, missing in data.splits():
             mfa = dmfa_mod.predict_mfa(model, _with_nan(images, missing.expand_as(images)), missing,
                                        batch_size=cfg.impute_batch, device=dev, out_device="cpu")
             out[split] = _mfa_fields(mfa)
@@ -635,8 +638,7 @@ def _prepare_dmfa_mean(variant: str):
     def prepare(data, cfg):
         v = _dmfa_mfas(data, cfg, variant)
         out = []
-        for split, images, missing in (("train", data.train_images, data.train_missing),
-                                       ("test", data.test_images, data.test_missing)):
+        for split, images, missing in data.splits():
             f = v[split]
             w = f["weights"].float()
             mean = torch.einsum("bk,bkchw->bchw", w / w.sum(1, keepdim=True), f["means"].float())
@@ -676,8 +678,7 @@ def prepare_acflow(data: CellData, cfg: SweepConfig):
         dev = resolve_device(cfg.device)
         model, _ = load_acflow(path, device=dev)
         out = {}
-        for split, images, missing in (("train", data.train_images, data.train_missing),
-                                       ("test", data.test_images, data.test_missing)):
+        for split, images, missing in data.splits():
             g = torch.Generator(device=dev).manual_seed(_stable_seed("acflow", data.dataset, split, data.mask, data.seed))
             res = torch.empty_like(images)
             for s in _chunks(len(images), cfg.impute_batch, f"ACFlow {split}", cfg.progress):
