@@ -9,7 +9,7 @@ ratios. Then the same for K > 1 and L in {1, 2, 4, 8, 16}. Figures, not a test: 
     .venv/bin/python benchmarks/bench_misconv.py [--repeats 40] [--eager-repeats 5] [--threads 1]
                                                  [--clock auto|cpu|wall] [--out results/timing/cpu]
 
-On a CPU the default clock is the CPU time of the computing thread (see labkit.timing.interleaved):
+On a CPU the default clock is the CPU time of the computing thread (see labkit.studies.timing.interleaved):
 this machine is shared, and elapsed time would mostly measure the other jobs. The load average
 is recorded with the figures.
 """
@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from labkit import misconv, timing
+from labkit import misconv
 from labkit.checkpoint import machine_description
+from labkit.studies import timing
 
 
 def _lines(title: str, fast: pd.DataFrame, eager: pd.DataFrame | None) -> list[str]:

@@ -30,6 +30,8 @@ from labkit.device import resolve_device
 
 __all__ = [
     "CheckpointError",
+    "ConfigMismatchError",
+    "config_differences",
     "atomic_save",
     "load_checkpoint",
     "load_or_train",
@@ -40,6 +42,27 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be used (corrupt, wrong layout, or from another run)."""
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
+    """A checkpoint exists but was made with another configuration than the one requested."""
+
+
+def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                       legacy: Mapping[str, Any] | None = None) -> list[str]:
+    """The keys of ``wanted`` whose value differs from ``stored`` (JSON-normalised), as
+    ``"key: stored X, requested Y"`` lines. ``legacy`` gives the value to assume for keys that a
+    file written before the key existed lacks (e.g. ``{"precision": "32"}``)."""
+    def norm(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+    legacy = dict(legacy or {})
+    out = []
+    for key in sorted(wanted):
+        have = stored[key] if key in stored else legacy.get(key, "<absent>")
+        if norm(have) != norm(wanted[key]):
+            out.append(f"{key}: stored {have!r}, requested {wanted[key]!r}")
+    return out
 
 
 def _current_umask() -> int:
@@ -95,6 +118,7 @@ def load_checkpoint(
     map_location: str | torch.device | None = None,
     *,
     weights_only: bool = True,
+    input_role: str | None = None,
 ) -> Any | None:
     """Load a file written by :func:`atomic_save`; ``None`` if ``path`` does not exist.
 
@@ -102,6 +126,10 @@ def load_checkpoint(
     CUDA everything is mapped to the CPU (so a GPU-trained checkpoint opens on a laptop).
     ``weights_only=True`` (torch's safe unpickler) accepts tensors, dicts, lists, tuples, numbers
     and strings, which is all labkit stores.
+
+    ``input_role`` says that the file is an *input* of the caller (e.g. "complete-data DMFA
+    checkpoint"): its error then says so, instead of suggesting to delete it (deleting an input
+    does not retrain it).
 
     Raises :class:`CheckpointError` naming ``path`` when the file is corrupt or unreadable.
     """
@@ -117,10 +145,10 @@ def load_checkpoint(
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-            "delete it to retrain"
-        ) from exc
+        what = f"{input_role} {str(path)!r}" if input_role else f"checkpoint {str(path)!r}"
+        hint = ("it is an input of this step: restore it, or retrain it with the step that makes it"
+                if input_role else "delete it to retrain")
+        raise CheckpointError(f"{what} is corrupt or unreadable ({type(exc).__name__}: {exc}); {hint}") from exc
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -185,6 +213,8 @@ def load_or_train(
     *,
     device: str | torch.device | None = None,
     quiet: bool = False,
+    config: Mapping[str, Any] | None = None,
+    legacy: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Return a trained model: load it from ``path`` if it exists, else train and save it.
 
@@ -198,6 +228,11 @@ def load_or_train(
             ``checkpoint=partial_path(path)``; that file is deleted once ``path`` is saved.
         device: where the model lives (``None``/``"auto"``: CUDA if available).
         quiet: suppress the one-line "loaded ..." / "trained ..." message.
+        config: the settings the model must have been trained with (sizes, epochs, lr, seed, dtype,
+            precision, ...). A stored model is reused only when its meta has every key of ``config``
+            with an equal value; otherwise :class:`ConfigMismatchError` names the differences (pick
+            another path, or delete the file to retrain). After training, ``config`` is merged into
+            the saved meta. ``legacy``: values to assume for keys an older file lacks.
 
     Returns:
         ``(model, meta)`` with the model in eval mode on ``device``.
@@ -229,6 +264,13 @@ def load_or_train(
                 "the architecture changed: delete the file to retrain"
             ) from exc
         meta = dict(stored["meta"])
+        if config is not None:
+            diffs = config_differences(meta, config, legacy)
+            if diffs:
+                raise ConfigMismatchError(
+                    f"checkpoint {str(path)!r} was trained with another configuration ("
+                    + "; ".join(diffs) + "): not reusing it. Use another checkpoint path for the new "
+                    "setting, or delete the file to retrain")
         model.eval()
         if not quiet:
             print(f"loaded {path} (trained on {meta.get('machine', 'unknown machine')}, {_summary(meta)})")
@@ -239,6 +281,8 @@ def load_or_train(
     meta = train(model)
     seconds = time.perf_counter() - start
     meta = _json_check(meta, "train(model) return value (meta)")
+    if config is not None:
+        meta = {**meta, **_json_check(config, "config")}
     meta.setdefault("machine", machine_description())
     meta.setdefault("trained_at", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     meta.setdefault("train_seconds", round(seconds, 1))

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labkit import paths
 from labkit.device import resolve_device
 
 __all__ = ["DATASETS", "ImageSet", "load_dataset", "read_idx", "train_val_split",
@@ -75,19 +76,14 @@ _CELEBA_CROP, _CELEBA_SIZE = 140, 64
 
 
 def default_root() -> Path:
-    """``$LABKIT_DATA`` if set, else ``<repo>/data`` (the folder beside the ``labkit`` package)."""
-    env = os.environ.get("LABKIT_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "data"
+    """``$LABKIT_DATA`` if set, else ``<repo>/data`` (:func:`labkit.paths.data_dir`)."""
+    return paths.data_dir()
 
 
 def shared_datasets_dir() -> Path:
-    """``$LABKIT_SHARED_DATASETS`` if set, else ``<repo>/../shared/datasets`` (offline copies)."""
-    env = os.environ.get("LABKIT_SHARED_DATASETS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+    """``$LABKIT_SHARED_DATASETS`` if set, else ``<repo>/../shared/datasets`` (offline copies;
+    :func:`labkit.paths.shared_datasets_dir`)."""
+    return paths.shared_datasets_dir()
 
 
 # --------------------------------------------------------------------------- the container

@@ -15,6 +15,12 @@ the study averages them over the test set.
   the region — the local SSIM of windows centred on a missing pixel. Centres in the 5-pixel border
   strip have no map value, so they are not counted; an image whose region has no valid centre
   gives NaN (a 14×14 square on 28×28 always keeps at least 9×9 of its pixels).
+  :func:`ssim` equals ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1)`` (scikit-image crops the same 5-pixel border before
+  averaging; ``tests/test_metrics.py`` holds them equal).
+- :func:`skimage_psnr_ssim`: scikit-image's own PSNR and SSIM, called the way the MisConv authors'
+  evaluation called them (defaults: a 7×7 uniform window, sample covariances, and for float
+  images the range of 2 that scikit-image used to assume). For comparing with their numbers only.
 - :func:`frechet_distance`: the Fréchet (2-Wasserstein) distance between Gaussian fits of two
   feature sets, ``‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁^{1/2} Σ₂ Σ₁^{1/2})^{1/2})``, computed in float64
   by symmetric eigen-decompositions (``tr (Σ₁Σ₂)^{1/2}`` equals the trace of the symmetric square
@@ -37,11 +43,13 @@ __all__ = [
     "SSIM_K2",
     "SSIM_SIGMA",
     "SSIM_WINDOW",
+    "SKIMAGE_FLOAT_SSIM_RANGE",
     "frechet_distance",
     "frechet_distance_from_stats",
     "gaussian_stats",
     "gaussian_window",
     "psnr",
+    "skimage_psnr_ssim",
     "ssim",
     "ssim_map",
 ]
@@ -204,6 +212,53 @@ def ssim(
     centres = where[:, :, r : where.shape[2] - r, r : where.shape[3] - r].flatten(1)
     total = torch.where(centres, smap.flatten(1), torch.zeros((), dtype=smap.dtype, device=smap.device)).sum(1)
     return total / centres.sum(1)
+
+
+# --------------------------------------------------------------------------- scikit-image, as the authors used it
+SKIMAGE_FLOAT_SSIM_RANGE = 2.0
+
+
+def skimage_psnr_ssim(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """scikit-image's PSNR and SSIM per image, computed the way the MisConv authors called them.
+
+    Per image, on the whole image, with float input:
+
+    - ``peak_signal_noise_ratio(target, pred)`` with no ``data_range``: scikit-image then takes
+      the top of the float dtype's range, 1, for a non-negative target (it raises for a target
+      outside [-1, 1]);
+    - ``structural_similarity(target, pred, data_range=2)``, otherwise its defaults (7×7 uniform
+      window, sample covariances, ``K1 = 0.01``, ``K2 = 0.03``). The authors gave no
+      ``data_range``; the scikit-image of their time then used the float dtype's range [-1, 1],
+      i.e. 2. Current scikit-image refuses float input without ``data_range``, so the 2 is passed
+      explicitly (:data:`SKIMAGE_FLOAT_SSIM_RANGE`). With a range of 2 the stabilising constants
+      are 4× larger than for the true range of 1, which raises SSIM. Images with C > 1 channels
+      are compared with ``channel_axis=0`` (the channels' mean SSIM).
+
+    Args:
+        pred, target: ``(B, C, H, W)`` float tensors in [0, 1], at least 7×7.
+
+    Returns:
+        ``(psnr, ssim)``, each ``(B,)`` float64 on the CPU; the caller averages them.
+
+    Raises:
+        ImportError: scikit-image is not installed.
+    """
+    _check_pair(pred, target)
+    try:
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("skimage_psnr_ssim needs scikit-image (pip install scikit-image)") from e
+    p = pred.detach().cpu().numpy()
+    t = target.detach().cpu().numpy()
+    multi = t.shape[1] > 1
+    psnrs, ssims = [], []
+    for pi, ti in zip(p, t):
+        if not multi:
+            pi, ti = pi[0], ti[0]
+        psnrs.append(peak_signal_noise_ratio(ti, pi))
+        ssims.append(structural_similarity(ti, pi, data_range=SKIMAGE_FLOAT_SSIM_RANGE,
+                                           channel_axis=0 if multi else None))
+    return torch.tensor(psnrs, dtype=torch.float64), torch.tensor(ssims, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- Fréchet distance

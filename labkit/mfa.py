@@ -1,12 +1,21 @@
-r"""Mixtures of factor analyzers (MFA) over images.
+r"""Mixtures of factor analyzers (MFA) over images: the density of missing pixels MisConv integrates over.
+
+Papers: M. Przewięźlikowski, M. Śmieja, Ł. Struski, *Estimating conditional density of missing
+values using deep Gaussian mixture model*, ICONIP 2020, https://arxiv.org/abs/2010.02183 (the DMFA:
+a network that predicts, per image, an MFA of its missing pixels; :mod:`labkit.dmfa`), used by
+*MisConv: Convolutional Neural Networks for Missing Data*, https://arxiv.org/abs/2110.14010
+(:mod:`labkit.misconv`). The model itself is Ghahramani & Hinton's mixture of factor analyzers
+(1996); its training by EM is :func:`fit_mfa`.
 
 An MFA with K components and L factors per component is the density
 
     p(x) = Σ_k p_k · N(x; m_k, A_k A_kᵀ + diag(d_k))
 
 over flattened images x ∈ R^N (N = C·H·W). ``A_k`` holds L factor vectors, each shaped like the
-image; ``d_k > 0`` are per-pixel noise variances. A batch of MFAs (one per image, as a DMFA
-predicts them) is stored with shapes
+image; ``d_k > 0`` are per-pixel noise variances. Its log-density is a log-sum-exp over
+components, ``log p(x) = logsumexp_k(log p_k + log N_k(x))`` (not the weighted sum of the
+components' log-densities). A batch of MFAs (one per image, as a DMFA predicts them) is stored
+with shapes
 
     weights   (B, K)
     means     (B, K, C, H, W)
@@ -17,8 +26,10 @@ Everything here works on a *subset* S of the coordinates (a bool mask per sample
 forming an |S|×|S| matrix. With r = x_S − m_S, D = diag(d_S) and the small L×L matrix
 M = I + A_Sᵀ D⁻¹ A_S (Cholesky-factorised):
 
-    rᵀ Σ⁻¹ r = rᵀ D⁻¹ r − uᵀ M⁻¹ u,   u = A_Sᵀ D⁻¹ r      (Woodbury)
-    log|Σ|   = log|M| + Σ_S log d                          (matrix determinant lemma)
+    rᵀ Σ⁻¹ r = rᵀ D⁻¹ r − uᵀ M⁻¹ u,   u = A_Sᵀ D⁻¹ r      (Woodbury identity:
+               Σ⁻¹ = (D + A Aᵀ)⁻¹ = D⁻¹ − D⁻¹ A M⁻¹ Aᵀ D⁻¹)
+    log|Σ|   = log|M| + Σ_S log d                          (matrix determinant lemma:
+               |D + A Aᵀ| = |I + Aᵀ D⁻¹ A|·|D|)
 
 so the cost is O(|S|·L²) time and O(|S|·L) memory. Coordinates outside S are neutralised by
 masking (zero residual, zero factor rows, unit variance), never by gathering/padding.

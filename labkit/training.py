@@ -15,7 +15,15 @@ that depend only on ``(s, e)``:
 
 So an epoch never depends on how earlier epochs drew random numbers, and a run resumed from the
 checkpoint written after epoch ``e - 1`` repeats exactly what the uninterrupted run did (on the
-same machine and device; nondeterministic CUDA kernels are outside this guarantee).
+same machine and device; nondeterministic CUDA kernels are outside this guarantee). For the same
+reason the checkpoint holds no global RNG state: the re-seeding would overwrite it before use.
+
+Mixed precision (``precision``, see :mod:`labkit.precision`). ``fit`` resolves the precision
+(``"auto"`` -> ``"32"`` or ``"bf16-mixed"`` for the model's device), stores it in the checkpoint's
+config, refuses to resume a run under another precision unless told to, and checks that ``step``
+really entered :func:`labkit.precision.autocast` with it. The step places the autocast itself,
+around the forward pass only: backward must run outside autocast, or the gradients of float32
+parts of the forward (likelihoods) would be computed in the low precision.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from labkit import precision as _precision
 from labkit.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 __all__ = ["CheckpointMismatchError", "epoch_seeds", "fit"]
@@ -139,6 +148,9 @@ def fit(
     extra_state: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     evaluate: Callable[[int], Mapping[str, Any]] | None = None,
+    precision: str = "32",
+    scaler: torch.amp.GradScaler | None = None,
+    allow_precision_change: bool = False,
 ) -> list[dict]:
     """Train ``model`` for ``epochs`` epochs, checkpointing after each; resume if ``checkpoint`` exists.
 
@@ -165,6 +177,17 @@ def fit(
             checkpoint; resuming with a different config raises instead of mixing two runs.
         evaluate: optional ``epoch -> {metric: number}`` called after each epoch's training (e.g.
             validation accuracy); its metrics join that epoch's history entry.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"auto"`` (see
+            :mod:`labkit.precision`), resolved for the model's device and stored in the
+            checkpoint's config under ``"precision"`` (a ``"precision"`` already in ``config`` must
+            name the same, and is replaced by the resolved name).
+            Under a mixed precision ``step`` must run its forward pass inside
+            ``labkit.precision.autocast(precision, device)`` (checked after its first call) and
+            keep the loss and backward in float32, outside the autocast.
+        scaler: the step's :class:`torch.amp.GradScaler` (from :func:`labkit.precision.grad_scaler`),
+            checkpointed with the run; required for ``"16-mixed"``.
+        allow_precision_change: resume a checkpoint written under another precision instead of
+            raising (the change is logged in the checkpoint's ``precision_changes``).
 
     Returns:
         The history: one dict per epoch with ``epoch`` (0-based), the averaged metrics, ``lr``
@@ -172,7 +195,7 @@ def fit(
 
     Raises:
         CheckpointMismatchError: the checkpoint was written by a run with another seed, config,
-            set of optimizers/schedulers/extra_state, or more epochs than ``epochs``.
+            precision, set of optimizers/schedulers/extra_state, or more epochs than ``epochs``.
         CheckpointError: the checkpoint is corrupt or not a ``fit`` checkpoint.
     """
     if not isinstance(model, nn.Module):
@@ -190,18 +213,41 @@ def fit(
     schedulers = _named(scheduler, "scheduler", kinds=(), allow_none=True)
     extras = _named(extra_state, "extra_state", kinds=(), allow_none=True) if extra_state else None
     config = _normalise_config(config)
+    device = _model_device(model)
+    requested = precision
+    precision = _precision.resolve_precision(precision, device)
+    if config is not None and config.get("precision", precision) not in (requested, precision):
+        raise ValueError(f"config says precision {config['precision']!r} but fit was given precision={requested!r}; "
+                         "fit records the resolved precision in the checkpoint's config itself")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler (labkit.precision.grad_scaler), got {type(scaler).__name__}")
+    if precision == "16-mixed" and (scaler is None or not scaler.is_enabled()):
+        raise ValueError("precision '16-mixed' needs an enabled GradScaler: pass scaler=labkit.precision.grad_scaler"
+                         "('16-mixed', device) and use it in step()")
+    run_config = {**(config or {}), "precision": precision}
+    precision_changes: list[dict] = []
     path = Path(checkpoint) if checkpoint is not None else None
 
     history: list[dict] = []
     start_epoch = 0
     if path is not None:
-        stored = load_checkpoint(path, map_location=_model_device(model))
+        stored = load_checkpoint(path, map_location=device)
         if stored is not None:
-            _check_compatible(stored, path, seed=seed, epochs=epochs, config=config,
-                              optimizers=optimizers, schedulers=schedulers, extras=extras)
+            _check_compatible(stored, path, seed=seed, epochs=epochs, config=run_config,
+                              optimizers=optimizers, schedulers=schedulers, extras=extras,
+                              allow_precision_change=allow_precision_change)
+            before = _stored_precision(stored)
+            precision_changes = [dict(c) for c in stored.get("precision_changes") or []]
             _restore(stored, path, model, optimizers, schedulers, extras)
+            if scaler is not None and before == precision and stored.get("scaler"):
+                # a scaler's scale only means something for the precision it was tuned under
+                scaler.load_state_dict(stored["scaler"])
             history = [dict(h) for h in stored["history"]]
             start_epoch = int(stored["epoch"])
+            if before != precision and start_epoch < epochs:
+                precision_changes.append({"epoch": start_epoch, "from": before, "to": precision})
+                if progress:
+                    tqdm.write(f"{desc}: {path} was trained in precision {before!r}; continuing in {precision!r}")
             if progress:
                 if start_epoch >= epochs:
                     tqdm.write(f"{desc}: {path} already holds all {epochs} epochs, not training")
@@ -228,7 +274,9 @@ def fit(
                    leave=True, dynamic_ncols=True)
         try:
             for batch in bar:
-                metrics = step(batch, epoch, g_step)
+                with _precision._recording() as entered:
+                    metrics = step(batch, epoch, g_step)
+                _check_entered(entered, precision, first=(epoch == start_epoch and n_batches == 0))
                 n_batches += 1
                 if metrics is None:
                     metrics = {}
@@ -268,14 +316,15 @@ def fit(
                     "epoch": epoch + 1,  # epochs completed
                     "epochs": epochs,
                     "seed": seed,
-                    "config": config,
+                    "config": run_config,
+                    "precision_changes": precision_changes,
                     "desc": desc,
                     "model": model.state_dict(),
                     "optimizer": _states(optimizers),
                     "scheduler": _states(schedulers),
                     "extra_state": _states(extras),
                     "history": history,
-                    "rng": _rng_state(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                 },
                 path,
             )
@@ -284,27 +333,45 @@ def fit(
     return history
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _check_entered(entered: set[str], precision: str, *, first: bool) -> None:
+    """Refuse a step that autocast with another precision, or (first step) never autocast."""
+    other = sorted(entered - {precision})
+    if other:
+        raise ValueError(f"fit(precision={precision!r}) but step() entered labkit.precision.autocast with "
+                         f"{', '.join(map(repr, other))}; pass the same resolved precision to both")
+    if first and precision != "32" and precision not in entered:
+        raise ValueError(
+            f"fit(precision={precision!r}) but step() did not run under labkit.precision.autocast({precision!r}, "
+            "device): wrap its forward pass in it (the run would otherwise train in float32 while its checkpoint "
+            "says otherwise)"
+        )
 
 
-def _check_compatible(stored: Any, path: Path, *, seed: int, epochs: int, config: dict | None,
-                      optimizers, schedulers, extras) -> None:
+def _stored_precision(stored: Mapping) -> str:
+    # checkpoints written before fit knew about precision trained in float32
+    return (stored.get("config") or {}).get("precision", "32")
+
+
+def _check_compatible(stored: Any, path: Path, *, seed: int, epochs: int, config: dict,
+                      optimizers, schedulers, extras, allow_precision_change: bool) -> None:
     if not isinstance(stored, Mapping) or stored.get("format") != _FORMAT:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a labkit.training.fit checkpoint; delete it or use another path"
         )
     problems = []
+    stored_precision, new_precision = _stored_precision(stored), config["precision"]
+    if stored_precision != new_precision and not allow_precision_change:
+        problems.append(f"precision: checkpoint {stored_precision!r}, now {new_precision!r} (resume it with "
+                        f"precision={stored_precision!r}, or pass allow_precision_change=True to continue "
+                        f"in {new_precision!r})")
     if stored["seed"] != seed:
         problems.append(f"seed: checkpoint {stored['seed']}, now {seed}")
-    if stored["config"] != config:
-        old, new = stored["config"] or {}, config or {}
+    old = {k: v for k, v in (stored["config"] or {}).items() if k != "precision"}
+    new = {k: v for k, v in config.items() if k != "precision"}
+    if old != new:
         keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
         detail = ", ".join(f"{k}: checkpoint {old.get(k, '<absent>')!r}, now {new.get(k, '<absent>')!r}" for k in keys)
-        problems.append(f"config differs ({detail or 'one of them is None'})")
+        problems.append(f"config differs ({detail})")
     for label, now, key in (("optimizers", optimizers, "optimizer"), ("schedulers", schedulers, "scheduler"),
                             ("extra_state", extras, "extra_state")):
         before = None if stored[key] is None else sorted(stored[key])
@@ -330,8 +397,3 @@ def _restore(stored: Mapping, path: Path, model: nn.Module, optimizers, schedule
             f"checkpoint {str(path)!r} does not fit the model/optimizers given now ({exc}); "
             "delete it to start afresh"
         ) from exc
-    rng = stored.get("rng") or {}
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])

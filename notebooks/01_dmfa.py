@@ -32,28 +32,30 @@
 #    and the factors;
 # 4. fits the classical baseline — one MFA for the whole data set, conditioned on each image's
 #    observed pixels;
-# 5. scores the ACFlow baseline (a normalizing flow, `labkit/acflow.py`) on the same holes, and puts
-#    everything next to the authors' figures.
+# 5. scores the ACFlow baseline (a normalizing flow, `labkit/models/acflow.py`) on the same holes,
+#    and puts everything next to the authors' figures.
 #
 # **Two training modes.** `complete`: the training images are complete; each batch hides a random
 # square (1/4 of the image) and learns it. `incomplete` (the realistic one, paper section 1.1):
 # each training image has its own truly missing square, *never* seen nor supervised; each batch
 # hides an extra square and the loss covers only `hidden ∧ ¬missing`.
 #
-# Architectures and the parameterisation are described in `labkit/dmfa.py`; for MNIST the network
-# differs from the authors' in one way: it reaches the linear heads at 7×7 instead of 28×28
-# resolution (29.8 MB instead of a 470 MB checkpoint).
+# Architectures and the parameterisation are described in `labkit/models/dmfa.py`; for MNIST the
+# network differs from the authors' in one way: it reaches the linear heads at 7×7 instead of
+# 28×28 resolution (29.8 MB instead of a 470 MB checkpoint).
 
 # %% tags=["parameters"]
+from typing import Optional  # the annotations below mark the parameters that also take None
+
 profile = "quick"
 device = "auto"
 seed = 0
 dataset = "mnist"
 mode = "incomplete"       # complete | incomplete
 epochs = 1
-n_train = 500             # training images: the first n of the split (None: all), n_val of them held out
+n_train: Optional[int] = 500  # training images: the first n of the split (None: all), n_val of them held out
 n_val = 50                # validation images for the per-epoch curve (0: none)
-n_test = 100              # test images: the first n (None: all)
+n_test: Optional[int] = 100   # test images: the first n (None: all)
 hole = 14                 # side of the square holes, train and test (14: 1/4 of a 28x28 image)
 batch_size = 48
 lr = 1.0e-3
@@ -66,7 +68,7 @@ mfa_components = 10       # classical MFA baseline: K (0: skip the baseline)
 mfa_factors = 4
 mfa_iterations = 10
 acflow = "results/acflow/acflow_{dataset}.pt"   # trained ACFlow scored on the same holes, if it exists ("": skip)
-acflow_samples = 4        # ACFlow imputation = mean of this many samples
+acflow_samples = 4        # ACFlow imputation: the mean of this many samples
 threads = 0               # torch intra-op threads (0: leave the default)
 results_dir = None        # default: results/dmfa/<profile>
 
@@ -79,14 +81,14 @@ import torch
 from IPython.display import Image, Markdown, display
 
 import labkit
-from labkit import dmfa
+from labkit import paths
 from labkit.checkpoint import machine_description
-from labkit.run_notebooks import RESULTS_DIR
+from labkit.studies import density
 
 if threads:
     torch.set_num_threads(int(threads))
 dev = labkit.resolve_device(device)
-out_dir = Path(results_dir) if results_dir else RESULTS_DIR / "dmfa" / profile
+out_dir = Path(results_dir) if results_dir else paths.results_dir("dmfa", profile)
 out_dir.mkdir(parents=True, exist_ok=True)
 print(f"device {dev}, {torch.get_num_threads()} threads on {machine_description()}")
 print(f"results -> {out_dir.resolve()}")
@@ -100,7 +102,7 @@ print(f"results -> {out_dir.resolve()}")
 # continues where it stopped (and ends with the same weights as an uninterrupted one).
 
 # %%
-result = dmfa.run_experiment(
+result = density.run_experiment(
     dataset, mode, results_dir=out_dir, n_train=n_train, n_val=n_val, n_test=n_test, hole=hole,
     epochs=epochs, batch_size=batch_size, lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
     mse_warmup_epochs=mse_warmup_epochs, n_components=n_components, n_factors=n_factors, seed=seed,
@@ -122,7 +124,7 @@ print(f"inference throughput {result['infer_images_per_s']:.0f} images/s "
 # (the same figure is saved as `<dataset>_<mode>_curves.png`).
 
 # %%
-fig = dmfa.plot_history(history)
+fig = density.plot_history(history)
 plt.show()
 pd.DataFrame(history).drop(columns=["batch_nll"], errors="ignore").round(3)
 
@@ -158,7 +160,7 @@ display(Image(filename=result["paths"]["figure"]))
 
 # %%
 if mfa_components:
-    mfa_results = dmfa.run_mfa_baseline(
+    mfa_results = density.run_mfa_baseline(
         dataset, results_dir=out_dir, n_train=n_train, n_test=n_test, holes=[hole],
         n_components=mfa_components, n_factors=mfa_factors, iterations=mfa_iterations, seed=seed,
         profile=profile, device=dev,
@@ -166,13 +168,13 @@ if mfa_components:
     for r in mfa_results:
         print(f"classical MFA K={r['n_components']} L={r['n_factors']}, {r['hole']}x{r['hole']}: "
               f"mean NLL {r['test_nll']:.1f}, mean SSE {r['test_sse']:.2f}")
-    stem = dmfa.result_stem(dataset, f"mfa_K{mfa_components}_L{mfa_factors}", hole)
+    stem = density.result_stem(dataset, f"mfa_K{mfa_components}_L{mfa_factors}", hole)
     display(Image(filename=str(out_dir / f"{stem}.png")))
 
 # %% [markdown]
 # ## 6. ACFlow: a normalizing flow over the hidden pixels
 #
-# The other density baseline (issue 8, `labkit/acflow.py`): a RealNVP-style flow over the missing
+# The other density baseline (`labkit/models/acflow.py`): a RealNVP-style flow over the missing
 # pixels conditioned on the observed ones, trained by `scripts/train_acflow.py` on a mix of square,
 # trapezoid and noise masks (this cell only *scores* it; it is skipped when no checkpoint exists).
 # Same test images, same holes. Its imputation is the mean of `acflow_samples` samples.
@@ -185,17 +187,15 @@ if mfa_components:
 # flow's by its logit margin. So compare the NLLs with care and the SSEs directly.
 
 # %%
-from labkit.profiles import REPO_ROOT
-
-acflow_path = REPO_ROOT / acflow.format(dataset=dataset) if acflow else None
+acflow_path = paths.repo_path(acflow.format(dataset=dataset)) if acflow else None
 if acflow_path is not None and acflow_path.exists():
-    for r in dmfa.run_acflow_baseline(dataset, results_dir=out_dir, checkpoint=acflow_path, n_test=n_test,
-                                      holes=[hole], n_samples=acflow_samples, seed=seed, profile=profile,
-                                      device=dev):
+    for r in density.run_acflow_baseline(dataset, results_dir=out_dir, checkpoint=acflow_path, n_test=n_test,
+                                         holes=[hole], n_samples=acflow_samples, seed=seed, profile=profile,
+                                         device=dev):
         print(f"ACFlow {r['hole']}x{r['hole']}: mean NLL {r['test_nll']:.1f} at exact values, "
               f"{r['test_nll_dequantized']:.1f} dequantised ({r['test_bits_per_dim']:.2f} bits/pixel); "
               f"mean SSE {r['test_sse']:.2f}")
-    display(Image(filename=str(out_dir / f"{dmfa.result_stem(dataset, 'acflow', hole)}.png")))
+    display(Image(filename=str(out_dir / f"{density.result_stem(dataset, 'acflow', hole)}.png")))
 else:
     print(f"no ACFlow checkpoint at {acflow_path}: skipped (train one with scripts/train_acflow.py)")
 
@@ -207,4 +207,4 @@ else:
 # 10×10 and 18×18 holes only) where they exist. Both are means per test image over the hole.
 
 # %%
-display(Markdown(dmfa.density_table(out_dir, dataset)))
+display(Markdown(density.density_table(out_dir, dataset)))

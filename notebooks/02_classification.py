@@ -19,7 +19,7 @@
 # The paper's supplementary **Table 1**: a small CNN classifies MNIST digits whose training *and*
 # test images carry the same kind of missing data — a **square** (1/4 of the image), a
 # **trapezoid** (1/2) or **noise** (3/4 of the pixels). Only the classifier's first
-# `conv + ReLU` changes between methods: it is a *missing-data front* (`labkit.fronts`):
+# `conv + ReLU` changes between methods: it is a *missing-data front* (`labkit.models.fronts`):
 #
 # | method | first layer |
 # |---|---|
@@ -39,18 +39,20 @@
 # `scripts/run_classification.py`) skips what is done and resumes an interrupted cell.
 
 # %% tags=["parameters"]
+from typing import Optional  # the annotations below mark the parameters that also take None
+
 profile = "quick"
 device = "auto"
 seed = 0
 dataset = "mnist"
 masks = ["square"]
 methods = ["zero", "mask", "pc", "mfa_misconv", "gt"]
-epochs = 1
-batch_size = 24
-lr = 1.0e-3
+epochs: Optional[int] = 1             # None: the paper's value for the data set (also batch_size, lr)
+batch_size: Optional[int] = 24
+lr: Optional[float] = 1.0e-3
 seeds = [0]
-n_train = 500          # training images loaded (a validation split is carved out of them)
-n_test = 200
+n_train: Optional[int] = 500  # training images loaded, a validation split carved out of them (None: all)
+n_test: Optional[int] = 200   # test images (None: all)
 val_fraction = 0.1
 knn_fit = 5000         # incomplete training images the KNNImputer is fitted on
 mfa_components = 4     # classical MFA: K
@@ -67,9 +69,10 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from labkit import classifier as clf
 from labkit.checkpoint import machine_description
 from labkit.device import resolve_device
+from labkit.studies import classification as clf
+from labkit.studies.imputers import method_available
 
 grid, cfg = clf.sweep_config(
     profile, dataset=dataset, masks=masks, methods=methods, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -81,7 +84,7 @@ print(f"machine: {machine_description()}; device: {resolve_device(device)}")
 print(f"grid: {grid}")
 print(f"results: {out_dir}")
 for m in grid["methods"]:
-    whys = sorted({w for k in grid["masks"] if (w := clf.method_available(m, cfg, dataset, k))})
+    whys = sorted({w for k in grid["masks"] if (w := method_available(m, cfg, dataset, k))})
     print(f"  {m:<24} {'ready' if not whys else 'NOT READY: ' + '; '.join(whys)}")
 
 # %% [markdown]
@@ -92,12 +95,13 @@ for m in grid["methods"]:
 
 # %%
 from labkit.data import load_dataset
+from labkit.studies.cells import cell_masks
 
 sample = load_dataset(dataset, "test", limit=6, quiet=True).images
 kinds = ["square", "trapezoid", "noise"]
 fig, axes = plt.subplots(len(kinds), 6, figsize=(7, 3.6))
 for r, kind in enumerate(kinds):
-    miss = clf.cell_masks(dataset, "test", kind, 0, 6, *sample.shape[-2:])
+    miss = cell_masks(dataset, "test", kind, 0, 6, *sample.shape[-2:])
     for c in range(6):
         shown = sample[c].masked_fill(miss[c], float("nan"))[0] if sample.shape[1] == 1 else \
             sample[c].masked_fill(miss[c].expand_as(sample[c]), 0.5).permute(1, 2, 0)

@@ -37,9 +37,9 @@
 # reconstruction being the binary cross-entropy **averaged over each image's observed pixels**. Each
 # step changes only its own network's parameters (tested in `tests/test_wae.py`).
 #
-# Fronts (names of `labkit.classifier.METHODS`): `gt` — the encoder sees the complete images and the
-# loss counts every pixel (the ceiling); `zero` — zero imputation; `pc` — partial convolution;
-# `dmfa_mean_complete` — the conditional mean of a DMFA trained on complete images;
+# Fronts (names of `labkit.studies.imputers.METHODS`): `gt` — the encoder sees the complete images
+# and the loss counts every pixel (the ceiling); `zero` — zero imputation; `pc` — partial
+# convolution; `dmfa_mean_complete` — the conditional mean of a DMFA trained on complete images;
 # `dmfa_misconv_complete` — MisConv, the exact expected conv+ReLU over the same DMFA's density.
 #
 # **Metrics**, on the test images against their *complete* versions (the raw decoder output, no
@@ -52,19 +52,21 @@
 # **FD (lab classifier features)**; it is not comparable to published FIDs.
 
 # %% tags=["parameters"]
+from typing import Optional  # the annotations below mark the parameters that also take None
+
 profile = "quick"
 device = "auto"
 seed = 0
 dataset = "mnist"
-fronts = ["gt", "zero", "misconv"]   # names of labkit.classifier.METHODS (aliases: misconv, dmfa_mean)
+fronts = ["gt", "zero", "misconv"]   # names of labkit.studies.imputers.METHODS (aliases: misconv, dmfa_mean)
 seeds = [0]
 epochs = 1
 batch_size = 128
 lr = 4.0e-4                 # encoder + decoder
 lr_disc = 4.0e-6            # discriminator
 lambda_adv = 1.0
-n_train = 500               # first images of the training split (None: all)
-n_test = 100                # first images of the test split (None: all)
+n_train: Optional[int] = 500  # first images of the training split (None: all)
+n_test: Optional[int] = 100   # first images of the test split (None: all)
 feature_epochs = 3          # epochs of the feature classifier for the Fréchet distances
 dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"   # frozen DMFA (notebook 01), relative to the repo
 dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete.pt"
@@ -78,7 +80,7 @@ import torch
 from IPython.display import Markdown, display
 
 import labkit
-from labkit import wae
+from labkit.studies import wae
 
 if threads:
     torch.set_num_threads(int(threads))

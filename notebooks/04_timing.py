@@ -51,17 +51,17 @@ profile = "quick"
 device = "auto"
 seed = 0
 repeats = 20              # measurements per setting and layer (paper: 5000)
-sizes = [28]              # image sizes; channels: 1 for 28, 3 otherwise; hole = size // 2
+sizes = [28]              # image sizes; channels: 1 for 28, 3 otherwise; hole: size // 2
 batch_sizes = [16]
-eager_repeats = 3         # measurements of the eager path (slow; 0 = skip it)
-threads = 1               # torch intra-op threads (0 = leave the default)
+eager_repeats = 3         # measurements of the eager path (slow; 0: skip it)
+threads = 1               # torch intra-op threads (0: leave the default)
 clock = "auto"            # auto | wall | cpu (see above)
-tune_malloc = True        # keep freed memory in the process (see labkit.timing.tune_malloc)
+tune_malloc = True        # keep freed memory in the process (see labkit.studies.timing.tune_malloc)
 backward = True           # also time forward + backward
 component_cell = [28, 16] # image size and batch of the K / L sweep
 Ks = [1, 2]
 Ls = [1, 4]
-end_to_end_datasets = ["mnist"]   # mnist | svhn | cifar10 | celeba ([] = skip)
+end_to_end_datasets = ["mnist"]   # mnist | svhn | cifar10 | celeba ([]: skip)
 end_to_end_batch = 16
 end_to_end_repeats = 3
 results_dir = None        # default: results/timing/<profile>
@@ -75,17 +75,17 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from labkit import misconv, timing
+from labkit import misconv, paths
 from labkit.checkpoint import machine_description
 from labkit.device import resolve_device
-from labkit.run_notebooks import RESULTS_DIR
+from labkit.studies import timing
 
 dev = resolve_device(device)
 if threads:
     torch.set_num_threads(int(threads))
 if tune_malloc:
     timing.tune_malloc()
-out_dir = Path(results_dir) if results_dir else RESULTS_DIR / "timing" / profile
+out_dir = Path(results_dir) if results_dir else paths.results_dir("timing", profile)
 out_dir.mkdir(parents=True, exist_ok=True)
 machine = timing.machine_description(dev) | {"summary": machine_description()}
 (out_dir / "machine.json").write_text(json.dumps(machine, indent=1))

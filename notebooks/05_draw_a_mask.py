@@ -33,11 +33,11 @@
 #
 # The panels are recomputed after every stroke (tens of milliseconds on a CPU). The models come
 # from the checkpoints under `results/` ("load if it exists, otherwise train",
-# `labkit.draw.load_draw_models`): the DMFA of the DMFA study (`results/dmfa/...`) and three
-# small classifiers in `results/draw/`, so the notebook opens in seconds. Without them it trains
-# them first (a few minutes on a CPU).
+# `labkit.studies.draw_app.load_draw_models`): the DMFA of the DMFA study (`results/dmfa/...`) and
+# three small classifiers in `results/draw/`, so the notebook opens in seconds. Without them it
+# trains them first (a few minutes on a CPU).
 #
-# Everything the widgets do is a plain function in `labkit.draw` (stroke to mask, presets, panel
+# Everything the widgets do is a plain function in `labkit.studies.draw` (stroke to mask, presets, panel
 # computation), so the cells after the widget drive the same code with a scripted stroke: the
 # notebook also runs headless (`./lab run --only 05`).
 
@@ -65,14 +65,14 @@ import torch
 from IPython.display import Image, display
 
 import labkit
-from labkit import draw
 from labkit.data import load_dataset
+from labkit.studies import draw, draw_app
 
 dev = labkit.resolve_device(device)
 started = time.perf_counter()
-models = draw.load_draw_models(dataset, dmfa_checkpoint=dmfa_checkpoint, out_dir=out_dir, n_train=n_train,
-                               epochs=epochs, dmfa_n_train=dmfa_n_train, dmfa_epochs=dmfa_epochs, seed=seed,
-                               device=dev)
+models = draw_app.load_draw_models(dataset, dmfa_checkpoint=dmfa_checkpoint, out_dir=out_dir, n_train=n_train,
+                                   epochs=epochs, dmfa_n_train=dmfa_n_train, dmfa_epochs=dmfa_epochs, seed=seed,
+                                   device=dev)
 test = load_dataset(dataset, "test", limit=n_images, quiet=True)
 print(models.summary())
 print(f"data: {test.source}")
@@ -82,9 +82,9 @@ print(f"models ready in {time.perf_counter() - started:.1f} s on {dev}")
 # ## The app
 
 # %%
-app = draw.build_app(test.images.to(dev), test.labels, dmfa=models.dmfa, classifiers=models.predictors(),
-                     complete=models.complete, scale=scale, brush=brush, n_samples=n_samples, seed=seed,
-                     index=image_index)
+app = draw_app.build_app(test.images.to(dev), test.labels, dmfa=models.dmfa, classifiers=models.predictors(),
+                         complete=models.complete, scale=scale, brush=brush, n_samples=n_samples, seed=seed,
+                         index=image_index)
 display(app.widget)
 
 # %% [markdown]
@@ -106,8 +106,8 @@ assert after.n_missing == before.n_missing + changed > before.n_missing
 assert app.count_html.value.count(str(after.n_missing)) >= 1
 # the DMFA has something to say about the painted pixels, and the masked classifiers see a new input
 assert float(after.std[:, after.missing].min()) > 0
-assert not torch.equal(after.probs[draw.MISCONV], before.probs[draw.MISCONV])
-assert torch.equal(after.probs[draw.COMPLETE], before.probs[draw.COMPLETE])
+assert not torch.equal(after.probs[draw_app.MISCONV], before.probs[draw_app.MISCONV])
+assert torch.equal(after.probs[draw_app.COMPLETE], before.probs[draw_app.COMPLETE])
 display(Image(draw.render_panels(after)))
 
 # %%

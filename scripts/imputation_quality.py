@@ -26,9 +26,11 @@ import time
 import torch
 
 from labkit.checkpoint import machine_description
-from labkit.classifier import (imputation_quality, load_cell_data, method_available, replace_marked_block,
-                               sweep_config)
 from labkit.masks import ink_hidden
+from labkit.studies.cells import load_cell_data
+from labkit.studies.classification import imputation_quality, sweep_config
+from labkit.studies.imputers import method_available
+from labkit.studies.reporting import replace_marked_block
 
 #: imputer -> the method whose preparer yields it (the MisConv methods carry the MFA, hence NLL/std)
 DEFAULT_METHODS = ["knn", "mfa_misconv", "dmfa_misconv_complete", "dmfa_misconv_incomplete", "acflow"]
@@ -102,8 +104,8 @@ def misconv_vs_mean_fill(data, cfg, n: int, seeds=range(5)) -> dict:
     (mean, min and max over the seeds)."""
     import torch.nn.functional as F
 
-    from labkit.classifier import METHODS
-    from labkit.fronts import make_front
+    from labkit.models.fronts import make_front
+    from labkit.studies.imputers import METHODS
 
     _, aux_test, _ = METHODS["dmfa_misconv_complete"].prepare(data, cfg)
     idx = torch.arange(n)

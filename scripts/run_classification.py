@@ -21,14 +21,19 @@ from pathlib import Path
 
 import torch
 
-from labkit.classifier import (paired_markdown, plot_results, read_results, replace_marked_block, run_sweep,
-                               sweep_config, table_markdown, update_markdown_table)
-from labkit.profiles import parse_override
+from labkit.studies.classification import (paired_markdown, plot_results, read_results, run_sweep, sweep_config,
+                                           table_markdown, update_markdown_table)
+from labkit.studies.reporting import replace_marked_block
+
+try:
+    from labkit.lab.profiles import parse_override
+except ImportError:  # before labkit/lab/ existed
+    from labkit.profiles import parse_override
 
 
 def write_report(out_dir, profile: str, readme=None) -> None:
     """``accuracy.md`` (the pivot beside the paper's Table 1), ``accuracy_paired.md`` (per-seed
-    differences, :func:`labkit.classifier.paired_markdown`) and ``accuracy.png`` from the CSV."""
+    differences, :func:`labkit.studies.classification.paired_markdown`) and ``accuracy.png`` from the CSV."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -28,7 +28,7 @@ README = REPO / "README.md"
 def write_table(profile: str, csv: Path, readme: Path = README) -> str:
     """Regenerate the table of ``csv`` between ``<!-- wae-table:<profile> -->`` and
     ``<!-- /wae-table:<profile> -->`` in ``readme`` (appended at the end if the markers are absent)."""
-    from labkit import wae
+    from labkit.studies import wae
 
     df = wae.read_results(csv)
     table = wae.table_markdown(df)
@@ -66,8 +66,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from labkit import wae
-    from labkit.profiles import notebook_parameters, parse_override
+    from labkit.studies import wae
+
+    try:
+        from labkit.lab.profiles import notebook_parameters, parse_override
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.profiles import notebook_parameters, parse_override
 
     params = notebook_parameters(args.profile, "03_wae")
     for text in args.param:
@@ -103,7 +107,7 @@ def write_figures(cfg, dataset: str, fronts, seeds) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from labkit import wae
+    from labkit.studies import wae
 
     df = wae.read_results(cfg.results_path() / "metrics.csv")
     df = df[df["dataset"] == dataset]

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train the ACFlow imputer (labkit.acflow) on MNIST, resumably.
+"""Train the ACFlow imputer (labkit.models.acflow) on MNIST, resumably.
 
     .venv/bin/python scripts/train_acflow.py --n-train 10000 --epochs 10 --out results/acflow/acflow_mnist.pt
 
 Progress lives in ``<out stem>.partial.pt`` (a labkit.training.fit checkpoint written after every
 epoch): rerunning the same command resumes an interrupted run, and rerunning with a larger
 ``--epochs`` extends a finished one. When the run reaches ``--epochs`` the trained model is written
-to ``--out`` as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.acflow.load_acflow``);
+to ``--out`` as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.models.acflow.load_acflow``);
 ``meta`` records the setting: data source and sizes, model config, epochs, seed, per-epoch history,
 throughput and the machine.
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from labkit.acflow import load_acflow, study_mask_fn, train_acflow
 from labkit.checkpoint import atomic_save, machine_description, partial_path
 from labkit.data import load_dataset
 from labkit.device import resolve_device
+from labkit.models.acflow import load_acflow, study_mask_fn, train_acflow
 
 
 def main(argv: list[str] | None = None) -> int:

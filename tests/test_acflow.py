@@ -1,4 +1,4 @@
-"""labkit.acflow: exact invertibility, log-determinants against brute-force Jacobians, the ACFlow
+"""labkit.models.acflow: exact invertibility, log-determinants against brute-force Jacobians, the ACFlow
 property (only missing coordinates move), normalisation, sampling, input validation, a smoke run."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from labkit.acflow import (
+from labkit.models.acflow import (
     ACFlow,
     AffineCoupling,
     bits_per_dim,
@@ -454,7 +454,7 @@ def test_score_holes_on_the_identity_flow_against_closed_forms():
     # A fresh flow is the identity, so every score has a closed form computed here without the
     # model: the logit-normal density (torch.distributions) at exact and at dequantised values,
     # and an imputation whose samples are sigmoid(N(0,1)) with mean 1/2 (so SSE ≈ Σ(1/2 − x)²).
-    from labkit.acflow import score_holes
+    from labkit.studies.density import score_holes
 
     alpha = 0.05
     model = ACFlow(1, 4, 4, hidden=4, n_blocks=1, n_scales=2, n_couplings=1, alpha=alpha).to(F64)
@@ -485,7 +485,7 @@ def test_score_holes_on_the_identity_flow_against_closed_forms():
 
 
 def test_score_holes_rejects_bad_arguments():
-    from labkit.acflow import score_holes
+    from labkit.studies.density import score_holes
 
     model = tiny_flow()
     x = torch.rand(2, 1, 4, 4, dtype=F64)

@@ -1,17 +1,24 @@
-"""The draw-a-mask notebook in a real browser: JupyterLab + Debian's Chromium driven by Playwright.
+"""JupyterLab in a real browser: the start page, and the draw-a-mask notebook, in Debian's Chromium driven by Playwright.
 
-The test starts JupyterLab on 127.0.0.1 (a free port, a random token, throw-away config, data,
-settings, workspace and runtime folders), serves a temporary copy of
-``notebooks/05_draw_a_mask.ipynb`` (JupyterLab autosaves outputs into the notebook it runs; the
-committed one must stay clean), opens it in headless Chromium, runs all cells from the Run menu,
-waits for the kernel to be idle, then drags the mouse across the canvas with real mouse events.
-It asserts that the missing-pixel count shows exactly the pixels under the stroke and that the
-probability panel changed, and saves a screenshot of the app to ``results/draw/browser.png``.
-The server's process group (and any kernel it started) is stopped by process id in every outcome.
+Each test starts JupyterLab on 127.0.0.1 (a free port, a random token; throw-away user config,
+data, settings, workspace and runtime folders) the way ``./lab jupyter`` does
+(:mod:`labkit.lab.jupyter`: the lab's ``.jupyter/`` settings and kernelspec), and stops the server's
+process group (and any kernel it started) by process id in every outcome.
 
-Skipped, with the reason, when ``/usr/bin/chromium`` (``apt-get install chromium``) or the Python
-package ``playwright`` is missing. Playwright drives the system Chromium through
-``executable_path``; ``playwright install`` (which downloads browsers) is never needed.
+- Start page: the server at the repository root opens ``START_HERE.md`` rendered, the file
+  browser lists each notebook once (the jupytext ``.py`` twins are hidden) and no "get notified
+  about Jupyter news" prompt appears.
+- Draw a mask: a temporary copy of ``notebooks/05_draw_a_mask.ipynb`` (JupyterLab autosaves
+  outputs into the notebook it runs) runs all cells from the Run menu; then a real mouse drag
+  across the canvas must mark exactly the pixels under the stroke and change the probability panel.
+
+Screenshots go to ``results/screenshots/`` (ignored by git). With ``LAB_UPDATE_FIGURES=1`` they
+replace the committed copies in ``docs/figures/`` (``jupyterlab_start.png``, ``draw_a_mask.png``)
+instead, so an ordinary test run never changes a tracked file.
+
+Skipped, with the reason, when ``/usr/bin/chromium`` (``apt-get install chromium``; another path:
+``LABKIT_CHROMIUM``) or the Python package ``playwright`` is missing. Playwright drives the system
+Chromium through ``executable_path``; ``playwright install`` (which downloads browsers) is never needed.
 """
 from __future__ import annotations
 
@@ -30,11 +37,12 @@ from pathlib import Path
 
 import pytest
 
-from labkit import draw
+from labkit import paths
+from labkit.lab import jupyter as lab_jupyter
 
+REPO = paths.repo_root()
 CHROMIUM = Path(os.environ.get("LABKIT_CHROMIUM", "/usr/bin/chromium"))
-NOTEBOOK = draw.REPO_ROOT / "notebooks" / "05_draw_a_mask.ipynb"
-SCREENSHOT = draw.DRAW_DIR / "browser.png"
+NOTEBOOK = REPO / "notebooks" / "05_draw_a_mask.ipynb"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -49,6 +57,14 @@ def _skip_reason() -> str | None:
     except ImportError:
         return "the Python package playwright is not installed (pip install playwright; no browser download needed)"
     return None
+
+
+def screenshot_path(name: str) -> Path:
+    """``results/screenshots/<name>.png`` (ignored), or the committed ``docs/figures/<name>.png``
+    when ``LAB_UPDATE_FIGURES=1``."""
+    if os.environ.get("LAB_UPDATE_FIGURES") == "1":
+        return REPO / "docs" / "figures" / f"{name}.png"
+    return paths.results_dir("screenshots", f"{name}.png")
 
 
 def _free_port() -> int:
@@ -80,21 +96,16 @@ class JupyterLab:
         dirs = {k: scratch / k for k in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        # the news prompt is a toast that could cover the page: switch its plugin off
-        (dirs["config"] / "labconfig").mkdir()
-        (dirs["config"] / "labconfig" / "page_config.json").write_text(json.dumps(
-            {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
-                   JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
-                   JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
-                   PYTHONUNBUFFERED="1")
-        # sys.executable is the virtualenv's python: the server and, through the "python3" kernelspec
-        # whose argv[0] "python" jupyter_client maps to sys.executable, the kernel run in it.
-        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-               "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-               "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.append("--allow-root")         # CI containers run as root
+        # the lab's settings (.jupyter/: start page, hidden twins, no news prompt, its kernelspec) as
+        # ./lab jupyter has them; the user-level folders are scratch, so nothing of the user's applies
+        env = dict(lab_jupyter.environment(REPO), JUPYTER_CONFIG_DIR=str(dirs["config"]),
+                   JUPYTER_DATA_DIR=str(dirs["data"]), JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+                   JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]), JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]),
+                   IPYTHONDIR=str(dirs["ipython"]), PYTHONUNBUFFERED="1")
+        # sys.executable is the virtualenv's python: the server and, through the lab's "python3"
+        # kernelspec whose argv[0] "python" jupyter_client maps to sys.executable, the kernel run in it.
+        cmd = lab_jupyter.command(root, ["--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+                                         "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}"])
         self.log_path = scratch / "jupyterlab.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -219,6 +230,7 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
+    from labkit.studies.draw_app import COMPLETE, MISCONV, ZERO
     from tests.test_draw import notebook_model_overrides
 
     # the committed checkpoints, or tiny models trained once per session (then the kernel only loads)
@@ -280,13 +292,14 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
                 assert "MisConv (DMFA)" in probs.inner_text()
                 # the masked classifiers' probabilities moved; the complete-image reference did not
                 exact = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
-                assert set(exact) == {draw.MISCONV, draw.ZERO, draw.COMPLETE}
-                for name in (draw.MISCONV, draw.ZERO):
+                assert set(exact) == {MISCONV, ZERO, COMPLETE}
+                for name in (MISCONV, ZERO):
                     assert exact[name] != exact_before[name], f"{name}: probabilities unchanged by the stroke"
-                assert exact[draw.COMPLETE] == exact_before[draw.COMPLETE]
+                assert exact[COMPLETE] == exact_before[COMPLETE]
 
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(SCREENSHOT))
+                shot = screenshot_path("draw_a_mask")
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(shot))
             except Exception:
                 # keep what the page showed: tmp_path/failure.png, named in the error below
                 try:
@@ -304,6 +317,72 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
     assert server.proc.poll() is not None
     assert time.monotonic() - started < 150, "the browser test should take about a minute"
     # the committed notebook was never served, so it is untouched and output-free
-    from labkit.run_notebooks import check_clean
+    from labkit.lab.run_notebooks import check_clean
 
     assert check_clean(NOTEBOOK) == []
+
+
+def _git_status() -> str | None:
+    """``git status --porcelain`` of what a JupyterLab session could write into: the lab's settings
+    folder, the start page, results/ (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--",
+                              ".jupyter", "START_HERE.md", "results"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_jupyterlab_opens_the_start_page(tmp_path):
+    """``./lab jupyter``'s landing page: START_HERE.md rendered, each notebook listed once, no news prompt."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    before = _git_status()
+    server = JupyterLab(REPO, tmp_path / "jupyter")
+    try:
+        server.wait_ready()
+        # the file browser's view of notebooks/: each notebook once, the .py twins hidden
+        listed = sorted(item["name"] for item in server.api("/api/contents/notebooks")["content"])
+        expected = sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        assert [n for n in listed if n.startswith(tuple("0123456789"))] == expected, listed
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            try:
+                # the bare address, as a user opens the URL the server prints: it lands on the start page
+                page.goto(f"{server.base}/?token={server.token}", timeout=60_000)
+                heading = page.locator(".jp-RenderedMarkdown h1", has_text="misconv-lab: start here")
+                heading.wait_for(state="visible", timeout=60_000)
+                assert "/lab/tree/START_HERE.md" in page.url
+                links = page.locator(".jp-RenderedMarkdown a[href*='notebooks/']")
+                assert [a.inner_text() for a in links.all()][0].startswith("00")
+                assert links.count() == len(expected)
+                # the repository root is served: results/ and docs/ are in the file browser
+                items = page.locator(".jp-DirListing-itemText")
+                items.first.wait_for(timeout=30_000)
+                names = set(items.all_inner_texts())
+                assert {"notebooks", "results", "docs", "START_HERE.md"} <= names, names
+                # JupyterLab asks about news a moment after start-up unless told not to
+                time.sleep(3)
+                assert page.get_by_text("Jupyter news").count() == 0, "the news prompt is showing"
+                shot = screenshot_path("jupyterlab_start")
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shot))
+            except Exception:
+                try:
+                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            finally:
+                browser.close()
+    except Exception as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n(screenshot: {tmp_path / 'failure.png'})\n"
+                             f"--- JupyterLab log (tail) ---\n{server.log_tail()}") from exc
+    finally:
+        server.stop()
+    if before is not None and os.environ.get("LAB_UPDATE_FIGURES") != "1":
+        assert _git_status() == before, "serving the repository changed files git sees"

@@ -1,4 +1,5 @@
-"""The classifiers, preparers and the resumable sweep (labkit.classifier); notebook 02 smoke run."""
+"""The classifiers (labkit.models.classifier), the study cells and preparers (labkit.studies.cells,
+imputers) and the resumable sweep (labkit.studies.classification); notebook 02 smoke run."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit import classifier as clf
-from labkit.classifier import (ACCURACY_COLUMNS, METHODS, CellData, SweepConfig, build_classifier, cell_masks,
-                               pivot_table, run_sweep, table_markdown, train_classifier)
 from labkit.mfa import fit_mfa
+from labkit.models import classifier as models_clf
+from labkit.models.classifier import build_classifier, train_classifier
+from labkit.studies import classification as clf
+from labkit.studies import imputers
+from labkit.studies.cells import CellData, _with_nan, cell_masks
+from labkit.studies.classification import ACCURACY_COLUMNS, SweepConfig, pivot_table, run_sweep, table_markdown
+from labkit.studies.imputers import METHODS
+from labkit.studies.reporting import replace_marked_block
 
 
 pytestmark = pytest.mark.usefixtures("eager_misconv")  # see tests/conftest.py
@@ -48,6 +54,8 @@ def test_architectures_output_logits_for_every_front():
     assert [c.out_channels for c in convs] == [32, 32, 64, 64] and convs[1].stride == (2, 2)
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         build_classifier("vgg", "zero")
+    # build_classifier takes its front from the front registry: it must agree with the method registry
+    assert all(type(build_classifier("mnist", name).front) is METHODS[name].front for name in METHODS)
 
 
 def test_cell_masks_are_fixed_per_dataset_split_kind_seed():
@@ -64,16 +72,16 @@ def test_cell_masks_are_fixed_per_dataset_split_kind_seed():
 def test_mfa_aux_sources_give_batches_of_mfas():
     d = _tiny_data()
     model, _ = fit_mfa(d.train_images, 2, 2, iterations=3, progress=False)
-    src = clf.ConditionedMFAAux(model)
+    src = imputers.ConditionedMFAAux(model)
     b = torch.tensor([0, 3, 5])
-    x = clf._with_nan(d.train_images[b], d.train_missing[b])
+    x = _with_nan(d.train_images[b], d.train_missing[b])
     mfa = src.get(b, x, d.train_missing[b])
     assert mfa.batch_size == 3 and torch.isfinite(mfa.means).all()
     # conditional means equal x at observed pixels
     obs = ~d.train_missing[b].expand_as(x)
     assert torch.allclose(mfa.means[:, 0][obs], d.train_images[b][obs])
     # the float16 cache round trip renormalises weights and keeps variances positive
-    stored = clf.MFAAux(clf._mfa_fields(mfa))
+    stored = imputers.MFAAux(imputers._mfa_fields(mfa))
     back = stored.get(torch.arange(3), x, d.train_missing[b])
     torch.testing.assert_close(back.weights.sum(1), torch.ones(3))
     assert (back.variances > 0).all()
@@ -83,7 +91,7 @@ def test_mfa_aux_sources_give_batches_of_mfas():
 def test_knn_imputation_uses_only_observed_training_values(tmp_path):
     d = _tiny_data(n=60, mask="noise")
     cfg = SweepConfig(cache_dir=str(tmp_path), knn_k=(1, 3), knn_val=8, knn_fit=40, progress=False)
-    tr, te, info = clf.prepare_knn(d, cfg)
+    tr, te, info = imputers.prepare_knn(d, cfg)
     assert info["knn_k"] in (1, 3) and set(info["knn_val_sse_per_image"]) == {1, 3}
     assert tr.images.shape == d.train_images.shape and torch.isfinite(tr.images.float()).all()
     miss = d.train_missing.expand_as(d.train_images)
@@ -100,14 +108,14 @@ def test_knn_imputation_uses_only_observed_training_values(tmp_path):
             assert torch.isclose(cand, vals.expand_as(cand), atol=1e-3).any(0).all()
     # cached: a second call computes nothing (no new file, same values)
     files = sorted(tmp_path.iterdir())
-    tr2, _, _ = clf.prepare_knn(d, cfg)
+    tr2, _, _ = imputers.prepare_knn(d, cfg)
     assert sorted(tmp_path.iterdir()) == files and torch.equal(tr2.images, tr.images)
 
 
 def test_mfa_mean_imputation_keeps_observed_pixels(tmp_path):
     d = _tiny_data()
     cfg = SweepConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3, progress=False)
-    tr, te, _ = clf.prepare_mfa_mean(d, cfg)
+    tr, te, _ = imputers.prepare_mfa_mean(d, cfg)
     obs = ~d.test_missing.expand_as(d.test_images)
     torch.testing.assert_close(te.images.float()[obs], d.test_images[obs], atol=1e-3, rtol=0)
     assert torch.isfinite(te.images.float()).all()
@@ -116,7 +124,7 @@ def test_mfa_mean_imputation_keeps_observed_pixels(tmp_path):
 def test_dmfa_preparers_with_a_checkpoint(tmp_path):
     """The DMFA methods read a load_or_train checkpoint and cache per-image MFAs."""
     from labkit.checkpoint import atomic_save
-    from labkit.dmfa import build_dmfa
+    from labkit.models.dmfa import build_dmfa
 
     torch.manual_seed(0)
     model = build_dmfa("mnist", n_components=1, n_factors=2)
@@ -129,18 +137,19 @@ def test_dmfa_preparers_with_a_checkpoint(tmp_path):
                  torch.arange(6, 8), imgs[8:], torch.zeros(4, dtype=torch.long), miss[8:])
     cfg = SweepConfig(cache_dir=str(tmp_path / "cache"), dmfa_complete=str(tmp_path / "{dataset}_complete.pt"),
                       impute_batch=5, progress=False)
-    assert clf.method_available("dmfa_misconv_complete", cfg) is None
-    assert "does not exist" in clf.method_available("dmfa_misconv_incomplete",
-                                                    SweepConfig(dmfa_incomplete=str(tmp_path / "nope.pt")))
+    assert imputers.method_available("dmfa_misconv_complete", cfg) is None
+    assert "does not exist" in imputers.method_available("dmfa_misconv_incomplete",
+                                                         SweepConfig(dmfa_incomplete=str(tmp_path / "nope.pt")))
     # one incomplete-data DMFA per mask kind: {mask_suffix} is "" for squares, "_<kind>" otherwise
     per_kind = SweepConfig(dmfa_incomplete=str(tmp_path / "{dataset}_incomplete{mask_suffix}.pt"))
     atomic_save({"model": model.state_dict(), "meta": {"model": model.config}}, tmp_path / "mnist_incomplete_noise.pt")
     assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist", "trapezoid") == tmp_path / "mnist_incomplete_trapezoid.pt"
     assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist") == tmp_path / "mnist_incomplete.pt"
-    assert clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "noise") is None
-    why = clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "trapezoid")
+    assert imputers.method_available("dmfa_mean_incomplete", per_kind, "mnist", "noise") is None
+    why = imputers.method_available("dmfa_mean_incomplete", per_kind, "mnist", "trapezoid")
     assert "mnist_incomplete_trapezoid.pt does not exist" in why
-    assert "mnist_incomplete.pt does not exist" in clf.method_available("dmfa_mean_incomplete", per_kind, "mnist", "square")
+    why = imputers.method_available("dmfa_mean_incomplete", per_kind, "mnist", "square")
+    assert "mnist_incomplete.pt does not exist" in why
     tr, te, _ = METHODS["dmfa_misconv_complete"].prepare(d, cfg)
     mfa = te.get(torch.tensor([1, 2]), imgs[9:11], miss[9:11])
     ref = model.eval()(imgs[9:11], miss[9:11])
@@ -205,12 +214,12 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     ref = build_classifier("mnist", "zero", image_size=12)
     init = {k: v.clone() for k, v in ref.state_dict().items()}
     kw = dict(epochs=2, batch_size=8, lr=1e-3, seed=3, progress=False, device="cpu", select="last")
-    train_classifier(ref, d, clf.AuxSource(), checkpoint=tmp_path / "a.pt", **kw)
+    train_classifier(ref, d, imputers.AuxSource(), checkpoint=tmp_path / "a.pt", **kw)
 
     model = build_classifier("mnist", "zero", image_size=12)
     model.load_state_dict(init)
     calls = {"n": 0}
-    orig = clf.F.cross_entropy
+    orig = models_clf.F.cross_entropy
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -218,14 +227,14 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
             raise _Stop
         return orig(*a, **k)
 
-    clf.F.cross_entropy = flaky
+    models_clf.F.cross_entropy = flaky
     try:
         with pytest.raises(_Stop):
-            train_classifier(model, d, clf.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
+            train_classifier(model, d, imputers.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
     finally:
-        clf.F.cross_entropy = orig
+        models_clf.F.cross_entropy = orig
     model2 = build_classifier("mnist", "zero", image_size=12)   # a fresh process would rebuild the model
-    hist, _ = train_classifier(model2, d, clf.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
+    hist, _ = train_classifier(model2, d, imputers.AuxSource(), checkpoint=tmp_path / "b.pt", **kw)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model2.state_dict()[k], v)
 
@@ -305,7 +314,10 @@ def test_notebook_02_smoke(tmp_path):
     """Papermill run of notebook 02 on the offline MNIST copy: two methods, one mask, one epoch."""
     import nbformat
 
-    from labkit.run_notebooks import execute
+    try:
+        from labkit.lab.run_notebooks import execute
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.run_notebooks import execute
 
     out = execute("02_classification", "quick", output_dir=tmp_path, masks=["square"], methods=["zero", "pc"],
                   epochs=1, seeds=[0], n_train=300, n_test=100, results_dir=str(tmp_path / "res"),
@@ -349,8 +361,8 @@ def test_paired_markdown_and_marked_blocks(tmp_path):
     assert "+0.50 ± 2.12 (n=2)" in lines[2] and "+10.00 (n=1)" in lines[2]
     doc = tmp_path / "README.md"
     doc.write_text("intro\n<!-- x:start -->\nold\n<!-- x:end -->\nrest\n")
-    assert clf.replace_marked_block(doc, "x", md)
+    assert replace_marked_block(doc, "x", md)
     assert doc.read_text() == f"intro\n<!-- x:start -->\n{md}\n<!-- x:end -->\nrest\n"
-    assert not clf.replace_marked_block(doc, "x", md)        # unchanged: no write
+    assert not replace_marked_block(doc, "x", md)        # unchanged: no write
     with pytest.raises(ValueError, match="lacks the markers"):
-        clf.replace_marked_block(doc, "y", md)
+        replace_marked_block(doc, "y", md)

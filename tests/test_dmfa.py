@@ -1,4 +1,5 @@
-"""labkit.dmfa: DMFA architectures, training (complete / incomplete data, resumable), evaluation."""
+"""labkit.models.dmfa / dmfa_training: DMFA architectures, training (complete / incomplete data, resumable),
+evaluation; the density study's tables and runners (labkit.studies.density)."""
 from __future__ import annotations
 
 import json
@@ -7,22 +8,22 @@ import math
 import pytest
 import torch
 
-from labkit import dmfa as dm
-from labkit.dmfa import (
+from labkit.masks import square
+from labkit.mfa import MFA, fit_mfa
+from labkit.models import dmfa as dm
+from labkit.models import dmfa_training as dmt
+from labkit.models.dmfa import (
     ClassicalMFAImputer,
     FullyConvDMFA,
     LinearHeadsDMFA,
     build_dmfa,
-    density_table,
-    dmfa_loss,
     evaluate_dmfa,
     incomplete_masks,
     predict_mfa,
     test_masks,
-    train_dmfa,
 )
-from labkit.masks import square
-from labkit.mfa import MFA, fit_mfa
+from labkit.models.dmfa_training import dmfa_loss, train_dmfa
+from labkit.studies.density import density_table
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +193,7 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
 
     model = _tiny_model(K=2)
     calls = {"n": 0}
-    original = dm._step_loss
+    original = dmt._step_loss
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -200,10 +201,10 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
             raise Interrupted("simulated Ctrl-C mid-epoch")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dm, "_step_loss", failing)
+    monkeypatch.setattr(dmt, "_step_loss", failing)
     with pytest.raises(Interrupted):
         train_dmfa(model, images, checkpoint=tmp_path / "run.pt", **kw)
-    monkeypatch.setattr(dm, "_step_loss", original)
+    monkeypatch.setattr(dmt, "_step_loss", original)
 
     resumed = _tiny_model(seed=99, K=2)   # a fresh process would build different initial weights
     history = train_dmfa(resumed, images, checkpoint=tmp_path / "run.pt", **kw)
@@ -235,13 +236,13 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
 
     monkeypatch.setattr(LinearHeadsDMFA, "model_input", spy)
     sup_seen = []
-    original_loss = dm._step_loss
+    original_loss = dmt._step_loss
 
     def loss_spy(mfa, x, sup, **kw):
         sup_seen.append((x.clone(), sup.clone()))
         return original_loss(mfa, x, sup, **kw)
 
-    monkeypatch.setattr(dm, "_step_loss", loss_spy)
+    monkeypatch.setattr(dmt, "_step_loss", loss_spy)
 
     runs = []
     for sentinel in (float("nan"), 1e6):
@@ -344,9 +345,9 @@ def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path)
     # exactly the DMFA protocol's holes (test_masks) and write files density_table picks up.
     import pandas as pd
 
-    from labkit.acflow import ACFlow, score_holes
     from labkit.checkpoint import atomic_save
-    from labkit.dmfa import run_acflow_baseline, test_masks
+    from labkit.models.acflow import ACFlow
+    from labkit.studies.density import run_acflow_baseline, score_holes
 
     model = ACFlow(1, 28, 28, hidden=4, n_blocks=0, n_scales=2, n_couplings=1)
     ckpt = tmp_path / "acflow.pt"
@@ -376,7 +377,10 @@ def test_notebook_01_smoke_run_lowers_the_training_nll(tmp_path):
     images; the notebook writes its artefacts to a temporary results folder."""
     import pandas as pd
 
-    from labkit.run_notebooks import execute
+    try:
+        from labkit.lab.run_notebooks import execute
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.run_notebooks import execute
 
     results = tmp_path / "results"
     execute("01_dmfa", "quick", output_dir=tmp_path, results_dir=str(results), n_train=400, n_val=40, n_test=60,
@@ -395,7 +399,7 @@ def test_notebook_01_smoke_run_lowers_the_training_nll(tmp_path):
     assert (results / "mnist_incomplete.pt").stat().st_size <= 32e6
     assert (results / "_scratch" / "mnist_incomplete.partial.pt").exists()   # resumable state kept aside
     assert (results / "mnist_mfa_K10_L4.csv").exists()
-    # the committed ACFlow checkpoint is scored on the same 60 holes (issue 8's density row)
+    # the committed ACFlow checkpoint is scored on the same 60 holes (its row of the density table)
     acflow = pd.read_csv(results / "mnist_acflow.csv")
     assert len(acflow) == 60 and acflow[["nll", "nll_dequantized", "sse"]].notna().all().all()
     assert (acflow["n_missing"] == 14 * 14).all()

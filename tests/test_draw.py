@@ -1,4 +1,4 @@
-"""labkit.draw: stroke -> mask, presets, panels and the app's event wiring, all without a browser.
+"""labkit.studies.draw / draw_app: stroke -> mask, presets, panels and the app's event wiring, all without a browser.
 
 References are independent of the implementation: stroke masks against dense sampling of the
 stroke path, hand-computed brush footprints, panel statistics against the MFA formulas and Monte
@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import draw
-from labkit.draw import (COMPLETE, MISCONV, ZERO, Panels, apply_stroke, build_app, compute_panels,
-                         format_probabilities, overlay_rgb, panel_images, png_bytes, preset_mask,
-                         probability_bars_html, stroke_mask, stroke_radius, training_masks)
 from labkit.masks import make_masks
 from labkit.mfa import MFA
+from labkit.studies import draw, draw_app
+from labkit.studies.draw import (Panels, apply_stroke, compute_panels, format_probabilities, overlay_rgb,
+                                 panel_images, png_bytes, preset_mask, probability_bars_html, stroke_mask,
+                                 stroke_radius)
+from labkit.studies.draw_app import COMPLETE, MISCONV, ZERO, build_app, training_masks
 
 
 # ----------------------------------------------------------------------------- references
@@ -445,40 +446,40 @@ def test_build_app_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_find_dmfa_checkpoint_prefers_paper_then_cpu_and_complete(tmp_path):
-    assert draw.find_dmfa_checkpoint("mnist", root=tmp_path) is None
+    assert draw_app.find_dmfa_checkpoint("mnist", root=tmp_path) is None
     (tmp_path / "results/dmfa/cpu").mkdir(parents=True)
     (tmp_path / "results/dmfa/quick").mkdir(parents=True)
     (tmp_path / "results/dmfa/quick/mnist_complete.pt").write_bytes(b"x")     # quick models: never
-    assert draw.find_dmfa_checkpoint("mnist", root=tmp_path) is None
+    assert draw_app.find_dmfa_checkpoint("mnist", root=tmp_path) is None
     (tmp_path / "results/dmfa/cpu/mnist_incomplete.pt").write_bytes(b"x")
-    assert draw.find_dmfa_checkpoint("mnist", root=tmp_path).name == "mnist_incomplete.pt"
+    assert draw_app.find_dmfa_checkpoint("mnist", root=tmp_path).name == "mnist_incomplete.pt"
     (tmp_path / "results/dmfa/cpu/mnist_complete.pt").write_bytes(b"x")
-    assert draw.find_dmfa_checkpoint("mnist", root=tmp_path).name == "mnist_complete.pt"
+    assert draw_app.find_dmfa_checkpoint("mnist", root=tmp_path).name == "mnist_complete.pt"
     (tmp_path / "results/dmfa/paper").mkdir(parents=True)
     (tmp_path / "results/dmfa/paper/mnist_incomplete.pt").write_bytes(b"x")
-    assert draw.find_dmfa_checkpoint("mnist", root=tmp_path) == tmp_path / "results/dmfa/paper/mnist_incomplete.pt"
+    assert draw_app.find_dmfa_checkpoint("mnist", root=tmp_path) == tmp_path / "results/dmfa/paper/mnist_incomplete.pt"
 
 
 def test_load_dmfa_round_trip(tmp_path):
     from labkit.checkpoint import CheckpointError, atomic_save
-    from labkit.dmfa import build_dmfa
+    from labkit.models.dmfa import build_dmfa, load_dmfa
 
     torch.manual_seed(0)
     model = build_dmfa("mnist", n_components=2, n_factors=1)
     path = atomic_save({"model": model.state_dict(), "meta": {"model": model.config}}, tmp_path / "d.pt")
-    loaded, meta = draw.load_dmfa(path, device="cpu")
+    loaded, meta = load_dmfa(path, device="cpu")
     x = torch.rand(2, 1, 28, 28)
     m = preset_mask("square", 28, 28, device="cpu").expand(2, 1, 28, 28)
     with torch.no_grad():
         a, b = model.eval()(x, m), loaded(x, m)
     assert loaded.n_components == 2 and loaded.n_factors == 1 and not loaded.training
     assert torch.equal(a.means, b.means) and torch.equal(a.factors, b.factors)
-    assert len(draw.file_digest(path)) == 12 and draw.file_digest(path) == draw.file_digest(path)
+    assert len(draw_app.file_digest(path)) == 12 and draw_app.file_digest(path) == draw_app.file_digest(path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        draw.load_dmfa(tmp_path / "nope.pt")
+        load_dmfa(tmp_path / "nope.pt")
     atomic_save({"weights": 1}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="is not a DMFA checkpoint"):
-        draw.load_dmfa(tmp_path / "bad.pt")
+        load_dmfa(tmp_path / "bad.pt")
 
 
 # ----------------------------------------------------------------------------- the notebook, headless
@@ -497,12 +498,12 @@ def eager_misconv():
 
 
 def _committed_models_ready() -> bool:
-    path = draw.find_dmfa_checkpoint("mnist")
+    path = draw_app.find_dmfa_checkpoint("mnist")
     if path is None:
         return False
     names = ["classifier_zero_mnist.pt", "classifier_complete_mnist.pt",
-             f"classifier_misconv_mnist_{draw.file_digest(path)}.pt"]
-    return all((draw.DRAW_DIR / n).is_file() for n in names)
+             f"classifier_misconv_mnist_{draw_app.file_digest(path)}.pt"]
+    return all((draw_app.draw_dir() / n).is_file() for n in names)
 
 
 def notebook_model_overrides(tmp_path_factory) -> dict:
@@ -517,7 +518,7 @@ def notebook_model_overrides(tmp_path_factory) -> dict:
     folder = tmp_path_factory.getbasetemp() / "draw_models"
     over = dict(out_dir=str(folder), n_train=120, epochs=1, dmfa_n_train=64, dmfa_epochs=1)
     with eager_misconv():
-        draw.load_draw_models("mnist", n_test=100, device="cpu", quiet=True, **over)
+        draw_app.load_draw_models("mnist", n_test=100, device="cpu", quiet=True, **over)
     return over
 
 
@@ -527,7 +528,10 @@ def test_notebook_runs_headless(tmp_path, tmp_path_factory):
     (the notebook asserts it); the executed copy holds one widget and the scripted cells' output."""
     import nbformat
 
-    from labkit.run_notebooks import execute
+    try:
+        from labkit.lab.run_notebooks import execute
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.run_notebooks import execute
 
     over = notebook_model_overrides(tmp_path_factory)
     out = execute("05_draw_a_mask", "quick", output_dir=tmp_path, n_images=20, device="cpu", **over)
@@ -555,15 +559,15 @@ def test_classifier_files_are_named_after_their_dmfa(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     a.write_bytes(b"one DMFA")
     b.write_bytes(b"another DMFA")
-    pa = draw.classifier_path(MISCONV, out_dir=tmp_path, dmfa_path=a)
-    assert pa.name == f"classifier_misconv_mnist_{draw.file_digest(a)}.pt"
-    assert pa != draw.classifier_path(MISCONV, out_dir=tmp_path, dmfa_path=b)
-    assert draw.classifier_path(ZERO, out_dir=tmp_path).name == "classifier_zero_mnist.pt"
-    assert draw.classifier_path(COMPLETE).parent == draw.DRAW_DIR
+    pa = draw_app.classifier_path(MISCONV, out_dir=tmp_path, dmfa_path=a)
+    assert pa.name == f"classifier_misconv_mnist_{draw_app.file_digest(a)}.pt"
+    assert pa != draw_app.classifier_path(MISCONV, out_dir=tmp_path, dmfa_path=b)
+    assert draw_app.classifier_path(ZERO, out_dir=tmp_path).name == "classifier_zero_mnist.pt"
+    assert draw_app.classifier_path(COMPLETE).parent == draw_app.draw_dir()
     with pytest.raises(ValueError, match="pass dmfa_path"):
-        draw.classifier_path(MISCONV)
+        draw_app.classifier_path(MISCONV)
     with pytest.raises(ValueError, match="unknown classifier 'knn'"):
-        draw.classifier_path("knn")
+        draw_app.classifier_path("knn")
 
 
 @pytest.mark.slow
@@ -571,7 +575,7 @@ def test_load_draw_models_trains_once_then_loads(tmp_path):
     """Tiny settings: a random-weight DMFA checkpoint, three classifiers trained on 36 images, then
     loaded again unchanged; the predictors give (1, 10) logits and MisConv runs the eager formula."""
     from labkit.checkpoint import atomic_save
-    from labkit.dmfa import build_dmfa
+    from labkit.models.dmfa import build_dmfa
     from labkit.misconv import MisConv2d
 
     torch.manual_seed(0)
@@ -580,17 +584,17 @@ def test_load_draw_models_trains_once_then_loads(tmp_path):
     kw = dict(dmfa_checkpoint=dpath, out_dir=tmp_path / "draw", n_train=40, n_test=20, epochs=1, device="cpu",
               quiet=True)
     with eager_misconv():
-        first = draw.load_draw_models("mnist", **kw)
+        first = draw_app.load_draw_models("mnist", **kw)
     files = sorted(p.name for p in (tmp_path / "draw").iterdir())
     assert files == sorted(["classifier_zero_mnist.pt", "classifier_complete_mnist.pt",
-                            f"classifier_misconv_mnist_{draw.file_digest(dpath)}.pt"])
+                            f"classifier_misconv_mnist_{draw_app.file_digest(dpath)}.pt"])
     for name in (MISCONV, ZERO, COMPLETE):
         m = first.meta[name]
         assert m["n_train"] == 36 and m["n_val"] == 4 and m["n_test"] == 20 and 0 <= m["test_accuracy"] <= 1
         assert not first.classifiers[name].training
         assert not any(p.requires_grad for p in first.classifiers[name].parameters())
     assert all(not mod.fast for mod in first.classifiers[MISCONV].modules() if isinstance(mod, MisConv2d))
-    again = draw.load_draw_models("mnist", **kw)
+    again = draw_app.load_draw_models("mnist", **kw)
     x = torch.rand(1, 1, 28, 28)
     m = preset_mask("square", 28, 28, device="cpu")
     for name, fn in first.predictors().items():

@@ -1,13 +1,13 @@
-"""The missing-data fronts (labkit.fronts): shapes, NaN safety, hand-computed cases, equivalences."""
+"""The missing-data fronts (labkit.models.fronts): shapes, NaN safety, hand-computed cases, equivalences."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit.fronts import (FRONTS, ACFlowFront, GroundTruthFront, ImputationFront, KNNFront, MaskFront,
-                           MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront, make_front)
 from labkit.mfa import MFA
+from labkit.models.fronts import (FRONTS, ACFlowFront, GroundTruthFront, ImputationFront, KNNFront, MaskFront,
+                                  MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront, make_front)
 
 pytestmark = pytest.mark.usefixtures("eager_misconv")  # see tests/conftest.py
 

@@ -1,4 +1,4 @@
-"""labkit.masks: areas, shapes (a square is a square, a trapezoid a trapezoid), reproducibility, errors."""
+"""labkit.masks: areas, shapes (a square is a square, a trapezoid a half-plane), reproducibility, errors."""
 import numpy as np
 import pytest
 import torch
@@ -148,24 +148,208 @@ def test_noise_exact_count_and_uniform():
         M.noise(1, 4, 4, fraction=1.5)
 
 
-# --------------------------------------------------------------------------- trapezoid
-@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (28, 40)])
-def test_trapezoid_area_within_tolerance(hw):
+@pytest.mark.parametrize("hw", [(5, 5), (7, 7), (3, 7), (29, 29)])
+def test_noise_count_rounds_to_nearest_where_truncation_differs(hw):
+    # H·W ≡ 1 (mod 4): 3/4·H·W has fraction .75, so round() and int() disagree (18.75 -> 19, not 18)
     h, w = hw
-    m = M.trapezoid(200, h, w, generator=gen(3), device=CPU)
+    want = round(0.75 * h * w)
+    assert want != int(0.75 * h * w)
+    m = M.noise(50, h, w, generator=gen(4), device=CPU)
+    assert (m.sum(dim=(1, 2, 3)) == want).all()
+
+
+# --------------------------------------------------------------------------- trapezoid (the paper's: a half-plane)
+# The checks below use only integer geometry on doubled pixel-centre coordinates (2i+1, 2j+1), the
+# image centre being (H, W): nothing is shared with the generator's code.
+def centred_coords(h, w):
+    """Doubled pixel-centre offsets from the image centre, int64 ``(h*w, 2)`` (row, column)."""
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([2 * i + 1 - h, 2 * j + 1 - w], -1).reshape(-1, 2).astype(np.int64)
+
+
+def split_by_line_through_centre(mask2d) -> bool:
+    """Whether some straight line through the image centre has every missing pixel centre on one
+    (closed) side and every observed one on the other.
+
+    If such a line exists it can be turned about the centre until it meets a pixel centre while
+    still separating, so it suffices to try the lines through the centre and each pixel centre
+    (exact integer cross products; pixels on the line may be on either side).
+    """
+    mask2d = np.asarray(mask2d)
+    h, w = mask2d.shape
+    p = centred_coords(h, w)
+    miss = mask2d.reshape(-1)
+    cand = p[(p != 0).any(1)]                                           # directions of candidate lines
+    cross = cand[:, None, 0] * p[None, :, 1] - cand[:, None, 1] * p[None, :, 0]   # (lines, pixels)
+    for s in (cross, -cross):
+        ok = (s[:, miss] >= 0).all(1) & (s[:, ~miss] <= 0).all(1)
+        if ok.any():
+            return True
+    return False
+
+
+def lattice_convex(mask2d, pairs=None, rng=None) -> bool:
+    """Every pixel whose centre lies on a segment between two True pixel centres is True.
+
+    ``pairs``: how many random pairs to try (None: all pairs). The pixels on the segment from p to
+    q are p + k (q − p)/g, k = 0..g, g = gcd of the coordinate differences.
+    """
+    mask2d = np.asarray(mask2d)
+    pts = np.argwhere(mask2d)
+    if len(pts) < 2:
+        return True
+    if pairs is None:
+        a, b = np.triu_indices(len(pts), k=1)
+    else:
+        a, b = rng.integers(0, len(pts), size=(2, pairs))
+    p, q = pts[a], pts[b]
+    d = q - p
+    g = np.gcd(np.abs(d[:, 0]), np.abs(d[:, 1]))
+    keep = g > 1                                                        # g <= 1: no pixel in between
+    p, d, g = p[keep], d[keep], g[keep]
+    for k in range(1, int(g.max(initial=1))):
+        sel = k < g
+        r = p[sel] + k * d[sel] // g[sel, None]
+        if not mask2d[r[:, 0], r[:, 1]].all():
+            return False
+    return True
+
+
+def fully_missing_border(mask2d):
+    """The borders that are entirely missing: subset of {"top", "bottom", "left", "right"}."""
+    return {name for name, line in (("top", mask2d[0]), ("bottom", mask2d[-1]), ("left", mask2d[:, 0]),
+                                    ("right", mask2d[:, -1])) if line.all()}
+
+
+def crossed_borders(mask2d):
+    """The pairs of opposite borders on both of which the missing set and the observed set have pixels."""
+    m = np.asarray(mask2d)
+    out = []
+    for name, a, b in (("left/right", m[:, 0], m[:, -1]), ("top/bottom", m[0], m[-1])):
+        if a.any() and b.any() and (~a).any() and (~b).any():
+            out.append(name)
+    return out
+
+
+def test_geometry_checkers_themselves():
+    half = np.zeros((6, 8), dtype=bool)
+    half[:3] = True
+    assert split_by_line_through_centre(half) and lattice_convex(half) and lattice_convex(~half)
+    off_centre = np.zeros((6, 8), dtype=bool)
+    off_centre[:2] = True                                               # a half-plane, but not through the centre
+    assert not split_by_line_through_centre(off_centre) and lattice_convex(off_centre)
+    diag = np.array([[1, 0], [0, 1]], dtype=bool)                       # both sets convex, not separable
+    assert lattice_convex(diag) and lattice_convex(~diag) and not split_by_line_through_centre(diag)
+    notch = half.copy()
+    notch[1, 3] = False                                                 # a hole inside the missing half
+    assert not lattice_convex(notch) and not split_by_line_through_centre(notch)
+    assert crossed_borders(np.tri(6, 6, dtype=bool)) == []              # the diagonal: a triangle, no trapezoid
+    assert crossed_borders(half.T.copy()) == ["top/bottom"] and fully_missing_border(~half.T) == {"right"}
+    assert crossed_borders(half) == ["left/right"] and fully_missing_border(half) == {"top"}
+
+
+SIZES = [(28, 28), (32, 32), (27, 27), (28, 40), (15, 9), (7, 3), (2, 2), (2, 5)]
+
+
+@pytest.mark.parametrize("hw", SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_trapezoid_hides_half_of_the_image(hw):
+    h, w = hw
+    m = M.trapezoid(500, h, w, generator=gen(3), device=CPU)
+    assert m.shape == (500, 1, h, w) and m.dtype == torch.bool
+    area = m.sum(dim=(1, 2, 3))
+    assert ((area.double() - h * w / 2).abs() <= 0.02 * h * w + 0.5).all(), (area.min(), area.max())
+    # and in fact exactly half, rounded one way or the other (the two halves are point reflections)
+    assert ((area == h * w // 2) | (area == (h * w + 1) // 2)).all()
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (12, 12), (13, 11), (9, 16), (2, 3)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_trapezoid_is_one_side_of_a_line_through_the_centre(hw):
+    h, w = hw
+    n = 40 if h * w > 300 else 150
+    m = M.trapezoid(n, h, w, generator=gen(5), device=CPU)[:, 0].numpy()
+    rng = np.random.default_rng(0)
+    pairs = 20_000 if h * w > 300 else None
+    for mk in m:
+        picture = "\n" + "\n".join("".join("#" if v else "." for v in r) for r in mk.tolist())
+        assert split_by_line_through_centre(mk), picture
+        assert lattice_convex(mk, pairs, rng) and lattice_convex(~mk, pairs, rng), picture
+        # the point reflection about the centre maps the missing half onto the observed one
+        # (an odd-by-odd image's centre pixel is its own mirror image)
+        mirrored = mk[::-1, ::-1]
+        differ = mirrored == mk
+        if h % 2 and w % 2:
+            assert differ.sum() == 1 and differ[h // 2, w // 2]
+        else:
+            assert not differ.any(), picture
+        # its parallel sides lie on two opposite borders: both halves reach both of them
+        assert len(crossed_borders(mk)) == 1, picture
+        assert len(fully_missing_border(mk)) == 1, picture
+
+
+def test_trapezoid_orientations_and_angles_are_random():
+    h, w = 28, 28
+    m = M.trapezoid(800, h, w, generator=gen(6), device=CPU)[:, 0].numpy()
+    sides = [fully_missing_border(mk).pop() for mk in m]
+    counts = {s: sides.count(s) for s in ("top", "bottom", "left", "right")}
+    # each of the 4 (axis pair, side) combinations has probability 1/4: 200 expected, sd ~ 12
+    assert all(140 < c < 260 for c in counts.values()), counts
+    # the angle is spread over [-45°, 45°]: for a missing top half, the share of the left column
+    # that is missing runs from about 0 (line through the top-left corner) to about 1
+    left_share = np.array([mk[:, 0].mean() for mk, s in zip(m, sides) if s == "top"])
+    assert left_share.min() < 0.15 and left_share.max() > 0.85
+    assert np.histogram(left_share, bins=4, range=(0, 1))[0].min() > 20
+    assert len({mk.tobytes() for mk in m}) > 300                         # many different lines
+
+
+def test_trapezoid_bad_arguments():
+    with pytest.raises(ValueError, match="height must be >= 2 for a trapezoid"):
+        M.trapezoid(1, 1, 28)
+    with pytest.raises(ValueError, match="width must be >= 2 for a trapezoid"):
+        M.trapezoid(1, 28, 1)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        M.trapezoid(-1, 28, 28)
+    with pytest.raises(TypeError, match="height must be an int"):
+        M.trapezoid(1, 28.0, 28)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'area_fraction'"):
+        M.trapezoid(1, 28, 28, area_fraction=0.5)
+
+
+def centred_blobs(n, size=28, seed=0):
+    """Synthetic "digits": rings of radius 2.5..6 px around the centre, shifted by up to 2 px."""
+    g = torch.Generator().manual_seed(seed)
+    off = (torch.rand(n, 2, generator=g) - 0.5) * 4
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    r = ((yy - size / 2 - off[:, 0, None, None]) ** 2 + (xx - size / 2 - off[:, 1, None, None]) ** 2).sqrt()
+    return ((r > 2.5) & (r < 6)).float()[:, None]
+
+
+def test_trapezoid_hides_about_half_of_a_centred_digit_and_the_inside_one_most():
+    images = centred_blobs(400)
+    half = M.ink_hidden(images, M.make_masks("trapezoid", 400, 28, 28, generator=gen(1), device=CPU))
+    inside = M.ink_hidden(images, M.make_masks("trapezoid_inside", 400, 28, 28, generator=gen(1), device=CPU))
+    assert 0.45 < half["ink_hidden"] < 0.55 and half["most_ink_lost"] < 0.05
+    assert inside["ink_hidden"] > 0.8 and inside["most_ink_lost"] > 0.7
+    assert half["centre_hidden"] == pytest.approx(0.5)                   # a line through the centre halves it
+
+
+# --------------------------------------------------------------------------- trapezoid_inside (earlier reading)
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (28, 40)])
+def test_trapezoid_inside_area_within_tolerance(hw):
+    h, w = hw
+    m = M.trapezoid_inside(200, h, w, generator=gen(3), device=CPU)
     assert m.shape == (200, 1, h, w) and m.dtype == torch.bool
     area = m.sum(dim=(1, 2, 3)).double()
     assert ((area - h * w / 2).abs() <= 0.02 * h * w).all(), (area.min(), area.max())
 
 
-def test_trapezoid_other_fraction_and_tight_tolerance():
-    m = M.trapezoid(100, 32, 32, area_fraction=0.3, tolerance=0.005, generator=gen(4), device=CPU)
+def test_trapezoid_inside_other_fraction_and_tight_tolerance():
+    m = M.trapezoid_inside(100, 32, 32, area_fraction=0.3, tolerance=0.005, generator=gen(4), device=CPU)
     area = m.sum(dim=(1, 2, 3)).double()
     assert ((area - 0.3 * 1024).abs() <= 0.005 * 1024).all()
 
 
-def test_trapezoid_is_a_trapezoid_with_random_shapes():
-    m = M.trapezoid(100, 28, 28, generator=gen(5), device=CPU)[:, 0].numpy()
+def test_trapezoid_inside_is_a_trapezoid_with_random_shapes():
+    m = M.trapezoid_inside(100, 28, 28, generator=gen(5), device=CPU)[:, 0].numpy()
     axes, longer_first, slopes = [], [], set()
     for mk in m:
         axis = trapezoid_axis(mk)
@@ -182,13 +366,13 @@ def test_trapezoid_is_a_trapezoid_with_random_shapes():
     assert len(slopes) > 10                      # many different shapes, not one template
 
 
-def test_trapezoid_bad_arguments():
+def test_trapezoid_inside_bad_arguments():
     with pytest.raises(ValueError, match=r"area_fraction must be in \(0, 1\), got 1.0"):
-        M.trapezoid(1, 28, 28, area_fraction=1.0)
+        M.trapezoid_inside(1, 28, 28, area_fraction=1.0)
     with pytest.raises(ValueError, match="too large for a trapezoid inside a 28x28 image"):
-        M.trapezoid(1, 28, 28, area_fraction=0.99)
+        M.trapezoid_inside(1, 28, 28, area_fraction=0.99)
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
-        M.trapezoid(1, 28, 28, tolerance=-0.1)
+        M.trapezoid_inside(1, 28, 28, tolerance=-0.1)
 
 
 # --------------------------------------------------------------------------- reproducibility, dispatch
@@ -209,8 +393,13 @@ def test_make_masks_passes_keywords_and_rejects_unknown_kind():
     assert (m.sum(dim=(1, 2, 3)) == 9).all()
     m = M.make_masks("NOISE", 2, 10, 10, fraction=0.1, generator=gen(), device=CPU)
     assert (m.sum(dim=(1, 2, 3)) == 10).all()
-    with pytest.raises(ValueError, match="unknown mask kind 'circle'; valid kinds: square, trapezoid, noise"):
+    with pytest.raises(ValueError, match="unknown mask kind 'circle'; valid kinds: square, trapezoid, noise, "
+                                         "trapezoid_inside"):
         M.make_masks("circle", 2, 10, 10)
+    m = M.make_masks("Trapezoid_Inside", 2, 28, 28, area_fraction=0.3, generator=gen(), device=CPU)
+    assert ((m.sum(dim=(1, 2, 3)).double() - 0.3 * 784).abs() <= 0.02 * 784).all()
+    assert M.DEFAULT_MASK_KINDS == ("square", "trapezoid", "noise")
+    assert M.MASK_KINDS == M.DEFAULT_MASK_KINDS + ("trapezoid_inside",)
 
 
 def test_default_device_and_zero_masks():

@@ -13,9 +13,16 @@ from labkit.metrics import (
     frechet_distance_from_stats,
     gaussian_stats,
     psnr,
+    skimage_psnr_ssim,
     ssim,
     ssim_map,
 )
+
+try:
+    import skimage.metrics as skm
+except ImportError:  # pragma: no cover - scikit-image is a dependency; tests say so if it is absent
+    skm = None
+needs_skimage = pytest.mark.skipif(skm is None, reason="scikit-image is not installed (pip install scikit-image)")
 
 
 # --------------------------------------------------------------------------- PSNR
@@ -135,6 +142,66 @@ def test_ssim_over_a_region_averages_the_windows_centred_in_it():
 def test_ssim_rejects_images_smaller_than_the_window():
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(1, 1, 10, 20), torch.zeros(1, 1, 10, 20))
+
+
+def _image_pairs():
+    """(name, pred, target) float64 pairs in [0, 1]: random noise, smooth blobs, and MNIST digits with
+    a plausible reconstruction (blurred, with noise and a wrongly filled square)."""
+    g = torch.Generator().manual_seed(4)
+    noise_t = torch.rand(3, 1, 28, 28, generator=g, dtype=torch.float64)
+    noise_p = (noise_t + 0.2 * torch.randn(noise_t.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blobs_t = torch.stack([torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40) for cy, cx in ((10, 12), (20, 16), (16, 24))])
+    blobs_t = blobs_t[:, None].double().expand(3, 3, 32, 32).clone()
+    blobs_t[:, 1] *= 0.7
+    blobs_p = (blobs_t.roll(1, dims=3) * 0.9 + 0.05).clamp(0, 1)
+    pairs = [("noise", noise_p, noise_t), ("rgb-blobs", blobs_p, blobs_t)]
+    try:
+        from labkit.data import load_dataset
+        digits = load_dataset("mnist", "test", download=False, limit=6).images.double()
+    except Exception:  # noqa: BLE001 - MNIST ships with the lab's dependencies; if not, the others suffice
+        return pairs
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
+    blurred = torch.nn.functional.conv2d(digits, (k[:, None] * k[None, :])[None, None], padding=2)
+    recon = (blurred + 0.05 * torch.randn(digits.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    recon[:, :, 7:21, 7:21] = blurred[:, :, 7:21, 7:21].flip(-1)
+    return pairs + [("mnist", recon, digits)]
+
+
+@needs_skimage
+def test_ssim_equals_scikit_image_gaussian_population_covariance():
+    for name, pred, target in _image_pairs():
+        got = ssim(pred, target)
+        C = target.shape[1]
+        want = [skm.structural_similarity(t[0] if C == 1 else t, p[0] if C == 1 else p, gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False, data_range=1,
+                                          channel_axis=None if C == 1 else 0)
+                for p, t in zip(pred.numpy(), target.numpy())]
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6, err_msg=name)
+
+
+@needs_skimage
+def test_skimage_psnr_ssim_is_scikit_images_own_numbers_as_the_authors_called_them():
+    for name, pred, target in _image_pairs():
+        for dtype in (torch.float64, torch.float32):
+            p_, t_ = pred.to(dtype), target.to(dtype)
+            got_psnr, got_ssim = skimage_psnr_ssim(p_, t_)
+            assert got_psnr.shape == got_ssim.shape == (target.shape[0],)
+            C = target.shape[1]
+            for i, (p, t) in enumerate(zip(p_.numpy(), t_.numpy())):
+                if C == 1:
+                    p, t = p[0], t[0]
+                # PSNR: no data_range (scikit-image takes 1 for a non-negative float image)
+                assert got_psnr[i].item() == pytest.approx(skm.peak_signal_noise_ratio(t, p), rel=1e-12), name
+                assert got_psnr[i].item() == pytest.approx(skm.peak_signal_noise_ratio(t, p, data_range=1), rel=1e-12)
+                # SSIM: scikit-image's defaults, with the float range [-1, 1] it assumed when none was given
+                want = skm.structural_similarity(t, p, data_range=2, channel_axis=None if C == 1 else 0)
+                assert got_ssim[i].item() == pytest.approx(want, rel=1e-12), name
+        # the assumed range of 2 is not the true range of 1: it raises SSIM
+        true_range = [skm.structural_similarity(t[0], p[0], data_range=1) for p, t in zip(pred.numpy(), target.numpy())
+                      ] if target.shape[1] == 1 else None
+        if true_range is not None:
+            assert (skimage_psnr_ssim(pred, target)[1].numpy() > np.array(true_range)).all()
 
 
 # --------------------------------------------------------------------------- Fréchet distance

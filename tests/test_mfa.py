@@ -65,13 +65,34 @@ def test_empty_subset_has_log_density_zero():
 
 
 def test_mixture_is_logsumexp_not_sum_of_weighted_nll():
-    # A K=2 mixture of two identical components must equal that single component (weights sum to 1).
-    one = random_mfa(B=2, K=1, L=2, C=1)
-    two = MFA(torch.full((2, 2), 0.5, dtype=torch.float64), one.means.repeat(1, 2, 1, 1, 1),
-              one.factors.repeat(1, 2, 1, 1, 1, 1), one.variances.repeat(1, 2, 1, 1, 1))
-    x = torch.rand(2, 1, 5, 5, dtype=torch.float64)
-    where = torch.ones(2, 1, 5, 5, dtype=torch.bool)
-    torch.testing.assert_close(two.log_prob(x, where), one.log_prob(x, where))
+    """Distinct components with unequal weights against torch's MixtureSameFamily of
+    LowRankMultivariateNormal, on the whole image and on a subset. With distinct components
+    log Σ_k p_k N_k differs from Σ_k p_k log N_k (Jensen), so the two readings are told apart."""
+    from torch.distributions import Categorical, MixtureSameFamily
+
+    B, K, L, C, H, W = 3, 3, 2, 1, 4, 5
+    g = torch.Generator().manual_seed(7)
+    weights = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.05, 0.05, 0.9]], dtype=torch.float64)
+    means = 0.8 * torch.randn(B, K, C, H, W, generator=g, dtype=torch.float64)        # far apart
+    factors = 0.4 * torch.randn(B, K, L, C, H, W, generator=g, dtype=torch.float64)
+    variances = 0.05 + 0.3 * torch.rand(B, K, C, H, W, generator=g, dtype=torch.float64)
+    mfa = MFA(weights, means, factors, variances)
+    x = means[:, 1] + 0.3 * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    N = C * H * W
+    for where in (torch.ones(B, 1, H, W, dtype=torch.bool), torch.rand(B, 1, H, W, generator=g) < 0.6):
+        want = []
+        for b in range(B):
+            idx = where[b].expand(C, H, W).reshape(-1)
+            comps = LowRankMultivariateNormal(means[b].reshape(K, N)[:, idx],
+                                              factors[b].reshape(K, L, N)[:, :, idx].transpose(1, 2),
+                                              variances[b].reshape(K, N)[:, idx])
+            mix = MixtureSameFamily(Categorical(probs=weights[b]), comps)
+            want.append(mix.log_prob(x[b].reshape(-1)[idx]))
+        want = torch.stack(want)
+        got = mfa.log_prob(x, where)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
+        weighted_sum = (weights * mfa.component_log_prob(x, where)).sum(1)
+        assert ((got - weighted_sum).abs() > 1.0).all(), (got, weighted_sum)
 
 
 def test_memory_is_linear_in_subset_size():

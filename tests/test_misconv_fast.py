@@ -1,4 +1,5 @@
-"""MisConv2d's fast path (window + fused elementwise, labkit/misconv.py) against its eager path.
+"""MisConv2d's fast path (window + fused elementwise, labkit/misconv_fast.py) against its eager path
+(labkit.misconv.misconv_reference).
 
 The fast path must compute the same function as the eager formula: same outputs and gradients
 (float64: to rounding; float32: within float32 tolerances), NaN-safety, every stride / padding /
@@ -16,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import labkit.misconv as M
+import labkit.misconv as MC
+import labkit.misconv_fast as M
 from labkit.mfa import MFA
 from labkit.misconv import MisConv2d
 from tests.conftest import random_mfa
@@ -261,6 +263,27 @@ def test_approximate_expected_relu_against_exact_formula():
 
 
 # ----------------------------------------------------------------------------- switches and fallback
+def test_misconv_module_forwards_the_fast_paths_state(monkeypatch):
+    """Other modules switch the fast path through labkit.misconv: reads, writes and monkeypatch's
+    undo reach labkit.misconv_fast."""
+    assert MC.set_fast_default is M.set_fast_default and MC.compile_report is M.compile_report
+    assert MC._span is M._span and MC._run_fused is M._run_fused
+    before = M._COMPILE
+    with monkeypatch.context() as mp:
+        mp.setattr(MC, "_COMPILE", not before)
+        assert M._COMPILE is (not before) and MC._COMPILE is (not before)
+    assert M._COMPILE is before and MC._COMPILE is before
+    MC._DIRECT_EAGER = True
+    try:
+        assert M._DIRECT_EAGER is True
+    finally:
+        del MC._DIRECT_EAGER
+    assert M._DIRECT_EAGER is False
+    with pytest.raises(AttributeError, match="has no attribute '_no_such_name'"):
+        MC._no_such_name
+
+
+
 def test_switches_validate_their_arguments():
     with pytest.raises(TypeError, match="fast must be True, False or None"):
         MisConv2d(1, 2, 3, fast="yes")

@@ -1,16 +1,22 @@
-"""profiles/*.yaml and labkit.profiles."""
+"""profiles/*.yaml and labkit.lab.profiles: profiles, overrides, and the notebooks' parameters they must fit."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import nbformat
 import pytest
 
-from labkit.profiles import (
-    PROFILES_DIR,
+from labkit import paths
+from labkit.lab.profiles import (
+    Parameter,
     available_profiles,
+    check_parameters,
+    inspect_parameters,
     load_profile,
     notebook_parameters,
     parse_override,
+    profile_problems,
 )
 
 PROFILES = ["quick", "cpu", "paper"]
@@ -123,23 +129,128 @@ def test_parse_override():
         parse_override("n-train=3")
 
 
+def test_parse_override_reads_numbers_and_none_as_python_would():
+    # PyYAML (YAML 1.1) reads 4e-5 as a string and None as the string "None"
+    value = parse_override("lr=4e-5")[2]
+    assert value == 4e-5 and isinstance(value, float)
+    assert parse_override("n=-3")[2] == -3 and isinstance(parse_override("n=-3")[2], int)
+    assert parse_override("n_train=None")[2] is None
+    assert parse_override("n_train=null")[2] is None
+    assert parse_override("device=cpu")[2] == "cpu"
+    assert parse_override("acflow=")[2] == ""
+
+
 def test_profiles_dir_is_the_repositorys():
-    assert (PROFILES_DIR / "quick.yaml").is_file()
+    assert (paths.profiles_dir() / "quick.yaml").is_file()
+    assert available_profiles() == available_profiles(paths.profiles_dir())
 
 
-def test_environment_yml_pins_match_pyproject():
-    """environment.yml (conda users) must install exactly what pyproject.toml pins."""
-    import tomllib
+# ------------------------------------------------------------------ profiles against the notebooks
 
-    import yaml
 
-    from labkit.profiles import REPO_ROOT
+NOTEBOOK_FILES = sorted(paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
 
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    pins = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
-    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
-    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert set(pip_section) - {"-e .[test]"} == pins
-    assert "-e .[test]" in pip_section
-    python = project["requires-python"].removeprefix(">=")
-    assert f"python={python}" in env["dependencies"]
+
+@pytest.fixture(scope="module")
+def inferred():
+    """Each notebook's parameters as papermill infers them from its parameters cell."""
+    return {nb.stem: inspect_parameters(nb) for nb in NOTEBOOK_FILES}
+
+
+def test_papermill_infers_every_assignment_of_every_parameters_cell(inferred):
+    import ast
+
+    import papermill
+
+    assert {nb.stem for nb in NOTEBOOK_FILES} == set(NOTEBOOKS)
+    for nb in NOTEBOOK_FILES:
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {t.id for node in ast.parse(cell.source).body
+                    for t in (node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)])
+                    if isinstance(t, ast.Name)}
+        # papermill's own entry point, as ./lab run's papermill sees the notebook
+        assert set(papermill.inspect_notebook(str(nb))) == assigned == set(inferred[nb.stem]), nb.stem
+        assert {"profile", "device", "seed"} <= assigned, nb.stem
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_key_is_a_notebook_parameter_of_a_fitting_type(name, inferred):
+    """Each key of each section (and of defaults) exists in the notebook, with a compatible value."""
+    profile = load_profile(name)
+    for stem, spec in inferred.items():
+        params = notebook_parameters(profile, stem, name=name)
+        for key, value in params.items():
+            assert key in spec, f"{name}.yaml: {stem} has no parameter {key!r}"
+            assert spec[key].accepts(value), (
+                f"{name}.yaml: {stem}.{key} = {value!r} does not fit {spec[key].expected()} "
+                f"(default {spec[key].source})")
+    assert profile_problems(name, inferred) == []
+
+
+def test_profile_problems_names_unknown_keys_and_bad_types(tmp_path, inferred):
+    path = tmp_path / "typo.yaml"
+    path.write_text("defaults: {device: auto, seed: 0}\n"
+                    "00_misconv_tour: {n_imagez: 8, mc_samples: many}\n"
+                    "07_nope: {}\n")
+    problems = profile_problems(str(path), {"00_misconv_tour": inferred["00_misconv_tour"]})
+    text = "\n".join(problems)
+    assert "unknown parameter 'n_imagez' for 00_misconv_tour; did you mean 'n_images'? (set by profile typo)" in text
+    assert "parameter 'mc_samples' of 00_misconv_tour must be an integer (default 20000), got str 'many'" in text
+    assert "section '07_nope' names no notebook" in text
+    assert len(problems) == 3
+
+
+def test_types_follow_the_default_and_the_annotation():
+    n = Parameter("n", "8")
+    assert n.accepts(3) and not n.accepts(2.5) and not n.accepts("abc") and not n.accepts(True)
+    assert not n.accepts(None) and n.expected() == "an integer"
+    lr = Parameter("lr", "1.0e-3")
+    assert lr.accepts(1) and lr.accepts(0.5) and not lr.accepts("0.5") and not lr.accepts(False)
+    masks = Parameter("masks", '["square"]')
+    assert masks.accepts(["noise", "square"]) and masks.accepts([]) and not masks.accepts("square")
+    flag = Parameter("backward", "True")
+    assert flag.accepts(False) and not flag.accepts(1) and not flag.accepts("yes")
+    name = Parameter("dataset", '"mnist"')
+    assert name.accepts("svhn") and not name.accepts(3) and not name.accepts(["mnist"])
+    free = Parameter("results_dir", "None")
+    assert all(free.accepts(v) for v in (None, "x", 3, [1], {"a": 1})) and free.expected() == "anything"
+    computed = Parameter("when", "time.time()")  # not a literal: no type to hold it to
+    assert computed.accepts("anything")
+    optional = Parameter("n_train", "500", type_name="Optional[int]")
+    assert optional.accepts(None) and optional.accepts(10) and not optional.accepts("all")
+    assert optional.expected() == "an integer or None"
+    typed_none = Parameter("threads", "None", type_name="Optional[int]")
+    assert typed_none.accepts(None) and typed_none.accepts(2) and not typed_none.accepts("2")
+
+
+def test_check_parameters_suggests_close_names_and_names_the_origin():
+    spec = {"n_images": Parameter("n_images", "8"), "mc_samples": Parameter("mc_samples", "20000")}
+    with pytest.raises(ValueError) as err:
+        check_parameters("00_misconv_tour", {"n_imagez": 3, "mc_samples": "x"}, spec,
+                         origins={"n_imagez": "-p n_imagez=3"})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "unknown parameter 'n_imagez' for 00_misconv_tour; did you mean 'n_images'? (set by -p n_imagez=3)"
+    assert lines[1] == "parameter 'mc_samples' of 00_misconv_tour must be an integer (default 20000), got str 'x'"
+    with pytest.raises(ValueError, match=r"unknown parameter 'zzz' for nb; its parameters are: mc_samples, n_images"):
+        check_parameters("nb", {"zzz": 1}, spec)
+    check_parameters("nb", {"n_images": 3, "mc_samples": 10}, spec)  # fine: no error
+
+
+def _notebook_with_parameters(path: Path, source: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source, metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell("x")]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_inspect_parameters_rejects_what_papermill_cannot_read(tmp_path):
+    ok = _notebook_with_parameters(tmp_path / "ok.ipynb", "from typing import Optional\n\n"
+                                   "a = 1  # count (0: none)\nb: Optional[int] = 2\nc = [1,\n     2]\n")
+    spec = inspect_parameters(ok)
+    assert list(spec) == ["a", "b", "c"] and spec["b"].nullable and spec["c"].default == [1, 2]
+    bad = _notebook_with_parameters(tmp_path / "bad.ipynb", "a = 1\nb = 2  # 0 = off\n")
+    with pytest.raises(ValueError, match=r"bad: papermill cannot read .* line 2: 'b = 2  # 0 = off'.* no '=' inside"):
+        inspect_parameters(bad)
+    untyped = _notebook_with_parameters(tmp_path / "pep604.ipynb", "n: int | None = 5\n")  # papermill skips it
+    with pytest.raises(ValueError, match=re.escape("line 1: 'n: int | None = 5'")):
+        inspect_parameters(untyped)

@@ -1,4 +1,4 @@
-"""labkit.timing (issue 5): the measuring core, the tables against the paper, the CLI and notebook 04."""
+"""labkit.studies.timing: the measuring core, the tables against the paper, the CLI and notebook 04."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit import timing
+from labkit.studies import timing
 
 
 def test_paper_table_holds_supplementary_table_2():
     paper = timing.paper_table()
     assert len(paper) == 9 and set(paper["size"]) == {28, 32, 64} and set(paper["batch"]) == {16, 32, 64}
     assert (paper.hole == paper["size"] // 2).all()
-    # the paper's own range of ratios, 2.6x to 6.9x (anchor-numbers.md)
+    # the paper's own range of ratios, 2.6x to 6.9x
     assert paper.paper_ratio.min() == pytest.approx(0.00091 / 0.00034)
     assert paper.paper_ratio.max() == pytest.approx(0.00138 / 0.00020)
 
@@ -133,7 +133,10 @@ def test_cli_prints_the_table(capsys, no_compile):
 @pytest.mark.slow
 def test_notebook_04_smoke_run(tmp_path):
     """Papermill run of notebooks/04_timing.ipynb with a handful of measurements."""
-    from labkit.run_notebooks import execute
+    try:
+        from labkit.lab.run_notebooks import execute
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.run_notebooks import execute
 
     results = tmp_path / "timing"
     execute("04_timing", "quick", output_dir=tmp_path, results_dir=str(results), repeats=3, eager_repeats=1,

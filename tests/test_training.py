@@ -177,6 +177,31 @@ def test_metrics_are_batch_averages():
     assert hist[1]["val"] == 10.0 and hist[0]["batches"] == 3
 
 
+def test_checkpoints_hold_no_global_rng_and_older_ones_resume_as_float32(tmp_path):
+    """Every epoch re-seeds the global RNG before using it, so a stored RNG state would never be read.
+    Checkpoints written before fit knew precisions (an "rng" entry, no "precision" in the config)
+    resume as float32 runs, and the stale RNG state in them does not change the result."""
+    path = tmp_path / "old.pt"
+    model_a, opt_a, sched_a, counter_a, batches_a, step_a, _ = make_run()
+    hist_a = fit(model_a, opt_a, batches_a, step_a, epochs=2, seed=4, progress=False, config={"n": N})
+
+    model_b, opt_b, sched_b, counter_b, batches_b, step_b, _ = make_run()
+    fit(model_b, opt_b, batches_b, step_b, epochs=1, seed=4, progress=False, config={"n": N}, checkpoint=path)
+    stored = load_checkpoint(path)
+    assert "rng" not in stored and stored["config"] == {"n": N, "precision": "32"}
+    del stored["config"]["precision"], stored["precision_changes"], stored["scaler"]
+    stored["rng"] = {"torch": torch.Generator().manual_seed(99).get_state()}  # as the old format stored it
+    atomic_save(stored, path)
+
+    with pytest.raises(CheckpointMismatchError, match="precision: checkpoint '32', now 'bf16-mixed'"):
+        fit(model_b, opt_b, batches_b, step_b, epochs=2, seed=4, progress=False, config={"n": N}, checkpoint=path,
+            precision="bf16-mixed")
+    hist_b = fit(model_b, opt_b, batches_b, step_b, epochs=2, seed=4, progress=False, config={"n": N},
+                 checkpoint=path)
+    assert [h["loss"] for h in hist_b] == [h["loss"] for h in hist_a]
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+
+
 def test_config_seed_and_optimizer_mismatch_raise(tmp_path):
     path = tmp_path / "run.pt"
     model, opt, sched, counter, batches, step, _ = make_run()

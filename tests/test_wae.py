@@ -1,4 +1,5 @@
-"""labkit.wae: architectures, losses, the two optimisation steps, the sweep's bookkeeping, notebook 03."""
+"""labkit.models.wae (architectures, losses, the two optimisation steps) and labkit.studies.wae (the
+sweep's bookkeeping, notebook 03)."""
 from __future__ import annotations
 
 import math
@@ -7,9 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit import wae as W
 from labkit.mfa import MFA
-from labkit.profiles import notebook_parameters
+from labkit.models import wae as W
+from labkit.studies import wae as WS
+
+try:
+    from labkit.lab.profiles import notebook_parameters
+except ImportError:  # before labkit/lab/ existed
+    from labkit.profiles import notebook_parameters
 
 
 @pytest.fixture(autouse=True)
@@ -121,11 +127,11 @@ def test_bad_models_are_rejected(kwargs, exc, text):
 
 
 def test_canonical_front_names():
-    assert W.canonical_front("misconv") == "dmfa_misconv_complete"
-    assert W.canonical_front("dmfa_mean") == "dmfa_mean_complete"
-    assert W.canonical_front("pc") == "pc"
+    assert WS.canonical_front("misconv") == "dmfa_misconv_complete"
+    assert WS.canonical_front("dmfa_mean") == "dmfa_mean_complete"
+    assert WS.canonical_front("pc") == "pc"
     with pytest.raises(ValueError, match="unknown front 'nope'"):
-        W.canonical_front("nope")
+        WS.canonical_front("nope")
 
 
 # --------------------------------------------------------------------------- losses
@@ -257,14 +263,15 @@ def test_prior_samples_are_seeded_standard_normal():
 
 # --------------------------------------------------------------------------- evaluation and sweep bookkeeping
 def test_evaluate_wae_scores_against_the_complete_images():
-    from labkit.classifier import AuxSource
     from labkit.metrics import frechet_distance, psnr, ssim
+    from labkit.studies.imputers import AuxSource
 
     torch.manual_seed(0)
     model = _tiny()
     _, missing, complete = _batch(B=6, seed=4)
     feats = lambda imgs: imgs.flatten(1)[:, ::97].double()  # noqa: E731  (a cheap stand-in feature map)
-    metrics, ex = W.evaluate_wae(model, complete, missing, AuxSource(), features=feats, batch_size=4, n_examples=3)
+    metrics, ex = WS.evaluate_wae(model, complete, missing, AuxSource(), features=feats, batch_size=4,
+                                  n_examples=3)
     model.eval()
     with torch.no_grad():
         rec = model(torch.where(missing.expand_as(complete), torch.tensor(float("nan")), complete), missing)
@@ -279,7 +286,7 @@ def _fake_cell(calls):
         calls.append((dataset, front, seed))
         ex = {k: torch.rand(2, 1, 28, 28) for k in ("input", "reconstruction", "target", "samples")}
         ex["missing"] = torch.zeros(2, 1, 28, 28, dtype=torch.bool)
-        row = {"dataset": dataset, "front": front, "seed": seed, **{k: 1.0 for k in W.METRIC_COLUMNS},
+        row = {"dataset": dataset, "front": front, "seed": seed, **{k: 1.0 for k in WS.METRIC_COLUMNS},
                "epochs": cfg.epochs, "n_train": 10, "n_test": 10}
         return {"row": row, "details": {**row, "wall_seconds": 0.0}, "checkpoint": cfg.scratch_path() / "x.pt",
                 "examples": ex}
@@ -288,30 +295,33 @@ def _fake_cell(calls):
 
 def test_sweep_appends_rows_and_skips_finished_cells(tmp_path):
     calls = []
-    cfg = W.WAEConfig(results_dir=str(tmp_path), dmfa_complete=None, progress=False)
-    df = W.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls),
+    cfg = WS.WAEConfig(results_dir=str(tmp_path), dmfa_complete=None, progress=False)
+    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls),
                      max_cells=3)
     # seeds outermost; misconv has no DMFA checkpoint configured, so it is skipped
     assert calls == [("mnist", "zero", 0), ("mnist", "pc", 0), ("mnist", "zero", 1)]
-    assert list(df.columns) == W.WAE_COLUMNS and len(df) == 3
+    assert list(df.columns) == WS.WAE_COLUMNS and len(df) == 3
     assert (tmp_path / "figures" / "mnist-zero-s0-reconstruction.png").is_file()
-    df = W.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls))
+    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls))
     assert calls[3:] == [("mnist", "pc", 1)] and len(df) == 4     # only the unfinished cell ran
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
-    assert "| zero | 2 |" in W.table_markdown(df) and "14.90" in W.table_markdown(df)
+    assert "| zero | 2 |" in WS.table_markdown(df) and "14.90" in WS.table_markdown(df)
 
 
 def test_sweep_rejects_unknown_settings(tmp_path):
     with pytest.raises(ValueError, match="unknown WAE setting 'epoch'"):
-        W.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
+        WS.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
     with pytest.raises(ValueError, match="no WAE architecture for dataset 'cifar100'"):
-        W.run_sweep("cifar100", ["zero"], [0], "t", results_dir=str(tmp_path))
+        WS.run_sweep("cifar100", ["zero"], [0], "t", results_dir=str(tmp_path))
 
 
 # --------------------------------------------------------------------------- notebook 03 (papermill)
 @pytest.mark.slow
 def test_notebook_03_smoke_run(tmp_path):
-    from labkit.run_notebooks import execute
+    try:
+        from labkit.lab.run_notebooks import execute
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.run_notebooks import execute
 
     out = execute("03_wae", "quick", output_dir=tmp_path, results_dir=str(tmp_path / "wae"), device="cpu",
                   fronts=["zero", "gt"], epochs=1, n_train=128, n_test=64, batch_size=64, feature_epochs=1,
@@ -320,6 +330,6 @@ def test_notebook_03_smoke_run(tmp_path):
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "wae" / "metrics.csv")
-    assert sorted(df["front"]) == ["gt", "zero"] and list(df.columns) == W.WAE_COLUMNS
-    assert df[W.METRIC_COLUMNS].notna().all().all()
+    assert sorted(df["front"]) == ["gt", "zero"] and list(df.columns) == WS.WAE_COLUMNS
+    assert df[WS.METRIC_COLUMNS].notna().all().all()
     assert (tmp_path / "wae" / "figures" / "mnist-gt-s0-samples.png").is_file()

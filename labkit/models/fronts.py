@@ -1,7 +1,7 @@
 r"""Missing-data fronts: the first conv+ReLU of a network, one class per way of handling missing pixels.
 
-A *front* replaces the first ``conv + ReLU`` of a classifier (issue 4) or of an encoder (the WAE
-study, issue 7). Every front has the same constructor and the same call::
+A *front* replaces the first ``conv + ReLU`` of a classifier (the classification study) or of an
+encoder (the WAE study). Every front has the same constructor and the same call::
 
     front = FrontClass(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
     y = front(x, missing, aux=None)
@@ -17,7 +17,7 @@ study, issue 7). Every front has the same constructor and the same call::
     y        (B, out_channels, H', W'), the conv output size; finite for finite inputs at observed
              pixels. The ReLU is included; BatchNorm etc. belong to the body that follows.
 
-The fronts (``FRONTS`` maps the registry names of :mod:`labkit.classifier` to these classes):
+The fronts (``FRONTS`` maps the method names of :mod:`labkit.studies.imputers` to these classes):
 
 - :class:`ZeroFront`            conv(x with 0 at missing pixels) + ReLU
 - :class:`MaskFront`            conv([x with 0 at missing, missing as 0/1 channels]) + ReLU: the
@@ -33,7 +33,7 @@ The fronts (``FRONTS`` maps the registry names of :mod:`labkit.classifier` to th
                                  MFA ``aux`` (:class:`labkit.misconv.MisConv2d`)
 
 Expensive auxiliaries (imputations, per-image MFAs) are computed once per data set by the
-*preparers* in :mod:`labkit.classifier` (the imputer is frozen), cached on disk, and handed to the
+*preparers* in :mod:`labkit.studies.imputers` (the imputer is frozen), cached on disk, and handed to the
 front batch by batch; the front itself stays a cheap, trainable conv.
 
 Reuse (e.g. the WAE encoder): build ``make_front(name_or_class, C, 32, kernel_size=3,
@@ -244,7 +244,7 @@ class MisConvFront(Front):
         return self.conv(x, J, aux)
 
 
-#: registry names (see labkit.classifier.METHODS) -> front class
+#: registry names (see labkit.studies.imputers.METHODS) -> front class
 FRONTS: dict[str, type[Front]] = {
     "zero": ZeroFront,
     "mask": MaskFront,

@@ -85,7 +85,6 @@ __all__ = [
     "unsqueeze2d",
     "bits_per_dim",
     "evaluate_nll",
-    "score_holes",
     "study_mask_fn",
     "train_acflow",
     "load_acflow",
@@ -599,68 +598,6 @@ def evaluate_nll(
     return {"nll_per_missing_pixel": nll, "bits_per_dim": float(bits_per_dim(nll)), "n_missing": count}
 
 
-@torch.no_grad()
-def score_holes(
-    model: ACFlow,
-    images: Tensor,
-    missing: Tensor,
-    *,
-    n_samples: int = 4,
-    batch_size: int = 256,
-    seed: int = 0,
-    progress: bool = False,
-) -> "Any":
-    """Per-image density scores of the hidden pixels, on the DMFA study's protocol (notebook 01).
-
-    Args:
-        images: (N, C, H, W) in [0, 1]; missing: bool (N, 1 or C, H, W), the hidden pixels.
-        n_samples: samples averaged for the imputation whose SSE is reported (as in the
-            classification front); seed: seeds the dequantisation noise and the samples.
-    Returns:
-        a DataFrame, one row per image: ``nll`` = −log p(x_m | x_o) in nats at the *exact* pixel
-        values (the protocol the DMFA and classical MFA are scored with), ``nll_dequantized`` =
-        −log p(y_m | x_o) at dequantised values y = (255·x + u)/256 (what the flow was trained
-        on; the honest one for a flow, see the module docstring), ``sse`` = squared error of the
-        ``n_samples``-sample mean over the hidden pixels, ``n_missing``.
-
-    Why two NLLs: a continuous density evaluated at exact 8-bit values can be made arbitrarily
-    large (MNIST is mostly exact zeros), so neither the DMFA's nor the flow's point density is a
-    likelihood of the data; the dequantised one is bounded (≤ log 256 ≈ 5.5 nats per pixel) and
-    comparable across papers.
-    """
-    import pandas as pd
-
-    if not isinstance(images, Tensor) or not isinstance(missing, Tensor):
-        raise TypeError("images and missing must be torch.Tensors")
-    if images.shape[0] != missing.shape[0]:
-        raise ValueError(f"images {tuple(images.shape)} and missing {tuple(missing.shape)} differ in N")
-    _check_positive_int("n_samples", n_samples)
-    _check_positive_int("batch_size", batch_size)
-    dev = model._param().device
-    was_training = model.training
-    model.eval()
-    g_deq = torch.Generator().manual_seed(seed)
-    g_smp = torch.Generator().manual_seed(seed + 1)
-    cols: dict[str, list[Tensor]] = {"nll": [], "nll_dequantized": [], "sse": [], "n_missing": []}
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="ACFlow scores", unit="batch")
-    for i in starts:
-        xb = images[i:i + batch_size].to(dev)
-        mb = missing[i:i + batch_size].to(dev).expand_as(xb)
-        cols["nll"].append(-model.log_prob(xb, mb, dequantize=False).cpu())
-        cols["nll_dequantized"].append(-model.log_prob(xb, mb, dequantize=True, generator=g_deq).cpu())
-        filled = model.impute(xb, mb, n_samples=n_samples, generator=g_smp)
-        err = torch.where(mb, filled - xb, torch.zeros((), dtype=xb.dtype, device=dev))
-        cols["sse"].append((err * err).sum(dim=(1, 2, 3)).cpu())
-        cols["n_missing"].append(mb.sum(dim=(1, 2, 3)).cpu())
-    model.train(was_training)
-    return pd.DataFrame({k: torch.cat(v).double().numpy() if k != "n_missing" else torch.cat(v).numpy()
-                         for k, v in cols.items()})
-
-
 # --------------------------------------------------------------------------------------------
 # training
 
@@ -674,7 +611,8 @@ def study_mask_fn(
 
     Each image independently gets one kind drawn uniformly from ``kinds`` (default: square of 1/4
     of the area, trapezoid of 1/2, noise of 3/4, see :mod:`labkit.masks`), so one model learns all
-    the conditionals the studies ask for. Masks are made on the generator's device.
+    the conditionals the studies ask for. Masks are made on the generator's device. It is
+    :func:`train_acflow`'s default mask distribution, hence its place beside the trainer.
     """
     from labkit.masks import MASK_KINDS, make_masks
 

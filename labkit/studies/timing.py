@@ -1,4 +1,4 @@
-r"""Timing study (issue 5): what MisConv costs next to a plain conv2d + ReLU.
+r"""Timing study: what MisConv costs next to a plain conv2d + ReLU.
 
 The paper (supplementary Table 2, Figure 2) timed one forward pass of a classic convolution and of
 MisConv on a GPU: 32 filters 3x3, K = 1, L = 4, images of 28 (1 channel), 32 and 64 pixels
@@ -17,7 +17,7 @@ load on a shared machine hits all of them alike. Results are long-format ``panda
 (one row per call) with columns ``study, size, channels, batch, K, L, hole, layer, round, seconds``;
 :func:`summarize` and :func:`ratio_table` turn them into the paper's table with ratios.
 
-``python -m labkit.timing --profile quick`` prints the tables (see :func:`main`).
+``python -m labkit.studies.timing --profile quick`` prints the tables (see :func:`main`).
 
 On this project's CPU machine glibc returns freed large buffers to the OS and every new tensor
 pays page faults (about 2.5 µs per 4 KiB page): a 28x28 conv+ReLU then takes 1.9 ms instead of
@@ -424,21 +424,21 @@ def end_to_end(datasets: Sequence[str], batch: int, repeats: int, *, device=None
     """Per image: DMFA forward + classifier with a MisConv front, against the same classifier
     on complete images (conv + ReLU front), both in eval mode without gradients.
 
-    Uses :func:`labkit.dmfa.build_dmfa` (freshly initialised weights: timing does not depend on
-    training) and :func:`labkit.classifier.build_classifier` (the paper's architectures; CelebA
+    Uses :func:`labkit.models.dmfa.build_dmfa` (freshly initialised weights: timing does not depend on
+    training) and :func:`labkit.models.classifier.build_classifier` (the paper's architectures; CelebA
     uses the SVHN one at 64 pixels). Layers in the result: ``"classifier"`` (complete images),
     ``"dmfa"`` (DMFA alone), ``"dmfa+misconv_classifier"`` (the whole method). ``seconds`` is per
     batch; ``per_image`` = seconds / batch.
 
-    Raises ImportError (with the module's name) when labkit.dmfa or labkit.classifier is missing.
+    Raises ImportError (with the module's name) when labkit.models.dmfa or labkit.models.classifier is missing.
     """
     import pandas as pd
 
     try:
-        from labkit.classifier import build_classifier
-        from labkit.dmfa import build_dmfa
+        from labkit.models.classifier import build_classifier
+        from labkit.models.dmfa import build_dmfa
     except ImportError as exc:  # pragma: no cover - both exist in this lab
-        raise ImportError(f"end-to-end timing needs labkit.dmfa and labkit.classifier: {exc}") from exc
+        raise ImportError(f"end-to-end timing needs labkit.models.dmfa and labkit.models.classifier: {exc}") from exc
 
     dev = resolve_device(device)
     rows = []
@@ -581,14 +581,14 @@ def boxplots(df, path: str | os.PathLike | None = None, *, layers: Sequence[str]
 
 # ------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m labkit.timing``: the forward grid (and optional studies) with the tables printed.
+    """``python -m labkit.studies.timing``: the forward grid (and optional studies) with the tables printed.
 
     Options: ``--profile`` (quick/cpu/paper: the ``04_timing`` section gives repeats, sizes,
     batch sizes), ``--repeats``, ``--sizes``, ``--batch-sizes``, ``--eager-repeats`` (0: skip
     the eager path), ``--backward``, ``--Ks``, ``--Ls``, ``--threads``, ``--device``,
     ``--no-tune-malloc``, ``--out DIR`` (write forward.csv and the text table there).
     """
-    p = argparse.ArgumentParser(prog="python -m labkit.timing", description=main.__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m labkit.studies.timing", description=main.__doc__.splitlines()[0])
     p.add_argument("--profile", default="quick")
     p.add_argument("--repeats", type=int)
     p.add_argument("--sizes", type=int, nargs="+")
@@ -604,7 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from labkit.profiles import load_profile
+    try:
+        from labkit.lab.profiles import load_profile
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.profiles import load_profile
 
     params = load_profile(args.profile, "04_timing")
     repeats = args.repeats or int(params.get("repeats", 20))

@@ -1,0 +1,104 @@
+"""The data of one study cell: images, labels and fixed per-image masks of (dataset, mask kind, seed).
+
+Shared by the classification study (:mod:`labkit.studies.classification`) and the WAE study
+(:mod:`labkit.studies.wae`), so both see the same images with the same missing pixels.
+
+- Training images: the first ``n_train`` of the training split; a validation split
+  (``val_fraction``, :func:`labkit.data.train_val_split` with seed 0) is carved out of them
+  (``fit_idx`` / ``val_idx``). Test: the first ``n_test`` test images.
+- Masks: one per image, fixed per (dataset, split, mask kind, seed) by a seeded CPU generator
+  (:func:`cell_masks`); training and test carry the same kind of missing data.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["CellData", "cell_masks", "load_cell_data"]
+
+
+def _stable_seed(*parts: Any) -> int:
+    """A 63-bit seed mixed from names and numbers: the same in every process and on every machine
+    (strings go through crc32, never Python's randomised ``hash``)."""
+    words = [zlib.crc32(str(p).encode()) if not isinstance(p, (int, np.integer)) else int(p) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def cell_masks(dataset: str, split: str, kind: str, seed: int, n: int, height: int, width: int) -> Tensor:
+    """The fixed masks of (dataset, split, mask kind, seed): bool ``(n, 1, H, W)`` on the CPU.
+
+    Drawn by :func:`labkit.masks.make_masks` from a CPU generator seeded from all four names, so a
+    rerun (or another machine) gets the same masks.
+    """
+    from labkit.masks import make_masks
+
+    g = torch.Generator().manual_seed(_stable_seed("masks", dataset, split, kind, int(seed)))
+    return make_masks(kind, n, height, width, generator=g, device="cpu")
+
+
+@dataclass
+class CellData:
+    """Images (complete, CPU float32), labels, masks of one (dataset, mask, seed), split three ways."""
+
+    dataset: str
+    mask: str
+    seed: int
+    train_images: Tensor          # (n_train_total, C, H, W): training + validation images
+    train_labels: Tensor
+    train_missing: Tensor         # bool (n_train_total, 1, H, W)
+    fit_idx: Tensor               # indices into train_* the classifier trains on
+    val_idx: Tensor               # indices into train_* for model selection
+    test_images: Tensor
+    test_labels: Tensor
+    test_missing: Tensor
+    sources: str = ""
+
+    @property
+    def arch(self) -> str:
+        return "mnist" if self.dataset in ("mnist", "fashion-mnist") else ("cifar10" if self.dataset == "cifar10" else "svhn")
+
+    def key(self, split: str) -> dict:
+        n = len(self.train_images) if split == "train" else len(self.test_images)
+        return {"dataset": self.dataset, "split": split, "n": n, "mask": self.mask, "seed": self.seed}
+
+    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
+        """``(name, images, missing)`` for the training and the test split, in that order."""
+        return ("train", self.train_images, self.train_missing), ("test", self.test_images, self.test_missing)
+
+
+_DATA_CACHE: dict = {}
+
+
+def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n_test: int | None,
+                   val_fraction: float = 0.1, quiet: bool = True) -> CellData:
+    """Load the images and make the masks of one (dataset, mask, seed) (images cached in memory)."""
+    from labkit.data import load_dataset, train_val_split
+
+    key = (dataset, n_train, n_test)
+    if key not in _DATA_CACHE:
+        tr = load_dataset(dataset, "train", limit=n_train, quiet=quiet)
+        te = load_dataset(dataset, "test", limit=n_test, quiet=quiet)
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = (tr, te)
+    tr, te = _DATA_CACHE[key]
+    _, _, H, W = tr.images.shape
+    fit_idx, val_idx = train_val_split(len(tr), val_fraction, seed=0)
+    return CellData(
+        dataset=dataset, mask=mask, seed=int(seed),
+        train_images=tr.images, train_labels=tr.labels,
+        train_missing=cell_masks(dataset, "train", mask, seed, len(tr), H, W),
+        fit_idx=fit_idx, val_idx=val_idx,
+        test_images=te.images, test_labels=te.labels,
+        test_missing=cell_masks(dataset, "test", mask, seed, len(te), H, W),
+        sources=f"train: {tr.source}; test: {te.source}",
+    )
+
+
+def _with_nan(x: Tensor, missing: Tensor) -> Tensor:
+    """``x`` ``(B, C, H, W)`` with NaN where ``missing`` (bool, same shape) is True."""
+    return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)

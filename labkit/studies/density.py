@@ -1,0 +1,619 @@
+r"""The density study (notebook 01, ``scripts/train_dmfa.py``): DMFA, classical MFA and ACFlow
+scored on the same test holes.
+
+Protocol: a model sees each test image with one ``hole x hole`` square hidden
+(:func:`labkit.models.dmfa.test_masks`, default side H/2, deterministic in the seed) and is scored
+per image on the hidden pixels: negative log-likelihood (nats) and sum of squared errors of its
+mean (for ACFlow: of the mean of a few samples, :func:`score_holes`).
+
+- :func:`load_or_train_dmfa` / :func:`load_or_fit_mfa`: "load if it exists, otherwise train" for a
+  DMFA (:func:`labkit.models.dmfa_training.train_dmfa`, resumable) and a classical MFA (EM).
+- :func:`run_experiment` (one DMFA), :func:`run_mfa_baseline`, :func:`run_acflow_baseline`: train or
+  load, score on the test set and write CSV/JSON/PNG results (:func:`result_stem` names them).
+- :func:`density_table`: the Markdown table of every result next to the authors' figures
+  (:data:`AUTHORS_DENSITY`); :func:`measure_throughput`: training and inference speed.
+- the figures (:func:`plot_inpainting`, :func:`plot_history`, :func:`plot_acflow_inpainting`) live in
+  :mod:`labkit.studies.density_figures` and are re-exported here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from labkit import masks as _masks
+from labkit.device import resolve_device
+from labkit.mfa import ClassicalMFA
+from labkit.models.acflow import ACFlow, _check_positive_int
+from labkit.models.dmfa import (DATASET_SHAPES, DMFA, ClassicalMFAImputer, _check_images, _check_int, _dataset_key,
+                                _derived_seed, build_dmfa, evaluate_dmfa, test_masks)
+from labkit.models.dmfa_training import dmfa_loss, train_dmfa
+from labkit.studies.density_figures import plot_acflow_inpainting, plot_history, plot_inpainting
+
+__all__ = [
+    "AUTHORS_DENSITY",
+    "load_or_train_dmfa",
+    "load_or_fit_mfa",
+    "checkpoint_megabytes",
+    "result_stem",
+    "density_table",
+    "score_holes",
+    "run_experiment",
+    "run_mfa_baseline",
+    "run_acflow_baseline",
+    "measure_throughput",
+    "plot_inpainting",
+    "plot_history",
+    "plot_acflow_inpainting",
+]
+
+#: The authors' DMFA density figures: mean per test image over the hidden square, (NLL in nats,
+#: sum of squared errors), keyed by (data set, hole side, model).
+AUTHORS_DENSITY: dict[tuple[str, int, str], tuple[float, float]] = {
+    ("mnist", 10, "dmfa"): (-70.8, 5.46),
+    ("mnist", 10, "mfa"): (-14.8, 6.90),
+    ("mnist", 18, "dmfa"): (-222.6, 31.66),
+    ("mnist", 18, "mfa"): (998.0, 47.89),
+}
+
+
+# ============================================================================ load or train
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def load_or_train_dmfa(
+    path: str | os.PathLike,
+    dataset: str,
+    *,
+    images: Tensor,
+    n_components: int = 1,
+    n_factors: int = 4,
+    mode: str = "complete",
+    missing_kind: str = "square",
+    hole: int | None = None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 1.0,
+    mse_warmup_epochs: int = 0,
+    seed: int = 0,
+    val_images: Tensor | None = None,
+    val_missing: Tensor | None = None,
+    partial: str | os.PathLike | None = None,
+    keep_partial: bool = False,
+    device=None,
+    progress: bool = True,
+    quiet: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[DMFA, dict]:
+    """Load the DMFA stored at ``path`` if it exists, else train it (resumably) and store it there.
+
+    The model is built by :func:`build_dmfa` with weights initialised from ``seed``; training goes
+    through :func:`train_dmfa` with its per-epoch checkpoint at ``partial`` (default
+    :func:`labkit.checkpoint.partial_path`), deleted after the final file is written unless
+    ``keep_partial`` (it holds Adam's state: three times the model's size).
+
+    Returns:
+        ``(model, meta)``: the model in eval mode on ``device``; ``meta`` records the setting
+        (data set, sizes, mode, holes, epochs, seed, learning rate, ...), the history, the machine,
+        the wall time and the training throughput (images/s), plus anything in ``meta``.
+    """
+    from labkit.checkpoint import load_or_train, partial_path
+
+    key = _dataset_key(dataset)
+    path = Path(path)
+    partial = Path(partial) if partial is not None else partial_path(path)
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(seed, 0x696E6974))  # "init"
+            return build_dmfa(key, n_components=n_components, n_factors=n_factors)
+
+    def train(model):
+        started = time.perf_counter()
+        history = train_dmfa(
+            model, images, mode=mode, missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size,
+            lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
+            checkpoint=partial, device=device, progress=progress, val_images=val_images, val_missing=val_missing,
+        )
+        train_s = sum(h["train_seconds"] for h in history)
+        info = {
+            "dataset": key, "n_train": int(images.shape[0]), "n_val": None if val_images is None else len(val_images),
+            "mode": mode, "missing_kind": missing_kind if mode == "incomplete" else None,
+            "hole": hole if hole is not None else images.shape[2] // 2, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma,
+            "mse_warmup_epochs": mse_warmup_epochs, "seed": seed, "model": model.config,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "train_images_per_s": (images.shape[0] * len(history) / train_s) if train_s > 0 else None,
+            "wall_seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(),
+            "history": history,
+        }
+        if meta:
+            info.update(dict(meta))
+        return _json(info)
+
+    model, info = load_or_train(path, build, train, device=device, quiet=quiet)
+    if not keep_partial and path.exists():
+        partial.unlink(missing_ok=True)
+    return model, info
+
+
+def load_or_fit_mfa(
+    path: str | os.PathLike,
+    images: Tensor,
+    *,
+    n_components: int,
+    n_factors: int,
+    iterations: int = 30,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    quiet: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[ClassicalMFAImputer, dict]:
+    """Load a classical MFA from ``path`` or fit it by EM (:func:`labkit.mfa.fit_mfa`) and store it.
+
+    Returns ``(imputer, meta)`` where ``imputer`` is a :class:`ClassicalMFAImputer`.
+    """
+    from labkit.checkpoint import load_or_train
+    from labkit.mfa import fit_mfa
+
+    images = _check_images(images, "images")
+    shape = tuple(images.shape[1:])
+
+    def build():
+        return ClassicalMFAImputer(ClassicalMFA.empty(n_components, n_factors, shape))
+
+    def train(imputer):
+        started = time.perf_counter()
+        fitted, history = fit_mfa(images, n_components, n_factors, iterations=iterations, seed=seed,
+                                  device=device, progress=progress)
+        imputer.mfa.load_state_dict(fitted.state_dict())
+        info = {"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
+                "iterations": iterations, "iterations_run": len(history), "seed": seed,
+                "train_loglik_per_image": history, "wall_seconds": time.perf_counter() - started}
+        if meta:
+            info.update(dict(meta))
+        return _json(info)
+
+    return load_or_train(path, build, train, device=device, quiet=quiet)
+
+
+def checkpoint_megabytes(path: str | os.PathLike) -> float:
+    """Size of a file in MB (10^6 bytes)."""
+    return os.path.getsize(path) / 1e6
+
+
+# ============================================================================ scores and tables
+def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: int | None = None) -> str:
+    """File stem of a result: ``<dataset>_<mode>`` for the default hole, ``<dataset>_<mode>_h<hole>`` else."""
+    key = _dataset_key(dataset)
+    if default_hole is None:
+        default_hole = DATASET_SHAPES[key][1] // 2
+    return f"{key}_{mode}" if hole is None or hole == default_hole else f"{key}_{mode}_h{hole}"
+
+
+@torch.no_grad()
+def score_holes(
+    model: ACFlow,
+    images: Tensor,
+    missing: Tensor,
+    *,
+    n_samples: int = 4,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> "Any":
+    """Per-image density scores of the hidden pixels, on the DMFA study's protocol (notebook 01).
+
+    Args:
+        images: (N, C, H, W) in [0, 1]; missing: bool (N, 1 or C, H, W), the hidden pixels.
+        n_samples: samples averaged for the imputation whose SSE is reported (as in the
+            classification front); seed: seeds the dequantisation noise and the samples.
+    Returns:
+        a DataFrame, one row per image: ``nll`` = −log p(x_m | x_o) in nats at the *exact* pixel
+        values (the protocol the DMFA and classical MFA are scored with), ``nll_dequantized`` =
+        −log p(y_m | x_o) at dequantised values y = (255·x + u)/256 (what the flow was trained
+        on; the honest one for a flow, see the module docstring), ``sse`` = squared error of the
+        ``n_samples``-sample mean over the hidden pixels, ``n_missing``.
+
+    Why two NLLs: a continuous density evaluated at exact 8-bit values can be made arbitrarily
+    large (MNIST is mostly exact zeros), so neither the DMFA's nor the flow's point density is a
+    likelihood of the data; the dequantised one is bounded (≤ log 256 ≈ 5.5 nats per pixel) and
+    comparable across papers.
+    """
+    import pandas as pd
+
+    if not isinstance(images, Tensor) or not isinstance(missing, Tensor):
+        raise TypeError("images and missing must be torch.Tensors")
+    if images.shape[0] != missing.shape[0]:
+        raise ValueError(f"images {tuple(images.shape)} and missing {tuple(missing.shape)} differ in N")
+    _check_positive_int("n_samples", n_samples)
+    _check_positive_int("batch_size", batch_size)
+    dev = model._param().device
+    was_training = model.training
+    model.eval()
+    g_deq = torch.Generator().manual_seed(seed)
+    g_smp = torch.Generator().manual_seed(seed + 1)
+    cols: dict[str, list[Tensor]] = {"nll": [], "nll_dequantized": [], "sse": [], "n_missing": []}
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="ACFlow scores", unit="batch")
+    for i in starts:
+        xb = images[i:i + batch_size].to(dev)
+        mb = missing[i:i + batch_size].to(dev).expand_as(xb)
+        cols["nll"].append(-model.log_prob(xb, mb, dequantize=False).cpu())
+        cols["nll_dequantized"].append(-model.log_prob(xb, mb, dequantize=True, generator=g_deq).cpu())
+        filled = model.impute(xb, mb, n_samples=n_samples, generator=g_smp)
+        err = torch.where(mb, filled - xb, torch.zeros((), dtype=xb.dtype, device=dev))
+        cols["sse"].append((err * err).sum(dim=(1, 2, 3)).cpu())
+        cols["n_missing"].append(mb.sum(dim=(1, 2, 3)).cpu())
+    model.train(was_training)
+    return pd.DataFrame({k: torch.cat(v).double().numpy() if k != "n_missing" else torch.cat(v).numpy()
+                         for k, v in cols.items()})
+
+
+def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str:
+    """Markdown table of our density results next to the authors' (``AUTHORS_DENSITY``).
+
+    Reads every ``<dataset>_*.csv`` in ``results_dir`` with a ``<stem>.json`` setting beside it
+    (``model`` "dmfa"/"mfa", ``mode``, ``hole``, ``n_train``, ``n_test``, ``epochs``...) and
+    reports the mean NLL and SSE per test image over the hidden square.
+    """
+    import pandas as pd
+
+    key = _dataset_key(dataset)
+    rows = []
+    for csv in sorted(Path(results_dir).glob(f"{key}_*.csv")):
+        setting_file = csv.with_suffix(".json")
+        if not setting_file.exists():
+            continue
+        s = json.loads(setting_file.read_text())
+        df = pd.read_csv(csv)
+        kind = s.get("model_kind", "dmfa")
+        hole = int(s["hole"])
+        authors = AUTHORS_DENSITY.get((key, hole, kind))
+        if kind == "dmfa":
+            what = f"DMFA, {s['mode']}-data training (K={s['n_components']}, L={s['n_factors']})"
+            if s.get("missing_kind") not in (None, "square"):
+                what += f", {s['missing_kind']} missing data"
+            setting = f"{s['n_train']} train, {s['epochs']} epochs, lr {s.get('lr', '?')}, seed {s['seed']}"
+        elif kind == "acflow":
+            what = "ACFlow (flow over the hidden pixels)"
+            setting = (f"{s['n_train']} train (mixed masks), {s['epochs']} epochs, SSE of the mean of "
+                       f"{s['n_samples']} samples; NLL of dequantised values {df['nll_dequantized'].mean():.1f} "
+                       f"({s['test_bits_per_dim']:.2f} bits/pixel)")
+        else:
+            what = f"classical MFA (K={s['n_components']}, L={s['n_factors']})"
+            setting = f"{s['n_train']} train, EM {s.get('iterations_run', s.get('iterations'))} it., seed {s['seed']}"
+        rows.append((hole, {"dmfa": 0, "mfa": 1}.get(kind, 2), f"{s.get('mode', '')} {s.get('missing_kind') or ''}",
+                     f"| {hole}×{hole} | {what} | {df['nll'].mean():.1f} | {df['sse'].mean():.2f} | "
+                     + (f"{authors[0]:.1f} | {authors[1]:.2f}" if authors else "– | –")
+                     + f" | {len(df)} test images; {setting} |"))
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    head = ("| hole | model | NLL (ours) | SSE (ours) | NLL (authors) | SSE (authors) | setting |\n"
+            "|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [r[3] for r in rows])
+
+
+# ============================================================================ experiments (notebook 01, scripts/train_dmfa.py)
+def _timed_evaluate(model, images, missing, *, batch_size, device):
+    started = time.perf_counter()
+    df = evaluate_dmfa(model, images, missing, batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - started
+    return df, seconds
+
+
+def _load_split(dataset: str, split: str, limit: int | None):
+    from labkit.data import load_dataset
+
+    return load_dataset(dataset, split, limit=limit, quiet=True)
+
+
+def run_experiment(
+    dataset: str = "mnist",
+    mode: str = "complete",
+    *,
+    results_dir: str | os.PathLike,
+    n_train: int | None,
+    n_val: int = 0,
+    n_test: int | None,
+    hole: int | None = None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 1.0,
+    mse_warmup_epochs: int = 0,
+    n_components: int = 1,
+    n_factors: int = 4,
+    missing_kind: str = "square",
+    seed: int = 0,
+    profile: str | None = None,
+    n_figure: int = 6,
+    device=None,
+    progress: bool = True,
+) -> dict:
+    """Train (or load) one DMFA and score it on the test set; write every artefact to ``results_dir``.
+
+    Data: the first ``n_train`` training images (``None``: all), of which ``n_val`` (a seeded random
+    choice, :func:`labkit.data.train_val_split`) are held out for the validation curve; the first
+    ``n_test`` test images, each with one ``hole x hole`` square (:func:`test_masks`, default H/2).
+    Training hides squares of the same side (and, in incomplete mode, the truly missing regions are
+    squares of that side too unless ``missing_kind`` says otherwise).
+
+    Files, with ``stem = result_stem(dataset, mode, hole)``:
+        ``<stem>.pt``            the trained model (``load_or_train`` format)
+        ``_scratch/<stem>.partial.pt``  the resumable training checkpoint (optimizer and RNG state)
+        ``<stem>.csv``           per test image: ``nll``, ``sse``, ``n_missing``
+        ``<stem>.json``          the setting, summary metrics, throughput and machine
+        ``<stem>_history.json``  the training history (per epoch; per-batch NLL)
+        ``<stem>.png``           the inpainting figure of the first ``n_figure`` test images
+        ``<stem>_curves.png``    the training curves (:func:`plot_history`)
+
+    Returns the setting dict (also written as ``<stem>.json``) with keys ``paths``, ``test_nll``,
+    ``test_sse``, ``train_images_per_s``, ``infer_images_per_s``, ``history``...
+    """
+    from labkit.checkpoint import machine_description
+    from labkit.data import train_val_split
+
+    key = _dataset_key(dataset)
+    C, H, W = DATASET_SHAPES[key]
+    hole = H // 2 if hole is None else _check_int(hole, "hole", 1)
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # incomplete-data DMFAs of other missing-data kinds (the classification study trains one per
+    # mask kind) get their own files: <dataset>_incomplete_<kind>[_h<hole>]
+    stem = result_stem(key, mode if mode == "complete" or missing_kind == "square" else f"{mode}_{missing_kind}", hole)
+    paths = {k: out / f"{stem}{suffix}" for k, suffix in
+             (("model", ".pt"), ("csv", ".csv"), ("setting", ".json"), ("history", "_history.json"),
+              ("figure", ".png"), ("curves", "_curves.png"))}
+
+    train_set = _load_split(key, "train", n_train)
+    images = train_set.images
+    val_images = None
+    if n_val:
+        tr, va = train_val_split(len(images), n_val / len(images), seed=seed)
+        images, val_images = images[tr], images[va]
+    test_set = _load_split(key, "test", n_test)
+    test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device=test_set.images.device)
+
+    model, meta = load_or_train_dmfa(
+        paths["model"], key, images=images, n_components=n_components, n_factors=n_factors, mode=mode,
+        missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
+        val_images=val_images, device=device, progress=progress,
+        # the resumable per-epoch checkpoint (with Adam's state) stays in _scratch/ (git-ignored):
+        # delete <stem>.pt and rerun with more epochs to extend a finished run
+        partial=out / "_scratch" / f"{stem}.partial.pt", keep_partial=True,
+        meta={"data_source": train_set.source, "profile": profile},
+    )
+    df, seconds = _timed_evaluate(model, test_set.images, test_missing, batch_size=256, device=device)
+    df.index.name = "image"
+    df.to_csv(paths["csv"], float_format="%.6g")
+    history = meta.pop("history", [])
+    paths["history"].write_text(json.dumps(history, indent=1))
+
+    fig = plot_inpainting(model, test_set.images[:n_figure], test_missing[:n_figure], seed=seed, device=device,
+                          title=f"DMFA ({mode}-data training) on {key} test images, {hole}x{hole} holes")
+    fig.savefig(paths["figure"], dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    if history:
+        fig = plot_history(history, title=f"DMFA ({mode}-data training), {key}, {hole}x{hole} holes")
+        fig.savefig(paths["curves"], dpi=110)
+        plt.close(fig)
+
+    setting = {
+        "model_kind": "dmfa", "dataset": key, "mode": mode, "hole": hole, "profile": profile,
+        "n_train": int(len(images)), "n_val": 0 if val_images is None else int(len(val_images)),
+        "n_test": int(len(test_set)), "test_source": test_set.source, **{k: v for k, v in meta.items()},
+        "n_components": n_components, "n_factors": n_factors,
+        "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
+        "test_nll_sem": float(df["nll"].std() / math.sqrt(len(df))) if len(df) > 1 else None,
+        "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+        "infer_threads": torch.get_num_threads(),
+        "checkpoint_mb": checkpoint_megabytes(paths["model"]),
+        "final_val_nll": history[-1].get("val_nll") if history else None,
+    }
+    setting = _json(setting)
+    paths["setting"].write_text(json.dumps(setting, indent=1))
+    setting["paths"] = {k: str(v) for k, v in paths.items()}
+    setting["history"] = history
+    return setting
+
+
+def run_mfa_baseline(
+    dataset: str = "mnist",
+    *,
+    results_dir: str | os.PathLike,
+    n_train: int | None,
+    n_test: int | None,
+    holes: Sequence[int] = (14,),
+    n_components: int = 20,
+    n_factors: int = 4,
+    iterations: int = 30,
+    seed: int = 0,
+    profile: str | None = None,
+    n_figure: int = 6,
+    batch_size: int = 64,
+    device=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Fit (or load) a classical MFA on the first ``n_train`` training images and score it with the
+    same test holes as :func:`run_experiment` (one CSV/JSON/PNG per hole side).
+
+    Files: ``<dataset>_mfa_K<K>_L<L>.pt`` and, per hole, ``<dataset>_mfa_K<K>_L<L>[_h<hole>].{csv,json,png}``.
+    """
+    from labkit.checkpoint import machine_description
+
+    key = _dataset_key(dataset)
+    C, H, W = DATASET_SHAPES[key]
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"mfa_K{n_components}_L{n_factors}"
+    train_set = _load_split(key, "train", n_train)
+    test_set = _load_split(key, "test", n_test)
+    imputer, meta = load_or_fit_mfa(out / f"{key}_{name}.pt", train_set.images, n_components=n_components,
+                                    n_factors=n_factors, iterations=iterations, seed=seed, device=device,
+                                    progress=progress, meta={"data_source": train_set.source, "profile": profile})
+    results = []
+    for hole in holes:
+        stem = result_stem(key, name, hole)
+        test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device=test_set.images.device)
+        df, seconds = _timed_evaluate(imputer, test_set.images, test_missing, batch_size=batch_size, device=device)
+        df.index.name = "image"
+        df.to_csv(out / f"{stem}.csv", float_format="%.6g")
+        fig = plot_inpainting(imputer, test_set.images[:n_figure], test_missing[:n_figure], seed=seed, device=device,
+                              title=f"classical MFA (K={n_components}, L={n_factors}) on {key}, {hole}x{hole} holes")
+        fig.savefig(out / f"{stem}.png", dpi=110)
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+        setting = _json({
+            "model_kind": "mfa", "dataset": key, "mode": "complete", "hole": hole, "profile": profile,
+            "n_test": len(test_set), "test_source": test_set.source, **meta,
+            "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_threads": torch.get_num_threads(),
+            "checkpoint_mb": checkpoint_megabytes(out / f"{key}_{name}.pt"),
+        })
+        (out / f"{stem}.json").write_text(json.dumps(setting, indent=1))
+        results.append(setting)
+    return results
+
+
+def run_acflow_baseline(
+    dataset: str = "mnist",
+    *,
+    results_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    n_test: int | None,
+    holes: Sequence[int] = (14,),
+    n_samples: int = 4,
+    seed: int = 0,
+    profile: str | None = None,
+    n_figure: int = 6,
+    batch_size: int = 250,
+    device=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Score a trained ACFlow (``scripts/train_acflow.py``) with the same test holes as
+    :func:`run_experiment`, so it joins :func:`density_table`.
+
+    Per hole side writes ``<dataset>_acflow[_h<hole>].{csv,json,png}``: per image the NLL of the
+    hidden pixels at exact values (the DMFA protocol) and at dequantised values, and the SSE of the
+    mean of ``n_samples`` samples (:func:`score_holes`). A missing checkpoint raises
+    ``FileNotFoundError`` naming the script that trains it.
+    """
+    import matplotlib.pyplot as plt
+
+    from labkit.models.acflow import bits_per_dim, load_acflow
+    from labkit.checkpoint import machine_description
+
+    key = _dataset_key(dataset)
+    C, H, W = DATASET_SHAPES[key]
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"no ACFlow checkpoint at {str(checkpoint)!r}; train one with "
+                                f"scripts/train_acflow.py --out {checkpoint}")
+    model, meta = load_acflow(checkpoint, device=device)
+    cfg, train = meta.get("config", {}), meta.get("setting", {})
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    test_set = _load_split(key, "test", n_test)
+    results = []
+    for hole in holes:
+        stem = result_stem(key, "acflow", hole)
+        test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device="cpu")
+        started = time.perf_counter()
+        df = score_holes(model, test_set.images, test_missing, n_samples=n_samples, batch_size=batch_size,
+                         seed=seed, progress=progress)
+        seconds = time.perf_counter() - started
+        df.index.name = "image"
+        df.to_csv(out / f"{stem}.csv", float_format="%.6g")
+        fig = plot_acflow_inpainting(model, test_set.images[:n_figure], test_missing[:n_figure], seed=seed,
+                                     title=f"ACFlow on {key}, {hole}x{hole} holes")
+        fig.savefig(out / f"{stem}.png", dpi=110)
+        plt.close(fig)
+        per_pixel = float(df["nll_dequantized"].sum() / df["n_missing"].sum())
+        setting = _json({
+            "model_kind": "acflow", "dataset": key, "mode": "complete", "hole": hole, "profile": profile,
+            "checkpoint": str(checkpoint), "model": cfg.get("model"),
+            "n_train": train.get("n_train", cfg.get("n_images")),
+            "epochs": meta.get("epochs", len(meta.get("history", []))),
+            "train_masks": train.get("mask_kinds", cfg.get("mask_fn")), "train_data_source": train.get("train_source"),
+            "train_seed": meta.get("seed"), "n_parameters": meta.get("n_params"), "n_samples": n_samples, "seed": seed,
+            "n_test": len(test_set), "test_source": test_set.source,
+            "test_nll": float(df["nll"].mean()), "test_nll_dequantized": float(df["nll_dequantized"].mean()),
+            "test_bits_per_dim": float(bits_per_dim(per_pixel)), "test_sse": float(df["sse"].mean()),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_threads": torch.get_num_threads(),
+        })
+        (out / f"{stem}.json").write_text(json.dumps(setting, indent=1))
+        results.append(setting)
+    return results
+
+
+def measure_throughput(dataset: str = "mnist", *, threads: Sequence[int] = (1, 2), train_batches: int = 20,
+                       batch_size: int = 48, infer_images: int = 2000, infer_batch_size: int = 256,
+                       device=None, seed: int = 0) -> list[dict]:
+    """Training and inference speed of a fresh DMFA (images/s) for each intra-op thread count.
+
+    Training: ``train_batches`` optimisation steps (forward, NLL, backward, fused Adam) on random
+    images with a fresh hidden square per batch, after two warm-up steps. Inference: the MFAs and
+    scores of ``infer_images`` images (:func:`evaluate_dmfa`). Timings are wall clock: on a machine
+    shared with other jobs they measure what this machine delivered at that moment.
+    """
+    key = _dataset_key(dataset)
+    C, H, W = DATASET_SHAPES[key]
+    device = resolve_device(device)
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand((max(infer_images, batch_size), C, H, W), generator=g)
+    holes = test_masks(len(images), H, W, seed=seed, device=images.device)
+    out = []
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(int(n_threads))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = build_dmfa(key).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda") or None)
+            x = images[:batch_size].to(device)
+
+            def step():
+                hidden = _masks.square(batch_size, H, W, generator=g, device=device)
+                loss, _ = dmfa_loss(model(x, hidden), x, hidden)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            for _ in range(2):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(train_batches):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_rate = train_batches * batch_size / (time.perf_counter() - started)
+            evaluate_dmfa(model, images[:infer_batch_size], holes[:infer_batch_size], device=device)  # warm-up
+            _, seconds = _timed_evaluate(model, images[:infer_images], holes[:infer_images],
+                                         batch_size=infer_batch_size, device=device)
+            out.append({"dataset": key, "threads": int(n_threads), "device": str(device),
+                        "train_images_per_s": train_rate, "infer_images_per_s": infer_images / seconds,
+                        "train_batch_size": batch_size, "infer_batch_size": infer_batch_size})
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -1,0 +1,447 @@
+r"""The missing-data methods of the studies: what each front needs besides ``(x, missing)``.
+
+``METHODS`` maps a name to a :class:`Method`: the front class and the *preparer* that computes,
+once per (data set, mask kind, seed) cell (:class:`labkit.studies.cells.CellData`), what the front
+needs (``aux``), as an :class:`AuxSource` per split that hands it out batch by batch:
+
+=========================  ===========================================================================
+zero                       zero imputation
+mask                       zero imputation + the mask as extra input channel(s)
+pc                         partial convolution (Liu et al. 2018)
+knn                        scikit-learn ``KNNImputer`` fitted on *incomplete* training images (NaN at
+                           missing), ``n_neighbors`` chosen on a validation split (see :func:`prepare_knn`)
+mfa_mean                   classical MFA (EM, fitted on the complete training images): conditional mean
+mfa_misconv                MisConv over the classical MFA conditioned on each image's observed pixels
+dmfa_mean_complete         DMFA (trained on complete images) mean imputation, no variance
+dmfa_misconv_complete      MisConv over the complete-data DMFA
+dmfa_mean_incomplete       same with the DMFA trained on incomplete images
+dmfa_misconv_incomplete
+acflow                     ACFlow imputation (mean of samples from the trained flow)
+gt                         ground truth: the complete images (the ceiling)
+=========================  ===========================================================================
+
+Imputers are frozen, so their outputs are cached on disk under ``cache_dir`` (default
+``data/cache/classification/``, git-ignored; :func:`cached`), keyed by everything that determines
+them. The preparers read their settings from an :class:`ImputerConfig` (the classification study's
+:class:`~labkit.studies.classification.SweepConfig` extends it); :func:`method_available` says
+whether a method's checkpoint (DMFA, ACFlow) exists yet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from labkit import paths
+from labkit.device import resolve_device
+from labkit.mfa import MFA, ClassicalMFA
+from labkit.models.fronts import (ACFlowFront, Front, GroundTruthFront, KNNFront, MaskFront, MFAMeanFront,
+                                  MisConvFront, PartialConvFront, ZeroFront)
+from labkit.studies.cells import CellData, _stable_seed, _with_nan
+
+__all__ = [
+    "METHODS",
+    "AuxSource",
+    "ConditionedMFAAux",
+    "ImputerConfig",
+    "MFAAux",
+    "Method",
+    "TensorAux",
+    "cached",
+    "classical_mfa",
+    "method_available",
+    "prepare_acflow",
+    "prepare_knn",
+    "prepare_mfa_mean",
+    "prepare_mfa_misconv",
+]
+
+
+# ============================================================================ auxiliaries per batch
+class AuxSource:
+    """What a front needs besides ``(x, missing)``, batch by batch: ``get(idx, x, missing) -> aux``.
+
+    ``idx`` indexes the data set the source was prepared for (a CPU int64 tensor); ``x``/``missing``
+    are the batch already on the device.
+    """
+
+    def get(self, idx: Tensor, x: Tensor, missing: Tensor):
+        return None
+
+
+class TensorAux(AuxSource):
+    """Per-image tensors ``(N, C, H, W)`` (imputed or complete images), stored on the CPU (maybe float16)."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def get(self, idx, x, missing):
+        return self.images[idx].to(device=x.device, dtype=x.dtype)
+
+
+class MFAAux(AuxSource):
+    """Per-image MFAs (weights (N,K), means (N,K,C,H,W), factors (N,K,L,C,H,W), variances), maybe float16."""
+
+    def __init__(self, fields: dict[str, Tensor]):
+        self.fields = fields
+
+    def get(self, idx, x, missing):
+        f = {k: v[idx].to(device=x.device, dtype=x.dtype) for k, v in self.fields.items()}
+        w = f["weights"]
+        w = w / w.sum(1, keepdim=True)                 # float16 storage: renormalise
+        d = f["variances"].clamp_min(1e-6)             # float16 may round tiny variances to 0
+        return MFA(w, f["means"], f["factors"], d, validate=False)
+
+
+class ConditionedMFAAux(AuxSource):
+    """A classical MFA conditioned on each batch's observed pixels (cheap: O(B·K·N·L²)), on the fly."""
+
+    def __init__(self, model: ClassicalMFA):
+        self.model = model
+
+    def get(self, idx, x, missing):
+        model = self.model.to(x.device)
+        with torch.no_grad():
+            return model.to(dtype=x.dtype).condition(x, ~missing).detach()
+
+
+def _mfa_fields(mfa: MFA, dtype=torch.float16) -> dict[str, Tensor]:
+    return {"weights": mfa.weights.detach().cpu().to(dtype), "means": mfa.means.detach().cpu().to(dtype),
+            "factors": mfa.factors.detach().cpu().to(dtype), "variances": mfa.variances.detach().cpu().to(dtype)}
+
+
+# ============================================================================ caching
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _file_id(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def cached(cache_dir: Path, name: str, key: dict, compute: Callable[[], Any], *, progress: bool = True) -> Any:
+    """``compute()`` once per ``key``; stored as ``cache_dir/<name>-<hash(key)>.pt`` (atomic write)."""
+    from labkit.checkpoint import atomic_save, load_checkpoint
+
+    path = Path(cache_dir) / f"{name}-{_hash(key)}.pt"
+    stored = load_checkpoint(path, map_location="cpu") if path.exists() else None
+    if stored is not None and stored.get("key") == json.loads(json.dumps(key, sort_keys=True, default=str)):
+        return stored["value"]
+    start = time.perf_counter()
+    value = compute()
+    if progress:
+        print(f"[cache] {name}: computed in {time.perf_counter() - start:.1f} s -> {path.name}", flush=True)
+    atomic_save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value,
+                 "seconds": time.perf_counter() - start}, path)
+    return value
+
+
+# ============================================================================ settings
+@dataclass
+class ImputerConfig:
+    """What the preparers read: k-NN and MFA settings, the DMFA/ACFlow checkpoints, the cache.
+
+    Checkpoint paths are templates (see :meth:`resolve`); relative ones are relative to the
+    checkout (:func:`labkit.paths.repo_path`).
+    """
+
+    knn_fit: int | None = 5000                # incomplete training images the KNNImputer is fitted on
+    knn_k: Sequence[int] = (1, 3, 5, 10)       # candidates for n_neighbors, chosen on validation
+    knn_val: int = 500                        # validation images used to choose k
+    mfa_components: int = 10
+    mfa_factors: int = 4
+    mfa_iterations: int = 30
+    dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete.pt"      # {dataset} is filled in
+    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"   # one per mask kind
+    acflow: str | None = "results/acflow/acflow_{dataset}.pt"
+    acflow_samples: int = 4
+    impute_batch: int = 256
+    cache_dir: str | None = None              # default data/cache/classification
+    device: Any = None
+    progress: bool = True
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else paths.cache_dir("classification")
+
+    def resolve(self, path: str | None, dataset: str = "mnist", mask: str | None = None) -> Path | None:
+        """A checkpoint path template made concrete: ``{dataset}`` is the data set's name and
+        ``{mask_suffix}`` is ``""`` for square masks (or no mask) and ``"_<kind>"`` otherwise, so the
+        incomplete-data DMFA of each mask kind can be its own file (trained on that kind's missing data)."""
+        if not path:
+            return None
+        suffix = "" if mask in (None, "square") else f"_{mask}"
+        return paths.repo_path(str(path).replace("{dataset}", dataset).replace("{mask_suffix}", suffix))
+
+
+# ============================================================================ methods
+@dataclass
+class Method:
+    """A missing-data method: its front class, its preparer and when it can run."""
+
+    name: str
+    front: type[Front]
+    prepare: Callable[[CellData, ImputerConfig], tuple[AuxSource, AuxSource, dict]]
+    needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None: None)
+    description: str = ""
+
+
+def _no_aux(data, cfg):
+    return AuxSource(), AuxSource(), {}
+
+
+def _gt(data, cfg):
+    return TensorAux(data.train_images), TensorAux(data.test_images), {}
+
+
+def _chunks(n: int, size: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    starts = range(0, n, size)
+    return tqdm(starts, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- k-NN
+def _knn_impute(imputer, images: Tensor, missing: Tensor, desc: str, progress: bool, chunk: int = 250) -> Tensor:
+    N = images.shape[0]
+    flat = _with_nan(images, missing.expand_as(images)).reshape(N, -1).numpy().astype(np.float64)
+    out = np.empty_like(flat)
+    for s in _chunks(N, chunk, desc, progress):
+        out[s:s + chunk] = imputer.transform(flat[s:s + chunk])
+    res = torch.from_numpy(out).to(torch.float32).reshape(images.shape)
+    return torch.where(missing.expand_as(images), res, images)
+
+
+def prepare_knn(data: CellData, cfg: ImputerConfig):
+    """k-NN imputation with scikit-learn's ``KNNImputer`` (uniform weights, nan-Euclidean distance).
+
+    - fitted on the *incomplete* training images (NaN at missing pixels; no complete image is
+      used), at most ``cfg.knn_fit`` of them (the first ones of the classifier's training split);
+    - ``n_neighbors`` chosen from ``cfg.knn_k`` on ``cfg.knn_val`` validation images: an extra
+      square (1/4 of the image) is hidden among their *observed* pixels and the k with the lowest
+      squared error there wins (only observed values are ever compared);
+    - train, validation and test images are then imputed in chunks (progress bar).
+    """
+    from sklearn.impute import KNNImputer
+
+    from labkit.masks import make_masks
+
+    fit_rows = data.fit_idx[: cfg.knn_fit] if cfg.knn_fit else data.fit_idx
+    key = {**data.key("train"), "test": data.key("test"), "method": "knn", "fit": len(fit_rows),
+           "k": list(cfg.knn_k), "val": cfg.knn_val, "v": 1}
+
+    def compute():
+        N, C, H, W = data.train_images.shape
+        X_fit = _with_nan(data.train_images[fit_rows], data.train_missing[fit_rows].expand(-1, C, -1, -1))
+        X_fit = X_fit.reshape(len(fit_rows), -1).numpy().astype(np.float64)
+        # choose k: hide an extra square among the observed pixels of validation images
+        vidx = data.val_idx[: cfg.knn_val]
+        g = torch.Generator().manual_seed(_stable_seed("knn-hidden", data.dataset, data.mask, data.seed))
+        hidden = make_masks("square", len(vidx), H, W, generator=g, device="cpu") & ~data.train_missing[vidx]
+        vmiss = data.train_missing[vidx] | hidden
+        scores = {}
+        for k in cfg.knn_k:
+            imp = KNNImputer(n_neighbors=int(k), keep_empty_features=True).fit(X_fit)
+            filled = _knn_impute(imp, data.train_images[vidx], vmiss, f"knn k={k} (val)", cfg.progress)
+            h = hidden.expand_as(filled)
+            err = ((filled - data.train_images[vidx]) ** 2)[h].sum() / len(vidx)
+            scores[int(k)] = float(err)
+        best = min(scores, key=scores.get)
+        imp = KNNImputer(n_neighbors=best, keep_empty_features=True).fit(X_fit)
+        t0 = time.perf_counter()
+        tr = _knn_impute(imp, data.train_images, data.train_missing, f"knn k={best} train", cfg.progress)
+        te = _knn_impute(imp, data.test_images, data.test_missing, f"knn k={best} test", cfg.progress)
+        return {"train": tr.half(), "test": te.half(), "k": best, "val_sse_per_image": scores,
+                "impute_seconds": time.perf_counter() - t0, "n_fit": len(fit_rows)}
+
+    v = cached(cfg.cache_path(), f"knn-{data.dataset}-{data.mask}-s{data.seed}", key, compute, progress=cfg.progress)
+    info = {"knn_k": v["k"], "knn_val_sse_per_image": v["val_sse_per_image"], "knn_n_fit": v["n_fit"],
+            "knn_impute_seconds": round(v["impute_seconds"], 1)}
+    return TensorAux(v["train"]), TensorAux(v["test"]), info
+
+
+# ---------------------------------------------------------------------------- classical MFA
+def classical_mfa(data: CellData, cfg: ImputerConfig) -> ClassicalMFA:
+    """The classical MFA of the data set: EM (:func:`labkit.mfa.fit_mfa`) on the complete images of
+    the classifier's training split (not the validation or test images), cached."""
+    from labkit.mfa import fit_mfa
+
+    K, L = cfg.mfa_components, cfg.mfa_factors
+    C, H, W = data.train_images.shape[1:]
+    key = {"dataset": data.dataset, "n": len(data.train_images), "fit": len(data.fit_idx), "K": K, "L": L,
+           "iterations": cfg.mfa_iterations, "v": 1}
+
+    def compute():
+        model, history = fit_mfa(data.train_images[data.fit_idx], K, L, iterations=cfg.mfa_iterations,
+                                 seed=0, progress=cfg.progress)
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history}
+
+    v = cached(cfg.cache_path(), f"mfa-{data.dataset}-K{K}-L{L}", key, compute, progress=cfg.progress)
+    model = ClassicalMFA.empty(K, L, (C, H, W))
+    model.load_state_dict(v["state"])
+    return model
+
+
+def _mfa_mean_images(model: ClassicalMFA, images: Tensor, missing: Tensor, cfg: ImputerConfig, desc: str) -> Tensor:
+    dev = resolve_device(cfg.device)
+    m = model.to(dev)
+    out = torch.empty_like(images)
+    for s in _chunks(len(images), cfg.impute_batch, desc, cfg.progress):
+        x = images[s:s + cfg.impute_batch].to(dev)
+        j = missing[s:s + cfg.impute_batch].to(dev)
+        with torch.no_grad():
+            mean = m.condition(_with_nan(x, j.expand_as(x)), ~j).mean()
+        out[s:s + cfg.impute_batch] = torch.where(j.expand_as(x), mean, x).cpu()
+    return out
+
+
+def prepare_mfa_mean(data: CellData, cfg: ImputerConfig):
+    model = classical_mfa(data, cfg)
+    key = {**data.key("train"), "test": data.key("test"), "method": "mfa_mean", "K": cfg.mfa_components,
+           "L": cfg.mfa_factors, "iterations": cfg.mfa_iterations, "v": 1}
+
+    def compute():
+        return {"train": _mfa_mean_images(model, data.train_images, data.train_missing, cfg, "MFA mean train").half(),
+                "test": _mfa_mean_images(model, data.test_images, data.test_missing, cfg, "MFA mean test").half()}
+
+    v = cached(cfg.cache_path(), f"mfamean-{data.dataset}-{data.mask}-s{data.seed}", key, compute, progress=cfg.progress)
+    return TensorAux(v["train"]), TensorAux(v["test"]), {"mfa_K": cfg.mfa_components, "mfa_L": cfg.mfa_factors}
+
+
+def prepare_mfa_misconv(data: CellData, cfg: ImputerConfig):
+    model = classical_mfa(data, cfg)
+    src = ConditionedMFAAux(model)
+    return src, src, {"mfa_K": cfg.mfa_components, "mfa_L": cfg.mfa_factors}
+
+
+# ---------------------------------------------------------------------------- DMFA
+def _dmfa_path(cfg: ImputerConfig, variant: str, dataset: str = "mnist", mask: str | None = None) -> Path | None:
+    return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask)
+
+
+def _dmfa_needs(variant: str):
+    def needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+        p = _dmfa_path(cfg, variant, dataset, mask)
+        if p is None:
+            return f"no {variant}-data DMFA checkpoint configured"
+        if not p.is_file():
+            return f"{variant}-data DMFA checkpoint {p} does not exist yet"
+        return None
+    return needs
+
+
+def _dmfa_mfas(data: CellData, cfg: ImputerConfig, variant: str) -> dict:
+    """Per-image DMFA outputs for train and test (fields stored float16), cached."""
+    from labkit.models.dmfa import load_dmfa, predict_mfa
+
+    path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+    key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}", "checkpoint": _file_id(path),
+           "v": 1}
+
+    def compute():
+        dev = resolve_device(cfg.device)
+        model, _ = load_dmfa(path, device=dev)
+        out = {}
+        for split, images, missing in data.splits():
+            mfa = predict_mfa(model, _with_nan(images, missing.expand_as(images)), missing,
+                              batch_size=cfg.impute_batch, device=dev, out_device="cpu")
+            out[split] = _mfa_fields(mfa)
+        return out
+
+    return cached(cfg.cache_path(), f"dmfa{variant}-{data.dataset}-{data.mask}-s{data.seed}", key, compute,
+                  progress=cfg.progress)
+
+
+def _prepare_dmfa_mean(variant: str):
+    def prepare(data, cfg):
+        v = _dmfa_mfas(data, cfg, variant)
+        out = []
+        for split, images, missing in data.splits():
+            f = v[split]
+            w = f["weights"].float()
+            mean = torch.einsum("bk,bkchw->bchw", w / w.sum(1, keepdim=True), f["means"].float())
+            out.append(TensorAux(torch.where(missing.expand_as(images), mean, images)))
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        return out[0], out[1], {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
+    return prepare
+
+
+def _prepare_dmfa_misconv(variant: str):
+    def prepare(data, cfg):
+        v = _dmfa_mfas(data, cfg, variant)
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
+    return prepare
+
+
+# ---------------------------------------------------------------------------- ACFlow
+def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+    p = cfg.resolve(cfg.acflow, dataset)
+    if p is None:
+        return "no ACFlow checkpoint configured"
+    if not p.is_file():
+        return f"ACFlow checkpoint {p} does not exist yet"
+    return None
+
+
+def prepare_acflow(data: CellData, cfg: ImputerConfig):
+    """ACFlow imputation: the mean of ``cfg.acflow_samples`` samples of the missing pixels (seeded)."""
+    from labkit.models.acflow import load_acflow
+
+    path = cfg.resolve(cfg.acflow, data.dataset)
+    key = {**data.key("train"), "test": data.key("test"), "method": "acflow", "checkpoint": _file_id(path),
+           "samples": cfg.acflow_samples, "v": 1}
+
+    def compute():
+        dev = resolve_device(cfg.device)
+        model, _ = load_acflow(path, device=dev)
+        out = {}
+        for split, images, missing in data.splits():
+            g = torch.Generator(device=dev).manual_seed(_stable_seed("acflow", data.dataset, split, data.mask, data.seed))
+            res = torch.empty_like(images)
+            for s in _chunks(len(images), cfg.impute_batch, f"ACFlow {split}", cfg.progress):
+                x = images[s:s + cfg.impute_batch].to(dev)
+                j = missing[s:s + cfg.impute_batch].to(dev)
+                res[s:s + cfg.impute_batch] = model.impute(x, j, n_samples=cfg.acflow_samples, generator=g).cpu()
+            out[split] = res.half()
+        return out
+
+    v = cached(cfg.cache_path(), f"acflow-{data.dataset}-{data.mask}-s{data.seed}", key, compute, progress=cfg.progress)
+    info = {"acflow": str(path), "acflow_samples": cfg.acflow_samples, "acflow_checkpoint": key["checkpoint"]}
+    return TensorAux(v["train"]), TensorAux(v["test"]), info
+
+
+METHODS: dict[str, Method] = {
+    "zero": Method("zero", ZeroFront, _no_aux, description="zero imputation"),
+    "mask": Method("mask", MaskFront, _no_aux, description="zero imputation + mask channel"),
+    "pc": Method("pc", PartialConvFront, _no_aux, description="partial convolution"),
+    "knn": Method("knn", KNNFront, prepare_knn, description="k-NN imputation (KNNImputer on incomplete images)"),
+    "mfa_mean": Method("mfa_mean", MFAMeanFront, prepare_mfa_mean, description="classical MFA conditional mean"),
+    "mfa_misconv": Method("mfa_misconv", MisConvFront, prepare_mfa_misconv, description="MisConv, classical MFA"),
+    "dmfa_mean_complete": Method("dmfa_mean_complete", MFAMeanFront, _prepare_dmfa_mean("complete"),
+                                 _dmfa_needs("complete"), "DMFA mean imputation (complete-data DMFA)"),
+    "dmfa_misconv_complete": Method("dmfa_misconv_complete", MisConvFront, _prepare_dmfa_misconv("complete"),
+                                    _dmfa_needs("complete"), "MisConv, complete-data DMFA"),
+    "dmfa_mean_incomplete": Method("dmfa_mean_incomplete", MFAMeanFront, _prepare_dmfa_mean("incomplete"),
+                                   _dmfa_needs("incomplete"), "DMFA mean imputation (incomplete-data DMFA)"),
+    "dmfa_misconv_incomplete": Method("dmfa_misconv_incomplete", MisConvFront, _prepare_dmfa_misconv("incomplete"),
+                                      _dmfa_needs("incomplete"), "MisConv, incomplete-data DMFA"),
+    "acflow": Method("acflow", ACFlowFront, prepare_acflow, _acflow_needs, "ACFlow imputation"),
+    "gt": Method("gt", GroundTruthFront, _gt, description="ground truth (complete images)"),
+}
+
+
+def method_available(name: str, cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+    """``None`` if method ``name`` can run now on ``dataset`` with ``mask``-kind missing data, else why
+    not (e.g. its checkpoint does not exist yet)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name].needs(cfg, dataset, mask)
