@@ -1,16 +1,19 @@
-"""Run (or resume) the classification sweep of issue 4 from the command line.
+"""Run (or resume) the classification sweep (notebook 02's study) from the command line.
 
     .venv/bin/python scripts/run_classification.py --profile cpu                # the profile's whole grid
     .venv/bin/python scripts/run_classification.py --profile cpu --wait         # ... and wait for DMFA/ACFlow
     .venv/bin/python scripts/run_classification.py --profile cpu -p methods=[zero,pc] -p seeds=[0]
 
-Every finished (dataset, mask, method, seed) cell is appended to
-``results/classification/<profile>/accuracy.csv`` at once; rerunning the same command skips finished
-cells and resumes an interrupted one from its last epoch. Overrides (``-p key=value``, value in
-YAML) replace the profile's ``02_classification`` parameters. The Markdown table
-(``accuracy.md``) and the figure (``accuracy.png``) beside the CSV are refreshed after every cell
-(``--no-report`` to skip); ``--readme README.md`` also refreshes the table in
-that file between its ``<!-- classification-table:start/end -->`` markers.
+Every finished cell is recorded in ``results/classification/<profile>/accuracy.csv`` at once, under
+its key (its coordinates, settings and the fingerprints of its data and checkpoints): rerunning the
+same command skips finished cells and resumes an interrupted one from its last epoch; a rerun with
+other settings runs new cells. Overrides (``-p key=value``, value in YAML) replace the profile's
+``02_classification`` parameters. The Markdown table (``accuracy.md``) and the figure
+(``accuracy.png``) beside the CSV are refreshed after every cell (``--no-report`` to skip); they
+show the rows of the planned cells. ``--readme docs/classification.md`` also refreshes the tables in
+that file between its ``<!-- classification-table:start/end -->`` (and ``classification-paired``)
+markers. A cell that fails is reported and the others run; the command then exits with status 1,
+listing the failed cells.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from labkit.studies.classification import (paired_markdown, plot_results, read_results, run_sweep, sweep_config,
-                                           table_markdown, update_markdown_table)
+from labkit.studies.classification import (paired_markdown, plot_results, run_sweep, sweep_config, table_markdown,
+                                           update_markdown_table)
+from labkit.studies.engine import SweepFailed
 from labkit.studies.reporting import replace_marked_block
 
 try:
@@ -31,24 +35,29 @@ except ImportError:  # before labkit/lab/ existed
     from labkit.profiles import parse_override
 
 
-def write_report(out_dir, profile: str, readme=None) -> None:
+def write_report(out_dir, profile: str, df, readme=None) -> None:
     """``accuracy.md`` (the pivot beside the paper's Table 1), ``accuracy_paired.md`` (per-seed
-    differences, :func:`labkit.studies.classification.paired_markdown`) and ``accuracy.png`` from the CSV."""
+    differences, :func:`labkit.studies.classification.paired_markdown`) and ``accuracy.png`` from the
+    rows ``df`` (the planned cells), written as one set (:func:`labkit.studies.engine.write_files`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    df = read_results(out_dir / "accuracy.csv")
+    from labkit.studies.engine import write_files
+
     if df.empty:
         return
-    (out_dir / "accuracy.md").write_text(
-        f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds)\n\n"
-        + table_markdown(df) + "\n")
-    fig = plot_results(df, out_dir / "accuracy.png", title=f"MNIST test accuracy, profile {profile}")
-    plt.close(fig)
+    title = f"{', '.join(sorted(set(df['dataset'])))} test accuracy, profile {profile}"
+    fig = plot_results(df, None, title=title)
     paired = paired_markdown(df)
-    (out_dir / "accuracy_paired.md").write_text(
-        f"Per-seed accuracy differences in points, profile `{profile}` (mean ± std over seeds)\n\n" + paired + "\n")
+    write_files({
+        out_dir / "accuracy.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds)\n\n"
+                                 + table_markdown(df) + "\n",
+        out_dir / "accuracy_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
+                                        "(mean ± std over seeds)\n\n" + paired + "\n",
+        out_dir / "accuracy.png": lambda p: fig.savefig(p, dpi=120, format="png"),
+    })
+    plt.close(fig)
     if readme:
         update_markdown_table(readme, df)
         if "<!-- classification-paired:start -->" in Path(readme).read_text(encoding="utf-8"):
@@ -81,22 +90,28 @@ def main(argv=None) -> int:
     print(f"[run_classification] {cfg}", flush=True)
     start = time.time()
 
-    # refresh the report after every cell: run one cell at a time
-    while True:
-        before = len(read_results(out / "accuracy.csv"))
-        df = run_sweep(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg.profile, config=cfg,
-                       wait=args.wait, poll_seconds=args.poll_seconds, max_cells=1, progress=cfg.progress)
+    def report(df):
         if not args.no_report:
-            write_report(out, cfg.profile, args.readme)
-        finished = len(df) > before
-        if not finished or (args.max_cells is not None and len(df) - before >= args.max_cells):
-            break
-        if args.max_cells is not None:
-            args.max_cells -= 1
-            if args.max_cells <= 0:
-                break
-    print(f"[run_classification] stopped after {time.time() - start:.0f} s; {len(df)} rows in {out / 'accuracy.csv'}",
-          flush=True)
+            write_report(out, cfg.profile, df, args.readme)
+
+    failed = None
+    try:
+        df = run_sweep(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg.profile, config=cfg,
+                       wait=args.wait, poll_seconds=args.poll_seconds, max_cells=args.max_cells,
+                       progress=cfg.progress, on_record=report)
+    except SweepFailed as exc:
+        failed = exc
+        from labkit.studies.classification import read_results, plan_cells
+
+        keys = {c.key for c in plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)}
+        df = read_results(out / "accuracy.csv")
+        df = df[df["key"].isin(keys)]
+    report(df)
+    print(f"[run_classification] stopped after {time.time() - start:.0f} s; {len(df)} of the planned cells "
+          f"recorded in {out / 'accuracy.csv'}", flush=True)
+    if failed is not None:
+        print(f"[run_classification] {failed}", flush=True)
+        return 1
     return 0
 
 

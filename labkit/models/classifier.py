@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from labkit.device import resolve_device
 from labkit.models.fronts import Front, make_front
+from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 
 if TYPE_CHECKING:  # the data and aux protocols the trainer reads; no import at run time
     from labkit.studies.cells import CellData
@@ -130,12 +131,18 @@ class _Best:
 def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *, epochs: int, batch_size: int,
                      lr: float, seed: int, checkpoint: str | os.PathLike | None = None, select: str = "best_val",
                      device=None, progress: bool = True, config: dict | None = None,
-                     eval_batch: int = 500) -> tuple[list[dict], dict]:
+                     eval_batch: int = 500, precision: str = "32") -> tuple[list[dict], dict]:
     """Train with Adam + cross-entropy on ``data.fit_idx`` (resumable through ``checkpoint``).
+
+    ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` on CUDA, ``"auto"``; see
+    :mod:`labkit.precision`): the forward pass runs under autocast, except a MisConv front, whose
+    expected ReLU over the MFA stays float32 (:class:`~labkit.models.fronts.MisConvFront`); the
+    cross-entropy and backward run in float32. Recorded in the checkpoint. Validation runs in float32.
 
     ``select="best_val"`` restores the weights of the epoch with the best validation accuracy
     (ties: the earlier epoch); ``"last"`` keeps the last epoch. Returns ``(history, info)`` with
-    ``info = {"epoch_selected", "val_accuracy"}``.
+    ``info = {"epoch_selected", "val_accuracy"}`` (plus ``"last_state"``, the last epoch's weights on the
+    CPU, when the best validation epoch was restored).
     """
     from labkit.training import fit
 
@@ -143,6 +150,8 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
         raise ValueError(f"select must be 'best_val' or 'last', got {select!r}")
     dev = resolve_device(device)
     model.to(dev)
+    precision = resolve_precision(precision, dev)
+    scaler = grad_scaler(precision, dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     fit_idx = data.fit_idx
     n = len(fit_idx)
@@ -156,11 +165,15 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
         x, j = data.train_images[b].to(dev), data.train_missing[b].to(dev)
         x = _with_nan(x, j.expand_as(x))
         y = data.train_labels[b].to(dev)
-        logits = model(x, j, aux_train.get(b, x, j))
+        aux = aux_train.get(b, x, j)
+        with autocast(precision, dev):
+            logits = model(x, j, aux)
+        logits = to_float32(logits)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
     def evaluate(epoch):
@@ -173,11 +186,13 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
 
     history = fit(model, opt, batches, step, epochs=epochs, checkpoint=checkpoint, seed=seed, desc="classifier",
                   progress=progress, extra_state={"best": best}, config=config,
-                  evaluate=evaluate if len(data.val_idx) else None)
+                  evaluate=evaluate if len(data.val_idx) else None, precision=precision, scaler=scaler)
     info = {"epoch_selected": len(history) - 1, "val_accuracy": history[-1].get("val_accuracy") if history else None}
     if select == "best_val" and best.state is not None:
+        # the last epoch's weights stay available: the authors reported the last epoch's accuracy
+        last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best.state)
-        info = {"epoch_selected": best.epoch, "val_accuracy": best.acc}
+        info = {"epoch_selected": best.epoch, "val_accuracy": best.acc, "last_state": last_state}
     model.eval()
     return history, info
 

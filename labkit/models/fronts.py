@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from labkit.mfa import MFA
 from labkit.misconv import MisConv2d
+from labkit.precision import float32_region, to_float32
 
 __all__ = [
     "Front",
@@ -59,6 +60,7 @@ __all__ = [
     "ACFlowFront",
     "GroundTruthFront",
     "MisConvFront",
+    "AuthorsMisConvFront",
     "FRONTS",
     "make_front",
 ]
@@ -241,7 +243,22 @@ class MisConvFront(Front):
         if not isinstance(aux, MFA):
             raise TypeError(f"aux must be a labkit.mfa.MFA, got {type(aux).__name__}")
         # MisConv2d itself only reads x at observed pixels (torch.where), so NaN there is harmless.
-        return self.conv(x, J, aux)
+        # The expected ReLU over the mixture (Gaussian pdf/cdf terms, the mixture's weighted sum)
+        # stays float32 inside a mixed-precision forward: autocast off, inputs cast back up.
+        with float32_region(x.device):
+            return self.conv(to_float32(x), J, to_float32(aux))
+
+
+class AuthorsMisConvFront(MisConvFront):
+    """The authors' published first layer (``MisConv2d(variant="authors")``) over the same ``aux`` MFA.
+
+    A labelled ablation, kept to tell whether the paper's numbers owe something to the four ways
+    that layer differs from the exact expectation (see :class:`labkit.misconv.MisConv2d`); it is
+    fed the MFA the DMFA predicts at every pixel, as the authors' code was. Not for other use.
+    """
+
+    def _make_conv(self, cin, cout, kernel_size, stride, padding, bias):
+        return MisConv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=bias, variant="authors")
 
 
 #: registry names (see labkit.studies.imputers.METHODS) -> front class
@@ -256,6 +273,8 @@ FRONTS: dict[str, type[Front]] = {
     "dmfa_misconv_complete": MisConvFront,
     "dmfa_mean_incomplete": MFAMeanFront,
     "dmfa_misconv_incomplete": MisConvFront,
+    "dmfa_authors_complete": AuthorsMisConvFront,
+    "dmfa_authors_incomplete": AuthorsMisConvFront,
     "acflow": ACFlowFront,
     "gt": GroundTruthFront,
 }

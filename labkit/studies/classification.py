@@ -31,6 +31,7 @@ Reports: :func:`imputation_quality` (diagnostics of the imputers), :func:`pivot_
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -38,16 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from labkit import paths
 from labkit.device import resolve_device
 from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
-from labkit.studies.cells import _stable_seed, _with_nan, load_cell_data
+from labkit.studies.cells import _stable_seed, _with_nan, fingerprint_cell, load_cell_data
 from labkit.studies.imputers import METHODS, ImputerConfig, method_available
-from labkit.studies.reporting import replace_marked_block
-from labkit.sweeps import append_csv_row, append_jsonl, read_table
+from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS, PAPER_TABLE1,
+                                                  check_table_settings, paired_differences, paired_markdown,
+                                                  pivot_table, plot_results, table_markdown, update_markdown_table)
+from labkit.studies.reporting import replace_marked_block  # noqa: F401  (re-exported for the scripts)
+from labkit.studies.engine import Cell, InputError, ResultStore, SweepFailed, run_cells
 
 __all__ = [
     "ACCURACY_COLUMNS",
@@ -68,33 +71,14 @@ __all__ = [
     "update_markdown_table",
     "paired_markdown",
     "plot_results",
+    "MASK_ORDER",
+    "PAIRS",
+    "check_table_settings",
+    "replace_marked_block",
+    "result_store",
+    "cell_settings",
+    "ACCURACY_COORDS",
 ]
-
-ACCURACY_COLUMNS = ["dataset", "mask", "method", "seed", "accuracy", "n_train", "n_test", "epochs"]
-
-#: display order of the methods (tables, plots)
-METHOD_ORDER = ["zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
-                "dmfa_misconv_complete", "dmfa_mean_incomplete", "dmfa_misconv_incomplete", "acflow", "gt"]
-
-#: the paper's supplementary Table 1 (MNIST): method -> {mask: accuracy}. The paper's "MisConv" row
-#: is shown beside both DMFA-MisConv variants (the paper does not say which DMFA it used there).
-PAPER_TABLE1 = {
-    "zero": {"square": 0.910, "trapezoid": 0.891, "noise": 0.946},
-    "mask": {"square": 0.926, "trapezoid": 0.905, "noise": 0.703},
-    "knn": {"square": 0.874, "trapezoid": 0.854, "noise": 0.912},
-    "pc": {"square": 0.920, "trapezoid": 0.674, "noise": 0.804},
-    "acflow": {"square": 0.908, "trapezoid": 0.799, "noise": 0.788},
-    "dmfa_misconv_complete": {"square": 0.931, "trapezoid": 0.918, "noise": 0.966},
-    "dmfa_misconv_incomplete": {"square": 0.931, "trapezoid": 0.918, "noise": 0.966},
-    "gt": {"square": 0.992, "trapezoid": 0.992, "noise": 0.992},
-}
-#: the authors' public code, single-seed MNIST runs, 14×14 squares
-AUTHORS_SQUARE = {
-    "gt": 0.9907, "dmfa_misconv_incomplete": 0.9312, "dmfa_misconv_complete": 0.9268,
-    "dmfa_mean_complete": 0.9272, "mask": 0.9251, "dmfa_mean_incomplete": 0.9239, "mfa_mean": 0.9221,
-    "pc": 0.9203, "zero": 0.9105, "acflow": 0.9081, "knn": 0.8748,
-}
-
 
 # ============================================================================ settings
 @dataclass
@@ -110,6 +94,7 @@ class SweepConfig(ImputerConfig):
     n_test: int | None = 200
     val_fraction: float = 0.1
     select: str = "best_val"                  # "best_val" (epoch with the best validation accuracy) | "last"
+    precision: str = "32"                     # "32" | "bf16-mixed" | "16-mixed" | "auto" (labkit.precision)
     eval_batch: int = 500
     results_dir: str | None = None            # default results/classification/<profile>
 
@@ -160,29 +145,93 @@ def sweep_config(profile: str = "quick", **overrides) -> tuple[dict, SweepConfig
 
 
 # ============================================================================ results files
+#: the accuracy table: one row per cell key (see :mod:`labkit.studies.engine`)
+ACCURACY_COORDS = ["dataset", "mask", "method", "seed"]
+ACCURACY_METRICS = ["accuracy"]                     # test accuracy of the selected epoch (cfg.select)
+ACCURACY_OPTIONAL = ["accuracy_last", "val_accuracy", "epoch_selected"]   # empty in rows made before they existed
+ACCURACY_COLUMNS = ["key", *ACCURACY_COORDS, *ACCURACY_METRICS, *ACCURACY_OPTIONAL, "settings", "inputs", "origin"]
+
+
+def result_store(results_dir: str | os.PathLike) -> ResultStore:
+    """The classification results of a folder: ``accuracy.csv`` (validated rows) + ``runs.jsonl``."""
+    results_dir = Path(results_dir)
+    return ResultStore(results_dir / "accuracy.csv", coords=ACCURACY_COORDS, metrics=ACCURACY_METRICS,
+                       optional=ACCURACY_OPTIONAL, details=results_dir / "runs.jsonl")
+
+
 def read_results(path: str | os.PathLike):
-    """The accuracy CSV as a pandas DataFrame (empty with ``ACCURACY_COLUMNS`` if absent)."""
-    return read_table(path, ACCURACY_COLUMNS)
+    """The validated rows of an accuracy CSV (a folder or the CSV itself) as a DataFrame, with the
+    settings every table needs (``n_train``, ``n_test``, ``epochs``, ``precision``) as columns."""
+    path = Path(path)
+    store = result_store(path if path.suffix != ".csv" else path.parent)
+    if path.suffix == ".csv":
+        store.path = path
+    return with_settings_columns(store.read())
 
 
-def _append_row(path: Path, row: dict) -> bool:
-    """Add ``row`` to the CSV atomically unless its cell is there already (see
-    :func:`labkit.sweeps.append_csv_row`); returns whether it was added."""
-    return append_csv_row(path, row, ACCURACY_COLUMNS, key=["dataset", "mask", "method", "seed"])
+def with_settings_columns(df, names: Sequence[str] = ("n_train", "n_test", "epochs", "precision")):
+    """``df`` with the named settings copied out of its ``settings`` JSON into columns."""
+    import json
+
+    df = df.copy()
+    parsed = [json.loads(t) if isinstance(t, str) else {} for t in df["settings"]] if len(df) else []
+    for name in names:
+        df[name] = [d.get(name) for d in parsed]
+    return df
 
 
-_append_jsonl = append_jsonl
+def cell_settings(cfg: SweepConfig, method: str) -> dict:
+    """Every setting that changes a cell's result: the classifier's training and the method's own."""
+    return {"n_train": cfg.n_train, "n_test": cfg.n_test, "val_fraction": cfg.val_fraction, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select, "precision": cfg.precision,
+            **METHODS[method].settings(cfg)}
 
 
-def _done(df) -> set[tuple]:
-    return {(str(r.dataset), str(r.mask), str(r.method), int(r.seed)) for r in df.itertuples()}
+_PLAN_DATA: dict = {}
+
+
+def _cell_fingerprints(dataset: str, mask: str, seed: int, cfg: SweepConfig) -> dict:
+    key = (dataset, mask, int(seed), cfg.n_train, cfg.n_test, cfg.val_fraction)
+    if key not in _PLAN_DATA:
+        data = load_cell_data(dataset, mask, seed, n_train=cfg.n_train, n_test=cfg.n_test,
+                              val_fraction=cfg.val_fraction, quiet=True)
+        if len(_PLAN_DATA) > 64:
+            _PLAN_DATA.clear()
+        _PLAN_DATA[key] = {**fingerprint_cell(data), "sources": data.sources}
+    return _PLAN_DATA[key]
+
+
+def plan_cells(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+               cfg: SweepConfig | None = None) -> list[Cell]:
+    """The grid as :class:`~labkit.studies.engine.Cell` s in run order (seeds outermost, so every
+    method sees every mask at seed 0 first). Each cell's inputs are the content fingerprints of its
+    images, labels and masks and of the checkpoints its method reads; a method whose checkpoint does
+    not exist yet gets ``inputs["unavailable"]`` (the sweep waits for it or leaves it)."""
+    cfg = cfg or SweepConfig()
+    cells = []
+    for s in seeds:
+        for d in datasets:
+            for m in masks:
+                fp = _cell_fingerprints(d, m, int(s), cfg)
+                data_inputs = {"train": fp["train"], "test": fp["test"], "masks": fp["masks"]}
+                for meth in methods:
+                    why = method_available(meth, cfg, d, m)
+                    extra = {"unavailable": why} if why else METHODS[meth].inputs(cfg, d, m)
+                    cells.append(Cell("classification", {"dataset": d, "mask": m, "method": meth, "seed": int(s)},
+                                      cell_settings(cfg, meth), {**data_inputs, **extra}))
+    return cells
 
 
 # ============================================================================ one cell / the sweep
-def run_cell(dataset: str, mask: str, method: str, seed: int, cfg: SweepConfig) -> dict:
-    """Train and test one (dataset, mask, method, seed); return the CSV row plus details (not written)."""
+def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
+    """Train and test one cell; returns ``{"metrics", "details"}`` (the driver records them).
+
+    Loads the cell's data itself (so it can run in another process or on another machine) and
+    refuses to run when what it loaded is not what the plan fingerprinted.
+    """
     from labkit.checkpoint import machine_description
 
+    dataset, mask, method, seed = (cell.coords[k] for k in ACCURACY_COORDS)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     why = method_available(method, cfg, dataset, mask)
@@ -192,47 +241,62 @@ def run_cell(dataset: str, mask: str, method: str, seed: int, cfg: SweepConfig) 
     t0 = time.perf_counter()
     data = load_cell_data(dataset, mask, seed, n_train=cfg.n_train, n_test=cfg.n_test, val_fraction=cfg.val_fraction,
                           quiet=not cfg.progress)
+    fp = fingerprint_cell(data)
+    for part in ("train", "test", "masks"):
+        if part in cell.inputs and cell.inputs[part] != fp[part]:
+            raise InputError(f"the {part} data this process loaded differ from the plan's "
+                             f"({cell.inputs[part]} vs {fp[part]}): another data source or mask generator")
     aux_train, aux_test, info = METHODS[method].prepare(data, cfg)
     t_prep = time.perf_counter() - t0
     torch.manual_seed(_stable_seed("init", dataset, mask, method, seed))
     C, H, _ = data.train_images.shape[1:]
     model = build_classifier(data.arch, method, in_channels=C, image_size=H).to(dev)
-    run_config = {"dataset": dataset, "mask": mask, "method": method, "n_train": len(data.fit_idx),
-                  "n_val": len(data.val_idx), "n_test": len(data.test_images), "batch_size": cfg.batch_size,
-                  "lr": cfg.lr, "select": cfg.select}
-    ckpt = cfg.cache_path() / "runs" / cfg.profile / f"{dataset}-{mask}-{method}-s{seed}.partial.pt"
+    run_config = {"cell": cell.key, "n_train": len(data.fit_idx), "n_val": len(data.val_idx),
+                  "n_test": len(data.test_images), "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select}
+    ckpt = cfg.cache_path() / "runs" / cfg.profile / f"{dataset}-{mask}-{method}-s{seed}-{cell.key[:12]}.partial.pt"
     t1 = time.perf_counter()
     history, sel = train_classifier(model, data, aux_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                     seed=seed, checkpoint=ckpt, select=cfg.select, device=dev,
-                                    progress=cfg.progress, config=run_config, eval_batch=cfg.eval_batch)
+                                    progress=cfg.progress, config=run_config, eval_batch=cfg.eval_batch,
+                                    **_precision_kw(cfg))
     t_train = time.perf_counter() - t1
     acc = evaluate_accuracy(model, data.test_images, data.test_labels, data.test_missing, aux_test,
                             batch_size=cfg.eval_batch)
-    row = {"dataset": dataset, "mask": mask, "method": method, "seed": int(seed), "accuracy": round(acc, 5),
-           "n_train": len(data.fit_idx), "n_test": len(data.test_images), "epochs": cfg.epochs}
-    details = {**row, "n_val": len(data.val_idx), "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select,
-               **sel, "prepare_seconds": round(t_prep, 1), "train_seconds": round(t_train, 1),
+    last_state = sel.pop("last_state", None)
+    acc_last = acc
+    if last_state is not None:     # the selected epoch was not the last: test the last one too
+        model.load_state_dict(last_state)
+        acc_last = evaluate_accuracy(model, data.test_images, data.test_labels, data.test_missing, aux_test,
+                                     batch_size=cfg.eval_batch)
+    metrics = {"accuracy": round(acc, 5), "accuracy_last": round(acc_last, 5),
+               "val_accuracy": None if sel.get("val_accuracy") is None else round(float(sel["val_accuracy"]), 5),
+               "epoch_selected": sel.get("epoch_selected")}
+    details = {"n_train": len(data.fit_idx), "n_val": len(data.val_idx), "n_test": len(data.test_images),
+               "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select,
+               "precision": cfg.precision, **sel,
+               "prepare_seconds": round(t_prep, 1), "train_seconds": round(t_train, 1),
                "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine_description(),
                "device": str(dev), "profile": cfg.profile, "data": data.sources,
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
                **info}
-    return {"row": row, "details": details, "checkpoint": ckpt}
+    ckpt.unlink(missing_ok=True)
+    return {"metrics": metrics, "details": details}
 
 
-_REPORTED: dict[str, set] = {}
+def _precision_kw(cfg: SweepConfig) -> dict:
+    """``precision=`` for :func:`train_classifier` when it takes one (mixed precision), else nothing."""
+    import inspect
 
-
-def plan_cells(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[tuple]:
-    """The grid in run order: seeds outermost, so every method sees every mask at seed 0 first."""
-    return [(d, m, meth, int(s)) for s in seeds for d in datasets for m in masks for meth in methods]
+    return {"precision": cfg.precision} if "precision" in inspect.signature(train_classifier).parameters else {}
 
 
 def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
               profile: str = "quick", *, config: SweepConfig | None = None, wait: bool = False,
               poll_seconds: float = 300.0, max_cells: int | None = None, device=None,
-              progress: bool = True, _run_cell: Callable = None, **overrides) -> "Any":
-    """Run every (dataset, mask, method, seed) cell not yet in ``<results_dir>/accuracy.csv``.
+              progress: bool = True, executor: Any = None, raise_on_failure: bool = True,
+              on_record: Callable[[Any], None] | None = None, _run_cell: Callable = None, **overrides) -> "Any":
+    """Run every cell of the grid whose key is not yet in ``<results_dir>/accuracy.csv``.
 
     Args:
         datasets, masks, methods, seeds: the grid (methods: names of ``METHODS``).
@@ -240,14 +304,18 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
         config: a :class:`SweepConfig`; ``overrides`` (epochs, batch_size, lr, n_train, ...) replace fields.
         wait: when methods are unavailable (no DMFA/ACFlow checkpoint yet), poll every
             ``poll_seconds`` until they appear, instead of returning without them.
-        max_cells: stop after this many newly finished cells.
+        max_cells: stop after this many cells ran or failed.
+        executor: where cells run (default: one after another here; see
+            :func:`labkit.studies.executors.make_executor`).
+        raise_on_failure: raise :class:`~labkit.studies.engine.SweepFailed` at the end when cells failed
+            (the others ran and were recorded).
+        on_record: called after each recorded cell with the rows of the planned cells so far (a
+            DataFrame), e.g. to refresh a report.
 
-    Each finished cell is appended to the CSV at once (atomically) and described in ``runs.jsonl``;
-    a rerun skips finished cells, and an interrupted cell resumes from its epoch checkpoint.
-    The next cell is always the first unfinished, runnable one in :func:`plan_cells` order, so a
-    method that becomes available later (a checkpoint lands) jumps ahead of later seeds.
-
-    Returns the CSV's DataFrame.
+    A cell is done only when a row with its key exists: a rerun with other settings, other images
+    or another checkpoint runs new cells. Each finished cell is recorded at once (atomically) with
+    its settings, inputs and details (``runs.jsonl``); an interrupted cell resumes from its epoch
+    checkpoint. Returns the rows of the planned cells (a DataFrame).
     """
     cfg = config or SweepConfig(profile=profile)
     cfg.profile = profile
@@ -266,44 +334,31 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
     for m in masks:
         if m not in MASK_KINDS:
             raise ValueError(f"unknown mask kind {m!r}; valid: {', '.join(MASK_KINDS)}")
-    out = cfg.results_path()
-    csv = out / "accuracy.csv"
-    cells = plan_cells(datasets, masks, methods, seeds)
-    runner = _run_cell or run_cell
-    finished = 0
-    reported = _REPORTED.setdefault(str(csv), set())   # say "skipping X" once per results file
+    store = result_store(cfg.results_path())
+    fn = functools.partial(_run_cell or run_cell, cfg=cfg)
+    failed, ran = [], 0
     while True:
-        done = _done(read_results(csv))
-        todo = [c for c in cells if c not in done]
-        runnable = [c for c in todo if method_available(c[2], cfg, c[0], c[1]) is None]
-        for c in todo:
-            why = method_available(c[2], cfg, c[0], c[1])
-            if why and (c[2], c[1]) not in reported:
-                print(f"[sweep] skipping {c[2]} on {c[1]} masks for now: {why}", flush=True)
-                reported.add((c[2], c[1]))
-        if not todo:
-            print(f"[sweep] all {len(cells)} cells done -> {csv}", flush=True)
+        cells = plan_cells(datasets, masks, methods, seeds, cfg)
+        left = None if max_cells is None else max_cells - ran
+        keys = {c.key for c in cells}
+
+        def recorded(outcome, keys=keys):
+            if on_record is not None and outcome.status == "ran":
+                df = store.read(report=False)
+                on_record(with_settings_columns(df[df["key"].isin(keys)]))
+
+        outcomes = run_cells(cells, fn, store, executor=executor, max_cells=left, raise_on_failure=False,
+                             available=lambda c: c.inputs.get("unavailable"), on_outcome=recorded)
+        ran += sum(o.status in ("ran", "failed") for o in outcomes)
+        failed = [o for o in outcomes if o.status == "failed"]
+        waiting = [o for o in outcomes if o.status == "waiting"]
+        if not (wait and waiting) or (max_cells is not None and ran >= max_cells):
             break
-        if not runnable:
-            if not wait:
-                print(f"[sweep] {len(todo)} cells wait for unavailable methods; rerun later", flush=True)
-                break
-            time.sleep(poll_seconds)
-            continue
-        d, m, meth, s = runnable[0]
-        print(f"[sweep] {len(cells) - len(todo) + 1}/{len(cells)}: {d} {m} {meth} seed {s}", flush=True)
-        res = runner(d, m, meth, s, cfg)
-        if _append_row(csv, res["row"]):      # False: another sweep process finished this cell first
-            _append_jsonl(out / "runs.jsonl", res["details"])
-        ckpt = res.get("checkpoint")
-        if ckpt is not None:
-            Path(ckpt).unlink(missing_ok=True)
-        print(f"[sweep] {d} {m} {meth} seed {s}: accuracy {res['row']['accuracy']:.4f}"
-              + (f" ({res['details'].get('wall_seconds')} s)" if "details" in res else ""), flush=True)
-        finished += 1
-        if max_cells is not None and finished >= max_cells:
-            break
-    return read_results(csv)
+        time.sleep(poll_seconds)
+    df = store.read()
+    if failed and raise_on_failure:
+        raise SweepFailed(failed)
+    return with_settings_columns(df[df["key"].isin({c.key for c in cells})])
 
 
 # ============================================================================ diagnostics
@@ -349,170 +404,3 @@ def imputation_quality(dataset: str, mask: str, seed: int, methods: Sequence[str
     return pd.DataFrame(rows).set_index("method")
 
 
-# ============================================================================ tables and plots
-def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None):
-    """Table-1-style pivot: rows = methods, columns = masks, cells ``"mean ± std (n)"`` over seeds.
-
-    With ``with_paper`` the paper's Table 1 value follows each column ("paper <mask>"), and the
-    authors' single-seed square numbers a last column. Returns a pandas DataFrame of strings.
-    """
-    import pandas as pd
-
-    if dataset is not None:
-        df = df[df["dataset"] == dataset]
-    if df.empty:
-        return pd.DataFrame()
-    masks = [m for m in ("square", "trapezoid", "noise") if m in set(df["mask"])]
-    methods = [m for m in METHOD_ORDER if m in set(df["method"])] + sorted(set(df["method"]) - set(METHOD_ORDER))
-    g = df.groupby(["method", "mask"])["accuracy"]
-    mean, std, cnt = g.mean(), g.std(ddof=1), g.count()
-    rows = []
-    for meth in methods:
-        row = {"method": meth}
-        for mk in masks:
-            if (meth, mk) in mean.index:
-                n = int(cnt[(meth, mk)])
-                s = std[(meth, mk)]
-                row[mk] = f"{mean[(meth, mk)]:.3f} ± {s:.3f} (n={n})" if n > 1 else f"{mean[(meth, mk)]:.3f} (n=1)"
-            else:
-                row[mk] = ""
-            if with_paper:
-                p = PAPER_TABLE1.get(meth, {}).get(mk)
-                row[f"paper {mk}"] = f"{p:.3f}" if p is not None else ""
-        if with_paper:
-            a = AUTHORS_SQUARE.get(meth)
-            row["authors' code, square"] = f"{a:.4f}" if a is not None else ""
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
-
-
-def paired_differences(df, method: str, baseline: str):
-    """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask).
-
-    Cells with the same seed share their masks, initialisation and batch order, so the per-seed
-    difference removes most of the noise that separate means carry. Returns a DataFrame indexed by
-    (dataset, mask) with ``mean``, ``std`` (over seeds; NaN for one seed), ``n`` and ``seeds`` (the
-    per-seed differences, seed order); only seeds where both methods finished count.
-    """
-    import pandas as pd
-
-    for m in (method, baseline):
-        if m not in set(df["method"]):
-            raise ValueError(f"no results for method {m!r}; have {sorted(set(df['method']))}")
-    a = df[df["method"] == method].set_index(["dataset", "mask", "seed"])["accuracy"]
-    b = df[df["method"] == baseline].set_index(["dataset", "mask", "seed"])["accuracy"]
-    d = (a - b).dropna().sort_index()
-    rows = []
-    for (ds, mk), grp in d.groupby(level=["dataset", "mask"]):
-        rows.append({"dataset": ds, "mask": mk, "mean": float(grp.mean()),
-                     "std": float(grp.std(ddof=1)) if len(grp) > 1 else float("nan"), "n": int(len(grp)),
-                     "seeds": [round(float(v), 4) for v in grp]})
-    return pd.DataFrame(rows, columns=["dataset", "mask", "mean", "std", "n", "seeds"]).set_index(["dataset", "mask"])
-
-
-def table_markdown(df, **kw) -> str:
-    """:func:`pivot_table` as a Markdown table (for the README), best mean per mask in bold."""
-    import pandas as pd
-
-    piv = pivot_table(df, **kw)
-    if piv.empty:
-        return "(no results yet)"
-    means = df.groupby(["method", "mask"])["accuracy"].mean()
-    best = {mk: means.xs(mk, level="mask").drop(labels=["gt"], errors="ignore").idxmax()
-            for mk in set(df["mask"]) if not means.xs(mk, level="mask").drop(labels=["gt"], errors="ignore").empty}
-    cols = list(piv.columns)
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for meth, row in piv.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            if c in best and best[c] == meth and v:
-                v = f"**{v}**"
-            cells.append(v)
-        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classification-table", **kw) -> bool:
-    """Replace the text between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in ``md_path``
-    with :func:`table_markdown` of ``df`` (plus a line saying how many cells it holds).
-
-    Returns True if the file changed. Raises ``ValueError`` if the markers are missing.
-    """
-    n_cells = len(df)
-    seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
-    body = (f"_Generated from the CSV by `labkit.studies.classification.update_markdown_table`: {n_cells} cells, "
-            f"seeds {seeds}._\n\n" + table_markdown(df, **kw))
-    return replace_marked_block(md_path, name, body)
-
-
-#: what the paired table compares: (MisConv over a density, mean imputation from the same density)
-#: and MisConv against the two strongest density-free baselines
-PAIRS = [("dmfa_misconv_complete", "dmfa_mean_complete"), ("dmfa_misconv_incomplete", "dmfa_mean_incomplete"),
-         ("mfa_misconv", "mfa_mean"), ("dmfa_misconv_complete", "pc"), ("dmfa_misconv_complete", "mask"),
-         ("dmfa_misconv_incomplete", "pc")]
-
-
-def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS) -> str:
-    """:func:`paired_differences` for ``pairs`` as a Markdown table: one row per pair, one column per
-    mask, cells "mean ± std (n)" in accuracy *points* (×100). Pairs lacking results are left out."""
-    masks = [m for m in ("square", "trapezoid", "noise") if m in set(df["mask"])]
-    lines = ["| MisConv variant − other method | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
-    have = set(df["method"])
-    for a, b in pairs:
-        if not {a, b} <= have:
-            continue
-        d = paired_differences(df, a, b)
-        cells = []
-        for mk in masks:
-            rows = d[d.index.get_level_values("mask") == mk]
-            if rows.empty:
-                cells.append("")
-                continue
-            r = rows.iloc[0]
-            sd = "" if r["n"] < 2 else f" ± {100 * r['std']:.2f}"
-            cells.append(f"{100 * r['mean']:+.2f}{sd} (n={int(r['n'])})")
-        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None = None):
-    """Bar chart: accuracy per method (mean over seeds, error bars = std; dots = seeds) per mask,
-    with the paper's Table 1 values as black ticks. Saves to ``path`` when given; returns the figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use(matplotlib.get_backend())
-    import matplotlib.pyplot as plt
-
-    masks = [m for m in ("square", "trapezoid", "noise") if m in set(df["mask"])]
-    methods = [m for m in METHOD_ORDER if m in set(df["method"])]
-    # one y range per mask: the trapezoid column sits ~30 points below the others, and a shared axis
-    # would flatten the differences that matter within each column
-    fig, axes = plt.subplots(1, max(1, len(masks)), figsize=(4.2 * max(1, len(masks)), 4.6), squeeze=False)
-    for ax, mk in zip(axes[0], masks):
-        sub = df[df["mask"] == mk]
-        for i, meth in enumerate(methods):
-            acc = sub[sub["method"] == meth]["accuracy"].to_numpy()
-            if len(acc) == 0:
-                continue
-            ax.bar(i, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, color="C0" if "misconv" not in meth
-                   else "C3", alpha=0.75, capsize=3)
-            ax.plot(np.full(len(acc), i), acc, "k.", ms=3)
-            p = PAPER_TABLE1.get(meth, {}).get(mk)
-            if p is not None:
-                ax.plot([i - 0.4, i + 0.4], [p, p], "k-", lw=2)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
-        ax.set_title(mk)
-        shown = list(sub["accuracy"]) + [v for m in methods if (v := PAPER_TABLE1.get(m, {}).get(mk)) is not None]
-        ax.set_ylim(max(0.0, min(shown) - 0.03), 1.0)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv); black ticks: paper's Table 1"
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig

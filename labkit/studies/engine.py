@@ -131,7 +131,8 @@ class LocalExecutor:
 def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: ResultStore, *,
               executor: Any = None, available: Callable[[Cell], str | None] | None = None,
               wait: bool = False, poll_seconds: float = 300.0, max_cells: int | None = None,
-              raise_on_failure: bool = True, log: Callable[[str], None] | None = None) -> list[CellOutcome]:
+              raise_on_failure: bool = True, log: Callable[[str], None] | None = None,
+              on_outcome: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
     """Run every cell of ``cells`` whose key is not yet in ``store``, recording each row as it arrives.
 
     Args:
@@ -145,6 +146,7 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
         wait: poll every ``poll_seconds`` for unavailable cells instead of leaving them.
         max_cells: stop after this many cells ran or failed.
         raise_on_failure: raise :class:`SweepFailed` at the end if a cell failed.
+        on_outcome: called with each ran/failed outcome after it is recorded (e.g. to refresh a report).
 
     Prints one line per cell: ``ran`` / ``skipped`` / ``failed`` / ``waiting`` with its short key.
     Returns the outcomes of every cell.
@@ -159,8 +161,11 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
     reported_waiting: set[str] = set()
     total = len(cells)
     n_done = 0
+    first = True
     while True:
-        done = store.done_keys()
+        # the first read reports malformed rows (file and line); later reads stay quiet
+        done = set(store.read(report=first)["key"])
+        first = False
         todo = []
         for c in cells:
             if c.key in done:
@@ -194,6 +199,8 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
                 say(f"[{c.study}] ran {c.short()}: {shown} ({outcome.seconds:.0f} s){note}")
             else:
                 say(f"[{c.study}] failed {c.short()}: {outcome.error}")
+            if on_outcome is not None:
+                on_outcome(outcome)
         waiting = [o for o in outcomes.values() if o.status == "waiting"]
         if not waiting or not wait or (max_cells is not None and n_done >= max_cells):
             break

@@ -28,8 +28,6 @@ whether a method's checkpoint (DMFA, ACFlow) exists yet.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +41,10 @@ from torch import Tensor
 from labkit import paths
 from labkit.device import resolve_device
 from labkit.mfa import MFA, ClassicalMFA
-from labkit.models.fronts import (ACFlowFront, Front, GroundTruthFront, KNNFront, MaskFront, MFAMeanFront,
-                                  MisConvFront, PartialConvFront, ZeroFront)
+from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
+                                  MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront)
 from labkit.studies.cells import CellData, _stable_seed, _with_nan
+from labkit.studies.engine import cached, input_fingerprint
 
 __all__ = [
     "METHODS",
@@ -119,30 +118,9 @@ def _mfa_fields(mfa: MFA, dtype=torch.float16) -> dict[str, Tensor]:
 
 
 # ============================================================================ caching
-def _hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _file_id(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
-
-
-def cached(cache_dir: Path, name: str, key: dict, compute: Callable[[], Any], *, progress: bool = True) -> Any:
-    """``compute()`` once per ``key``; stored as ``cache_dir/<name>-<hash(key)>.pt`` (atomic write)."""
-    from labkit.checkpoint import atomic_save, load_checkpoint
-
-    path = Path(cache_dir) / f"{name}-{_hash(key)}.pt"
-    stored = load_checkpoint(path, map_location="cpu") if path.exists() else None
-    if stored is not None and stored.get("key") == json.loads(json.dumps(key, sort_keys=True, default=str)):
-        return stored["value"]
-    start = time.perf_counter()
-    value = compute()
-    if progress:
-        print(f"[cache] {name}: computed in {time.perf_counter() - start:.1f} s -> {path.name}", flush=True)
-    atomic_save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value,
-                 "seconds": time.perf_counter() - start}, path)
-    return value
+def _checkpoint_id(path: Path, role: str) -> dict:
+    """The content fingerprint of a checkpoint an imputer reads (it is an input: errors say so)."""
+    return input_fingerprint(path, role)
 
 
 # ============================================================================ settings
@@ -192,6 +170,8 @@ class Method:
     prepare: Callable[[CellData, ImputerConfig], tuple[AuxSource, AuxSource, dict]]
     needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None: None)
     description: str = ""
+    settings: Callable[[ImputerConfig], dict] = field(default=lambda cfg: {})
+    inputs: Callable[..., dict] = field(default=lambda cfg, dataset="mnist", mask=None: {})
 
 
 def _no_aux(data, cfg):
@@ -236,7 +216,7 @@ def prepare_knn(data: CellData, cfg: ImputerConfig):
 
     fit_rows = data.fit_idx[: cfg.knn_fit] if cfg.knn_fit else data.fit_idx
     key = {**data.key("train"), "test": data.key("test"), "method": "knn", "fit": len(fit_rows),
-           "k": list(cfg.knn_k), "val": cfg.knn_val, "v": 1}
+           "k": list(cfg.knn_k), "val": cfg.knn_val, "v": 2}
 
     def compute():
         N, C, H, W = data.train_images.shape
@@ -276,8 +256,8 @@ def classical_mfa(data: CellData, cfg: ImputerConfig) -> ClassicalMFA:
 
     K, L = cfg.mfa_components, cfg.mfa_factors
     C, H, W = data.train_images.shape[1:]
-    key = {"dataset": data.dataset, "n": len(data.train_images), "fit": len(data.fit_idx), "K": K, "L": L,
-           "iterations": cfg.mfa_iterations, "v": 1}
+    key = {"dataset": data.dataset, "data": data.key("train")["data"], "n": len(data.train_images),
+           "fit": len(data.fit_idx), "K": K, "L": L, "iterations": cfg.mfa_iterations, "v": 2}
 
     def compute():
         model, history = fit_mfa(data.train_images[data.fit_idx], K, L, iterations=cfg.mfa_iterations,
@@ -306,7 +286,7 @@ def _mfa_mean_images(model: ClassicalMFA, images: Tensor, missing: Tensor, cfg: 
 def prepare_mfa_mean(data: CellData, cfg: ImputerConfig):
     model = classical_mfa(data, cfg)
     key = {**data.key("train"), "test": data.key("test"), "method": "mfa_mean", "K": cfg.mfa_components,
-           "L": cfg.mfa_factors, "iterations": cfg.mfa_iterations, "v": 1}
+           "L": cfg.mfa_factors, "iterations": cfg.mfa_iterations, "v": 2}
 
     def compute():
         return {"train": _mfa_mean_images(model, data.train_images, data.train_missing, cfg, "MFA mean train").half(),
@@ -323,6 +303,21 @@ def prepare_mfa_misconv(data: CellData, cfg: ImputerConfig):
 
 
 # ---------------------------------------------------------------------------- DMFA
+def _load_input(loader, path: Path, role: str, device):
+    """``loader(path, device=device)``; an unreadable file is reported as the *input* it is."""
+    from labkit.checkpoint import CheckpointError
+    from labkit.studies.engine import InputError
+
+    try:
+        return loader(path, device=device)
+    except (CheckpointError, OSError) as exc:
+        cause = exc.__cause__ or exc          # the reader's own error, without a loader's generic advice
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise InputError(f"{role} {str(path)!r} cannot be used ({type(cause).__name__}: {first}); it is an "
+                         "input of this study: restore it, or retrain it with the script that makes it "
+                         "(scripts/train_dmfa.py, scripts/train_acflow.py)") from exc
+
+
 def _dmfa_path(cfg: ImputerConfig, variant: str, dataset: str = "mnist", mask: str | None = None) -> Path | None:
     return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask)
 
@@ -343,12 +338,12 @@ def _dmfa_mfas(data: CellData, cfg: ImputerConfig, variant: str) -> dict:
     from labkit.models.dmfa import load_dmfa, predict_mfa
 
     path = _dmfa_path(cfg, variant, data.dataset, data.mask)
-    key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}", "checkpoint": _file_id(path),
-           "v": 1}
+    key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}",
+           "checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint"), "v": 2}
 
     def compute():
         dev = resolve_device(cfg.device)
-        model, _ = load_dmfa(path, device=dev)
+        model, _ = _load_input(load_dmfa, path, f"{variant}-data DMFA checkpoint", dev)
         out = {}
         for split, images, missing in data.splits():
             mfa = predict_mfa(model, _with_nan(images, missing.expand_as(images)), missing,
@@ -370,7 +365,7 @@ def _prepare_dmfa_mean(variant: str):
             mean = torch.einsum("bk,bkchw->bchw", w / w.sum(1, keepdim=True), f["means"].float())
             out.append(TensorAux(torch.where(missing.expand_as(images), mean, images)))
         path = _dmfa_path(cfg, variant, data.dataset, data.mask)
-        return out[0], out[1], {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
+        return out[0], out[1], {"dmfa": str(path), "dmfa_checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint")}
     return prepare
 
 
@@ -378,7 +373,7 @@ def _prepare_dmfa_misconv(variant: str):
     def prepare(data, cfg):
         v = _dmfa_mfas(data, cfg, variant)
         path = _dmfa_path(cfg, variant, data.dataset, data.mask)
-        return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(path), "dmfa_checkpoint": _file_id(path)}
+        return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(path), "dmfa_checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint")}
     return prepare
 
 
@@ -397,12 +392,12 @@ def prepare_acflow(data: CellData, cfg: ImputerConfig):
     from labkit.models.acflow import load_acflow
 
     path = cfg.resolve(cfg.acflow, data.dataset)
-    key = {**data.key("train"), "test": data.key("test"), "method": "acflow", "checkpoint": _file_id(path),
-           "samples": cfg.acflow_samples, "v": 1}
+    key = {**data.key("train"), "test": data.key("test"), "method": "acflow",
+           "checkpoint": _checkpoint_id(path, "ACFlow checkpoint"), "samples": cfg.acflow_samples, "v": 2}
 
     def compute():
         dev = resolve_device(cfg.device)
-        model, _ = load_acflow(path, device=dev)
+        model, _ = _load_input(load_acflow, path, "ACFlow checkpoint", dev)
         out = {}
         for split, images, missing in data.splits():
             g = torch.Generator(device=dev).manual_seed(_stable_seed("acflow", data.dataset, split, data.mask, data.seed))
@@ -419,22 +414,54 @@ def prepare_acflow(data: CellData, cfg: ImputerConfig):
     return TensorAux(v["train"]), TensorAux(v["test"]), info
 
 
+def _knn_settings(cfg: ImputerConfig) -> dict:
+    return {"knn_fit": cfg.knn_fit, "knn_k": list(cfg.knn_k), "knn_val": cfg.knn_val}
+
+
+def _mfa_settings(cfg: ImputerConfig) -> dict:
+    return {"mfa_components": cfg.mfa_components, "mfa_factors": cfg.mfa_factors,
+            "mfa_iterations": cfg.mfa_iterations}
+
+
+def _dmfa_inputs(variant: str):
+    def inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> dict:
+        return {"dmfa": _checkpoint_id(_dmfa_path(cfg, variant, dataset, mask), f"{variant}-data DMFA checkpoint")}
+    return inputs
+
+
+def _acflow_inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> dict:
+    return {"acflow": _checkpoint_id(cfg.resolve(cfg.acflow, dataset), "ACFlow checkpoint")}
+
+
+def _dmfa_method(name: str, front: type[Front], variant: str, kind: str, description: str) -> Method:
+    prepare = _prepare_dmfa_mean(variant) if kind == "mean" else _prepare_dmfa_misconv(variant)
+    return Method(name, front, prepare, _dmfa_needs(variant), description, inputs=_dmfa_inputs(variant))
+
+
 METHODS: dict[str, Method] = {
     "zero": Method("zero", ZeroFront, _no_aux, description="zero imputation"),
     "mask": Method("mask", MaskFront, _no_aux, description="zero imputation + mask channel"),
     "pc": Method("pc", PartialConvFront, _no_aux, description="partial convolution"),
-    "knn": Method("knn", KNNFront, prepare_knn, description="k-NN imputation (KNNImputer on incomplete images)"),
-    "mfa_mean": Method("mfa_mean", MFAMeanFront, prepare_mfa_mean, description="classical MFA conditional mean"),
-    "mfa_misconv": Method("mfa_misconv", MisConvFront, prepare_mfa_misconv, description="MisConv, classical MFA"),
-    "dmfa_mean_complete": Method("dmfa_mean_complete", MFAMeanFront, _prepare_dmfa_mean("complete"),
-                                 _dmfa_needs("complete"), "DMFA mean imputation (complete-data DMFA)"),
-    "dmfa_misconv_complete": Method("dmfa_misconv_complete", MisConvFront, _prepare_dmfa_misconv("complete"),
-                                    _dmfa_needs("complete"), "MisConv, complete-data DMFA"),
-    "dmfa_mean_incomplete": Method("dmfa_mean_incomplete", MFAMeanFront, _prepare_dmfa_mean("incomplete"),
-                                   _dmfa_needs("incomplete"), "DMFA mean imputation (incomplete-data DMFA)"),
-    "dmfa_misconv_incomplete": Method("dmfa_misconv_incomplete", MisConvFront, _prepare_dmfa_misconv("incomplete"),
-                                      _dmfa_needs("incomplete"), "MisConv, incomplete-data DMFA"),
-    "acflow": Method("acflow", ACFlowFront, prepare_acflow, _acflow_needs, "ACFlow imputation"),
+    "knn": Method("knn", KNNFront, prepare_knn, description="k-NN imputation (KNNImputer on incomplete images)",
+                  settings=_knn_settings),
+    "mfa_mean": Method("mfa_mean", MFAMeanFront, prepare_mfa_mean, description="classical MFA conditional mean",
+                       settings=_mfa_settings),
+    "mfa_misconv": Method("mfa_misconv", MisConvFront, prepare_mfa_misconv, description="MisConv, classical MFA",
+                          settings=_mfa_settings),
+    "dmfa_mean_complete": _dmfa_method("dmfa_mean_complete", MFAMeanFront, "complete", "mean",
+                                       "DMFA mean imputation (complete-data DMFA)"),
+    "dmfa_misconv_complete": _dmfa_method("dmfa_misconv_complete", MisConvFront, "complete", "misconv",
+                                          "MisConv, complete-data DMFA"),
+    "dmfa_mean_incomplete": _dmfa_method("dmfa_mean_incomplete", MFAMeanFront, "incomplete", "mean",
+                                         "DMFA mean imputation (incomplete-data DMFA)"),
+    "dmfa_misconv_incomplete": _dmfa_method("dmfa_misconv_incomplete", MisConvFront, "incomplete", "misconv",
+                                            "MisConv, incomplete-data DMFA"),
+    "dmfa_authors_complete": _dmfa_method("dmfa_authors_complete", AuthorsMisConvFront, "complete", "misconv",
+                                          "the authors' first layer (ablation), complete-data DMFA"),
+    "dmfa_authors_incomplete": _dmfa_method("dmfa_authors_incomplete", AuthorsMisConvFront, "incomplete", "misconv",
+                                            "the authors' first layer (ablation), incomplete-data DMFA"),
+    "acflow": Method("acflow", ACFlowFront, prepare_acflow, _acflow_needs, "ACFlow imputation",
+                     settings=lambda cfg: {"acflow_samples": cfg.acflow_samples}, inputs=_acflow_inputs),
     "gt": Method("gt", GroundTruthFront, _gt, description="ground truth (complete images)"),
 }
 

@@ -1,0 +1,243 @@
+"""Tables and figures of the classification study: Table-1 pivots beside the paper's numbers,
+per-seed paired differences, the bar chart. Every function refuses to combine rows made with
+different settings (:func:`check_table_settings`)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from labkit.studies.engine import check_uniform
+from labkit.studies.reporting import replace_marked_block
+
+#: display order of the methods (tables, plots)
+METHOD_ORDER = ["zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
+                "dmfa_misconv_complete", "dmfa_authors_complete", "dmfa_mean_incomplete", "dmfa_misconv_incomplete",
+                "dmfa_authors_incomplete", "acflow", "gt"]
+
+#: the paper's supplementary Table 1 (MNIST): method -> {mask: accuracy}. The paper's "MisConv" row
+#: is shown beside both DMFA-MisConv variants (the paper does not say which DMFA it used there).
+PAPER_TABLE1 = {
+    "zero": {"square": 0.910, "trapezoid": 0.891, "noise": 0.946},
+    "mask": {"square": 0.926, "trapezoid": 0.905, "noise": 0.703},
+    "knn": {"square": 0.874, "trapezoid": 0.854, "noise": 0.912},
+    "pc": {"square": 0.920, "trapezoid": 0.674, "noise": 0.804},
+    "acflow": {"square": 0.908, "trapezoid": 0.799, "noise": 0.788},
+    "dmfa_misconv_complete": {"square": 0.931, "trapezoid": 0.918, "noise": 0.966},
+    "dmfa_misconv_incomplete": {"square": 0.931, "trapezoid": 0.918, "noise": 0.966},
+    "gt": {"square": 0.992, "trapezoid": 0.992, "noise": 0.992},
+}
+#: the authors' public code, single-seed MNIST runs, 14×14 squares
+AUTHORS_SQUARE = {
+    "gt": 0.9907, "dmfa_misconv_incomplete": 0.9312, "dmfa_misconv_complete": 0.9268,
+    "dmfa_mean_complete": 0.9272, "mask": 0.9251, "dmfa_mean_incomplete": 0.9239, "mfa_mean": 0.9221,
+    "pc": 0.9203, "zero": 0.9105, "acflow": 0.9081, "knn": 0.8748,
+}
+
+
+#: column order of the masks in tables and figures (the Table-1 kinds, then the older inside-the-image trapezoid)
+MASK_ORDER = ("square", "trapezoid", "trapezoid_inside", "noise")
+
+#: settings that belong to one method (k-NN's, the classical MFA's, ACFlow's): they may differ between
+#: the methods of one table, never between the seeds of one method
+METHOD_SETTINGS = ("knn_fit", "knn_k", "knn_val", "mfa_components", "mfa_factors", "mfa_iterations",
+                   "acflow_samples")
+
+
+def check_table_settings(df) -> dict:
+    """Refuse (:class:`~labkit.studies.engine.SettingsMismatch`, naming the settings) to put in one
+    table rows made with different settings; returns the settings the table shares. Frames without
+    a ``settings`` column (hand-made ones) pass unchecked."""
+    if "settings" not in getattr(df, "columns", ()) or len(df) == 0:
+        return {}
+    for (meth, mk), group in df.groupby(["method", "mask"]):
+        check_uniform(group, what=f"the {meth} rows on {mk} masks")
+    return check_uniform(df, ignore=METHOD_SETTINGS, what="this table")
+
+
+def _summary(values) -> str:
+    """``"mean ± std (n=k)"`` of the finite values (``""`` if none)."""
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if len(v) == 0:
+        return ""
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f} (n={len(v)})" if len(v) > 1 else f"{v.mean():.3f} (n=1)"
+
+
+def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None, last_epoch: bool = True):
+    """Table-1-style pivot: rows = methods, columns = masks, cells ``"mean ± std (n)"`` over seeds.
+
+    The validation-picked epoch's test accuracy per mask; with ``last_epoch`` (and an
+    ``accuracy_last`` column) the last epoch's test accuracy beside it ("<mask>, last epoch": what the
+    authors reported; rows made before it was recorded count only where the validation picked the
+    last epoch, hence a smaller n). With ``with_paper`` the paper's Table 1 value follows each
+    column ("paper <mask>"), and the authors' single-seed square numbers a last column. Refuses rows
+    made with different settings (:func:`check_table_settings`). Returns a DataFrame of strings.
+    """
+    import pandas as pd
+
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    if df.empty:
+        return pd.DataFrame()
+    check_table_settings(df)
+    last_epoch = last_epoch and "accuracy_last" in df.columns
+    masks = [m for m in MASK_ORDER if m in set(df["mask"])]
+    methods = [m for m in METHOD_ORDER if m in set(df["method"])] + sorted(set(df["method"]) - set(METHOD_ORDER))
+    g = df.groupby(["method", "mask"])["accuracy"]
+    mean, std, cnt = g.mean(), g.std(ddof=1), g.count()
+    rows = []
+    for meth in methods:
+        row = {"method": meth}
+        for mk in masks:
+            if (meth, mk) in mean.index:
+                n = int(cnt[(meth, mk)])
+                s = std[(meth, mk)]
+                row[mk] = f"{mean[(meth, mk)]:.3f} ± {s:.3f} (n={n})" if n > 1 else f"{mean[(meth, mk)]:.3f} (n=1)"
+            else:
+                row[mk] = ""
+            if last_epoch:
+                sel = df[(df["method"] == meth) & (df["mask"] == mk)]
+                row[f"{mk}, last epoch"] = _summary(sel["accuracy_last"])
+            if with_paper:
+                p = PAPER_TABLE1.get(meth, {}).get(mk)
+                row[f"paper {mk}"] = f"{p:.3f}" if p is not None else ""
+        if with_paper:
+            a = AUTHORS_SQUARE.get(meth)
+            row["authors' code, square"] = f"{a:.4f}" if a is not None else ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method")
+
+
+def paired_differences(df, method: str, baseline: str):
+    """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask).
+
+    Cells with the same seed share their masks, initialisation and batch order, so the per-seed
+    difference removes most of the noise that separate means carry. Returns a DataFrame indexed by
+    (dataset, mask) with ``mean``, ``std`` (over seeds; NaN for one seed), ``n`` and ``seeds`` (the
+    per-seed differences, seed order); only seeds where both methods finished count.
+    """
+    import pandas as pd
+
+    check_table_settings(df[df["method"].isin([method, baseline])])
+    for m in (method, baseline):
+        if m not in set(df["method"]):
+            raise ValueError(f"no results for method {m!r}; have {sorted(set(df['method']))}")
+    a = df[df["method"] == method].set_index(["dataset", "mask", "seed"])["accuracy"]
+    b = df[df["method"] == baseline].set_index(["dataset", "mask", "seed"])["accuracy"]
+    d = (a - b).dropna().sort_index()
+    rows = []
+    for (ds, mk), grp in d.groupby(level=["dataset", "mask"]):
+        rows.append({"dataset": ds, "mask": mk, "mean": float(grp.mean()),
+                     "std": float(grp.std(ddof=1)) if len(grp) > 1 else float("nan"), "n": int(len(grp)),
+                     "seeds": [round(float(v), 4) for v in grp]})
+    return pd.DataFrame(rows, columns=["dataset", "mask", "mean", "std", "n", "seeds"]).set_index(["dataset", "mask"])
+
+
+def table_markdown(df, **kw) -> str:
+    """:func:`pivot_table` as a Markdown table (for the docs), best mean per mask in bold."""
+    piv = pivot_table(df, **kw)
+    if piv.empty:
+        return "(no results yet)"
+    means = df.groupby(["method", "mask"])["accuracy"].mean()
+    best = {mk: means.xs(mk, level="mask").drop(labels=["gt"], errors="ignore").idxmax()
+            for mk in set(df["mask"]) if not means.xs(mk, level="mask").drop(labels=["gt"], errors="ignore").empty}
+    cols = list(piv.columns)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for meth, row in piv.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if c in best and best[c] == meth and v:
+                v = f"**{v}**"
+            cells.append(v)
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classification-table", **kw) -> bool:
+    """Replace the text between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in ``md_path``
+    with :func:`table_markdown` of ``df`` (plus a line saying how many cells it holds).
+
+    Returns True if the file changed. Raises ``ValueError`` if the markers are missing.
+    """
+    n_cells = len(df)
+    seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
+    body = (f"_Generated from the CSV by `labkit.studies.classification.update_markdown_table`: {n_cells} cells, "
+            f"seeds {seeds}._\n\n" + table_markdown(df, **kw))
+    return replace_marked_block(md_path, name, body)
+
+
+#: what the paired table compares: (MisConv over a density, mean imputation from the same density)
+#: and MisConv against the two strongest density-free baselines
+PAIRS = [("dmfa_misconv_complete", "dmfa_mean_complete"), ("dmfa_misconv_incomplete", "dmfa_mean_incomplete"),
+         ("mfa_misconv", "mfa_mean"), ("dmfa_misconv_complete", "pc"), ("dmfa_misconv_complete", "mask"),
+         ("dmfa_misconv_incomplete", "pc"), ("dmfa_authors_complete", "dmfa_misconv_complete"),
+         ("dmfa_authors_incomplete", "dmfa_misconv_incomplete")]
+
+
+def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS) -> str:
+    """:func:`paired_differences` for ``pairs`` as a Markdown table: one row per pair, one column per
+    mask, cells "mean ± std (n)" in accuracy *points* (×100). Pairs lacking results are left out."""
+    masks = [m for m in MASK_ORDER if m in set(df["mask"])]
+    lines = ["| method − other method | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
+    have = set(df["method"])
+    for a, b in pairs:
+        if not {a, b} <= have:
+            continue
+        d = paired_differences(df, a, b)
+        cells = []
+        for mk in masks:
+            rows = d[d.index.get_level_values("mask") == mk]
+            if rows.empty:
+                cells.append("")
+                continue
+            r = rows.iloc[0]
+            sd = "" if r["n"] < 2 else f" ± {100 * r['std']:.2f}"
+            cells.append(f"{100 * r['mean']:+.2f}{sd} (n={int(r['n'])})")
+        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None = None):
+    """Bar chart: accuracy per method (mean over seeds, error bars = std; dots = seeds) per mask,
+    with the paper's Table 1 values as black ticks. Saves to ``path`` when given; returns the figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use(matplotlib.get_backend())
+    import matplotlib.pyplot as plt
+
+    check_table_settings(df)
+    masks = [m for m in MASK_ORDER if m in set(df["mask"])]
+    methods = [m for m in METHOD_ORDER if m in set(df["method"])]
+    # one y range per mask: the trapezoid column sits ~30 points below the others, and a shared axis
+    # would flatten the differences that matter within each column
+    fig, axes = plt.subplots(1, max(1, len(masks)), figsize=(4.2 * max(1, len(masks)), 4.6), squeeze=False)
+    for ax, mk in zip(axes[0], masks):
+        sub = df[df["mask"] == mk]
+        for i, meth in enumerate(methods):
+            acc = sub[sub["method"] == meth]["accuracy"].to_numpy()
+            if len(acc) == 0:
+                continue
+            ax.bar(i, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, color="C0" if "misconv" not in meth
+                   else "C3", alpha=0.75, capsize=3)
+            ax.plot(np.full(len(acc), i), acc, "k.", ms=3)
+            p = PAPER_TABLE1.get(meth, {}).get(mk)
+            if p is not None:
+                ax.plot([i - 0.4, i + 0.4], [p, p], "k-", lw=2)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_title(mk)
+        shown = list(sub["accuracy"]) + [v for m in methods if (v := PAPER_TABLE1.get(m, {}).get(mk)) is not None]
+        ax.set_ylim(max(0.0, min(shown) - 0.03), 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv); black ticks: paper's Table 1"
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
