@@ -8,7 +8,8 @@ of the right shape, for:
 - ``clf_mnist_zero`` / ``clf_mnist_misconv``, ``clf_cifar10_zero`` / ``clf_cifar10_misconv``:
   the classifiers with a zero-filling front and with the MisConv front (fed random per-image MFA
   parameters, K=1, L=4), cross-entropy;
-- ``wae_mnist``: the WAE-GAN (zero front): a discriminator step and an autoencoder step;
+- ``wae_mnist``: the WAE-GAN (zero front): ``labkit.models.wae.train_step`` (a discriminator step
+  and an autoencoder step);
 - ``acflow_mnist``: ACFlow (default size), NLL of the missing pixels, gradient clipping.
 
 Each in every precision the device has (``32``, ``bf16-mixed``, and ``16-mixed`` on CUDA), and in
@@ -56,17 +57,6 @@ MODELS = ("dmfa_mnist", "dmfa_cifar10", "clf_mnist_zero", "clf_mnist_misconv", "
 TARGETS = {"dmfa_cifar10": 1.5}
 DEFAULT_TARGET = 1.3
 K, L = 1, 4
-
-
-def _module(*names: str):
-    """The first importable module of ``names`` (the models are moving to labkit.models.*)."""
-    errors = []
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise ImportError("none of these modules imports: " + "; ".join(errors))
 
 
 def _attr(name: str, *modules: str):
@@ -170,14 +160,8 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
         aux = random_mfa(batch, shape, device, seed) if front == "misconv" else None
 
         def step():
-            with autocast():
-                if aux is not None:
-                    # MisConv's expected ReLU over the mixture stays float32
-                    with P.float32_region(device):
-                        h = net.front(x, missing, aux)
-                    logits = net.body(h)
-                else:
-                    logits = net(x, missing)
+            with autocast():  # the MisConv front turns autocast off for itself: its expected ReLU stays float32
+                logits = net(x, missing, aux)
             loss = F.cross_entropy(P.to_float32(logits), y)
             _update(loss, opt, scaler)
             return loss.detach()
@@ -185,40 +169,17 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
         return step
 
     if model_name == "wae_mnist":
-        WAE, reconstruction_loss = _attr("WAE", *_WAE), _attr("reconstruction_loss", *_WAE)
+        # the library's step (labkit.models.wae.train_step, recipe "supplement": a discriminator
+        # step, then an autoencoder step) with the study's MNIST architecture
+        WAE, make_optimizers = _attr("WAE", *_WAE), _attr("make_optimizers", *_WAE)
+        train_step = _attr("train_step", *_WAE)
         net = _prepare(WAE("zero", "mnist", device=device), device, channels_last)
-        opt_ae = _adam(net, device, lr=4e-4, params=net.autoencoder_parameters())
-        opt_d = _adam(net, device, lr=4e-6, params=net.discriminator.parameters())
-        scaler_d = P.grad_scaler(precision, device)
+        optimizers = make_optimizers(net)
         x, missing = _images(batch, (1, 28, 28), device, channels_last, seed)
-        counted = ~missing
         g = torch.Generator().manual_seed(seed)
-        disc = net.discriminator
 
         def step():
-            with autocast():
-                z = net.encode(x, missing)
-            z = P.to_float32(z)
-            z_prior = net.prior_sample(batch, generator=g)
-            with autocast():
-                real, fake = disc.logits(z_prior), disc.logits(z.detach())
-            real, fake = P.to_float32(real, fake)
-            d_loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                      + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-            _update(d_loss, opt_d, scaler_d)
-            for p in disc.parameters():
-                p.requires_grad_(False)
-            try:
-                with autocast():
-                    logits, adv_logit = net.decoder(z), disc.logits(z)
-                logits, adv_logit = P.to_float32(logits, adv_logit)
-                rec = reconstruction_loss(logits, x, counted)
-                loss = rec + F.binary_cross_entropy_with_logits(adv_logit, torch.ones_like(adv_logit))
-                _update(loss, opt_ae, scaler)
-            finally:
-                for p in disc.parameters():
-                    p.requires_grad_(True)
-            return loss.detach()
+            return train_step(net, optimizers, x, missing, generator=g, precision=precision, scaler=scaler)["loss"]
 
         return step
 

@@ -153,7 +153,8 @@ def authors_expected_relu(mu: Tensor, var: Tensor) -> Tensor:
     """The authors' expected ReLU, ``μ·Φ(μ/σ) + σ·φ(μ/σ)/2``: the σφ term is halved.
 
     Their code writes ``(μ + σ·√(2π)⁻¹·exp(−μ²/2σ²) + μ·erf(μ/σ√2)) / 2``, which halves the
-    ``σφ`` term along with ``μ(1 + erf)``. ``relu(mu)`` where ``var == 0``.
+    ``σφ`` term along with ``μ(1 + erf)``. ``relu(mu)`` where ``var == 0``. Unlike an expected
+    ReLU it can be negative: for μ = −2σ it is ≈ −0.018σ.
     """
     pos = var > 0
     sigma = torch.sqrt(torch.where(pos, var, torch.ones_like(var)))

@@ -62,6 +62,7 @@ lr = 1.0e-3
 lr_milestones = []        # epochs at which the learning rate is multiplied by lr_gamma
 lr_gamma = 1.0
 mse_warmup_epochs = 0     # add the MSE of the mean during the first epochs (fully conv models)
+precision = "32"          # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto" (labkit.precision)
 n_components = 1          # K
 n_factors = 4             # L
 mfa_components = 10       # classical MFA baseline: K (0: skip the baseline)
@@ -106,7 +107,7 @@ result = density.run_experiment(
     dataset, mode, results_dir=out_dir, n_train=n_train, n_val=n_val, n_test=n_test, hole=hole,
     epochs=epochs, batch_size=batch_size, lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
     mse_warmup_epochs=mse_warmup_epochs, n_components=n_components, n_factors=n_factors, seed=seed,
-    profile=profile, device=dev,
+    profile=profile, device=dev, precision=precision,
 )
 history = result["history"]
 print(f"{result['n_train']} training images, {result['epochs']} epochs, "

@@ -31,11 +31,16 @@
 # - **discriminator** on $z$: four linear layers of 64 units with ReLU, then one unit and a sigmoid:
 #   the probability that $z$ came from the prior $\mathcal N(0, I)$.
 #
-# Per batch, a discriminator step minimises $\mathrm{BCE}(D(z_{prior}), 1) + \mathrm{BCE}(D(z_{enc}), 0)$
-# (Adam, `lr_disc`: 4e-6 in the paper), then an autoencoder step minimises
-# $\text{reconstruction} + \lambda\,(-\log D(z_{enc}))$ with $\lambda = 1$ (Adam, `lr` = 4e-4), the
-# reconstruction being the binary cross-entropy **averaged over each image's observed pixels**. Each
-# step changes only its own network's parameters (tested in `tests/test_wae.py`).
+# Per batch, the discriminator minimises $w_D\,[\mathrm{BCE}(D(z_{prior}), 1) + \mathrm{BCE}(D(z_{enc}), 0)]$
+# (codes detached) and encoder + decoder minimise $\text{reconstruction} + \lambda\,(-\log D(z_{enc}))$
+# (discriminator frozen), the reconstruction loss **averaged over each image's observed pixels**.
+# Two recipes (`labkit.models.wae.RECIPES`, tested in `tests/test_wae.py`):
+#
+# - `authors` — what the authors' code does: **one** Adam (lr 4e-4) over all three networks,
+#   $w_D = \lambda = 0.01$, squared-error reconstruction. Adam rescales each parameter's gradient,
+#   so $w_D$ hardly slows the discriminator: its effective learning rate is 4e-4.
+# - `supplement` — the supplementary read literally: two Adams, 4e-4 for encoder + decoder and
+#   `lr_disc` (4e-6) for the discriminator, $\lambda = 1$, binary cross-entropy.
 #
 # Fronts (names of `labkit.studies.imputers.METHODS`): `gt` — the encoder sees the complete images
 # and the loss counts every pixel (the ceiling); `zero` — zero imputation; `pc` — partial
@@ -60,16 +65,18 @@ seed = 0
 dataset = "mnist"
 fronts = ["gt", "zero", "misconv"]   # names of labkit.studies.imputers.METHODS (aliases: misconv, dmfa_mean)
 seeds = [0]
+recipe = "authors"          # authors (one Adam for all three networks, loss weight 0.01, MSE) | supplement
 epochs = 1
 batch_size = 128
-lr = 4.0e-4                 # encoder + decoder
-lr_disc = 4.0e-6            # discriminator
-lambda_adv = 1.0
+lr = 4.0e-4                 # Adam: encoder + decoder (recipe authors: the discriminator too)
+lr_disc: Optional[float] = None     # recipe supplement only: the discriminator's Adam (None: 4e-6)
+lambda_adv: Optional[float] = None  # weight of the encoder's fooling term (None: the recipe's, 0.01 or 1)
+recon: Optional[str] = None         # reconstruction loss mse | bce (None: the recipe's)
 n_train: Optional[int] = 500  # first images of the training split (None: all)
 n_test: Optional[int] = 100   # first images of the test split (None: all)
 feature_epochs = 3          # epochs of the feature classifier for the Fréchet distances
 dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"   # frozen DMFA (notebook 01), relative to the repo
-dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete.pt"
+dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"
 wait = False                # wait for DMFA checkpoints that do not exist yet
 threads = None              # torch CPU threads (None: torch's default)
 results_dir = None          # default: results/wae/<profile>
@@ -86,12 +93,14 @@ if threads:
     torch.set_num_threads(int(threads))
 dev = labkit.resolve_device(device)
 cfg = wae.WAEConfig(
-    profile=profile, epochs=epochs, batch_size=batch_size, lr=lr, lr_disc=lr_disc, lambda_adv=lambda_adv,
-    n_train=n_train, n_test=n_test, feature_epochs=feature_epochs, dmfa_complete=dmfa_complete,
-    dmfa_incomplete=dmfa_incomplete, results_dir=results_dir, device=device)
+    profile=profile, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, lr_disc=lr_disc,
+    lambda_adv=lambda_adv, recon=recon, n_train=n_train, n_test=n_test, feature_epochs=feature_epochs,
+    dmfa_complete=dmfa_complete, dmfa_incomplete=dmfa_incomplete, results_dir=results_dir, device=device)
+cfg.check()
 out_dir = cfg.results_path()
 fronts = [wae.canonical_front(f) for f in fronts]
 print(f"device: {dev}; torch threads: {torch.get_num_threads()}; results -> {out_dir.resolve()}")
+print(f"recipe {recipe}: {cfg.training()}")
 for f in fronts:
     why = wae.front_available(f, cfg, dataset)
     print(f"  {f:24s} {'ready' if why is None else 'NOT READY: ' + why}")
@@ -110,27 +119,33 @@ print({k: feature_meta[k] for k in ("n_train", "epochs", "test_accuracy", "featu
 # %% [markdown]
 # ## 2. The sweep
 #
-# One cell = (dataset, front, seed). Each finished cell is appended to
-# `results/wae/<profile>/metrics.csv` at once and drawn to `figures/`; a rerun skips finished cells
-# and resumes an interrupted one from its last epoch (`labkit.training.fit` checkpoints). Fronts
-# whose DMFA checkpoint does not exist yet are skipped (or waited for with `wait=True`).
+# One cell = (dataset, front, seed) under this notebook's settings. Its key digests the settings
+# (recipe, epochs, sizes, learning rates, ...) and the fingerprints of what it reads (images,
+# masks, the DMFA checkpoint), so a row of `results/wae/<profile>/metrics.csv` counts as done only
+# for the same key: other settings run again into new rows. Each finished cell is recorded at once
+# and drawn to `figures/`; a rerun skips finished cells and resumes an interrupted one from its last
+# epoch (`labkit.training.fit` checkpoints). Fronts whose DMFA checkpoint does not exist yet wait
+# (or are waited for with `wait=True`); a failing cell is reported and the others run.
 
 # %%
+cells = wae.plan_cells(dataset, fronts, seeds, cfg)
 df = wae.run_sweep(dataset, fronts, seeds, profile, config=cfg, wait=wait)
-df
+df.drop(columns=["settings", "inputs"])
 
 # %% [markdown]
 # ## 3. Results
 #
-# Mean ± standard deviation over seeds. The last two columns are the authors' numbers (their
-# public code, MNIST, epoch 20, validation; anchor-numbers.md): they used scikit-image's PSNR and
-# SSIM (a 7×7 *uniform* window) on the whole image, so compare them with our *whole-image*
-# columns, and only for the ordering of the fronts.
+# Mean ± standard deviation over seeds, for the cells planned above only (rows made with other
+# settings are never mixed in). The *scikit-image* columns compute whole-image PSNR and SSIM the
+# way the authors called scikit-image: its SSIM of float images assumes a data range of 2, which
+# raises SSIM (our own SSIM columns use the true range 1). The two columns after them are the
+# authors' numbers (their public code, MNIST, epoch 20, 60,000 training images, test split): compare
+# them with the scikit-image columns, and mostly for the ordering of the fronts.
 
 # %%
-display(Markdown(wae.table_markdown(df[df["dataset"] == dataset])))
+display(Markdown(wae.table_markdown(df, [c.key for c in cells], dataset=dataset)))
 fig = wae.plot_metrics(df[df["dataset"] == dataset], out_dir / "figures" / f"{dataset}-metrics.png",
-                       title=f"WAE on incomplete {dataset} ({profile} profile)")
+                       title=f"WAE on incomplete {dataset} ({profile} profile, recipe {recipe})")
 plt.show()
 
 # %% [markdown]
@@ -142,7 +157,7 @@ plt.show()
 
 # %%
 shown = seeds[0]
-examples = {f: wae.load_examples(dataset, f, shown, cfg) for f in fronts}
+examples = {c.coords["front"]: wae.load_examples(c, cfg) for c in cells if c.coords["seed"] == shown}
 examples = {f: e for f, e in examples.items() if e is not None}
 if examples:
     fig = wae.plot_front_grid(examples, what="reconstruction", title=f"{dataset}, seed {shown}: reconstructions",
@@ -160,11 +175,11 @@ else:
 # - The `gt` row is a ceiling: its encoder sees the complete images and its loss counts every pixel.
 # - PSNR/SSIM *over the missing square* measure inpainting by a model that never saw those pixels
 #   during training; *whole-image* values mix that with how well the observed part is reproduced.
-# - With the paper's discriminator learning rate (4e-6) the discriminator barely moves in a short
-#   run, and the encoder parks its codes wherever the frozen discriminator says "prior": on CPU runs
-#   of one epoch their standard deviation reached the hundreds and prior samples were meaningless
-#   (`results/wae/cpu_lr_disc_4e-6/`). The `cpu` profile therefore uses 2e-4 (the WAE paper's ratio,
-#   half the autoencoder's rate); the `paper` profile keeps 4e-6. With a working discriminator the
-#   `d_prior`/`d_encoded` probabilities in `runs.jsonl` stay near 0.5.
+# - With the supplement's literal discriminator learning rate (4e-6, recipe `supplement`) the
+#   discriminator barely moves in a short run, and the encoder parks its codes wherever the frozen
+#   discriminator says "prior": on CPU runs of one epoch their standard deviation reached the
+#   hundreds and prior samples were meaningless (`results/wae/cpu_lr_disc_4e-6/`). The authors'
+#   code never had that problem: its one Adam moves the discriminator at 4e-4. With a working
+#   discriminator the `d_prior`/`d_encoded` probabilities in `runs.jsonl` stay near 0.5.
 # - Settings of every cell (data sizes, epochs, timings, machine, per-epoch losses) are in
 #   `results/wae/<profile>/runs.jsonl`.

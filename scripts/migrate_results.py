@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert committed results made before the study engine into its keyed format, without rerunning.
 
-    .venv/bin/python scripts/migrate_results.py classification [--profile cpu] [--dry-run]
+    .venv/bin/python scripts/migrate_results.py classification wae density [--profile cpu] [--dry-run]
 
 Each old row becomes the row of the cell the engine plans today for the settings the row was made
 with: its key digests the coordinates, the settings (checked against the row's ``runs.jsonl``
@@ -137,7 +137,190 @@ def classification(profile: str = "cpu", dry_run: bool = False) -> int:
     return 0
 
 
-STUDIES = {"classification": classification}
+# ============================================================================ WAE
+#: the commit whose code made the committed WAE rows (its masks are compared)
+WAE_COMMIT = "77b1d87"
+OLD_WAE_HEADER = ["dataset", "front", "seed", "psnr_missing", "ssim_missing", "psnr_all", "ssim_all",
+                  "fd_reconstruction", "fd_samples", "epochs", "n_train", "n_test"]
+
+
+def _wae_config(rec: dict, profile: str, results_dir: Path):
+    """The WAEConfig of an old WAE run: its runs.jsonl record, plus what the old code always did
+    (recipe "supplement": two Adams, λ and reconstruction loss as recorded; float32) and the
+    profile's checkpoint templates."""
+    from labkit.studies import wae
+
+    try:
+        from labkit.lab.profiles import notebook_parameters
+    except ImportError:  # before labkit/lab/ existed
+        from labkit.profiles import notebook_parameters
+
+    params = notebook_parameters(profile, "03_wae")
+    feat = rec["feature_net"]
+    return wae.WAEConfig(
+        profile=rec.get("profile", profile), recipe="supplement", precision="32", epochs=rec["epochs"],
+        batch_size=rec["batch_size"], lr=rec["lr"], lr_disc=rec["lr_disc"], lambda_adv=rec["lambda_adv"],
+        recon=rec["recon"], n_train=rec["n_train"], n_test=rec["n_test"], mask=rec["mask"],
+        feature_epochs=feat["epochs"], feature_n_train=None if feat["n_train"] == rec["n_train"] else feat["n_train"],
+        dmfa_complete=params.get("dmfa_complete"), dmfa_incomplete=params.get("dmfa_incomplete"),
+        acflow=params.get("acflow", wae.WAEConfig.acflow), results_dir=str(results_dir), progress=False)
+
+
+def _checkpoint_unchanged_since(path: Path, finished_at: str) -> None:
+    """The checkpoint an old run read had no recorded fingerprint: accept the committed file only if
+    git shows it unchanged since its one commit and its meta says it was trained before the run."""
+    from labkit.checkpoint import load_checkpoint
+
+    rel = path.resolve().relative_to(REPO)
+    commits = subprocess.run(["git", "-C", str(REPO), "log", "--format=%h", "--", str(rel)], check=True,
+                             capture_output=True, text=True).stdout.split()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", str(rel)], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    if len(commits) != 1 or dirty:
+        raise SystemExit(f"{rel} changed since it was first committed ({len(commits)} commits, "
+                         f"{'modified' if dirty else 'clean'}): cannot tell which file the old WAE rows read")
+    trained_at = str(load_checkpoint(path, map_location="cpu")["meta"].get("trained_at", ""))[:19]
+    if not trained_at or trained_at > finished_at:
+        raise SystemExit(f"{rel} was trained at {trained_at or 'an unrecorded time'}, after the run that finished "
+                         f"at {finished_at}: it is not the file that run read")
+
+
+def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
+    import csv
+
+    from labkit.studies import wae
+    from labkit.studies.cells import load_cell_data
+    from labkit.studies.engine import canonical, write_files
+    from labkit.studies.imputers import _dmfa_path
+
+    old_csv, old_jsonl = folder / "metrics.csv", folder / "runs.jsonl"
+    with open(old_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows, header = list(reader), reader.fieldnames
+    if header != OLD_WAE_HEADER:
+        print(f"{old_csv.relative_to(REPO)} is not in the old format; nothing to migrate")
+        return 0
+    records = [json.loads(line) for line in old_jsonl.read_text().splitlines() if line.strip()]
+    by_cell = {(r["dataset"], r["front"], int(r["seed"])): r for r in records}
+    old_masks = _old_masks_module(WAE_COMMIT)
+    renames = []
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        store = wae.result_store(tmp)
+        for row in rows:
+            cell_id = (row["dataset"], row["front"], int(row["seed"]))
+            rec = by_cell.get(cell_id)
+            if rec is None:
+                raise SystemExit(f"{old_csv}: no runs.jsonl record for {cell_id}: cannot tell its settings")
+            cfg = _wae_config(rec, profile, folder)
+            dataset, front, seed = cell_id
+            data = load_cell_data(dataset, cfg.mask, seed, n_train=cfg.n_train, n_test=cfg.n_test, val_fraction=0.0)
+            if data.sources != rec["data"]:
+                raise SystemExit(f"{cell_id}: the data loaded now ({data.sources}) are not the recorded ones ({rec['data']})")
+            _, _, H, W = data.train_images.shape
+            _check_masks_unchanged(old_masks, dataset, cfg.mask, cfg.mask, seed, len(data.train_images),
+                                   len(data.test_images), H, W)
+            cell = wae.plan_cell(dataset, front, seed, cfg, data=data)
+            if "unavailable" in cell.inputs:
+                raise SystemExit(f"{cell_id}: {cell.inputs['unavailable']}")
+            s = cell.settings
+            recorded = {k: rec[k] for k in ("epochs", "batch_size", "lr", "lr_disc", "lambda_adv", "recon", "n_train",
+                                            "n_test", "mask")}
+            built = wae.WAE(front, s["architecture"], device="cpu").architecture
+            if canonical(rec["architecture"]) != canonical(built):
+                raise SystemExit(f"{cell_id}: the run's WAE layers {rec['architecture']} are not today's {built}")
+            recorded["feature_epochs"], recorded["feature_n"] = rec["feature_net"]["epochs"], rec["feature_net"]["n_train"]
+            planned = {k: s[k] for k in ("epochs", "batch_size", "lr", "lr_disc", "lambda_adv", "recon", "n_train",
+                                         "n_test", "mask")}
+            planned["feature_epochs"], planned["feature_n"] = s["features"]["epochs"], s["features"]["n_train"]
+            if recorded != planned or (int(row["epochs"]), int(row["n_train"]), int(row["n_test"])) != \
+                    (s["epochs"], s["n_train"], s["n_test"]):
+                raise SystemExit(f"{cell_id}: recorded settings {recorded} differ from the planned cell's {planned}")
+            if "dmfa" in cell.inputs:
+                path = Path(rec["dmfa"])
+                now = _dmfa_path(cfg.imputer_config(), "complete" if front.endswith("_complete") else "incomplete",
+                                 dataset, cfg.mask)
+                if path.name != now.name:
+                    raise SystemExit(f"{cell_id}: the run read {path.name}, the planned cell reads {now.name}")
+                _checkpoint_unchanged_since(now, rec["finished_at"])
+            metrics = {k: float(row[k]) for k in wae.METRIC_COLUMNS}
+            details = {**rec, "migrated_from": f"metrics.csv/runs.jsonl at {WAE_COMMIT} (recipe 'supplement', "
+                                               "float32; no scikit-image metrics then)"}
+            store.record(cell, metrics, details, origin="migrated")
+            for what in ("reconstruction", "samples"):
+                old = folder / "figures" / f"{dataset}-{front}-s{seed}-{what}.png"
+                if old.exists():
+                    renames.append((old, folder / "figures" / f"{wae.cell_stem(cell)}-{what}.png"))
+        n = len(store.read())
+        print(f"{old_csv.relative_to(REPO)}: {n} rows migrated (origin 'migrated'); {len(renames)} figures to rename")
+        if dry_run:
+            return 0
+        tmp = Path(tmp)
+        write_files({old_csv: (tmp / "metrics.csv").read_text(), old_jsonl: (tmp / "runs.jsonl").read_text()})
+    for old, new in renames:
+        moved = subprocess.run(["git", "-C", str(REPO), "mv", str(old.relative_to(REPO)), str(new.relative_to(REPO))],
+                               capture_output=True, text=True)
+        if moved.returncode:                         # not tracked: a plain rename
+            old.replace(new)
+    return 0
+
+
+def wae(profile: str = "cpu", dry_run: bool = False) -> int:
+    """Migrate ``results/wae/<profile>/`` (and its variants ``results/wae/<profile>_*/``, e.g. a run
+    kept for comparison) from the old ``metrics.csv`` + ``runs.jsonl`` to the keyed store; the
+    per-cell figures are renamed to the cells' keyed names."""
+    base = REPO / "results" / "wae"
+    folders = [f for f in sorted(base.glob(f"{profile}*")) if (f / "metrics.csv").is_file()
+               and (f.name == profile or f.name.startswith(f"{profile}_"))]
+    if not folders:
+        print(f"no results/wae/{profile}*/metrics.csv: nothing to migrate")
+    for folder in folders:
+        code = _wae_folder(folder, profile, dry_run)
+        if code:
+            return code
+    return 0
+
+
+# ============================================================================ density (DMFA)
+def density(profile: str = "cpu", dry_run: bool = False) -> int:
+    """Add to each JSON summary of ``results/dmfa/<profile>/`` the digest of the CSV it summarises
+    (``csv_digest``), so that :func:`labkit.studies.density.density_table` accepts the pair. A JSON
+    whose stem was renamed to ``*_trapezoid_inside`` (made with the inside-the-image trapezoid, then
+    called ``trapezoid``) gets ``missing_kind = "trapezoid_inside"``. A JSON that already records
+    another digest than its CSV's is reported and left alone."""
+    from labkit.studies import density as dens
+    from labkit.studies.engine import write_files
+
+    folder = REPO / "results" / "dmfa" / profile
+    changed = 0
+    for path in sorted(folder.glob("*.json")):
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or "model_kind" not in summary:
+            continue                          # histories, throughput
+        csv = path.with_suffix(".csv")
+        if not csv.is_file():
+            print(f"{path.relative_to(REPO)}: no CSV beside it; left alone")
+            continue
+        want = dens.csv_digest(csv)
+        have = summary.get("csv_digest")
+        if have is not None and have != want:
+            print(f"{path.relative_to(REPO)}: records CSV digest {have} but {csv.name} has {want}: left alone "
+                  "(the pair is inconsistent; rerun the experiment)")
+            continue
+        updated = dict(summary, csv_digest=want)
+        if path.stem.endswith("_trapezoid_inside") and summary.get("missing_kind") == "trapezoid":
+            updated.update(missing_kind="trapezoid_inside", missing_kind_recorded="trapezoid")
+        if updated == summary:
+            continue
+        changed += 1
+        print(f"{path.relative_to(REPO)}: csv_digest {want}"
+              + (", missing_kind trapezoid -> trapezoid_inside" if "missing_kind_recorded" in updated else ""))
+        if not dry_run:
+            write_files({path: json.dumps(updated, indent=1)})
+    print(f"results/dmfa/{profile}: {changed} JSON summaries updated{' (dry run: none written)' if dry_run else ''}")
+    return 0
+
+
+STUDIES = {"classification": classification, "wae": wae, "density": density}
 
 
 def main(argv=None) -> int:

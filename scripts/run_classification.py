@@ -13,7 +13,9 @@ other settings runs new cells. Overrides (``-p key=value``, value in YAML) repla
 show the rows of the planned cells. ``--readme docs/classification.md`` also refreshes the tables in
 that file between its ``<!-- classification-table:start/end -->`` (and ``classification-paired``)
 markers. A cell that fails is reported and the others run; the command then exits with status 1,
-listing the failed cells.
+listing the failed cells. ``--executor ray`` runs the cells as Ray tasks, side by side on this
+machine's cores and GPUs (``--gpus-per-cell``) or on a running cluster (``--address auto``); the
+results are written here, by this process, either way (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -76,6 +78,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--readme", default=None,
                     help="also refresh the table between <!-- classification-table:start/end --> in this Markdown file")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: cells one after another here (default); ray: one Ray task per cell (docs/cluster.md)")
+    ap.add_argument("--address", default=None,
+                    help="with --executor ray: join the Ray cluster at ADDR ('auto' or host:6379); default: start one here")
+    ap.add_argument("--gpus-per-cell", type=float, default=1.0,
+                    help="with --executor ray: the share of a GPU each CUDA cell takes (default 1)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,11 +102,19 @@ def main(argv=None) -> int:
         if not args.no_report:
             write_report(out, cfg.profile, df, args.readme)
 
+    from labkit.studies.executors import ExecutorError, make_executor
+
+    try:
+        executor = make_executor(args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
+                                 threads=args.threads or 1)
+    except ExecutorError as exc:
+        print(f"[run_classification] {exc}", flush=True)
+        return 2
     failed = None
     try:
         df = run_sweep(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg.profile, config=cfg,
                        wait=args.wait, poll_seconds=args.poll_seconds, max_cells=args.max_cells,
-                       progress=cfg.progress, on_record=report)
+                       progress=cfg.progress, on_record=report, executor=executor)
     except SweepFailed as exc:
         failed = exc
         from labkit.studies.classification import read_results, plan_cells
@@ -106,6 +122,8 @@ def main(argv=None) -> int:
         keys = {c.key for c in plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)}
         df = read_results(out / "accuracy.csv")
         df = df[df["key"].isin(keys)]
+    finally:
+        executor.close()
     report(df)
     print(f"[run_classification] stopped after {time.time() - start:.0f} s; {len(df)} of the planned cells "
           f"recorded in {out / 'accuracy.csv'}", flush=True)

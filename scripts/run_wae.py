@@ -6,11 +6,16 @@
     .venv/bin/python scripts/run_wae.py --profile cpu --table-only   # only the README table and figures
 
 Settings come from the profile's ``03_wae`` section (``profiles/<profile>.yaml``); ``-p key=value``
-overrides any of them (values read as YAML). Finished cells are appended to
-``results/wae/<profile>/metrics.csv`` one by one, so the command can be interrupted and rerun: it
-skips what is done and resumes an interrupted cell from its last epoch. At the end (and with
-``--table-only``) the results table is regenerated from the CSV into ``README.md``
-between the ``<!-- wae-table:<profile> -->`` markers.
+overrides any of them (values read as YAML; e.g. ``-p recipe=supplement -p epochs=2``,
+``-p results_dir=/tmp/wae``). Finished cells are recorded in ``results/wae/<profile>/metrics.csv``
+one by one (labkit.studies.engine: a cell is done when a row with its key exists, the key covering
+its settings and the fingerprints of its inputs), so the command can be interrupted and rerun: it
+skips what is done and resumes an interrupted cell from its last epoch. A cell that fails is
+reported and the others run; the command then exits with status 1 listing the failed cells.
+
+At the end (and with ``--table-only``) the table of the planned cells is regenerated into
+``README.md`` between the ``<!-- wae-table:<profile> -->`` markers, or, when ``results_dir`` is
+overridden, into ``<results_dir>/table.md`` (a trial run never rewrites the README).
 """
 from __future__ import annotations
 
@@ -25,20 +30,23 @@ sys.path.insert(0, str(REPO))
 README = REPO / "README.md"
 
 
-def write_table(profile: str, csv: Path, readme: Path = README) -> str:
-    """Regenerate the table of ``csv`` between ``<!-- wae-table:<profile> -->`` and
-    ``<!-- /wae-table:<profile> -->`` in ``readme`` (appended at the end if the markers are absent)."""
+def write_table(profile: str, cfg, cells, readme: Path = README) -> str:
+    """Regenerate the table of the planned ``cells`` (their rows in ``cfg``'s results) between
+    ``<!-- wae-table:<profile> -->`` and ``<!-- /wae-table:<profile> -->`` in ``readme`` (appended
+    at the end if the markers are absent)."""
     from labkit.studies import wae
 
-    df = wae.read_results(csv)
+    df = wae.read_results(cfg.results_path())
+    keys = [c.key for c in cells]
+    df = df[df["key"].isin(keys)]
     table = wae.table_markdown(df)
     seeds = sorted({int(s) for s in df["seed"]}) if len(df) else []
+    csv = cfg.results_path() / "metrics.csv"
     info = ""
     if len(df):
-        info = (f"\n\n_{len(df)} runs; epochs {sorted(set(df['epochs']))}, training images "
-                f"{sorted(set(df['n_train']))}, test images {sorted(set(df['n_test']))}, seeds {seeds}; "
-                f"generated from `{csv.relative_to(REPO) if csv.is_relative_to(REPO) else csv}` by "
-                f"`scripts/run_wae.py --table-only`._")
+        info = (f"\n\n_{len(df)} of {len(keys)} planned runs; seeds {seeds}; generated from "
+                f"`{csv.relative_to(REPO) if csv.is_relative_to(REPO) else csv}` by "
+                f"`scripts/run_wae.py --profile {profile} --table-only`._")
     block = f"<!-- wae-table:{profile} -->\n{table}{info}\n<!-- /wae-table:{profile} -->"
     text = readme.read_text(encoding="utf-8") if readme.exists() else ""
     pattern = re.compile(rf"<!-- wae-table:{re.escape(profile)} -->.*?<!-- /wae-table:{re.escape(profile)} -->", re.S)
@@ -60,13 +68,20 @@ def main(argv=None) -> int:
     ap.add_argument("--poll", type=float, default=300.0, help="seconds between checks with --wait")
     ap.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
     ap.add_argument("--table-only", action="store_true",
-                    help="run nothing: only redraw the summary figures and rewrite the README table from the CSV")
+                    help="run nothing: only redraw the summary figures and rewrite the table from the CSV")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: cells one after another here (default); ray: one Ray task per cell (docs/cluster.md)")
+    ap.add_argument("--address", default=None,
+                    help="with --executor ray: join the Ray cluster at ADDR ('auto' or host:6379); default: start one here")
+    ap.add_argument("--gpus-per-cell", type=float, default=1.0,
+                    help="with --executor ray: the share of a GPU each CUDA cell takes (default 1)")
     args = ap.parse_args(argv)
 
     import torch
 
     from labkit.studies import wae
+    from labkit.studies.engine import SweepFailed
 
     try:
         from labkit.lab.profiles import notebook_parameters, parse_override
@@ -87,21 +102,43 @@ def main(argv=None) -> int:
     cfg = wae.WAEConfig(**{k: v for k, v in params.items() if k in fields})
     cfg.profile = args.profile
     cfg.progress = not args.no_progress
-    csv = cfg.results_path() / "metrics.csv"
+    cfg.check()
+    fronts = [wae.canonical_front(f) for f in params["fronts"]]
+    failure = None
     if not args.table_only:
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"[wae] profile {args.profile}: {params}", flush=True)
-        wae.run_sweep(params["dataset"], params["fronts"], params["seeds"], args.profile, config=cfg,
-                      wait=args.wait, poll_seconds=args.poll)
-    write_figures(cfg, params["dataset"], [wae.canonical_front(f) for f in params["fronts"]], params["seeds"])
-    print(write_table(args.profile, csv))
+        from labkit.studies.executors import ExecutorError, make_executor
+
+        try:
+            executor = make_executor(args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
+                                     threads=args.threads or 1)
+        except ExecutorError as exc:
+            print(f"[wae] {exc}", file=sys.stderr)
+            return 2
+        try:
+            wae.run_sweep(params["dataset"], fronts, params["seeds"], args.profile, config=cfg,
+                          wait=args.wait, poll_seconds=args.poll, executor=executor)
+        except SweepFailed as exc:
+            failure = exc
+        finally:
+            executor.close()
+    cells = wae.plan_cells(params["dataset"], fronts, params["seeds"], cfg)
+    write_figures(cfg, params["dataset"], cells)
+    readme = README if cfg.results_dir is None else cfg.results_path() / "table.md"
+    print(write_table(args.profile, cfg, cells, readme))
+    print(f"[wae] table -> {readme}")
+    if failure is not None:
+        print(f"[wae] {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
-def write_figures(cfg, dataset: str, fronts, seeds) -> None:
-    """The study's summary figures: metrics per front, and reconstructions / prior samples of every
-    finished front side by side for the first seed (from the example tensors each cell saved)."""
+def write_figures(cfg, dataset: str, cells) -> None:
+    """The study's summary figures for the planned ``cells``: metrics per front, and
+    reconstructions / prior samples of every finished front side by side for the first seed (from
+    the example tensors each cell saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,14 +146,15 @@ def write_figures(cfg, dataset: str, fronts, seeds) -> None:
 
     from labkit.studies import wae
 
-    df = wae.read_results(cfg.results_path() / "metrics.csv")
-    df = df[df["dataset"] == dataset]
+    df = wae.read_results(cfg.results_path())
+    df = df[df["key"].isin([c.key for c in cells]) & (df["dataset"] == dataset)]
     figs = cfg.results_path() / "figures"
     if len(df):
         plt.close(wae.plot_metrics(df, figs / f"{dataset}-metrics.png",
-                                   title=f"WAE on incomplete {dataset} ({cfg.profile} profile)"))
-    shown = seeds[0]
-    examples = {f: wae.load_examples(dataset, f, shown, cfg) for f in fronts}
+                                   title=f"WAE on incomplete {dataset} ({cfg.profile} profile, recipe {cfg.recipe})"))
+    shown = min(int(c.coords["seed"]) for c in cells) if cells else 0
+    examples = {c.coords["front"]: wae.load_examples(c, cfg) for c in cells
+                if c.coords["dataset"] == dataset and int(c.coords["seed"]) == shown}
     examples = {f: e for f, e in examples.items() if e is not None}
     if examples:
         plt.close(wae.plot_front_grid(examples, what="reconstruction", title=f"{dataset}, seed {shown}: reconstructions",

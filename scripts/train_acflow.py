@@ -27,6 +27,7 @@ from labkit.checkpoint import atomic_save, machine_description, partial_path
 from labkit.data import load_dataset
 from labkit.device import resolve_device
 from labkit.models.acflow import load_acflow, study_mask_fn, train_acflow
+from labkit.precision import PRECISIONS, resolve_precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default="results/acflow/acflow_mnist.pt")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", default="32", choices=PRECISIONS,
+                   help="training precision (labkit.precision; auto: bf16-mixed where the device has bf16)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         images, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mask_fn=mask_fn,
         seed=args.seed, checkpoint=partial, device=device, progress=not args.no_progress,
         model_kwargs=model_kwargs, val_images=val_images, val_missing=val_missing,
-        max_batches=args.max_batches, config={"setting": setting},
+        max_batches=args.max_batches, config={"setting": setting}, precision=args.precision,
     )
     wall = time.perf_counter() - started
     n_params = sum(q.numel() for q in model.parameters())
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = [e["seconds"] for e in history]
     meta = {
         "config": {"model": model.config, "batch_size": args.batch_size, "lr": args.lr,
-                   "max_batches": args.max_batches},
+                   "max_batches": args.max_batches, "precision": resolve_precision(args.precision, device)},
         "setting": setting,
         "epochs": len(history),
         "seed": args.seed,

@@ -4,13 +4,15 @@ The same code path as notebook 01 (``labkit.studies.density.run_experiment`` / `
 notebook's parameters taken from a profile's ``01_dmfa`` section and overridable here. Everything
 goes to ``results/dmfa/<profile>/``. Training is resumable: a run that is interrupted (Ctrl-C, a
 killed process) continues from its last finished epoch when the same command is run again, and a
-finished model is loaded instead of retrained.
+finished model is loaded instead of retrained. A model file trained with other settings (say
+``--epochs 2 --lr 0.01``) is neither reused nor overwritten: the new model and its results get the
+stem ``<stem>-<digest8>`` (a digest of the settings), and the run says so in one line.
 
 Examples (the committed CPU runs)::
 
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode complete --hole 14
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --hole 14
-    .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --missing-kind trapezoid
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --missing-kind trapezoid_inside
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode incomplete --missing-kind noise
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode complete --hole 10
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mfa --holes 10 14 18
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from labkit import paths
+from labkit.masks import MASK_KINDS
 from labkit.studies import density
 
 try:
@@ -59,9 +62,10 @@ def main(argv=None) -> int:
     p.add_argument("--dataset")
     p.add_argument("--mode", choices=["complete", "incomplete"])
     p.add_argument("--hole", type=int, help="side of the square holes, train and test")
-    p.add_argument("--missing-kind", choices=["square", "trapezoid", "noise"], default="square",
+    p.add_argument("--missing-kind", choices=list(MASK_KINDS), default="square",
                    help="with --mode incomplete: the kind of the training images' truly missing data "
-                        "(files <dataset>_incomplete_<kind>.* unless square)")
+                        "(files <dataset>_incomplete_<kind>.* unless square; trapezoid_inside: the earlier "
+                        "inside-the-image trapezoid, of the committed mnist_incomplete_trapezoid_inside.*)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-val", type=int)

@@ -170,19 +170,31 @@ def test_apply_stroke_rejects_bad_masks():
 
 
 # ----------------------------------------------------------------------------- presets
-def test_presets_are_the_studies_masks():
+def test_presets_are_the_papers_table1_masks():
+    """The app offers the paper's three kinds (labkit.masks.DEFAULT_MASK_KINDS), not every generator."""
+    from labkit import masks
+
+    table1 = getattr(masks, "DEFAULT_MASK_KINDS", ("square", "trapezoid", "noise"))
+    assert draw.PRESET_KINDS == tuple(table1) == ("square", "trapezoid", "noise")
     sq, tr, no = (preset_mask(k, 28, 28, seed=5, device="cpu") for k in ("square", "trapezoid", "noise"))
     for m in (sq, tr, no):
         assert m.shape == (1, 1, 28, 28) and m.dtype == torch.bool
     assert sq.sum() == 14 * 14 and no.sum() == round(0.75 * 784)
     assert abs(int(tr.sum()) - 392) <= 0.02 * 784
     # exactly labkit.masks with a CPU generator seeded with the seed
-    assert torch.equal(sq, make_masks("square", 1, 28, 28, generator=torch.Generator().manual_seed(5), device="cpu"))
+    for kind, m in (("square", sq), ("trapezoid", tr), ("noise", no)):
+        want = make_masks(kind, 1, 28, 28, generator=torch.Generator().manual_seed(5), device="cpu")
+        assert torch.equal(m, want), kind
     assert torch.equal(no, preset_mask("noise", 28, 28, seed=5, device="cpu"))
     assert not torch.equal(no, preset_mask("noise", 28, 28, seed=6, device="cpu"))
     assert preset_mask("clear", 28, 28, device="cpu").sum() == 0
-    with pytest.raises(ValueError, match="unknown preset 'circle'; valid presets: square, trapezoid, noise, clear"):
+    msg = "unknown preset 'circle'; valid presets (the paper's Table 1 masks): square, trapezoid, noise, clear"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         preset_mask("circle", 28, 28)
+    extra = [k for k in masks.MASK_KINDS if k not in table1]            # e.g. trapezoid_inside
+    for kind in extra:
+        with pytest.raises(ValueError, match=f"unknown preset '{kind}'"):
+            preset_mask(kind, 28, 28)
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         preset_mask("noise", 28, 28, seed=-1)
 
@@ -358,6 +370,101 @@ def test_probability_text_and_bars_name_the_predictions():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# ----------------------------------------------------------------------------- figures say what colour means
+def _two_classifier_panels(label=2, n_samples=2):
+    image, missing, mfa = _panels_setup()
+    return compute_panels(image, missing, dmfa=lambda x, m: mfa, n_samples=n_samples, label=label,
+                          classifiers={"A": Recorder(30), "B": Recorder(30, seed=1)}, class_names="abcd")
+
+
+def _axes(fig):
+    return {ax.get_label(): ax for ax in fig.axes}
+
+
+def test_panels_figure_probability_axis_runs_from_0_to_1_with_a_true_label_legend():
+    from matplotlib.colors import to_rgba
+
+    p = _two_classifier_panels(label=2)
+    axes = _axes(draw.panels_figure(p))
+    ax = axes["probabilities"]
+    assert ax.get_ylim() == (0.0, 1.0) and ax.get_ylabel() == "probability"
+    assert list(ax.get_yticks()) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "0.25", "0.5", "0.75", "1"]
+    # one bar per class and classifier, as tall as the probability
+    assert len(ax.containers) == 2
+    for container, name in zip(ax.containers, ("A", "B")):
+        assert np.allclose([r.get_height() for r in container], p.probs[name].numpy())
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0].startswith("A: ") and legend[1].startswith("B: ") and legend[2] == "true label (c)"
+    # the grey band of the legend sits on the true class, and only there
+    bands = [patch for patch in ax.patches if patch.get_facecolor() == to_rgba(draw.TRUE_LABEL_BAND)]
+    assert len(bands) == 1 and bands[0].get_x() == pytest.approx(1.5) and bands[0].get_width() == pytest.approx(1.0)
+    # no label: no band and no legend entry for it
+    ax = _axes(draw.panels_figure(_two_classifier_panels(label=None)))["probabilities"]
+    assert not any("true label" in t.get_text() for t in ax.get_legend().get_texts())
+    assert not [patch for patch in ax.patches if patch.get_facecolor() == to_rgba(draw.TRUE_LABEL_BAND)]
+
+
+def test_panels_figure_colour_coded_panels_have_colour_bars():
+    from matplotlib.colorbar import Colorbar
+
+    p = _two_classifier_panels(n_samples=2)
+    fig = draw.panels_figure(p)
+    axes = _axes(fig)
+    assert set(axes) == {"input", "DMFA mean", "sample 1", "sample 2", "std", "colorbar: pixel value",
+                         "colorbar: std", "probabilities"}
+    assert len(fig.axes) == 3 + 2 + 1 + 2                    # images, probabilities, two colour bars
+    # the std map: magma from 0 to the largest std, with a colour bar naming the quantity and unit
+    im = axes["std"].images[0]
+    assert isinstance(im.colorbar, Colorbar) and im.colorbar.ax is axes["colorbar: std"]
+    assert im.get_cmap().name == "magma"
+    assert im.get_clim() == (0.0, pytest.approx(float(p.std.max())))
+    label = im.colorbar.ax.get_ylabel()
+    assert "std" in label and "pixel-value units" in label
+    # the grey panels share one fixed scale 0..1 (never rescaled per image) and one colour bar
+    grey = [axes[n].images[0] for n in ("DMFA mean", "sample 1", "sample 2")]
+    assert all(g.get_clim() == (0.0, 1.0) and g.get_cmap().name == "gray" for g in grey)
+    assert isinstance(grey[0].colorbar, Colorbar) and grey[0].colorbar.ax is axes["colorbar: pixel value"]
+    assert "pixel value" in grey[0].colorbar.ax.get_ylabel() and "0 = black" in grey[0].colorbar.ax.get_ylabel()
+    # the colour bars' ticks span their scales
+    assert grey[0].colorbar.ax.get_ylim() == (0.0, 1.0)
+    assert im.colorbar.ax.get_ylim() == pytest.approx((0.0, float(p.std.max())))
+    assert draw.render_panels(p)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probability_bars_html_have_an_axis_and_a_true_label_legend():
+    probs = {"A": torch.tensor([0.1, 0.7, 0.2]), "B": torch.tensor([0.5, 0.2, 0.3])}
+    p = Panels(image=torch.zeros(1, 2, 2), missing=torch.zeros(2, 2, dtype=torch.bool), mean=torch.zeros(1, 2, 2),
+               samples=torch.zeros(1, 1, 2, 2), std=torch.zeros(1, 2, 2), probs=probs, label=1,
+               class_names=("x", "y", "z"))
+    html = probability_bars_html(p, height_px=100)
+    ticks = re.findall(r"class='prob-tick' style='[^']*bottom:([-\d.]+)px[^']*'>([^<]*)<", html)
+    assert [t for _, t in ticks] == ["0", "0.25", "0.5", "0.75", "1"]
+    assert [float(b) + 6 for b, _ in ticks] == [0, 25, 50, 75, 100]      # tick p at p * height (label centred)
+    assert ">probability<" in html
+    assert html.count("prob-true") == 2                                  # the band on class y, and its legend
+    assert re.search(r"prob-class prob-true'[^>]*background:" + draw.TRUE_LABEL_BAND, html)
+    assert "true label: <b>y</b>" in html
+    unlabelled = probability_bars_html(Panels(**{**p.__dict__, "label": None}), height_px=100)
+    assert "true label" not in unlabelled and "prob-true" not in unlabelled
+
+
+def test_colorbar_html_names_the_quantity_and_spans_the_scale():
+    bar = draw.colorbar_html("magma", 0.0, 0.3, "std (pixel-value units)")
+    tick = lambda html: re.findall(r"class='cbar-tick'[^>]*>([^<]*)<", html)  # noqa: E731
+    assert tick(bar) == ["0", "0.15", "0.3"]
+    assert "std (pixel-value units)" in bar and "linear-gradient" in bar
+    assert tick(draw.colorbar_html("gray", 0, 1, "v", ticks=5)) == ["0", "0.25", "0.5", "0.75", "1"]
+    assert tick(draw.colorbar_html("magma", 0, 0.2837, "v")) == ["0", "0.14", "0.28"]
+    # the gradient runs through the colour map: black at 0 and white at 1 for "gray"
+    stops = re.findall(r"rgb\((\d+), (\d+), (\d+)\) (\d+)%", draw.colorbar_html("gray", 0, 1, "v"))
+    assert stops[0] == ("0", "0", "0", "0") and stops[-1] == ("255", "255", "255", "100")
+    with pytest.raises(ValueError, match="need finite vmin < vmax"):
+        draw.colorbar_html("gray", 1.0, 1.0, "v")
+    with pytest.raises(ValueError, match="cmap must be the name of a matplotlib colour map"):
+        draw.colorbar_html("nope", 0.0, 1.0, "v")
+
+
 # ----------------------------------------------------------------------------- the app, headless
 class FakeDMFA:
     """A DMFA stand-in: a fixed MFA for any 1x28x28 input (K=2, L=2)."""
@@ -416,6 +523,20 @@ def test_app_mouse_events_paint_and_update_on_release(app):
     send(None, {"event": "mouse_move", "x": 10.0, "y": 250.0}, [])       # after release: nothing
     send(None, {"event": "mouse_out", "x": 10.0, "y": 250.0}, [])
     assert app.n_updates == 2
+
+
+def test_app_offers_the_table1_presets_and_colour_bars(app):
+    assert list(app.preset_buttons) == [*draw.PRESET_KINDS, "clear"] == ["square", "trapezoid", "noise", "clear"]
+    assert draw.INTENSITY_LABEL in app.intensity_bar.value
+    tick = lambda html: re.findall(r"class='cbar-tick'[^>]*>([^<]*)<", html)  # noqa: E731
+    assert tick(app.intensity_bar.value) == ["0", "0.5", "1"]
+    app.preset_buttons["noise"].click()
+    assert app.panels.n_missing == 588
+    # the std map is scaled to its largest value: the colour bar follows it after every update
+    smax = float(app.panels.std.max())
+    assert draw.STD_LABEL in app.std_bar.value
+    assert float(tick(app.std_bar.value)[-1]) == pytest.approx(smax, abs=0.01)
+    assert "true label: <b>1</b>" in app.probs_html.value and "prob-tick" in app.probs_html.value
 
 
 def test_app_presets_clear_and_image_choice(app):

@@ -209,3 +209,42 @@ def test_kernel_drops_only_torchs_cuda_home_notice():
 
     assert not logger.filter(record("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local"))
     assert logger.filter(record("Error checking compiler version for %s", "c++"))
+
+
+# ------------------------------------------------------------------------------ ./lab figures
+
+
+@pytest.mark.slow
+def test_figures_runs_the_tour_and_refreshes_only_docs_figures(tmp_path, monkeypatch):
+    """``./lab figures`` in a scratch lab whose tour writes one figure (and leaves an old one alone)."""
+    import nbformat
+
+    from labkit.lab import run_notebooks as rn
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "quick.yaml").write_text("defaults: {device: auto, seed: 0}\n00_misconv_tour: {}\n")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'x'\ndevice = 'cpu'\nseed = 0\nwrite = True",
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from pathlib import Path\nout = Path('..') / 'results' / 'tour' / profile\n"
+                                  "out.mkdir(parents=True, exist_ok=True)\n"
+                                  "if write:\n    (out / 'masks.png').write_bytes(b'new figure')"),
+    ]
+    nbformat.write(nb, tmp_path / "notebooks" / "00_misconv_tour.ipynb")
+    stale = tmp_path / "results" / "tour" / "quick" / "old.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier run")
+    os.utime(stale, (0, 0))
+    monkeypatch.setenv("LAB_ROOT", str(tmp_path))
+
+    assert rn.main(["--figures", "--output-dir", str(tmp_path / "executed")]) == 0
+    assert sorted(p.name for p in (tmp_path / "docs" / "figures" / "tour").iterdir()) == ["masks.png"]
+    assert (tmp_path / "docs" / "figures" / "tour" / "masks.png").read_bytes() == b"new figure"
+
+    nb.cells[0].source = nb.cells[0].source.replace("write = True", "write = False")
+    nbformat.write(nb, tmp_path / "notebooks" / "00_misconv_tour.ipynb")
+    with pytest.raises(RuntimeError, match="the tour ran but wrote no .png"):
+        rn.refresh_figures("quick", output_dir=tmp_path / "executed")

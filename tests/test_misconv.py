@@ -312,6 +312,19 @@ def authors_by_hand(x, missing, mfa, weight, bias):
     return torch.from_numpy(out)
 
 
+def test_authors_expected_relu_halves_the_sigma_term_and_can_go_negative():
+    from labkit.misconv import authors_expected_relu
+
+    mu = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 4.0, 0.25, 0.0], dtype=torch.float64)
+    sigma = var.sqrt()
+    half_term = 0.5 * sigma * torch.exp(-0.5 * (mu / sigma.clamp_min(1e-300)) ** 2) / math.sqrt(2 * math.pi)
+    exact = expected_relu(mu, var)
+    got = authors_expected_relu(mu, var)
+    torch.testing.assert_close(got[:3], exact[:3] - half_term[:3], rtol=1e-12, atol=1e-15)
+    assert got[3] == 3.0 and got[0] < 0                     # relu at σ = 0; below zero at μ = −2σ
+
+
 @pytest.mark.parametrize("C,K,per_channel,k", [(1, 1, False, 3), (1, 2, False, 3), (3, 1, True, 3), (3, 2, False, (3, 5))])
 def test_authors_variant_equals_its_transcription(C, K, per_channel, k):
     B, H, W, L = 2, 6, 5, 2

@@ -340,3 +340,137 @@ def test_float16_mixed_on_cuda_needs_and_checkpoints_a_scaler(tmp_path):
                checkpoint=tmp_path / "c.pt")
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert load_checkpoint(tmp_path / "c.pt")["scaler"]["scale"] == scaler.get_scale()
+
+
+# ----------------------------------------------------------------------------- the trainers under bf16-mixed
+
+
+def _dtypes_of(module: nn.Module, seen: set) -> None:
+    """Record the dtype of ``module``'s output every time it runs."""
+    module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+
+
+def _finite(history, *keys):
+    return all(math.isfinite(h[k]) for h in history for k in keys)
+
+
+def test_train_dmfa_under_bf16_mixed(tmp_path):
+    from labkit.models.dmfa import LinearHeadsDMFA
+    from labkit.models.dmfa_training import train_dmfa
+
+    torch.manual_seed(0)
+    model = LinearHeadsDMFA((1, 8, 8), n_components=1, n_factors=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv_out = set()
+    _dtypes_of(model.extractor[0], conv_out)
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    hist = train_dmfa(model, images, epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, device="cpu",
+                      progress=False, precision=BF16, checkpoint=tmp_path / "d.pt")
+    assert conv_out == {torch.bfloat16}  # the network ran in bfloat16 ...
+    assert _finite(hist, "loss", "nll", "sse")  # ... the NLL (epoch 0: with the MSE warm-up) is finite
+    assert load_checkpoint(tmp_path / "d.pt")["config"]["precision"] == BF16
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the MFA heads come out float32 under autocast: the likelihood never sees bfloat16
+    x, miss = images[:4], torch.zeros(4, 1, 8, 8, dtype=torch.bool)
+    miss[:, :, 2:6, 2:6] = True
+    with P.autocast(BF16, "cpu"):
+        mfa = model(x, miss)
+    assert {t.dtype for t in (mfa.weights, mfa.means, mfa.factors, mfa.variances)} == {torch.float32}
+    with pytest.raises(CheckpointMismatchError, match="precision: checkpoint 'bf16-mixed', now '32'"):
+        train_dmfa(model, images, epochs=3, batch_size=8, lr=1e-3, mse_warmup_epochs=1, device="cpu",
+                   progress=False, checkpoint=tmp_path / "d.pt")
+
+
+def test_train_classifier_under_bf16_mixed_keeps_misconv_float32(tmp_path):
+    from types import SimpleNamespace
+
+    from labkit.models.classifier import build_classifier, train_classifier
+
+    g = torch.Generator().manual_seed(2)
+    n, size = 16, 12
+    missing = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    missing[:, :, 3:9, 3:9] = True
+    data = SimpleNamespace(train_images=torch.rand(n, 1, size, size, generator=g),
+                           train_labels=torch.randint(10, (n,), generator=g), train_missing=missing,
+                           fit_idx=torch.arange(12), val_idx=torch.arange(12, 16))
+
+    class RandomMFAs:  # per-image MFAs over the images (K=1, L=2), as the study's MFAAux gives
+        def get(self, idx, x, j):
+            b = len(idx)
+            return MFA(torch.ones(b, 1), torch.full((b, 1, 1, size, size), 0.5), 0.1 * torch.ones(b, 1, 2, 1, size, size),
+                       torch.full((b, 1, 1, size, size), 0.05), validate=False)
+
+    torch.manual_seed(0)
+    model = build_classifier("mnist", "mfa_misconv", image_size=size)
+    front_out, body_out = set(), set()
+    _dtypes_of(model.front, front_out)
+    _dtypes_of(model.body[1], body_out)  # the body's first convolution
+    hist, _ = train_classifier(model, data, RandomMFAs(), epochs=2, batch_size=4, lr=1e-3, seed=0, progress=False,
+                               device="cpu", precision=BF16, checkpoint=tmp_path / "c.pt", select="last")
+    assert _finite(hist, "loss", "acc", "val_accuracy")
+    assert torch.bfloat16 in body_out  # the body trained in bfloat16 ...
+    assert front_out == {torch.float32}  # ... MisConv's expected ReLU over the mixture stayed float32
+    assert load_checkpoint(tmp_path / "c.pt")["config"]["precision"] == BF16
+    # not only its output dtype: inside autocast it computes exactly what it computes in float32
+    x, aux = data.train_images[:4], RandomMFAs().get(torch.arange(4), None, None)
+    with torch.no_grad():
+        ref = model.front(x, missing[:4], aux)
+        with P.autocast(BF16, "cpu"):
+            assert torch.equal(model.front(x, missing[:4], aux), ref)
+            # even when handed a bfloat16 MFA (it is cast back up; the reference sees the same rounding)
+            low = MFA(*(t.to(torch.bfloat16) for t in (aux.weights, aux.means, aux.factors, aux.variances)),
+                      validate=False)
+            got = model.front(x, missing[:4], low)
+        assert got.dtype == torch.float32 and torch.equal(got, model.front(x, missing[:4], P.to_float32(low)))
+
+
+def test_wae_train_step_under_bf16_mixed():
+    from labkit.models import wae as W
+
+    torch.manual_seed(0)
+    model = W.WAE("zero", "mnist", architecture={"encoder": ["conv4", "down", "conv4", "lin3"],
+                                                 "decoder": ["lin784", "up", "conv4", "conv1"],
+                                                 "discriminator": ["lin8", "lin8", "lin1"]}, device="cpu")
+    opts = W.make_optimizers(model, lr=1e-3, lr_disc=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    enc_out, dec_out = set(), set()
+    _dtypes_of(model.encoder, enc_out)
+    _dtypes_of(model.decoder, dec_out)
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    missing = torch.zeros(6, 1, 28, 28, dtype=torch.bool)
+    missing[:, :, 7:21, 7:21] = True
+    for _ in range(2):
+        out = W.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(4), precision=BF16)
+        assert all(math.isfinite(v) for v in out.values())
+    assert enc_out == {torch.bfloat16} and dec_out == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+    # the losses are float32 even when computed from bfloat16 outputs inside autocast
+    with P.autocast(BF16, "cpu"):
+        logits = model.decoder(model.encode(x, missing))
+        rec = W.reconstruction_loss(logits, x, ~missing)
+        adv = W.encoder_adversarial_loss(model.discriminator, model.encode(x, missing))
+    assert logits.dtype == torch.bfloat16 and rec.dtype == torch.float32 and adv.dtype == torch.float32
+
+
+def test_train_acflow_under_bf16_mixed(tmp_path):
+    from labkit.models.acflow import train_acflow
+
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    model, hist = train_acflow(images, epochs=2, batch_size=4, lr=1e-3, device="cpu", progress=False,
+                               model_kwargs=dict(hidden=8, n_blocks=1, n_scales=2, n_couplings=1),
+                               precision=BF16, checkpoint=tmp_path / "f.pt")
+    assert _finite(hist, "nll_per_missing_pixel") and all(h["skipped"] == 0 for h in hist)
+    assert load_checkpoint(tmp_path / "f.pt")["config"]["precision"] == BF16
+    coupling = next(m for m in model.modules() if type(m).__name__ == "AffineCoupling")
+    net_out = set()
+    coupling.net.register_forward_hook(lambda m, i, out: net_out.update(t.dtype for t in out))
+    missing = torch.zeros(8, 1, 8, 8, dtype=torch.bool)
+    missing[:, :, 2:6, 2:6] = True
+    with P.autocast(BF16, "cpu"):
+        lp = model.log_prob(images, missing)
+        z = torch.randn(8, coupling.channels, coupling.height, coupling.width)
+        m = torch.ones_like(z, dtype=torch.bool)
+        s, t, _ = coupling._scale_shift(z, m, torch.zeros(8, 2 * coupling.channels, coupling.height, coupling.width))
+    assert net_out == {torch.bfloat16} and lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    assert s.dtype == t.dtype == torch.float32  # the coupling's scale and shift are float32

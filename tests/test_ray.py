@@ -177,8 +177,8 @@ def cluster():
         left = _session_processes(temp, known)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-        assert not ray.is_initialized()
         assert not left, f"Ray processes left after shutdown: {left}"
+        assert not ray.is_initialized()
 
 
 def test_ray_records_the_same_rows_as_local(cluster, tmp_path):

@@ -477,9 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             copied = refresh_figures(args.profile, output_dir=args.output_dir)
-        except ValueError as exc:
+        except ValueError as exc:  # bad parameters: nothing ran
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:  # noqa: BLE001 - the tour failed: say so; docs/figures/ stays as it was
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            print(f"[lab figures] the tour failed, no figure refreshed ({type(exc).__name__}: {reason[:300]})",
+                  file=sys.stderr)
+            return 1
         for path in copied:
             print(f"[lab figures] {_shown(path)}")
         print(f"[lab figures] {len(copied)} figure(s) refreshed in {time.perf_counter() - start:.1f} s; "

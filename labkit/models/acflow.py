@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
+from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 
 __all__ = [
     "ACFlow",
@@ -213,7 +214,9 @@ class AffineCoupling(nn.Module):
         parts = [z_in, context]
         if self.partition == "checkerboard":
             parts.append(b[:, :1].to(z.dtype).expand(z.shape[0], 1, -1, -1))
-        raw_s, t = self.net(torch.cat(parts, dim=1))
+        # under mixed precision the coupling net runs in bfloat16/float16; the flow itself (z, s,
+        # t, the log-determinant) stays float32
+        raw_s, t = to_float32(*self.net(torch.cat(parts, dim=1)))
         s = torch.exp(self.log_scale_bound) * torch.tanh(raw_s)
         active = missing & ~b
         zero = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -656,6 +659,7 @@ def train_acflow(
     val_missing: Tensor | None = None,
     max_batches: int | None = None,
     config: Mapping[str, Any] | None = None,
+    precision: str = "32",
 ) -> tuple[ACFlow, list[dict]]:
     """Train an :class:`ACFlow` by maximum likelihood of the missing pixels under random masks.
 
@@ -680,6 +684,10 @@ def train_acflow(
             and ``val_bits_per_dim``.
         max_batches: stop each epoch after this many batches (smoke tests).
         config: extra JSON-able description stored in (and checked against) the checkpoint.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (CUDA) or ``"auto"`` (see
+            :mod:`labkit.precision`): the coupling networks run under autocast, the flow's
+            coordinates, log-determinants and the NLL stay float32; recorded in the checkpoint.
+            Validation runs in float32.
 
     Returns:
         ``(model, history)``: the model in eval mode, one dict per epoch with
@@ -727,6 +735,8 @@ def train_acflow(
     if mask_fn is None:
         mask_fn = study_mask_fn(h, w)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    precision = resolve_precision(precision, device)
+    scaler = grad_scaler(precision, device)
     per_epoch = math.ceil(n / batch_size) if max_batches is None else min(max_batches, math.ceil(n / batch_size))
 
     def batches(epoch: int, generator: torch.Generator):
@@ -751,16 +761,19 @@ def train_acflow(
             raise TypeError(f"mask_fn must return a bool tensor, got "
                             f"{missing.dtype if isinstance(missing, Tensor) else type(missing).__name__}")
         missing = missing.to(device)
-        lp = model.log_prob(x, missing, dequantize=True, generator=generator)
+        with autocast(precision, device):
+            lp = model.log_prob(x, missing, dequantize=True, generator=generator)
         n_missing = missing.expand_as(x).sum().clamp_min(1)
-        loss = -lp.sum() / n_missing
+        loss = -to_float32(lp).sum() / n_missing
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             return {"skipped": 1.0}
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         nll = loss.item()
         return {"nll_per_missing_pixel": nll, "bits_per_dim": float(bits_per_dim(nll)), "skipped": 0.0}
 
@@ -788,25 +801,35 @@ def train_acflow(
     if config:
         run_config.update(dict(config))
     history = fit(model, optimizer, batches, step, epochs=epochs, checkpoint=checkpoint, seed=seed,
-                  desc="acflow", progress=progress, config=run_config, evaluate=evaluate)
+                  desc="acflow", progress=progress, config=run_config, evaluate=evaluate, precision=precision,
+                  scaler=scaler)
     return model, history
 
 
-def load_acflow(path: str | Path, device: str | torch.device | None = None) -> tuple[ACFlow, dict]:
+def load_acflow(path: str | Path, device: str | torch.device | None = None, *,
+                input_role: str = "ACFlow checkpoint") -> tuple[ACFlow, dict]:
     """Load a trained model saved by ``scripts/train_acflow.py`` (``{"model", "meta"}`` with
     ``meta["config"]["model"]`` the constructor arguments) or a :func:`labkit.training.fit`
-    checkpoint of :func:`train_acflow`. Returns ``(model in eval mode on device, meta)``."""
+    checkpoint of :func:`train_acflow`. Returns ``(model in eval mode on device, meta)``.
+
+    The file is an *input* of the caller (``input_role`` names it): a missing file raises
+    ``FileNotFoundError``, an unreadable or foreign one :class:`labkit.checkpoint.CheckpointError`,
+    both naming the path and saying that it is an input to restore or retrain
+    (``scripts/train_acflow.py``).
+    """
     from labkit.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(device)
-    stored = load_checkpoint(path, map_location=device)
+    hint = "it is an input of this step: restore it, or retrain it with scripts/train_acflow.py"
+    stored = load_checkpoint(path, map_location=device, input_role=input_role)
     if stored is None:
-        raise FileNotFoundError(f"no ACFlow checkpoint at {str(path)!r}")
+        raise FileNotFoundError(f"no {input_role} at {str(path)!r}; {hint}")
     try:
         meta = dict(stored["meta"]) if "meta" in stored else {"history": stored["history"],
                                                               "config": stored["config"]}
         model = ACFlow(**meta["config"]["model"])
         model.load_state_dict(stored["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not an ACFlow checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{input_role} {str(path)!r} is not an ACFlow checkpoint ({type(exc).__name__}: {exc}); "
+                              f"{hint}") from exc
     return model.to(device).eval(), meta

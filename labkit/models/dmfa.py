@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from labkit import masks as _masks
 from labkit.device import resolve_device
 from labkit.mfa import MFA, ClassicalMFA
+from labkit.precision import to_float32
 
 __all__ = [
     "DATASET_SHAPES",
@@ -179,7 +180,10 @@ class DMFA(nn.Module):
             reconstruction of known values and should be ignored, as MisConv does).
         """
         inputs = self.model_input(x, missing)
-        logits, means, factors, variances = self.raw(inputs)
+        # Under a mixed-precision autocast the heads come out in bfloat16/float16; the MFA is built
+        # in float32 (a variance near its 1e-4 floor keeps 3 digits in bfloat16, and the likelihood
+        # divides by it), so the returned MFA is float32 in every precision.
+        logits, means, factors, variances = to_float32(*self.raw(inputs))
         return MFA(
             torch.softmax(logits, dim=1),
             means,
@@ -489,22 +493,26 @@ def predict_mfa(model: nn.Module, images: Tensor, missing: Tensor, *, batch_size
 
 
 # ============================================================================ loading
-def load_dmfa(path: str | os.PathLike, device=None) -> tuple[DMFA, dict]:
+def load_dmfa(path: str | os.PathLike, device=None, *, input_role: str = "DMFA checkpoint") -> tuple[DMFA, dict]:
     """Load a DMFA written by :func:`labkit.studies.density.load_or_train_dmfa` (``{"model", "meta"}``).
 
     The architecture comes from ``meta["model"]`` (the model's ``config``: data set, K, L, factor
     scale, variance floor), so any K and L load. Returns ``(model in eval mode on device, meta)``.
-    Raises :class:`labkit.checkpoint.CheckpointError` naming ``path`` for a missing, corrupt or
-    mismatching file.
+    The file is an *input* of the caller (``input_role`` names it, e.g. "incomplete-data DMFA
+    checkpoint"): a missing, corrupt or mismatching file raises
+    :class:`labkit.checkpoint.CheckpointError` naming the path and saying that it is an input to
+    restore or retrain (``scripts/train_dmfa.py``), not an output to delete.
     """
     from labkit.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(device)
-    stored = load_checkpoint(path, map_location=device)
+    where = f"{input_role} {str(path)!r}"
+    hint = "it is an input of this step: restore it, or retrain it with scripts/train_dmfa.py"
+    stored = load_checkpoint(path, map_location=device, input_role=input_role)
     if stored is None:
-        raise CheckpointError(f"DMFA checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{where} does not exist; {hint}")
     if not isinstance(stored, Mapping) or "model" not in stored or "meta" not in stored:
-        raise CheckpointError(f"{str(path)!r} is not a DMFA checkpoint (expected keys 'model' and 'meta')")
+        raise CheckpointError(f"{where} is not a DMFA checkpoint (expected keys 'model' and 'meta'); {hint}")
     meta = dict(stored["meta"])
     try:
         cfg = dict(meta.get("model") or {})
@@ -512,9 +520,9 @@ def load_dmfa(path: str | os.PathLike, device=None) -> tuple[DMFA, dict]:
                            n_components=cfg.get("n_components", 1), n_factors=cfg.get("n_factors", 4),
                            factor_scale=cfg.get("factor_scale"), min_variance=cfg.get("min_variance", 1e-4))
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not a DMFA checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{where} is not a DMFA checkpoint ({type(exc).__name__}: {exc}); {hint}") from exc
     try:
         model.load_state_dict(stored["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"DMFA checkpoint {str(path)!r} does not match its recorded architecture: {exc}") from exc
+        raise CheckpointError(f"{where} does not match its recorded architecture ({exc}); {hint}") from exc
     return model.to(device).eval(), meta

@@ -27,6 +27,7 @@ from torch import Tensor
 from labkit import masks as _masks
 from labkit.device import resolve_device
 from labkit.mfa import MFA
+from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 from labkit.models.dmfa import DMFA, _check_images, _check_int, evaluate_dmfa, incomplete_masks, test_masks
 
 __all__ = ["dmfa_loss", "train_dmfa"]
@@ -99,6 +100,7 @@ def train_dmfa(
     val_images: Tensor | None = None,
     val_missing: Tensor | None = None,
     config: Mapping[str, Any] | None = None,
+    precision: str = "32",
 ) -> list[dict]:
     """Train a DMFA in place (resumable through :func:`labkit.training.fit`).
 
@@ -124,6 +126,10 @@ def train_dmfa(
             adds ``val_nll``/``val_sse`` (per image) to each epoch's history.
         config: extra JSON-able description stored with the checkpoint (resuming with another
             config raises :class:`labkit.training.CheckpointMismatchError`).
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (CUDA) or ``"auto"`` (see
+            :mod:`labkit.precision`): the network runs under autocast, its MFA heads are cast to
+            float32 before the likelihood and the MSE warm-up; recorded in the checkpoint (resuming
+            under another precision raises). Validation runs in float32.
 
     Returns:
         fit's history: per epoch ``nll``, ``sse``, ``nll_px``, ``loss``, ``lr``, ``val_*``,
@@ -152,6 +158,8 @@ def train_dmfa(
         raise ValueError(f"hidden_hole must be <= {min(H, W)} for {H}x{W} images, got {hidden_hole}")
     device = resolve_device(device)
     model.to(device)
+    precision = resolve_precision(precision, device)
+    scaler = grad_scaler(precision, device)
 
     if mode == "incomplete":
         if missing is None:
@@ -194,13 +202,18 @@ def train_dmfa(
         miss, hidden = _masks.training_pair(miss, hidden_kind="square", generator=generator, side=hidden_hole)
         sup = _masks.supervised(miss, hidden)
         unknown = ~_masks.visible(miss, hidden)
-        mfa = model(x, unknown)
+        with autocast(precision, device):
+            mfa = model(x, unknown)
+        # float32 MFA (DMFA.forward casts its heads); loss and backward outside autocast
+        mfa = to_float32(mfa)
         loss, metrics = _step_loss(mfa, x, sup, mse_weight=1.0 if epoch < mse_warmup_epochs else 0.0)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if grad_clip is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         log.nll[epoch].append(float(metrics["nll"]))
         return {"loss": loss.detach(), **metrics}
 
@@ -225,7 +238,7 @@ def train_dmfa(
     history = fit(
         model, optimizer, batches, step, epochs=epochs, checkpoint=checkpoint, scheduler=scheduler, seed=seed,
         desc=f"DMFA {mode}", progress=progress, extra_state={"batch_log": log}, config=run_config,
-        evaluate=evaluate if val_images is not None else None,
+        evaluate=evaluate if val_images is not None else None, precision=precision, scaler=scaler,
     )
     for entry in history:
         e = int(entry["epoch"])

@@ -17,21 +17,31 @@ Model (:class:`WAE`):
 
 Losses (per batch of B images; ``counted`` = the pixels the loss sees):
 
-- discriminator: ``BCE(D(z_prior), 1) + BCE(D(z_encoded), 0)``, the encodings detached;
+- discriminator: ``w_D · [BCE(D(z_prior), 1) + BCE(D(z_encoded), 0)]``, the encodings detached;
 - autoencoder: ``reconstruction + λ · BCE(D(z_encoded), 1)`` (``−λ log D(z)``: the encoder tries to
   make its codes look like prior samples), with ``reconstruction`` = the binary cross-entropy
-  between the decoded image and the target, **averaged over each image's counted pixels, then over
-  the batch** (``recon="mse"`` for the squared error instead). ``λ = 1`` by default, as in the
-  authors' code (which also uses BCE). Counted pixels: the observed ones for every front trained on
-  incomplete images; all pixels for the ground-truth front, whose encoder sees the complete
-  images (the ceiling of the study).
+  (``recon="bce"``) or the squared error (``recon="mse"``) between the decoded image and the
+  target, **averaged over each image's counted pixels, then over the batch**. Counted pixels: the
+  observed ones for every front trained on incomplete images; all pixels for the ground-truth
+  front, whose encoder sees the complete images (the ceiling of the study).
 
-One optimisation step (:func:`train_step`) encodes the batch once, then makes a discriminator step
-(:func:`discriminator_step`, only the discriminator's parameters move) and an autoencoder step
-(:func:`autoencoder_step`, only the encoder's and decoder's parameters move; the discriminator is
-frozen while its gradient is taken, so its ``.grad`` stays empty). Two Adam optimizers: the
-paper's rates are 4e-4 for the autoencoder and 4e-6 for the discriminator (MNIST, SVHN); at
-4e-6 the discriminator barely moves in a few epochs, which the study reports as is.
+Two training recipes (:data:`RECIPES`):
+
+- ``"authors"``, what the MisConv authors' code does: **one** Adam (lr 4e-4) over encoder,
+  decoder *and* discriminator; the discriminator loss carries the weight ``w_D = 0.01``, the
+  encoder's fooling term the same ``λ = 0.01``; MSE reconstruction. One optimisation step
+  (:func:`joint_step`) takes both gradients (each loss reaches only its own networks: the codes are
+  detached in the discriminator loss, the discriminator frozen in the fooling term) and moves all
+  parameters at once. Adam normalises each parameter's gradient, so ``w_D`` barely changes the
+  discriminator's updates: its effective learning rate is 4e-4, not the supplement's "4e-6"
+  (= 4e-4 × 0.01).
+- ``"supplement"``, the supplementary's description read literally: two Adam optimizers,
+  4e-4 for encoder + decoder and ``lr_disc`` (4e-6) for the discriminator, ``λ`` as configured
+  (1 by default), BCE reconstruction. One step (:func:`train_step`) encodes the batch once, then
+  makes a discriminator step (:func:`discriminator_step`, only the discriminator's parameters
+  move) and an autoencoder step (:func:`autoencoder_step`, only the encoder's and decoder's
+  parameters move; the discriminator is frozen while its gradient is taken, so its ``.grad`` stays
+  empty). At 4e-6 the discriminator barely moves in a few epochs, which the study reports as is.
 
 The study that trains and scores these models on incomplete images (data, fronts' auxiliaries,
 metrics, the resumable sweep, tables and figures) is :mod:`labkit.studies.wae`.
@@ -49,6 +59,7 @@ from torch import Tensor, nn
 
 from labkit.device import resolve_device
 from labkit.models.fronts import FRONTS, Front, make_front
+from labkit.precision import autocast, grad_scaler, to_float32
 
 __all__ = [
     "ARCHITECTURES",
@@ -61,7 +72,10 @@ __all__ = [
     "discriminator_loss",
     "discriminator_step",
     "encoder_adversarial_loss",
+    "joint_step",
     "make_optimizers",
+    "RECIPES",
+    "recipe_settings",
     "reconstruction_loss",
     "train_step",
 ]
@@ -99,6 +113,41 @@ PAPER_SETTINGS: dict[str, dict[str, float | int]] = {
     "svhn": {"epochs": 50, "batch_size": 64, "lr": 4e-4, "lr_disc": 4e-6},
     "celeba": {"epochs": 50, "batch_size": 16, "lr": 1e-4, "lr_disc": 2.5e-6},
 }
+
+#: The training recipes (module docstring): ``optimizers`` "one" (one Adam over all three networks)
+#: or "two" (autoencoder and discriminator apart, ``lr_disc`` for the latter); ``lambda_adv`` (λ),
+#: ``disc_weight`` (w_D) and ``recon`` are the recipe's defaults.
+RECIPES: dict[str, dict[str, Any]] = {
+    "authors": {"optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01, "recon": "mse", "lr_disc": None},
+    "supplement": {"optimizers": "two", "lambda_adv": 1.0, "disc_weight": 1.0, "recon": "bce", "lr_disc": 4e-6},
+}
+
+
+def recipe_settings(recipe: str, *, lambda_adv: float | None = None, recon: str | None = None,
+                    lr_disc: float | None = None) -> dict[str, Any]:
+    """The settings of a training recipe, with the given values in place of its defaults.
+
+    Returns ``{"recipe", "optimizers", "lambda_adv", "disc_weight", "recon"}`` plus ``lr_disc`` for
+    the two-optimizer recipe. Raises ``ValueError`` for an unknown recipe or reconstruction loss, and
+    for ``lr_disc`` given to the one-optimizer recipe (it has no discriminator learning rate).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown WAE recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    base = RECIPES[recipe]
+    if base["optimizers"] == "one" and lr_disc is not None:
+        raise ValueError(f"recipe {recipe!r} trains the discriminator with the autoencoder's optimizer (one Adam, "
+                         f"lr); lr_disc={lr_disc!r} has no meaning there: leave it None or use recipe 'supplement'")
+    out = {"recipe": recipe, "optimizers": base["optimizers"],
+           "lambda_adv": float(base["lambda_adv"] if lambda_adv is None else lambda_adv),
+           "disc_weight": float(base["disc_weight"]), "recon": base["recon"] if recon is None else recon}
+    if out["recon"] not in ("bce", "mse"):
+        raise ValueError(f"recon must be 'bce' or 'mse', got {out['recon']!r}")
+    if isinstance(lambda_adv, bool) or not math.isfinite(out["lambda_adv"]) or out["lambda_adv"] < 0:
+        raise ValueError(f"lambda_adv must be a non-negative number, got {lambda_adv!r}")
+    if base["optimizers"] == "two":
+        out["lr_disc"] = float(base["lr_disc"] if lr_disc is None else lr_disc)
+    return out
+
 
 _TOKEN = re.compile(r"^(conv|lin)(\d+)$|^(down|up)$")
 
@@ -344,6 +393,7 @@ def reconstruction_loss(logits: Tensor, target: Tensor, counted: Tensor, kind: s
     if counted.dim() != 4 or counted.shape[0] != b or tuple(counted.shape[2:]) != (h, w) or counted.shape[1] not in (1, c):
         raise ValueError(f"counted must have shape ({b}, 1, {h}, {w}) or ({b}, {c}, {h}, {w}), got {tuple(counted.shape)}")
     m = counted.expand(b, c, h, w)
+    logits = to_float32(logits)  # a decoder run under mixed precision: the loss is float32
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     # Clean the target first: a NaN there would give NaN gradients even where masked (NaN * 0).
     t = torch.where(m, target.to(logits.dtype), zero)
@@ -356,51 +406,110 @@ def reconstruction_loss(logits: Tensor, target: Tensor, counted: Tensor, kind: s
 
 
 def discriminator_loss(discriminator: Discriminator, z_encoded: Tensor, z_prior: Tensor) -> Tensor:
-    """``BCE(D(z_prior), 1) + BCE(D(z_encoded), 0)``; ``z_encoded`` is detached (no encoder gradient)."""
-    real = discriminator.logits(z_prior)
-    fake = discriminator.logits(z_encoded.detach())
+    """``BCE(D(z_prior), 1) + BCE(D(z_encoded), 0)`` for codes ``(B, D)``; ``z_encoded`` is detached (no
+    encoder gradient). The recipes' weight ``w_D`` is applied by the steps."""
+    real, fake = to_float32(discriminator.logits(z_prior), discriminator.logits(z_encoded.detach()))
     return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
             + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 
 
 def encoder_adversarial_loss(discriminator: Discriminator, z_encoded: Tensor) -> Tensor:
     """``BCE(D(z_encoded), 1) = −mean log D(z)``: small when the codes look like prior samples."""
-    logit = discriminator.logits(z_encoded)
+    logit = to_float32(discriminator.logits(z_encoded))
     return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
 
 
 # --------------------------------------------------------------------------- training steps
-def make_optimizers(model: WAE, lr: float = 4e-4, lr_disc: float = 4e-6) -> dict[str, torch.optim.Optimizer]:
-    """``{"autoencoder": Adam(encoder + decoder, lr), "discriminator": Adam(discriminator, lr_disc)}``."""
-    for name, v in (("lr", lr), ("lr_disc", lr_disc)):
+def make_optimizers(model: WAE, lr: float = 4e-4, lr_disc: float | None = 4e-6, *,
+                    recipe: str = "supplement") -> dict[str, torch.optim.Optimizer]:
+    """The optimizers of a recipe (:data:`RECIPES`).
+
+    ``"supplement"``: ``{"autoencoder": Adam(encoder + decoder, lr), "discriminator": Adam(discriminator,
+    lr_disc)}``; ``"authors"``: ``{"all": Adam(encoder + decoder + discriminator, lr)}`` (``lr_disc``
+    is ignored: pass ``None``).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown WAE recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    one = RECIPES[recipe]["optimizers"] == "one"
+    for name, v in (("lr", lr),) + ((() if one else (("lr_disc", lr_disc),))):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name} must be a positive number, got {v!r}")
+    if one:
+        return {"all": torch.optim.Adam(model.autoencoder_parameters() + list(model.discriminator.parameters()),
+                                        lr=lr)}
     return {
         "autoencoder": torch.optim.Adam(model.autoencoder_parameters(), lr=lr),
         "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=lr_disc),
     }
 
 
+def _scaler(precision: str, device, scaler):
+    """The step's GradScaler: the run's (needed for 16-mixed, whose scale must persist), else a pass-through."""
+    from labkit.precision import resolve_precision
+
+    if scaler is not None:
+        return scaler
+    if resolve_precision(precision, device) == "16-mixed":
+        raise ValueError("precision '16-mixed' needs the run's GradScaler: pass scaler=labkit.precision.grad_scaler"
+                         "('16-mixed', device)")
+    return grad_scaler(precision, device)
+
+
 def discriminator_step(model: WAE, optimizer: torch.optim.Optimizer, z_encoded: Tensor, *,
-                       generator: torch.Generator | None = None) -> dict[str, float]:
+                       generator: torch.Generator | None = None, precision: str = "32",
+                       scaler: torch.amp.GradScaler | None = None, weight: float = 1.0) -> dict[str, float]:
     """One Adam step of the discriminator on encoded codes ``(B, D)`` vs as many prior samples.
 
     Only the discriminator's parameters receive gradient (the codes are detached). Returns
     ``{"d_loss", "d_prior", "d_encoded"}``: the loss and the mean probabilities D gave each set.
+    ``precision``: the discriminator's forward runs under :func:`labkit.precision.autocast`, the
+    loss and backward in float32; ``scaler``: the run's GradScaler (the caller calls its ``update()``).
     """
+    dev = z_encoded.device
+    scaler = _scaler(precision, dev, scaler)
     z_prior = model.prior_sample(z_encoded.shape[0], generator=generator).to(z_encoded.dtype)
     optimizer.zero_grad(set_to_none=True)
-    loss = discriminator_loss(model.discriminator, z_encoded, z_prior)
-    loss.backward()
-    optimizer.step()
+    with autocast(precision, dev):
+        loss = discriminator_loss(model.discriminator, z_encoded, z_prior)   # float32
+    scaler.scale(weight * loss).backward()   # weight: the recipe's w_D (the reported d_loss is unweighted)
+    scaler.step(optimizer)
     with torch.no_grad():
         d_prior = model.discriminator(z_prior).mean()
         d_enc = model.discriminator(z_encoded.detach()).mean()
     return {"d_loss": float(loss.detach()), "d_prior": float(d_prior), "d_encoded": float(d_enc)}
 
 
+def _autoencoder_backward(model: WAE, z_encoded: Tensor, target: Tensor, counted: Tensor, *, lambda_adv: float,
+                          recon: str, precision: str = "32", scaler=None) -> dict[str, Tensor]:
+    """Backward of ``reconstruction(counted pixels) + λ · (−log D(z))`` into encoder and decoder only.
+
+    The discriminator is frozen (``requires_grad`` off) while the loss is built and differentiated,
+    so its parameters get no gradient from the fooling term. Returns the detached terms.
+    Decoder and discriminator run under :func:`labkit.precision.autocast`; losses and backward in float32.
+    """
+    dev = z_encoded.device
+    scaler = _scaler(precision, dev, scaler)
+    with autocast(precision, dev):
+        logits = model.decoder(z_encoded)
+    rec = reconstruction_loss(logits, target, counted, recon)   # float32
+    disc_params = list(model.discriminator.parameters())
+    flags = [p.requires_grad for p in disc_params]
+    try:
+        for p in disc_params:
+            p.requires_grad_(False)
+        with autocast(precision, dev):
+            adv = encoder_adversarial_loss(model.discriminator, z_encoded)   # float32
+        loss = rec + lambda_adv * adv
+        scaler.scale(loss).backward()
+    finally:
+        for p, f in zip(disc_params, flags):
+            p.requires_grad_(f)
+    return {"loss": loss.detach(), "recon": rec.detach(), "adv": adv.detach()}
+
+
 def autoencoder_step(model: WAE, optimizer: torch.optim.Optimizer, z_encoded: Tensor, target: Tensor,
-                     counted: Tensor, *, lambda_adv: float = 1.0, recon: str = "bce") -> dict[str, float]:
+                     counted: Tensor, *, lambda_adv: float = 1.0, recon: str = "bce", precision: str = "32",
+                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One Adam step of encoder + decoder: ``reconstruction(counted pixels) + λ · (−log D(z))``.
 
     Args:
@@ -409,31 +518,57 @@ def autoencoder_step(model: WAE, optimizer: torch.optim.Optimizer, z_encoded: Te
             uncounted pixels). counted: bool ``(B, 1|C, H, W)``, True = in the loss.
 
     The discriminator is frozen (``requires_grad`` off) while the loss is differentiated, so its
-    parameters get no gradient and are not changed.
+    parameters get no gradient and are not changed. ``precision``/``scaler``: as for
+    :func:`discriminator_step`.
     """
-    logits = model.decoder(z_encoded)
-    rec = reconstruction_loss(logits, target, counted, recon)
-    disc_params = list(model.discriminator.parameters())
-    flags = [p.requires_grad for p in disc_params]
-    try:
-        for p in disc_params:
-            p.requires_grad_(False)
-        adv = encoder_adversarial_loss(model.discriminator, z_encoded)
-        loss = rec + lambda_adv * adv
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    finally:
-        for p, f in zip(disc_params, flags):
-            p.requires_grad_(f)
-    optimizer.step()
-    return {"loss": float(loss.detach()), "recon": float(rec.detach()), "adv": float(adv.detach())}
+    scaler = _scaler(precision, z_encoded.device, scaler)
+    optimizer.zero_grad(set_to_none=True)
+    out = _autoencoder_backward(model, z_encoded, target, counted, lambda_adv=lambda_adv, recon=recon,
+                                precision=precision, scaler=scaler)
+    scaler.step(optimizer)
+    return {k: float(v) for k, v in out.items()}
+
+
+def joint_step(model: WAE, optimizer: torch.optim.Optimizer, z_encoded: Tensor, target: Tensor, counted: Tensor,
+               *, generator: torch.Generator | None = None, lambda_adv: float = 0.01, disc_weight: float = 0.01,
+               recon: str = "mse", precision: str = "32",
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """The authors' step: one optimizer (over all three networks) moves them all at once.
+
+    Gradients: ``disc_weight · [BCE(D(z_prior), 1) + BCE(D(z_encoded), 0)]`` with the codes
+    ``z_encoded (B, D)`` detached reaches only the discriminator; ``reconstruction + λ · (−log D(z))``
+    with the discriminator frozen reaches only encoder and decoder. Then one ``optimizer.step()``.
+    ``target``/``counted`` as in :func:`autoencoder_step`. Returns ``d_loss`` (the unweighted
+    discriminator BCE, comparable across recipes), ``d_prior``, ``d_encoded``, ``loss``, ``recon``,
+    ``adv``.
+    """
+    dev = z_encoded.device
+    scaler = _scaler(precision, dev, scaler)
+    z_prior = model.prior_sample(z_encoded.shape[0], generator=generator).to(z_encoded.dtype)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(precision, dev):
+        d_loss = discriminator_loss(model.discriminator, z_encoded, z_prior)   # float32
+    scaler.scale(disc_weight * d_loss).backward()
+    out = _autoencoder_backward(model, z_encoded, target, counted, lambda_adv=lambda_adv, recon=recon,
+                                precision=precision, scaler=scaler)
+    scaler.step(optimizer)
+    with torch.no_grad():
+        d_prior = model.discriminator(z_prior).mean()
+        d_enc = model.discriminator(z_encoded.detach()).mean()
+    return {"d_loss": float(d_loss.detach()), "d_prior": float(d_prior), "d_encoded": float(d_enc),
+            **{k: float(v) for k, v in out.items()}}
 
 
 def train_step(model: WAE, optimizers: Mapping[str, torch.optim.Optimizer], x: Tensor, missing: Tensor,
                aux=None, *, target: Tensor | None = None, counted: Tensor | None = None,
                generator: torch.Generator | None = None, lambda_adv: float = 1.0,
-               recon: str = "bce") -> dict[str, float]:
-    """One WAE-GAN step on a batch: encode once, discriminator step, then autoencoder step.
+               recon: str = "bce", disc_weight: float = 1.0, precision: str = "32",
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One WAE-GAN step on a batch: encode once, then the recipe's updates.
+
+    With ``optimizers`` from :func:`make_optimizers`: keys ``autoencoder`` and ``discriminator``
+    (recipe "supplement"): a discriminator step, then an autoencoder step; key ``all`` (recipe
+    "authors"): one :func:`joint_step` with ``disc_weight`` on the discriminator loss.
 
     Args:
         x: ``(B, C, H, W)`` incomplete images (NaN allowed at missing pixels).
@@ -441,22 +576,35 @@ def train_step(model: WAE, optimizers: Mapping[str, torch.optim.Optimizer], x: T
         aux: the front's auxiliary input for this batch (see :mod:`labkit.models.fronts`).
         target: what the reconstruction is compared with (default ``x``).
         counted: pixels of the reconstruction loss (default ``~missing``: observed pixels only).
-        optimizers: from :func:`make_optimizers` (keys ``autoencoder`` and ``discriminator``).
-        generator: for the prior samples of the discriminator step.
+        generator: for the prior samples of the discriminator's loss.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (CUDA) or ``"auto"``: the networks'
+            forward passes run under :func:`labkit.precision.autocast` (a MisConv front stays
+            float32), the losses and backward in float32. ``scaler``: the run's GradScaler
+            (required for ``"16-mixed"``; updated once per call).
 
-    Returns the metrics of both steps (``d_loss``, ``d_prior``, ``d_encoded``, ``loss``, ``recon``, ``adv``).
+    Returns the metrics of the step (``d_loss``, ``d_prior``, ``d_encoded``, ``loss``, ``recon``, ``adv``).
     """
-    for key in ("autoencoder", "discriminator"):
-        if key not in optimizers:
-            raise ValueError(f"optimizers must have keys 'autoencoder' and 'discriminator', got {sorted(optimizers)}")
+    joint = set(optimizers) == {"all"}
+    if not joint and not {"autoencoder", "discriminator"} <= set(optimizers):
+        raise ValueError("optimizers must have keys 'autoencoder' and 'discriminator' (recipe 'supplement') or "
+                         f"the one key 'all' (recipe 'authors'), got {sorted(optimizers)}")
     if not isinstance(missing, Tensor) or missing.dtype != torch.bool:
         raise TypeError(f"missing must be a bool tensor (True = missing), got {getattr(missing, 'dtype', type(missing).__name__)}")
     target = x if target is None else target
     counted = ~missing if counted is None else counted
-    z = model.encode(x, missing, aux)
-    out = discriminator_step(model, optimizers["discriminator"], z, generator=generator)
-    out.update(autoencoder_step(model, optimizers["autoencoder"], z, target, counted,
-                                lambda_adv=lambda_adv, recon=recon))
+    scaler = _scaler(precision, x.device, scaler)
+    with autocast(precision, x.device):
+        z = model.encode(x, missing, aux)
+    z = to_float32(z)
+    if joint:
+        out = joint_step(model, optimizers["all"], z, target, counted, generator=generator, lambda_adv=lambda_adv,
+                         disc_weight=disc_weight, recon=recon, precision=precision, scaler=scaler)
+    else:
+        out = discriminator_step(model, optimizers["discriminator"], z, generator=generator, weight=disc_weight,
+                                 precision=precision, scaler=scaler)
+        out.update(autoencoder_step(model, optimizers["autoencoder"], z, target, counted,
+                                    lambda_adv=lambda_adv, recon=recon, precision=precision, scaler=scaler))
+    scaler.update()
     if not all(math.isfinite(v) for v in out.values()):
         raise FloatingPointError(f"WAE step produced non-finite metrics {out}")
     return out

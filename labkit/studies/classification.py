@@ -60,6 +60,7 @@ __all__ = [
     "PAPER_HYPERPARAMETERS",
     "SweepConfig",
     "sweep_config",
+    "sweep_config_from",
     "run_cell",
     "plan_cells",
     "run_sweep",
@@ -142,6 +143,16 @@ def sweep_config(profile: str = "quick", **overrides) -> tuple[dict, SweepConfig
             params[k] = paper[i]
     cfg = SweepConfig(profile=str(name), **params)
     return grid, cfg
+
+
+def sweep_config_from(namespace: dict, profile: str | None = None) -> tuple[dict, SweepConfig]:
+    """:func:`sweep_config` from a notebook's parameters: the names of ``namespace`` (e.g. ``globals()``
+    after the parameters cell) that are grid keys or :class:`SweepConfig` fields, nothing else."""
+    known = set(GRID_KEYS) | set(SweepConfig.__dataclass_fields__)
+    params = {k: v for k, v in namespace.items() if k in known and not k.startswith("_")}
+    name = profile or namespace.get("profile", "quick")
+    params.pop("profile", None)
+    return sweep_config(name, **params)
 
 
 # ============================================================================ results files

@@ -6,20 +6,28 @@ Protocol: a model sees each test image with one ``hole x hole`` square hidden
 per image on the hidden pixels: negative log-likelihood (nats) and sum of squared errors of its
 mean (for ACFlow: of the mean of a few samples, :func:`score_holes`).
 
-- :func:`load_or_train_dmfa` / :func:`load_or_fit_mfa`: "load if it exists, otherwise train" for a
-  DMFA (:func:`labkit.models.dmfa_training.train_dmfa`, resumable) and a classical MFA (EM).
+- :func:`load_or_train_dmfa` / :func:`load_or_fit_mfa`: "load if trained with these settings,
+  otherwise train" for a DMFA (:func:`labkit.models.dmfa_training.train_dmfa`, resumable) and a
+  classical MFA (EM). The settings are the checkpoint's config: a file trained with other settings
+  is never reused nor overwritten; the new model goes to ``<stem>-<digest8>.pt`` and the run says so
+  in one line (:func:`config_checkpoint`).
 - :func:`run_experiment` (one DMFA), :func:`run_mfa_baseline`, :func:`run_acflow_baseline`: train or
-  load, score on the test set and write CSV/JSON/PNG results (:func:`result_stem` names them).
-- :func:`density_table`: the Markdown table of every result next to the authors' figures
-  (:data:`AUTHORS_DENSITY`); :func:`measure_throughput`: training and inference speed.
+  load, score on the test set and write the CSV, JSON summary and figures of a result as one set
+  (:func:`labkit.studies.engine.write_files`); :func:`result_stem` names them, and the JSON records
+  the digest of its CSV (:func:`csv_digest`).
+- :func:`density_table`: the Markdown table of every consistent result next to the authors' figures
+  (:data:`AUTHORS_DENSITY`); a JSON that does not summarise the CSV beside it is reported and left
+  out. :func:`measure_throughput`: training and inference speed.
 - the figures (:func:`plot_inpainting`, :func:`plot_history`, :func:`plot_acflow_inpainting`) live in
   :mod:`labkit.studies.density_figures` and are re-exported here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +50,8 @@ __all__ = [
     "load_or_train_dmfa",
     "load_or_fit_mfa",
     "checkpoint_megabytes",
+    "config_checkpoint",
+    "csv_digest",
     "result_stem",
     "density_table",
     "score_holes",
@@ -69,6 +79,63 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
+def csv_digest(source: os.PathLike | str | bytes) -> str:
+    """The digest a JSON summary records of the CSV it summarises: sha256 (16 hex digits) of the
+    CSV's bytes. ``source``: the file (a :class:`~pathlib.Path`), or its text/bytes before it is written."""
+    if isinstance(source, os.PathLike):
+        from labkit.studies.engine import file_digest
+
+        return file_digest(source)
+    data = source.encode() if isinstance(source, str) else bytes(source)
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _legacy_names(stored: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    """``config`` in the words of a checkpoint written before precisions were recorded: the
+    inside-the-image trapezoid was then called ``"trapezoid"``."""
+    if "precision" in stored or config.get("missing_kind") != "trapezoid_inside":
+        return dict(config)
+    return {**config, "missing_kind": "trapezoid"}
+
+
+def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
+                      legacy: Mapping[str, Any] | None = None, quiet: bool = False) -> tuple[Path, dict]:
+    """Where the model of ``config`` lives: ``path`` when it is absent or was trained with ``config``,
+    else ``<stem>-<digest8 of config><suffix>`` beside it (trained there if absent).
+
+    The one-line note says which file was trained with which other settings. This is the density
+    study's answer to "a checkpoint exists but with other settings": never reuse it, never
+    overwrite it; the new setting gets its own file (and its own result files, named after it).
+
+    Returns ``(path to use, config to check it against)`` (for an old file, ``config`` in its words,
+    :func:`_legacy_names`); pass both to :func:`labkit.checkpoint.load_or_train`.
+    """
+    from labkit.checkpoint import ConfigMismatchError, config_differences, load_checkpoint
+    from labkit.studies.engine import digest
+
+    path = Path(path)
+    stored = load_checkpoint(path, map_location="cpu")
+    if stored is None:
+        return path, dict(config)
+    meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
+    wanted = _legacy_names(meta, config)
+    diffs = config_differences(meta, wanted, legacy)
+    if not diffs:
+        return path, wanted
+    derived = path.with_name(f"{path.stem}-{digest(config, 8)}{path.suffix}")
+    if not quiet:
+        print(f"[checkpoint] {path.name} was trained with other settings ({'; '.join(diffs)}): "
+              f"{'using' if derived.exists() else 'training'} {derived.name} for these settings", flush=True)
+    if derived.exists():
+        stored = load_checkpoint(derived, map_location="cpu")
+        meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
+        diffs = config_differences(meta, config, legacy)
+        if diffs:
+            raise ConfigMismatchError(f"checkpoint {str(derived)!r} is named after these settings but was trained with "
+                                      f"others ({'; '.join(diffs)}); delete it to retrain")
+    return derived, dict(config)
+
+
 def load_or_train_dmfa(
     path: str | os.PathLike,
     dataset: str,
@@ -94,29 +161,63 @@ def load_or_train_dmfa(
     progress: bool = True,
     quiet: bool = False,
     meta: Mapping[str, Any] | None = None,
+    precision: str = "32",
 ) -> tuple[DMFA, dict]:
-    """Load the DMFA stored at ``path`` if it exists, else train it (resumably) and store it there.
+    """Load the DMFA of these settings if it was trained before, else train it (resumably) and store it.
+
+    The settings (data set, sizes, mode, missing-data kind, holes, epochs, batch size, learning
+    rate and schedule, seed, architecture, precision, the content hash of the training images and
+    ``meta["data_source"]`` when given) are the checkpoint's config: a file at ``path`` trained with
+    other settings is neither reused nor overwritten; the model goes to
+    ``<stem>-<digest8><suffix>`` instead (:func:`config_checkpoint`, which says so in one line).
+    Files written before the precision was recorded count as float32 trained on today's data (their
+    ``data_source`` is still compared).
+
+    ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``; :mod:`labkit.precision`)
+    applies to training and is part of the config (resolved for ``device``).
 
     The model is built by :func:`build_dmfa` with weights initialised from ``seed``; training goes
     through :func:`train_dmfa` with its per-epoch checkpoint at ``partial`` (default
-    :func:`labkit.checkpoint.partial_path`), deleted after the final file is written unless
-    ``keep_partial`` (it holds Adam's state: three times the model's size).
+    :func:`labkit.checkpoint.partial_path`; for a derived file, its stem is derived too), deleted
+    after the final file is written unless ``keep_partial`` (it holds Adam's state: three times the
+    model's size).
 
     Returns:
         ``(model, meta)``: the model in eval mode on ``device``; ``meta`` records the setting
         (data set, sizes, mode, holes, epochs, seed, learning rate, ...), the history, the machine,
-        the wall time and the training throughput (images/s), plus anything in ``meta``.
+        the wall time and the training throughput (images/s), plus anything in ``meta``, and
+        ``checkpoint_path``: the file used.
     """
     from labkit.checkpoint import load_or_train, partial_path
+    from labkit.precision import resolve_precision
+    from labkit.studies.engine import tensor_digest
 
     key = _dataset_key(dataset)
     path = Path(path)
-    partial = Path(partial) if partial is not None else partial_path(path)
+    images = _check_images(images, "images")
 
     def build():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derived_seed(seed, 0x696E6974))  # "init"
             return build_dmfa(key, n_components=n_components, n_factors=n_factors)
+
+    model0 = build()
+    config = _json({
+        "dataset": key, "n_train": int(images.shape[0]), "n_val": None if val_images is None else len(val_images),
+        "mode": mode, "missing_kind": missing_kind if mode == "incomplete" else None,
+        "hole": hole if hole is not None else images.shape[2] // 2, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma, "mse_warmup_epochs": mse_warmup_epochs,
+        "seed": seed, "model": model0.config, "precision": resolve_precision(precision, resolve_device(device)),
+        "train_data_sha": tensor_digest(images),
+        **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {}),
+    })
+    legacy = {"precision": "32", "train_data_sha": config["train_data_sha"]}
+    chosen, check = config_checkpoint(path, config, legacy=legacy, quiet=False)
+    if partial is None:
+        partial = partial_path(chosen)
+    elif chosen != path:
+        partial = Path(partial).with_name(Path(partial).name.replace(path.stem, chosen.stem, 1))
+    partial = Path(partial)
 
     def train(model):
         started = time.perf_counter()
@@ -124,15 +225,11 @@ def load_or_train_dmfa(
             model, images, mode=mode, missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size,
             lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
             checkpoint=partial, device=device, progress=progress, val_images=val_images, val_missing=val_missing,
+            precision=precision,
         )
         train_s = sum(h["train_seconds"] for h in history)
         info = {
-            "dataset": key, "n_train": int(images.shape[0]), "n_val": None if val_images is None else len(val_images),
-            "mode": mode, "missing_kind": missing_kind if mode == "incomplete" else None,
-            "hole": hole if hole is not None else images.shape[2] // 2, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma,
-            "mse_warmup_epochs": mse_warmup_epochs, "seed": seed, "model": model.config,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
+            **config, "n_parameters": sum(p.numel() for p in model.parameters()),
             "train_images_per_s": (images.shape[0] * len(history) / train_s) if train_s > 0 else None,
             "wall_seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(),
             "history": history,
@@ -141,9 +238,11 @@ def load_or_train_dmfa(
             info.update(dict(meta))
         return _json(info)
 
-    model, info = load_or_train(path, build, train, device=device, quiet=quiet)
-    if not keep_partial and path.exists():
+    model, info = load_or_train(chosen, lambda: model0, train, device=device, quiet=quiet, config=check,
+                                legacy=legacy)
+    if not keep_partial and chosen.exists():
         partial.unlink(missing_ok=True)
+    info["checkpoint_path"] = str(chosen)
     return model, info
 
 
@@ -160,15 +259,25 @@ def load_or_fit_mfa(
     quiet: bool = False,
     meta: Mapping[str, Any] | None = None,
 ) -> tuple[ClassicalMFAImputer, dict]:
-    """Load a classical MFA from ``path`` or fit it by EM (:func:`labkit.mfa.fit_mfa`) and store it.
+    """Load the classical MFA of these settings from ``path`` or fit it by EM (:func:`labkit.mfa.fit_mfa`)
+    and store it.
 
-    Returns ``(imputer, meta)`` where ``imputer`` is a :class:`ClassicalMFAImputer`.
+    Config (checked like :func:`load_or_train_dmfa`'s, a file with other settings gets a derived
+    name): number of images, K, L, iterations, seed, the content hash of the images and
+    ``meta["data_source"]`` when given. Returns ``(imputer, meta)`` where ``imputer`` is a
+    :class:`ClassicalMFAImputer` and ``meta["checkpoint_path"]`` the file used.
     """
     from labkit.checkpoint import load_or_train
     from labkit.mfa import fit_mfa
+    from labkit.studies.engine import tensor_digest
 
     images = _check_images(images, "images")
     shape = tuple(images.shape[1:])
+    config = _json({"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
+                    "iterations": iterations, "seed": seed, "train_data_sha": tensor_digest(images),
+                    **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {})})
+    legacy = {"train_data_sha": config["train_data_sha"]}
+    chosen, check = config_checkpoint(path, config, legacy=legacy)
 
     def build():
         return ClassicalMFAImputer(ClassicalMFA.empty(n_components, n_factors, shape))
@@ -178,14 +287,15 @@ def load_or_fit_mfa(
         fitted, history = fit_mfa(images, n_components, n_factors, iterations=iterations, seed=seed,
                                   device=device, progress=progress)
         imputer.mfa.load_state_dict(fitted.state_dict())
-        info = {"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
-                "iterations": iterations, "iterations_run": len(history), "seed": seed,
-                "train_loglik_per_image": history, "wall_seconds": time.perf_counter() - started}
+        info = {**config, "iterations_run": len(history), "train_loglik_per_image": history,
+                "wall_seconds": time.perf_counter() - started}
         if meta:
             info.update(dict(meta))
         return _json(info)
 
-    return load_or_train(path, build, train, device=device, quiet=quiet)
+    imputer, info = load_or_train(chosen, build, train, device=device, quiet=quiet, config=check, legacy=legacy)
+    info["checkpoint_path"] = str(chosen)
+    return imputer, info
 
 
 def checkpoint_megabytes(path: str | os.PathLike) -> float:
@@ -264,23 +374,50 @@ def score_holes(
                          for k, v in cols.items()})
 
 
-def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str:
-    """Markdown table of our density results next to the authors' (``AUTHORS_DENSITY``).
-
-    Reads every ``<dataset>_*.csv`` in ``results_dir`` with a ``<stem>.json`` setting beside it
-    (``model`` "dmfa"/"mfa", ``mode``, ``hole``, ``n_train``, ``n_test``, ``epochs``...) and
-    reports the mean NLL and SSE per test image over the hidden square.
-    """
+def _read_summaries(results_dir: Path, key: str) -> tuple[list[tuple[Path, dict, Any]], list[str]]:
+    """The consistent (CSV, JSON summary) pairs of ``results_dir``: ``[(csv, summary, frame)]``, and
+    one line per pair left out (no digest recorded, or the JSON summarises another CSV)."""
     import pandas as pd
 
-    key = _dataset_key(dataset)
-    rows = []
+    from labkit.studies.engine import recover
+
+    recover(results_dir)                      # finish or undo an interrupted write_files first
+    pairs, left_out = [], []
     for csv in sorted(Path(results_dir).glob(f"{key}_*.csv")):
         setting_file = csv.with_suffix(".json")
         if not setting_file.exists():
             continue
-        s = json.loads(setting_file.read_text())
-        df = pd.read_csv(csv)
+        try:
+            s = json.loads(setting_file.read_text())
+        except json.JSONDecodeError as exc:
+            left_out.append(f"{setting_file.name}: not valid JSON ({exc.msg})")
+            continue
+        recorded, actual = s.get("csv_digest"), csv_digest(csv)
+        if recorded is None:
+            left_out.append(f"{csv.name}: its JSON records no CSV digest (written before digests were recorded: "
+                            "run scripts/migrate_results.py density)")
+            continue
+        if recorded != actual:
+            left_out.append(f"{csv.name}: {setting_file.name} summarises another CSV (digest {recorded}, the file "
+                            f"has {actual}); rerun that experiment")
+            continue
+        pairs.append((csv, s, pd.read_csv(csv)))
+    return pairs, left_out
+
+
+def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str:
+    """Markdown table of our density results next to the authors' (``AUTHORS_DENSITY``).
+
+    Reads every ``<dataset>_*.csv`` in ``results_dir`` with a ``<stem>.json`` summary beside it
+    (``model_kind`` "dmfa"/"mfa"/"acflow", ``mode``, ``hole``, ``n_train``, ``n_test``, ``epochs``...)
+    and reports the mean NLL and SSE per test image over the hidden square. Only consistent pairs
+    count: the JSON records the digest of the CSV it summarises (``csv_digest``); a pair whose
+    digest is missing or differs is left out, printed and listed under the table (never merged).
+    """
+    key = _dataset_key(dataset)
+    pairs, left_out = _read_summaries(Path(results_dir), key)
+    rows = []
+    for csv, s, df in pairs:
         kind = s.get("model_kind", "dmfa")
         hole = int(s["hole"])
         authors = AUTHORS_DENSITY.get((key, hole, kind))
@@ -297,6 +434,8 @@ def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str
         else:
             what = f"classical MFA (K={s['n_components']}, L={s['n_factors']})"
             setting = f"{s['n_train']} train, EM {s.get('iterations_run', s.get('iterations'))} it., seed {s['seed']}"
+        if re.search(r"-[0-9a-f]{8}$", csv.stem):
+            setting += f" (`{csv.stem}`)"     # a model trained with other settings than the profile's file
         rows.append((hole, {"dmfa": 0, "mfa": 1}.get(kind, 2), f"{s.get('mode', '')} {s.get('missing_kind') or ''}",
                      f"| {hole}×{hole} | {what} | {df['nll'].mean():.1f} | {df['sse'].mean():.2f} | "
                      + (f"{authors[0]:.1f} | {authors[1]:.2f}" if authors else "– | –")
@@ -304,7 +443,12 @@ def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str
     rows.sort(key=lambda r: (r[0], r[1], r[2]))
     head = ("| hole | model | NLL (ours) | SSE (ours) | NLL (authors) | SSE (authors) | setting |\n"
             "|---|---|---|---|---|---|---|")
-    return "\n".join([head] + [r[3] for r in rows])
+    text = "\n".join([head] + [r[3] for r in rows])
+    for line in left_out:
+        print(f"[density] left out of the table: {line}", flush=True)
+    if left_out:
+        text += "\n\nLeft out (inconsistent result files): " + "; ".join(left_out) + "."
+    return text
 
 
 # ============================================================================ experiments (notebook 01, scripts/train_dmfa.py)
@@ -319,6 +463,16 @@ def _load_split(dataset: str, split: str, limit: int | None):
     from labkit.data import load_dataset
 
     return load_dataset(dataset, split, limit=limit, quiet=True)
+
+
+def _figure_writer(fig, dpi: int = 110):
+    """A :func:`labkit.studies.engine.write_files` content callable that saves ``fig`` as PNG."""
+    return lambda p: fig.savefig(p, format="png", dpi=dpi)
+
+
+def _csv_text(df) -> str:
+    df.index.name = "image"
+    return df.to_csv(float_format="%.6g")
 
 
 def run_experiment(
@@ -344,8 +498,11 @@ def run_experiment(
     n_figure: int = 6,
     device=None,
     progress: bool = True,
+    precision: str = "32",
 ) -> dict:
     """Train (or load) one DMFA and score it on the test set; write every artefact to ``results_dir``.
+
+    ``precision``: of the DMFA's training (:func:`load_or_train_dmfa`; scoring is float32).
 
     Data: the first ``n_train`` training images (``None``: all), of which ``n_val`` (a seeded random
     choice, :func:`labkit.data.train_val_split`) are held out for the validation curve; the first
@@ -353,20 +510,28 @@ def run_experiment(
     Training hides squares of the same side (and, in incomplete mode, the truly missing regions are
     squares of that side too unless ``missing_kind`` says otherwise).
 
-    Files, with ``stem = result_stem(dataset, mode, hole)``:
+    Files, with ``stem = result_stem(dataset, mode, hole)`` (``<dataset>_incomplete_<kind>`` for
+    other missing-data kinds; ``<stem>-<digest8>`` when ``<stem>.pt`` holds a model trained with
+    other settings, see :func:`config_checkpoint`):
         ``<stem>.pt``            the trained model (``load_or_train`` format)
-        ``_scratch/<stem>.partial.pt``  the resumable training checkpoint (optimizer and RNG state)
+        ``_scratch/<stem>.partial.pt``  the resumable training checkpoint (with the optimizer's state)
         ``<stem>.csv``           per test image: ``nll``, ``sse``, ``n_missing``
-        ``<stem>.json``          the setting, summary metrics, throughput and machine
+        ``<stem>.json``          the setting, summary metrics, throughput, machine and ``csv_digest``
         ``<stem>_history.json``  the training history (per epoch; per-batch NLL)
         ``<stem>.png``           the inpainting figure of the first ``n_figure`` test images
         ``<stem>_curves.png``    the training curves (:func:`plot_history`)
+    The last five are written as one set (:func:`labkit.studies.engine.write_files`): interrupted,
+    the folder keeps the previous set or holds the new one, never a CSV of one run beside the JSON
+    of another.
 
     Returns the setting dict (also written as ``<stem>.json``) with keys ``paths``, ``test_nll``,
     ``test_sse``, ``train_images_per_s``, ``infer_images_per_s``, ``history``...
     """
+    import matplotlib.pyplot as plt
+
     from labkit.checkpoint import machine_description
     from labkit.data import train_val_split
+    from labkit.studies.engine import write_files
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
@@ -376,9 +541,6 @@ def run_experiment(
     # incomplete-data DMFAs of other missing-data kinds (the classification study trains one per
     # mask kind) get their own files: <dataset>_incomplete_<kind>[_h<hole>]
     stem = result_stem(key, mode if mode == "complete" or missing_kind == "square" else f"{mode}_{missing_kind}", hole)
-    paths = {k: out / f"{stem}{suffix}" for k, suffix in
-             (("model", ".pt"), ("csv", ".csv"), ("setting", ".json"), ("history", "_history.json"),
-              ("figure", ".png"), ("curves", "_curves.png"))}
 
     train_set = _load_split(key, "train", n_train)
     images = train_set.images
@@ -390,30 +552,28 @@ def run_experiment(
     test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device=test_set.images.device)
 
     model, meta = load_or_train_dmfa(
-        paths["model"], key, images=images, n_components=n_components, n_factors=n_factors, mode=mode,
+        out / f"{stem}.pt", key, images=images, n_components=n_components, n_factors=n_factors, mode=mode,
         missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
-        val_images=val_images, device=device, progress=progress,
+        val_images=val_images, device=device, progress=progress, precision=precision,
         # the resumable per-epoch checkpoint (with Adam's state) stays in _scratch/ (git-ignored):
         # delete <stem>.pt and rerun with more epochs to extend a finished run
         partial=out / "_scratch" / f"{stem}.partial.pt", keep_partial=True,
         meta={"data_source": train_set.source, "profile": profile},
     )
+    stem = Path(meta.pop("checkpoint_path")).stem          # <stem>-<digest8> for a model of other settings
+    paths = {k: out / f"{stem}{suffix}" for k, suffix in
+             (("model", ".pt"), ("csv", ".csv"), ("setting", ".json"), ("history", "_history.json"),
+              ("figure", ".png"), ("curves", "_curves.png"))}
     df, seconds = _timed_evaluate(model, test_set.images, test_missing, batch_size=256, device=device)
-    df.index.name = "image"
-    df.to_csv(paths["csv"], float_format="%.6g")
+    csv_text = _csv_text(df)
     history = meta.pop("history", [])
-    paths["history"].write_text(json.dumps(history, indent=1))
 
-    fig = plot_inpainting(model, test_set.images[:n_figure], test_missing[:n_figure], seed=seed, device=device,
-                          title=f"DMFA ({mode}-data training) on {key} test images, {hole}x{hole} holes")
-    fig.savefig(paths["figure"], dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    figures = {"figure": plot_inpainting(model, test_set.images[:n_figure], test_missing[:n_figure], seed=seed,
+                                         device=device,
+                                         title=f"DMFA ({mode}-data training) on {key} test images, {hole}x{hole} holes")}
     if history:
-        fig = plot_history(history, title=f"DMFA ({mode}-data training), {key}, {hole}x{hole} holes")
-        fig.savefig(paths["curves"], dpi=110)
-        plt.close(fig)
+        figures["curves"] = plot_history(history, title=f"DMFA ({mode}-data training), {key}, {hole}x{hole} holes")
 
     setting = {
         "model_kind": "dmfa", "dataset": key, "mode": mode, "hole": hole, "profile": profile,
@@ -426,9 +586,17 @@ def run_experiment(
         "infer_threads": torch.get_num_threads(),
         "checkpoint_mb": checkpoint_megabytes(paths["model"]),
         "final_val_nll": history[-1].get("val_nll") if history else None,
+        "csv_digest": csv_digest(csv_text),
     }
     setting = _json(setting)
-    paths["setting"].write_text(json.dumps(setting, indent=1))
+    files = {paths["csv"]: csv_text, paths["setting"]: json.dumps(setting, indent=1),
+             paths["history"]: json.dumps(history, indent=1),
+             **{paths[name]: _figure_writer(fig) for name, fig in figures.items()}}
+    try:
+        write_files(files)
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
     setting["paths"] = {k: str(v) for k, v in paths.items()}
     setting["history"] = history
     return setting
@@ -452,11 +620,16 @@ def run_mfa_baseline(
     progress: bool = True,
 ) -> list[dict]:
     """Fit (or load) a classical MFA on the first ``n_train`` training images and score it with the
-    same test holes as :func:`run_experiment` (one CSV/JSON/PNG per hole side).
+    same test holes as :func:`run_experiment` (one CSV/JSON/PNG set per hole side, written as one
+    set with :func:`labkit.studies.engine.write_files`, the JSON recording the CSV's digest).
 
-    Files: ``<dataset>_mfa_K<K>_L<L>.pt`` and, per hole, ``<dataset>_mfa_K<K>_L<L>[_h<hole>].{csv,json,png}``.
+    Files: ``<dataset>_mfa_K<K>_L<L>.pt`` (``-<digest8>`` added for a model of other settings, as in
+    :func:`load_or_fit_mfa`) and, per hole, ``<that stem>[_h<hole>].{csv,json,png}``.
     """
+    import matplotlib.pyplot as plt
+
     from labkit.checkpoint import machine_description
+    from labkit.studies.engine import write_files
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
@@ -468,27 +641,29 @@ def run_mfa_baseline(
     imputer, meta = load_or_fit_mfa(out / f"{key}_{name}.pt", train_set.images, n_components=n_components,
                                     n_factors=n_factors, iterations=iterations, seed=seed, device=device,
                                     progress=progress, meta={"data_source": train_set.source, "profile": profile})
+    model_path = Path(meta.pop("checkpoint_path"))
+    tag = model_path.stem[len(f"{key}_{name}"):]           # "" or "-<digest8>"
     results = []
     for hole in holes:
-        stem = result_stem(key, name, hole)
+        stem = result_stem(key, name, hole) + tag
         test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device=test_set.images.device)
         df, seconds = _timed_evaluate(imputer, test_set.images, test_missing, batch_size=batch_size, device=device)
-        df.index.name = "image"
-        df.to_csv(out / f"{stem}.csv", float_format="%.6g")
+        csv_text = _csv_text(df)
         fig = plot_inpainting(imputer, test_set.images[:n_figure], test_missing[:n_figure], seed=seed, device=device,
                               title=f"classical MFA (K={n_components}, L={n_factors}) on {key}, {hole}x{hole} holes")
-        fig.savefig(out / f"{stem}.png", dpi=110)
-        import matplotlib.pyplot as plt
-        plt.close(fig)
         setting = _json({
             "model_kind": "mfa", "dataset": key, "mode": "complete", "hole": hole, "profile": profile,
             "n_test": len(test_set), "test_source": test_set.source, **meta,
             "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
             "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
             "infer_threads": torch.get_num_threads(),
-            "checkpoint_mb": checkpoint_megabytes(out / f"{key}_{name}.pt"),
+            "checkpoint_mb": checkpoint_megabytes(model_path), "csv_digest": csv_digest(csv_text),
         })
-        (out / f"{stem}.json").write_text(json.dumps(setting, indent=1))
+        try:
+            write_files({out / f"{stem}.csv": csv_text, out / f"{stem}.json": json.dumps(setting, indent=1),
+                         out / f"{stem}.png": _figure_writer(fig)})
+        finally:
+            plt.close(fig)
         results.append(setting)
     return results
 
@@ -511,44 +686,47 @@ def run_acflow_baseline(
     """Score a trained ACFlow (``scripts/train_acflow.py``) with the same test holes as
     :func:`run_experiment`, so it joins :func:`density_table`.
 
-    Per hole side writes ``<dataset>_acflow[_h<hole>].{csv,json,png}``: per image the NLL of the
-    hidden pixels at exact values (the DMFA protocol) and at dequantised values, and the SSE of the
-    mean of ``n_samples`` samples (:func:`score_holes`). A missing checkpoint raises
-    ``FileNotFoundError`` naming the script that trains it.
+    Per hole side writes ``<dataset>_acflow[_h<hole>].{csv,json,png}`` as one set
+    (:func:`labkit.studies.engine.write_files`; a checkpoint named ``<stem>-<digest8>.pt`` adds
+    ``-<digest8>``): per image the NLL of the hidden pixels at exact values (the DMFA protocol) and
+    at dequantised values, and the SSE of the mean of ``n_samples`` samples (:func:`score_holes`);
+    the JSON records the checkpoint's content hash and the CSV's digest. The checkpoint is an
+    input: a missing one raises ``FileNotFoundError`` naming the script that trains it, an
+    unreadable one a :class:`labkit.checkpoint.CheckpointError` saying it is an input.
     """
     import matplotlib.pyplot as plt
 
-    from labkit.models.acflow import bits_per_dim, load_acflow
     from labkit.checkpoint import machine_description
+    from labkit.models.acflow import bits_per_dim, load_acflow
+    from labkit.studies.engine import file_digest, write_files
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
-    if not Path(checkpoint).exists():
-        raise FileNotFoundError(f"no ACFlow checkpoint at {str(checkpoint)!r}; train one with "
-                                f"scripts/train_acflow.py --out {checkpoint}")
-    model, meta = load_acflow(checkpoint, device=device)
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no ACFlow checkpoint at {str(checkpoint)!r} (an input of this step); train one "
+                                f"with scripts/train_acflow.py --out {checkpoint}")
+    model, meta = load_acflow(checkpoint, device=device, input_role="ACFlow checkpoint")
     cfg, train = meta.get("config", {}), meta.get("setting", {})
+    tag = "-" + checkpoint.stem.rsplit("-", 1)[1] if "-" in checkpoint.stem else ""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_set = _load_split(key, "test", n_test)
     results = []
     for hole in holes:
-        stem = result_stem(key, "acflow", hole)
+        stem = result_stem(key, "acflow", hole) + tag
         test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device="cpu")
         started = time.perf_counter()
         df = score_holes(model, test_set.images, test_missing, n_samples=n_samples, batch_size=batch_size,
                          seed=seed, progress=progress)
         seconds = time.perf_counter() - started
-        df.index.name = "image"
-        df.to_csv(out / f"{stem}.csv", float_format="%.6g")
+        csv_text = _csv_text(df)
         fig = plot_acflow_inpainting(model, test_set.images[:n_figure], test_missing[:n_figure], seed=seed,
                                      title=f"ACFlow on {key}, {hole}x{hole} holes")
-        fig.savefig(out / f"{stem}.png", dpi=110)
-        plt.close(fig)
         per_pixel = float(df["nll_dequantized"].sum() / df["n_missing"].sum())
         setting = _json({
             "model_kind": "acflow", "dataset": key, "mode": "complete", "hole": hole, "profile": profile,
-            "checkpoint": str(checkpoint), "model": cfg.get("model"),
+            "checkpoint": str(checkpoint), "checkpoint_sha": file_digest(checkpoint), "model": cfg.get("model"),
             "n_train": train.get("n_train", cfg.get("n_images")),
             "epochs": meta.get("epochs", len(meta.get("history", []))),
             "train_masks": train.get("mask_kinds", cfg.get("mask_fn")), "train_data_source": train.get("train_source"),
@@ -557,9 +735,13 @@ def run_acflow_baseline(
             "test_nll": float(df["nll"].mean()), "test_nll_dequantized": float(df["nll_dequantized"].mean()),
             "test_bits_per_dim": float(bits_per_dim(per_pixel)), "test_sse": float(df["sse"].mean()),
             "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
-            "infer_threads": torch.get_num_threads(),
+            "infer_threads": torch.get_num_threads(), "csv_digest": csv_digest(csv_text),
         })
-        (out / f"{stem}.json").write_text(json.dumps(setting, indent=1))
+        try:
+            write_files({out / f"{stem}.csv": csv_text, out / f"{stem}.json": json.dumps(setting, indent=1),
+                         out / f"{stem}.png": _figure_writer(fig)})
+        finally:
+            plt.close(fig)
         results.append(setting)
     return results
 

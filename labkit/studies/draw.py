@@ -10,13 +10,19 @@ Everything the notebook shows is computed by plain functions here, testable with
   ``radius = max(brush, √2) / 2`` with ``brush`` the brush diameter in image pixels. The floor
   ``√2 / 2`` (half a pixel's diagonal) guarantees that the pixel under the cursor is always painted.
   Drawing ORs the stroke into the mask, erasing clears it.
-- :func:`preset_mask`: the studies' three masks (square, trapezoid, noise) from :mod:`labkit.masks`.
+- :func:`preset_mask`: the paper's three masks of Table 1 (square, trapezoid, noise; :data:`PRESET_KINDS`,
+  which is ``labkit.masks.DEFAULT_MASK_KINDS``) from :mod:`labkit.masks`.
 - :func:`compute_panels`: for one image and its mask, the DMFA's mean, samples and per-pixel standard
   deviation of the missing pixels, and the class probabilities of several classifiers
   (a :class:`Panels`).
 - :func:`overlay_rgb`, :func:`panel_images`, :func:`png_bytes`, :func:`probability_bars_html`,
-  :func:`format_probabilities`: how the app draws them after every stroke (fast: numpy, PIL, HTML);
-  :func:`render_panels`: the same as one static matplotlib figure, for saved figures.
+  :func:`colorbar_html`, :func:`format_probabilities`: how the app draws them after every stroke
+  (fast: numpy, PIL, HTML); :func:`panels_figure` / :func:`render_panels`: the same as one static
+  matplotlib figure, for saved figures.
+
+Every panel whose colour encodes a value says which: the grey image panels and the standard
+deviation carry a colour bar with the quantity and its unit (pixel values, 0 = black, 1 = white),
+and the probability bars an axis from 0 to 1 with a legend for the band that marks the true label.
 
 The models (the DMFA and the three classifiers, "load if it exists, otherwise train") and the
 ipywidgets/ipycanvas app that calls these functions are in :mod:`labkit.studies.draw_app`.
@@ -35,19 +41,27 @@ import torch
 from torch import Tensor
 
 from labkit.device import resolve_device
-from labkit.masks import MASK_KINDS, check_mask, make_masks
+from labkit import masks as _masks
+from labkit.masks import check_mask, make_masks
 from labkit.mfa import MFA
 
 __all__ = [
     "BAR_COLOURS",
+    "INTENSITY_LABEL",
     "MIN_RADIUS",
     "MISSING_RGB",
+    "PRESET_KINDS",
+    "PROBABILITY_TICKS",
+    "STD_LABEL",
+    "TRUE_LABEL_BAND",
     "apply_stroke",
+    "colorbar_html",
     "compute_panels",
     "format_probabilities",
     "overlay_rgb",
     "panel_images",
     "Panels",
+    "panels_figure",
     "png_bytes",
     "preset_mask",
     "probability_bars_html",
@@ -61,6 +75,18 @@ __all__ = [
 MIN_RADIUS = math.sqrt(2.0) / 2.0
 #: colour of missing pixels on the canvas and in the "masked input" panel (RGB in [0, 1])
 MISSING_RGB = (0.93, 0.18, 0.18)
+#: the presets the app offers: the paper's three mask kinds of Table 1 (square, trapezoid, noise).
+#: ``labkit.masks`` also has ``trapezoid_inside`` (an earlier reading of the trapezoid), which the
+#: app does not offer.
+PRESET_KINDS: tuple[str, ...] = tuple(getattr(_masks, "DEFAULT_MASK_KINDS", ("square", "trapezoid", "noise")))
+#: what the grey panels' colour means: pixel values are intensities in [0, 1]
+INTENSITY_LABEL = "pixel value (0 = black, 1 = white)"
+#: what the std panel's colour means: the DMFA's standard deviation, in the same pixel-value units
+STD_LABEL = "std of the pixel value (pixel-value units)"
+#: tick positions of the probability axis
+PROBABILITY_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: colour of the band behind the true label's bars (matplotlib figure and HTML)
+TRUE_LABEL_BAND = "#e3e3e3"
 
 
 # =============================================================================== stroke -> mask
@@ -164,11 +190,12 @@ def apply_stroke(missing: Tensor, points, *, scale: float = 1.0, brush: float = 
 
 # =============================================================================== presets
 def preset_mask(kind: str, height: int, width: int, *, seed: int = 0, device=None) -> Tensor:
-    """One of the studies' masks for a ``height x width`` image: bool ``(1, 1, H, W)``, True = missing.
+    """One of the paper's masks (Table 1) for a ``height x width`` image: bool ``(1, 1, H, W)``, True = missing.
 
-    ``kind``: ``"square"`` (side H//2), ``"trapezoid"`` (half the image), ``"noise"`` (3/4 of the
-    pixels), drawn by :func:`labkit.masks.make_masks` from a CPU generator seeded with ``seed`` (the
-    same seed gives the same mask on any device); ``"clear"`` gives an all-False mask.
+    ``kind``: one of :data:`PRESET_KINDS`: ``"square"`` (side H//2), ``"trapezoid"`` (half the
+    image), ``"noise"`` (3/4 of the pixels), drawn by :func:`labkit.masks.make_masks` from a CPU
+    generator seeded with ``seed`` (the same seed gives the same mask on any device); ``"clear"``
+    gives an all-False mask.
     """
     height, width = _check_size("height", height), _check_size("width", width)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -176,8 +203,9 @@ def preset_mask(kind: str, height: int, width: int, *, seed: int = 0, device=Non
     device = resolve_device(device)
     if kind == "clear":
         return torch.zeros(1, 1, height, width, dtype=torch.bool, device=device)
-    if kind not in MASK_KINDS:
-        raise ValueError(f"unknown preset {kind!r}; valid presets: {', '.join(MASK_KINDS)}, clear")
+    if kind not in PRESET_KINDS:
+        raise ValueError(f"unknown preset {kind!r}; valid presets (the paper's Table 1 masks): "
+                         f"{', '.join(PRESET_KINDS)}, clear")
     gen = torch.Generator().manual_seed(int(seed))
     return make_masks(kind, 1, height, width, generator=gen, device=device)
 
@@ -356,69 +384,113 @@ def overlay_rgb(image: Tensor, missing: Tensor) -> np.ndarray:
 
 
 def _show(ax, img: Tensor, title: str, cmap="gray", vmax=1.0):
+    """Draw one panel with a fixed colour scale [0, vmax] (never rescaled per image); returns the
+    ``AxesImage`` (for its colour bar) or None for an RGB image."""
     arr = img.detach().cpu().float()
     if arr.dim() == 3 and arr.shape[0] == 1:
-        ax.imshow(arr[0].numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(arr[0].numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
     elif arr.dim() == 3:
         ax.imshow(arr.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        im = None
     else:
-        ax.imshow(arr.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(arr.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
+    return im
 
 
-def render_panels(panels: Panels, *, dpi: int = 80, fmt: str = "png") -> bytes:
-    """The panels as one image (PNG bytes): masked input, DMFA mean, samples, std, probability bars.
+def panels_figure(panels: Panels, *, dpi: int = 80):
+    """The panels as one :class:`matplotlib.figure.Figure` (no pyplot state, nothing displayed).
 
-    Uses a standalone :class:`matplotlib.figure.Figure` (no pyplot state, nothing displayed).
+    Top row: the masked input (missing pixels red), the DMFA mean and samples (grey, values clipped
+    to [0, 1]) with one colour bar for them (:data:`INTENSITY_LABEL`), and the standard deviation
+    of the missing pixels (magma, from 0 to its largest value) with its own colour bar
+    (:data:`STD_LABEL`). Bottom: the class probabilities, one bar per classifier and class, on an
+    axis from 0 to 1 (ticks :data:`PROBABILITY_TICKS`); a grey band marks the true label, and the
+    legend says so. Every axes carries a label (``ax.get_label()``): ``"input"``, ``"DMFA mean"``,
+    ``"sample 1"`` ..., ``"std"``, ``"colorbar: pixel value"``, ``"colorbar: std"``, ``"probabilities"``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     if not isinstance(panels, Panels):
         raise TypeError(f"panels must be a Panels, got {type(panels).__name__}")
     S = panels.samples.shape[0]
-    n_img = 3 + S
-    # Fixed axes positions (figure fractions) rather than a layout engine: constrained layout
-    # would triple the time of every redraw, and the panels are redrawn after every stroke.
-    fig_w, fig_h = 1.45 * n_img + 1.9, 4.2
+    n_grey = 1 + S                                        # DMFA mean and samples share a colour bar
+    # Fixed axes positions in inches (then figure fractions) rather than a layout engine:
+    # constrained layout would triple the time of every redraw.
+    side, gap, cbar_w, cbar_gap = 1.3, 0.15, 0.1, 0.75    # cbar_gap leaves room for its ticks and label
+    lefts, x = [], 0.1
+    for i in range(2 + n_grey):                           # input, grey panels, std
+        if i == 1 + n_grey:                               # the grey panels' colour bar comes before std
+            x += cbar_w + cbar_gap
+        lefts.append(x)
+        x += side + gap
+    fig_w = x + cbar_w + cbar_gap - gap + 0.1
+    fig_h = 4.4
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     FigureCanvasAgg(fig)
-    side = 1.3 / fig_w                                    # image axes: 1.3 in square
-    step = 1.45 / fig_w
-    axes = [fig.add_axes((0.01 + i * step, 1 - 0.42 / fig_h - 1.3 / fig_h, side, 1.3 / fig_h))
-            for i in range(n_img)]
+    top = 1 - (0.45 + side) / fig_h
+    frac = lambda left, width: (left / fig_w, top, width / fig_w, side / fig_h)  # noqa: E731
+    names = ["input", "DMFA mean", *(f"sample {i + 1}" for i in range(S)), "std"]
+    axes = [fig.add_axes(frac(left, side), label=name) for left, name in zip(lefts, names)]
+
     label = "" if panels.label is None else f" (label {panels.class_names[panels.label]})"
     axes[0].imshow(overlay_rgb(panels.image, panels.missing), interpolation="nearest")
-    axes[0].set_title(f"input{label}\n{panels.n_missing}/{panels.n_pixels} missing", fontsize=8)
+    axes[0].set_title(f"input{label}\n{panels.n_missing}/{panels.n_pixels} missing (red)", fontsize=8)
     axes[0].set_xticks([])
     axes[0].set_yticks([])
-    _show(axes[1], panels.mean.clamp(0, 1), "DMFA mean")
+    grey = _show(axes[1], panels.mean.clamp(0, 1), "DMFA mean")
     for i in range(S):
         _show(axes[2 + i], panels.samples[i].clamp(0, 1), f"sample {i + 1}")
     std = panels.std.max(0).values if panels.std.shape[0] > 1 else panels.std[0]
-    smax = max(float(std.max()), 1e-6)
-    _show(axes[-1], std, f"std (max {smax:.2f})", cmap="magma", vmax=smax)
+    smax = float(std.max())
+    # the colour scale runs from 0 to the largest std (at least 0.01, so an all-zero map reads as 0)
+    std_im = _show(axes[-1], std, f"std of the missing pixels\n(max {smax:.2f})", cmap="magma",
+                   vmax=max(smax, 0.01))
+    for im, left, what, text in ((grey, lefts[1 + n_grey] - cbar_gap - cbar_w + 0.05, "pixel value", INTENSITY_LABEL),
+                                 (std_im, lefts[-1] + side + 0.1, "std", STD_LABEL)):
+        if im is None:                                    # RGB images (C = 3) have no colour scale
+            continue
+        cax = fig.add_axes(frac(left, cbar_w), label=f"colorbar: {what}")
+        cb = fig.colorbar(im, cax=cax)
+        cb.set_label(text.replace(" (", "\n("), fontsize=7)
+        cb.ax.tick_params(labelsize=7)
 
-    ax = fig.add_axes((0.55 / fig_w, 0.35 / fig_h, (n_img * 1.45 - 0.7) / fig_w, 1.75 / fig_h))
+    ax = fig.add_axes((0.7 / fig_w, 0.4 / fig_h, (fig_w - 3.2) / fig_w, 1.75 / fig_h), label="probabilities")
     names = list(panels.probs)
     n_classes = len(panels.class_names)
     width = 0.8 / max(len(names), 1)
     pos = np.arange(n_classes)
-    colours = ["tab:green", "tab:orange", "tab:blue", "tab:purple", "tab:brown"]
     for j, name in enumerate(names):
         p = panels.probs[name].numpy()
         pred = int(p.argmax())
-        ax.bar(pos + (j - (len(names) - 1) / 2) * width, p, width=width, color=colours[j % len(colours)],
+        ax.bar(pos + (j - (len(names) - 1) / 2) * width, p, width=width, color=BAR_COLOURS[j % len(BAR_COLOURS)],
                label=f"{name}: {panels.class_names[pred]} ({p[pred]:.0%})")
     ax.set_xticks(pos, panels.class_names)
-    ax.set_ylim(0, 1.0)
+    ax.set_xlim(-0.5, n_classes - 0.5)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_yticks(PROBABILITY_TICKS, [f"{t:g}" for t in PROBABILITY_TICKS])
     ax.set_ylabel("probability")
+    ax.set_xlabel("class")
+    ax.grid(axis="y", color="0.85", linewidth=0.6)
+    ax.set_axisbelow(True)
+    handles, labels = ax.get_legend_handles_labels()
     if panels.label is not None:
-        ax.axvspan(panels.label - 0.45, panels.label + 0.45, color="0.9", zorder=0)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        ax.axvspan(panels.label - 0.5, panels.label + 0.5, color=TRUE_LABEL_BAND, zorder=0)
+        handles.append(Patch(color=TRUE_LABEL_BAND))
+        labels.append(f"true label ({panels.class_names[panels.label]})")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="predicted class (probability)", title_fontsize=8)
     ax.set_title("class probabilities", fontsize=9)
+    return fig
+
+
+def render_panels(panels: Panels, *, dpi: int = 80, fmt: str = "png") -> bytes:
+    """:func:`panels_figure` encoded as an image (PNG bytes by default)."""
+    fig = panels_figure(panels, dpi=dpi)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=dpi)
     return buf.getvalue()
@@ -483,33 +555,90 @@ def format_probabilities(panels: Panels) -> str:
 def probability_bars_html(panels: Panels, *, height_px: int = 110) -> str:
     """The class probabilities as grouped vertical bars in plain HTML/CSS (what the notebook shows).
 
-    One group per class, one bar per classifier (colours :data:`BAR_COLOURS`); the true class's
-    label is underlined. Below the bars, a legend line per classifier with its prediction, e.g.
-    ``MisConv: 7 (0.931)``. The outer element carries the exact probabilities as JSON in its
-    ``data-probs`` attribute (``{name: [p_0, ...]}``). Plain HTML redraws in microseconds,
-    unlike a matplotlib figure (hundreds of milliseconds on a small CPU), so the panel can follow
-    every stroke.
+    One group per class, one bar per classifier (colours :data:`BAR_COLOURS`), on a probability
+    axis from 0 to 1 (ticks :data:`PROBABILITY_TICKS`, faint grid lines, the bars' height is
+    ``p · height_px``). The true class's group stands on a grey band (:data:`TRUE_LABEL_BAND`) and
+    its name is underlined. Below the bars, a legend: one line per classifier with its prediction,
+    e.g. ``MisConv: 7 (0.931)``, and one for the band, ``true label: 7``. The outer element carries
+    the exact probabilities as JSON in its ``data-probs`` attribute (``{name: [p_0, ...]}``). Plain
+    HTML redraws in microseconds, unlike a matplotlib figure (hundreds of milliseconds on a small
+    CPU), so the panel can follow every stroke.
     """
     if not isinstance(panels, Panels):
         raise TypeError(f"panels must be a Panels, got {type(panels).__name__}")
     names = list(panels.probs)
+    name_h = 15                                            # px: the class names' row under the bars
     groups = []
     for c, cname in enumerate(panels.class_names):
         bars = "".join(
             f"<div title='{html.escape(n)}: {float(panels.probs[n][c]):.3f}' style='width:9px;"
             f"height:{float(panels.probs[n][c]) * height_px:.1f}px;background:{BAR_COLOURS[j % len(BAR_COLOURS)]};"
-            "margin:0 1px'></div>" for j, n in enumerate(names))
-        under = "text-decoration:underline;font-weight:bold" if panels.label == c else ""
+            "margin:0 1px;position:relative'></div>" for j, n in enumerate(names))
+        true = panels.label == c
+        under = "text-decoration:underline;font-weight:bold" if true else ""
+        band = f"background:{TRUE_LABEL_BAND};" if true else ""
         groups.append(
-            f"<div style='display:flex;flex-direction:column;align-items:center;margin:0 3px'>"
-            f"<div style='display:flex;align-items:flex-end;height:{height_px}px;border-bottom:1px solid #888'>"
-            f"{bars}</div><div style='font-size:11px;{under}'>{html.escape(cname)}</div></div>")
+            f"<div class='{'prob-class prob-true' if true else 'prob-class'}' style='display:flex;"
+            f"flex-direction:column;align-items:center;padding:0 3px;{band}'>"
+            f"<div style='display:flex;align-items:flex-end;height:{height_px}px'>{bars}</div>"
+            f"<div style='font-size:11px;height:{name_h}px;line-height:{name_h}px;{under}'>{html.escape(cname)}</div>"
+            "</div>")
+    # the axis: tick labels at p · height_px above the baseline, grid lines across the plot
+    ticks = "".join(
+        f"<div class='prob-tick' style='position:absolute;right:4px;bottom:{t * height_px - 6:.1f}px;"
+        f"font-size:10px;line-height:12px'>{t:g}</div>" for t in PROBABILITY_TICKS)
+    grid = "".join(
+        f"<div style='position:absolute;left:0;right:0;bottom:{t * height_px:.1f}px;border-top:1px solid "
+        f"{'#888' if t == 0 else '#e0e0e0'}'></div>" for t in PROBABILITY_TICKS)
+    axis = (f"<div style='display:flex;flex-direction:column'><div style='display:flex;height:{height_px}px'>"
+            f"<div style='writing-mode:vertical-rl;transform:rotate(180deg);font-size:10px;text-align:center'>"
+            f"probability</div>"
+            f"<div class='prob-axis' style='position:relative;width:30px;border-right:1px solid #888'>{ticks}</div>"
+            f"</div><div style='height:{name_h}px'></div></div>")
+    plot = (f"<div style='position:relative;display:flex;align-items:flex-end'>"
+            f"<div style='position:absolute;left:0;right:0;top:0;height:{height_px}px;pointer-events:none'>{grid}</div>"
+            f"{''.join(groups)}</div>")
     legend = "".join(
         f"<div><span style='display:inline-block;width:10px;height:10px;background:{BAR_COLOURS[j % len(BAR_COLOURS)]};"
         f"margin-right:4px'></span>{html.escape(n)}: <b>{html.escape(panels.class_names[int(panels.probs[n].argmax())])}</b>"
         f" ({float(panels.probs[n].max()):.3f})</div>" for j, n in enumerate(names))
+    if panels.label is not None:
+        legend += (f"<div class='prob-true-legend'><span style='display:inline-block;width:10px;height:10px;"
+                   f"background:{TRUE_LABEL_BAND};border:1px solid #bbb;margin-right:4px'></span>"
+                   f"grey band, underlined: true label: <b>{html.escape(panels.class_names[panels.label])}</b></div>")
     # the exact probabilities, machine-readable (the browser test compares them before/after a stroke)
     exact = html.escape(json.dumps({n: [float(v) for v in panels.probs[n]] for n in names}), quote=True)
-    return (f"<div style='font-size:12px' data-probs=\"{exact}\">"
-            f"<div style='display:flex;align-items:flex-end'>{''.join(groups)}</div>"
+    return (f"<div style='font-size:12px;padding-top:6px' data-probs=\"{exact}\">"
+            f"<div style='display:flex;align-items:flex-end'>{axis}{plot}</div>"
             f"<div style='margin-top:4px'>{legend}</div></div>")
+
+
+def colorbar_html(cmap: str, vmin: float, vmax: float, label: str, *, width_px: int = 160,
+                  ticks: int = 3) -> str:
+    """A horizontal colour bar in plain HTML/CSS: the colour map ``cmap`` from ``vmin`` to ``vmax``
+    as a gradient, ``ticks`` (>= 2) evenly spaced values under it, and ``label`` (the quantity and
+    its unit) below. What the app puts under the panels whose colour encodes a value.
+    """
+    from matplotlib import colormaps
+
+    if not isinstance(cmap, str) or cmap not in colormaps:
+        raise ValueError(f"cmap must be the name of a matplotlib colour map, got {cmap!r}")
+    vmin, vmax = float(vmin), float(vmax)
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
+        raise ValueError(f"need finite vmin < vmax, got vmin={vmin}, vmax={vmax}")
+    ticks = _check_size("ticks", ticks)
+    if ticks < 2:
+        raise ValueError(f"ticks must be >= 2, got {ticks}")
+    cm = colormaps[cmap]
+    stops = ", ".join(
+        "rgb({}, {}, {}) {:.0f}%".format(*(round(255 * v) for v in cm(f)[:3]), 100 * f) for f in np.linspace(0, 1, 9))
+    values = np.linspace(vmin, vmax, ticks)
+    # decimals enough to tell neighbouring ticks apart (two significant digits of the step)
+    digits = max(0, 1 - math.floor(math.log10((vmax - vmin) / (ticks - 1))))
+    marks = "".join(
+        f"<span class='cbar-tick' style='position:absolute;left:{100 * i / (ticks - 1):.1f}%;"
+        f"transform:translateX(-50%);font-size:10px'>{round(float(v), digits):g}</span>" for i, v in enumerate(values))
+    return (f"<div class='cbar' style='width:{width_px}px;margin:2px 8px'>"
+            f"<div style='height:10px;border:1px solid #888;background:linear-gradient(to right, {stops})'></div>"
+            f"<div style='position:relative;height:13px'>{marks}</div>"
+            f"<div class='cbar-label' style='font-size:10px;text-align:center'>{html.escape(label)}</div></div>")

@@ -28,11 +28,12 @@ from torch import Tensor
 
 from labkit import paths
 from labkit.device import resolve_device
-from labkit.masks import MASK_KINDS, make_masks
+from labkit.masks import make_masks
 from labkit.misconv import MisConv2d
 from labkit.models.dmfa import load_dmfa
-from labkit.studies.draw import (Panels, _check_positive, _check_size, apply_stroke, compute_panels, overlay_rgb,
-                                 panel_images, png_bytes, preset_mask, probability_bars_html)
+from labkit.studies.draw import (INTENSITY_LABEL, PRESET_KINDS, STD_LABEL, Panels, _check_positive, _check_size,
+                                 apply_stroke, colorbar_html, compute_panels, overlay_rgb, panel_images, png_bytes,
+                                 preset_mask, probability_bars_html)
 
 __all__ = [
     "COMPLETE",
@@ -438,7 +439,8 @@ class DrawApp:
         return changed
 
     def preset(self, kind: str) -> None:
-        """Replace the mask by a new random preset (``square``, ``trapezoid``, ``noise``) or ``clear``."""
+        """Replace the mask by a new random preset (one of the paper's Table 1 kinds,
+        :data:`~labkit.studies.draw.PRESET_KINDS`: ``square``, ``trapezoid``, ``noise``) or ``clear``."""
         seed = self.seed + self._preset_count
         self._preset_count += 1
         self.missing = preset_mask(kind, self.height, self.width, seed=seed, device=self.images.device)
@@ -461,6 +463,9 @@ class DrawApp:
             self.panel_widgets[caption].value = png_bytes(rgb, zoom=self.panel_zoom)
         smax = float(self.panels.std.max())
         self.panel_captions["std"].value = f"std (max {smax:.2f})"
+        # panel_images scales the std map from 0 to its largest value: the colour bar says so
+        self.std_bar.value = colorbar_html("magma", 0.0, smax if smax > 0 else 1.0, STD_LABEL,
+                                           width_px=self.std_bar_width)
         self.probs_html.value = probability_bars_html(self.panels)
         self._update_count()
         return self.panels
@@ -497,13 +502,16 @@ class DrawApp:
                                           layout=w.Layout(width=f"{max(cw, 240)}px"))
         self.brush_widget.observe(lambda ch: setattr(self, "brush", float(ch["new"])), names="value")
         buttons = []
-        for kind in (*MASK_KINDS, "clear"):
+        for kind in (*PRESET_KINDS, "clear"):
             b = w.Button(description=kind, layout=w.Layout(width="110px"))
             b.add_class(f"draw-preset-{kind}")
             b.on_click(lambda _b, kind=kind: self.preset(kind))
             buttons.append(b)
+        self.preset_buttons = {b.description: b for b in buttons}
         self.count_html = w.HTML()
         self.count_html.add_class("draw-count")
+        presets_note = w.HTML("<span style='font-size:11px'>presets: the paper's Table 1 masks "
+                              f"({', '.join(PRESET_KINDS)})</span>")
         self.probs_html = w.HTML()
         self.probs_html.add_class("draw-probs")
         # One Image widget per panel (input, DMFA mean, samples, std), captioned.
@@ -516,14 +524,26 @@ class DrawApp:
         grid = w.HBox([w.VBox([self.panel_captions[c], self.panel_widgets[c]], layout=w.Layout(margin="0 4px"))
                        for c in captions])
         grid.add_class("draw-panels")
+        # Colour bars: the grey panels show pixel values on a fixed 0..1 scale; the std map is
+        # scaled to its largest value, so its bar is redrawn with every update.
+        n_grey = 2 + self.n_samples                      # input (grey under the red), mean, samples
+        panel_px = self.height * self.panel_zoom + 8
+        self.intensity_bar = w.HTML(colorbar_html("gray", 0.0, 1.0, INTENSITY_LABEL + "; red: missing",
+                                                  width_px=n_grey * panel_px - 16))
+        self.intensity_bar.add_class("draw-intensity-bar")
+        self.std_bar_width = max(panel_px + 40, 150)
+        self.std_bar = w.HTML()
+        self.std_bar.add_class("draw-std-bar")
+        bars = w.HBox([self.intensity_bar, self.std_bar])
         title = w.HTML("<b>DMFA of the missing pixels</b> (observed pixels copied from the image)")
         ptitle = w.HTML("<b>class probabilities</b>")
         # The frame sits on a box around the canvas, not on the canvas: a border on the canvas
         # element would shift the mouse-to-pixel mapping by its width.
         framed = w.Box([self.canvas], layout=w.Layout(border="1px solid #888", width="fit-content"))
         left = w.VBox([w.HBox([self.index_widget, self.index_slider]), framed, self.mode_widget,
-                       self.brush_widget, w.HBox(buttons[:2]), w.HBox(buttons[2:]), self.count_html])
-        right = w.VBox([title, grid, ptitle, self.probs_html], layout=w.Layout(margin="0 0 0 12px"))
+                       self.brush_widget, presets_note, w.HBox(buttons[:2]), w.HBox(buttons[2:]),
+                       self.count_html])
+        right = w.VBox([title, grid, bars, ptitle, self.probs_html], layout=w.Layout(margin="0 0 0 12px"))
         self.widget = w.HBox([left, right])
         self._redraw_canvas(full=True)
 

@@ -131,6 +131,14 @@ def _run_in_worker(fn: Callable[[Cell], Mapping], cell: Cell, threads: int) -> C
     return _call(fn, cell)
 
 
+def _usable_cpus() -> int:
+    """The cores this process may use (its affinity: a SLURM or container limit), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail fast when nothing listens at a ``host:port`` address (Ray itself retries for minutes)."""
     if address in ("auto", "local"):
@@ -199,7 +207,7 @@ class RayExecutor:
             return
         init = {"include_dashboard": False, **dict(init_kwargs or {})}
         if address is None:
-            init.update(address="local", num_cpus=num_cpus or os.cpu_count() or 1)
+            init.update(address="local", num_cpus=num_cpus or _usable_cpus())
         else:
             _check_reachable(address)
             init.update(address=address)
@@ -232,14 +240,15 @@ class RayExecutor:
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env
 
-    def resources(self, cell: Cell, fn: Any = None, device: Any = None) -> dict:
+    def resources(self, cell: Cell, fn: Any = None, device: Any = None, *, has_gpus: bool | None = None) -> dict:
         """The Ray resources of ``cell``'s task: ``{"num_cpus": ..., "num_gpus": ...}``."""
-        cuda = cell_device(cell, fn, device if device is not None else self.device,
-                           cluster_has_gpus=self.cluster_has_gpus()) == "cuda"
+        if has_gpus is None:
+            has_gpus = self.cluster_has_gpus()
+        cuda = cell_device(cell, fn, device if device is not None else self.device, cluster_has_gpus=has_gpus) == "cuda"
         return {"num_cpus": self.threads, "num_gpus": self.gpus_per_cell if cuda else 0}
 
-    def _infeasible(self, res: Mapping[str, float]) -> str | None:
-        nodes = self._node_resources()
+    @staticmethod
+    def _infeasible(res: Mapping[str, float], nodes: list[dict]) -> str | None:
         if any(r.get("CPU", 0) >= res["num_cpus"] and r.get("GPU", 0) >= res["num_gpus"] for r in nodes):
             return None
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no nodes"
@@ -261,11 +270,13 @@ class RayExecutor:
                 "make it a module-level function or functools.partial(module_function, config) with "
                 "picklable arguments") from exc
         remote = ray.remote(_run_in_worker)
+        nodes = self._node_resources()                 # asked once per run, not once per cell
+        has_gpus = any(r.get("GPU", 0) > 0 for r in nodes)
         pending: dict[Any, tuple[Cell, float]] = {}
         try:
             for cell in cells:
-                res = self.resources(cell, fn, device)
-                why = self._infeasible(res)
+                res = self.resources(cell, fn, device, has_gpus=has_gpus)
+                why = self._infeasible(res, nodes)
                 if why:
                     yield CellOutcome(cell, "failed", error=why)
                     continue

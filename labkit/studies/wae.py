@@ -6,19 +6,31 @@ per-image masks (:mod:`labkit.studies.cells`) and the fronts' auxiliaries (imput
 MFAs: :mod:`labkit.studies.imputers`) are those of the classification study: same masks, same
 on-disk caches.
 
-:func:`run_cell` trains and scores one cell, :func:`run_sweep` runs a resumable grid into
-``results/wae/<profile>/metrics.csv`` (columns :data:`WAE_COLUMNS`) with figures, and
-:func:`summary_table` / :func:`table_markdown` / :func:`plot_metrics` report it next to the authors'
-numbers (:data:`AUTHORS_WAE_MNIST`). Metrics (:mod:`labkit.metrics`): PSNR and SSIM over the missing
-region and the whole image, and Fréchet distances between features of the lab's own classifier
-(:func:`feature_network`; :data:`FD_NAME`), since no Inception weights can be downloaded here.
+The sweep runs on the study engine (:mod:`labkit.studies.engine`): :func:`plan_cells` turns the
+settings into :class:`~labkit.studies.engine.Cell` s whose keys digest the coordinates, every
+setting that changes the result (sizes, epochs, batch size, learning rates, recipe, λ,
+reconstruction loss, precision, the feature network's training) and the fingerprints of the inputs
+(the images and labels used, the masks, the DMFA/ACFlow checkpoint the front reads, a given feature
+classifier). :func:`run_sweep` runs the cells not yet in ``results/wae/<profile>/metrics.csv``
+(:func:`result_store`; details per run in ``runs.jsonl``): a failing cell is reported, the others
+run, and :class:`~labkit.studies.engine.SweepFailed` lists the failures at the end.
+
+:func:`summary_table` / :func:`table_markdown` / :func:`plot_metrics` report the rows of the
+planned cells (:func:`~labkit.studies.engine.check_uniform` refuses to put rows made with other
+settings side by side) next to the authors' numbers (:data:`AUTHORS_WAE_MNIST`). Metrics
+(:mod:`labkit.metrics`): PSNR and SSIM over the missing region and the whole image; the whole-image
+PSNR/SSIM as scikit-image computes them when called like the authors did
+(``psnr_all_skimage``/``ssim_all_skimage``: its float SSIM assumes a data range of 2); Fréchet
+distances between features of the lab's own classifier (:func:`feature_network`; :data:`FD_NAME`),
+since no Inception weights can be downloaded here.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +41,19 @@ from torch import Tensor, nn
 from labkit import paths
 from labkit.device import resolve_device
 from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
-from labkit.models.wae import WAE, make_optimizers, train_step
-from labkit.studies.cells import _stable_seed, load_cell_data
+from labkit.models.wae import WAE, make_optimizers, recipe_settings, train_step
+from labkit.studies import engine
+from labkit.studies.cells import _stable_seed, fingerprint_cell, load_cell_data
+from labkit.studies.engine import Cell, InputError, ResultStore, SweepFailed
 from labkit.studies.imputers import METHODS, ImputerConfig, TensorAux, method_available
-from labkit.sweeps import append_csv_row, append_jsonl, read_table
 
 __all__ = [
     "AUTHORS_WAE_MNIST",
+    "COORDS",
     "FD_NAME",
     "FRONT_ALIASES",
     "METRIC_COLUMNS",
-    "WAE_COLUMNS",
+    "SKIMAGE_COLUMNS",
     "WAEConfig",
     "canonical_front",
     "classifier_features",
@@ -47,40 +61,57 @@ __all__ = [
     "feature_network",
     "front_available",
     "load_examples",
+    "plan_cell",
     "plan_cells",
     "plot_front_grid",
     "plot_metrics",
     "plot_reconstructions",
     "plot_samples",
     "read_results",
+    "result_store",
     "run_cell",
     "run_sweep",
     "summary_table",
     "table_markdown",
 ]
 
+COORDS = ["dataset", "front", "seed"]
 METRIC_COLUMNS = ["psnr_missing", "ssim_missing", "psnr_all", "ssim_all", "fd_reconstruction", "fd_samples"]
-WAE_COLUMNS = ["dataset", "front", "seed", *METRIC_COLUMNS, "epochs", "n_train", "n_test"]
+#: whole-image PSNR/SSIM as scikit-image computes them when called like the authors did
+#: (:func:`labkit.metrics.skimage_psnr_ssim`); optional: rows migrated from before they existed lack them
+SKIMAGE_COLUMNS = ["psnr_all_skimage", "ssim_all_skimage"]
 
 #: short names accepted for the study's fronts (the CSV records the canonical method name)
 FRONT_ALIASES = {"dmfa_mean": "dmfa_mean_complete", "misconv": "dmfa_misconv_complete"}
 #: display order and labels
 FRONT_ORDER = ["gt", "zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
                "dmfa_misconv_complete", "dmfa_mean_incomplete", "dmfa_misconv_incomplete", "acflow"]
+#: settings that belong to one front only (a table of fronts may hold different values of them)
+FRONT_SETTINGS = ["imputer"]
 
-#: the authors' public code, MNIST WAE at epoch 20 (validation): front -> (PSNR, SSIM).
-#: Their PSNR/SSIM are scikit-image's on the whole decoded image (SSIM with its
-#: default 7×7 uniform window); which DMFA (complete- or incomplete-data) they used is not stated:
-#: we show their numbers beside our complete-data DMFA fronts.
+#: the authors' public code, MNIST WAE, epoch 20, test split: front -> (PSNR, SSIM). Their recipe
+#: (``recipe="authors"``), 60,000 training images, batch 128. Their PSNR/SSIM are scikit-image's on
+#: the whole decoded image, SSIM called without ``data_range`` (for float images a range of 2,
+#: which raises SSIM): compare them with ``psnr_all_skimage``/``ssim_all_skimage``.
 AUTHORS_WAE_MNIST = {
     "gt": (20.72, 0.908),
-    "dmfa_mean_complete": (15.85, 0.750),
-    "dmfa_misconv_complete": (15.14, 0.714),
+    "knn": (16.00, 0.752),
+    "dmfa_mean_incomplete": (15.85, 0.750),
+    "dmfa_mean_complete": (15.76, 0.752),
+    "dmfa_misconv_complete": (15.71, 0.744),
+    "dmfa_misconv_incomplete": (15.14, 0.714),
     "zero": (14.90, 0.707),
+    "acflow": (14.85, 0.711),
+    "mask": (13.86, 0.627),
     "pc": (13.68, 0.628),
+    "mfa_misconv": (13.33, 0.657),
+    "mfa_mean": (13.20, 0.596),
 }
 
 FD_NAME = "FD (lab classifier features)"
+#: the feature classifier's training recipe (the classification study's: Adam 1e-3, batch 24)
+FEATURE_RECIPE = {"batch_size": 24, "lr": 1e-3, "seed": 0, "init_seed": 12345, "select": "last",
+                  "front": "gt", "layer": "input of the last linear layer"}
 
 
 def canonical_front(name: str) -> str:
@@ -114,29 +145,37 @@ class WAEConfig:
     """Settings of a WAE sweep besides its grid (filled from a profile's ``03_wae`` section).
 
     ``n_train``/``n_test``: first images of each split (``None``: all). ``mask``: the missing-data
-    kind of train and test images (``"square"``: side H/2, 14×14 on MNIST). ``lambda_adv``: weight
-    of the adversarial term; ``recon``: ``"bce"`` or ``"mse"``. ``feature_epochs``/``feature_n_train``:
-    the classifier whose penultimate features the Fréchet distances use (trained on complete images).
-    ``dmfa_complete``/``dmfa_incomplete``/``acflow``: checkpoints the fronts that need them read.
+    kind of train and test images (``"square"``: side H/2, 14×14 on MNIST). ``recipe``: ``"authors"``
+    (one Adam for the three networks, discriminator loss weight 0.01, λ = 0.01, MSE reconstruction)
+    or ``"supplement"`` (two Adams, ``lr_disc`` for the discriminator, λ = 1, BCE); see
+    :data:`labkit.models.wae.RECIPES`. ``lambda_adv``/``recon``/``lr_disc``: ``None`` = the
+    recipe's value. ``precision``: of the WAE's training (:mod:`labkit.precision`).
+    ``feature_epochs``/``feature_n_train``: the classifier whose penultimate features the Fréchet
+    distances use (trained on complete images), unless ``feature_checkpoint`` names a trained one.
+    ``dmfa_complete``/``dmfa_incomplete``/``acflow``: checkpoints the fronts that need them read
+    (templates: ``{dataset}``, ``{mask_suffix}``, see :meth:`ImputerConfig.resolve`).
     """
 
     profile: str = "quick"
     epochs: int = 1
     batch_size: int = 128
     lr: float = 4e-4
-    lr_disc: float = 4e-6
-    lambda_adv: float = 1.0
-    recon: str = "bce"
+    recipe: str = "authors"
+    lr_disc: float | None = None
+    lambda_adv: float | None = None
+    recon: str | None = None
+    precision: str = "32"
     n_train: int | None = 500
     n_test: int | None = 100
     mask: str = "square"
     feature_epochs: int = 3
     feature_n_train: int | None = None       # None: the same images as n_train
+    feature_checkpoint: str | None = None    # a trained feature classifier (an input), instead of training one
     eval_batch: int = 500
     n_figure: int = 8
     dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete.pt"     # {dataset} is filled in
-    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete.pt"
-    acflow: str | None = "results/acflow/acflow.pt"
+    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"
+    acflow: str | None = "results/acflow/acflow_{dataset}.pt"
     results_dir: str | None = None           # default results/wae/<profile>
     cache_dir: str | None = None             # default: the classification study's cache
     device: Any = None
@@ -158,6 +197,10 @@ class WAEConfig:
             kw["cache_dir"] = self.cache_dir
         return ImputerConfig(**kw)
 
+    def training(self) -> dict[str, Any]:
+        """The recipe's settings with this config's overrides (:func:`labkit.models.wae.recipe_settings`)."""
+        return recipe_settings(self.recipe, lambda_adv=self.lambda_adv, recon=self.recon, lr_disc=self.lr_disc)
+
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch", "feature_epochs", "n_figure"):
             v = getattr(self, name)
@@ -167,13 +210,113 @@ class WAEConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
                 raise ValueError(f"{name} must be an int >= 2 or None, got {v!r}")
-        if self.recon not in ("bce", "mse"):
-            raise ValueError(f"recon must be 'bce' or 'mse', got {self.recon!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        self.training()          # raises for an unknown recipe, a bad recon, lr_disc with the one-optimizer recipe
+        self.resolved_precision()
+
+    def resolved_precision(self) -> str:
+        """``precision`` resolved for this config's device (``"auto"`` becomes a concrete name)."""
+        from labkit.precision import resolve_precision
+
+        return resolve_precision(self.precision, resolve_device(self.device))
 
 
 def front_available(front: str, cfg: WAEConfig, dataset: str = "mnist") -> str | None:
     """``None`` if ``front`` can run on ``dataset`` now, else why not (e.g. its DMFA checkpoint does not exist yet)."""
-    return method_available(canonical_front(front), cfg.imputer_config(), dataset)
+    return method_available(canonical_front(front), cfg.imputer_config(), dataset, cfg.mask)
+
+
+# --------------------------------------------------------------------------- planning
+def _front_inputs(front: str, cfg: WAEConfig, dataset: str) -> dict:
+    """Fingerprints of the checkpoint ``front`` reads (:attr:`Method.inputs`), or
+    ``{"unavailable": why}`` while it does not exist (the cell waits)."""
+    icfg = cfg.imputer_config()
+    why = method_available(front, icfg, dataset, cfg.mask)
+    return {"unavailable": why} if why else METHODS[front].inputs(icfg, dataset, cfg.mask)
+
+
+def _feature_data(dataset: str, cfg: WAEConfig, data=None):
+    """The cell data whose (complete) training images the feature classifier trains on: the first
+    ``feature_n_train`` training images (default: those of the cells, ``data`` when given)."""
+    n = cfg.n_train if cfg.feature_n_train is None else cfg.feature_n_train
+    if data is not None and n == cfg.n_train:
+        return data
+    return load_cell_data(dataset, cfg.mask, 0, n_train=n, n_test=cfg.n_test, val_fraction=0.0)
+
+
+def _feature_spec(dataset: str, cfg: WAEConfig, data) -> tuple[dict, dict]:
+    """(settings, inputs) of the feature network: a trained file (an input), or how to train one."""
+    if cfg.feature_checkpoint:
+        return {}, {"feature_net": engine.input_fingerprint(paths.repo_path(cfg.feature_checkpoint),
+                                                            "feature classifier checkpoint")}
+    fdata = _feature_data(dataset, cfg, data)
+    settings = {"features": {**FEATURE_RECIPE, "epochs": cfg.feature_epochs, "n_train": int(len(fdata.train_images))}}
+    inputs = {}
+    if fdata is not data:
+        inputs["feature_data"] = fingerprint_cell(fdata)["train"]
+    return settings, inputs
+
+
+def plan_cell(dataset: str, front: str, seed: int, cfg: WAEConfig, *, data=None) -> Cell:
+    """The :class:`~labkit.studies.engine.Cell` of (dataset, front, seed) under ``cfg``.
+
+    Settings: sizes actually used, mask kind, epochs, batch size, lr, the recipe's settings
+    (recipe, λ, discriminator weight, reconstruction loss, ``lr_disc`` for "supplement"),
+    precision, the WAE architecture, the feature network's training and the front's imputer
+    settings (k-NN, MFA, ACFlow only). Inputs: fingerprints of the training and test images with
+    labels, a digest of both splits' masks, the front's checkpoint and a given feature classifier
+    (``inputs["unavailable"]`` says why a front's checkpoint is missing). ``data``: the cell data of
+    (dataset, seed) if already loaded.
+    """
+    front = canonical_front(front)
+    arch = _dataset_arch(dataset)
+    if data is None:
+        data = load_cell_data(dataset, cfg.mask, seed, n_train=cfg.n_train, n_test=cfg.n_test, val_fraction=0.0,
+                              quiet=True)
+    training = cfg.training()
+    training.pop("optimizers")               # follows from the recipe
+    settings = {"mask": cfg.mask, "n_train": int(len(data.train_images)), "n_test": int(len(data.test_images)),
+                "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": float(cfg.lr), **training,
+                "precision": cfg.resolved_precision(), "architecture": arch}
+    imputer = METHODS[front].settings(cfg.imputer_config())
+    if imputer:
+        settings["imputer"] = imputer
+    fp = fingerprint_cell(data)
+    inputs = {"train": fp["train"], "test": fp["test"], "masks": fp["masks"], **_front_inputs(front, cfg, dataset)}
+    f_settings, f_inputs = _feature_spec(dataset, cfg, data)
+    settings.update(f_settings)
+    inputs.update(f_inputs)
+    return Cell("wae", {"dataset": dataset, "front": front, "seed": int(seed)}, settings, inputs)
+
+
+def plan_cells(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Sequence[int], cfg: WAEConfig) -> list[Cell]:
+    """The grid in run order: seeds outermost, so every front has seed 0 before any has seed 1."""
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    cells = []
+    for s in seeds:
+        for d in datasets:
+            data = load_cell_data(d, cfg.mask, s, n_train=cfg.n_train, n_test=cfg.n_test, val_fraction=0.0, quiet=True)
+            cells += [plan_cell(d, f, s, cfg, data=data) for f in fronts]
+    return cells
+
+
+def result_store(results_dir: str | Path) -> ResultStore:
+    """The study's results: ``<results_dir>/metrics.csv`` (one row per cell key) and ``runs.jsonl``.
+
+    ``results_dir`` may also be the path of ``metrics.csv`` itself.
+    """
+    folder = Path(results_dir)
+    if folder.suffix == ".csv":
+        folder = folder.parent
+    return ResultStore(folder / "metrics.csv", coords=COORDS, metrics=METRIC_COLUMNS, optional=SKIMAGE_COLUMNS,
+                       details=folder / "runs.jsonl")
+
+
+def read_results(results_dir: str | Path):
+    """The valid rows of the study's results (:meth:`ResultStore.read`) as a DataFrame."""
+    return result_store(results_dir).read()
 
 
 # --------------------------------------------------------------------------- feature network
@@ -203,44 +346,72 @@ def _feature_map(model: nn.Module, batch_size: int):
     return features
 
 
+_FEATURE_NETS: dict[str, tuple[nn.Module, dict]] = {}
+
+
 def feature_network(dataset: str, cfg: WAEConfig):
     """The lab's feature network for the Fréchet distances: the classification study's classifier
-    with the ground-truth front, trained on complete training images (Adam 1e-3, batch 24,
-    ``cfg.feature_epochs`` epochs), loaded from ``<scratch>/feature-net-<dataset>.pt`` if trained
-    before. Returns ``(classifier, meta)``; ``meta["test_accuracy"]`` is on the complete test images.
+    with the ground-truth front, trained on complete training images (:data:`FEATURE_RECIPE`,
+    ``cfg.feature_epochs`` epochs).
+
+    Stored as ``<scratch>/feature-net-<dataset>-<digest>.pt``, the digest covering its training
+    settings and the content hash of its training images, so another setting or other data trains
+    another file (a stored one is reused only with an equal config). With ``cfg.feature_checkpoint``
+    that file is loaded instead (an input of the study). Returns ``(classifier, meta)``;
+    ``meta["test_accuracy"]`` is on the complete test images.
     """
-    from labkit.checkpoint import load_or_train
+    from labkit.checkpoint import CheckpointError, load_checkpoint, load_or_train
 
     dev = resolve_device(cfg.device)
-    n_train = cfg.feature_n_train if cfg.feature_n_train is not None else cfg.n_train
-    data = load_cell_data(dataset, cfg.mask, 0, n_train=n_train, n_test=cfg.n_test, val_fraction=0.0)
+    data = _feature_data(dataset, cfg)
     C, H = data.train_images.shape[1], data.train_images.shape[2]
     arch = data.arch
-    path = cfg.scratch_path() / f"feature-net-{dataset}-n{len(data.train_images)}-e{cfg.feature_epochs}.pt"
 
     def build():
-        torch.manual_seed(12345)
+        torch.manual_seed(FEATURE_RECIPE["init_seed"])
         return build_classifier(arch, "gt", in_channels=C, image_size=H)
+
+    if cfg.feature_checkpoint:
+        path = paths.repo_path(cfg.feature_checkpoint)
+        stored = load_checkpoint(path, map_location=dev, input_role="feature classifier checkpoint")
+        if stored is None:
+            raise InputError(f"feature classifier checkpoint {str(path)!r} does not exist (it is an input of this "
+                             "study: train or restore it)")
+        model = build().to(dev)
+        try:
+            model.load_state_dict(stored["model"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"feature classifier checkpoint {str(path)!r} does not fit the {arch} classifier "
+                                  f"({type(exc).__name__}: {exc}); it is an input of this study") from exc
+        return model.eval(), dict(stored.get("meta") or {})
+
+    config = {"dataset": dataset, "arch": arch, **FEATURE_RECIPE, "epochs": cfg.feature_epochs,
+              "n_train": int(len(data.train_images)),
+              "train_sha": engine.tensor_digest(data.train_images, data.train_labels)}
+    path = cfg.scratch_path() / f"feature-net-{dataset}-{engine.digest(config, 8)}.pt"
+    memo = str(path.resolve())
+    if memo in _FEATURE_NETS and path.is_file():
+        return _FEATURE_NETS[memo]
 
     def train(model):
         model.to(dev)
-        aux = TensorAux(data.train_images)
-        train_classifier(model, data, aux, epochs=cfg.feature_epochs, batch_size=24, lr=1e-3, seed=0,
-                         select="last", device=dev, progress=cfg.progress)
+        train_classifier(model, data, TensorAux(data.train_images), epochs=cfg.feature_epochs,
+                         batch_size=FEATURE_RECIPE["batch_size"], lr=FEATURE_RECIPE["lr"], seed=FEATURE_RECIPE["seed"],
+                         select=FEATURE_RECIPE["select"], device=dev, progress=cfg.progress)
         none = torch.zeros_like(data.test_missing)
         acc = evaluate_accuracy(model, data.test_images, data.test_labels, none, TensorAux(data.test_images),
                                 batch_size=cfg.eval_batch)
-        return {"dataset": dataset, "arch": arch, "n_train": len(data.train_images), "epochs": cfg.feature_epochs,
-                "test_accuracy": round(acc, 4), "n_test": len(data.test_images),
+        return {"test_accuracy": round(acc, 4), "n_test": len(data.test_images),
                 "features": "input of the last linear layer (lin20 after ReLU)"}
 
-    return load_or_train(path, build, train, device=dev, quiet=not cfg.progress)
+    _FEATURE_NETS[memo] = load_or_train(path, build, train, device=dev, quiet=not cfg.progress, config=config)
+    return _FEATURE_NETS[memo]
 
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, features, batch_size: int = 500,
-                 seed: int = 0, n_examples: int = 8) -> tuple[dict[str, float], dict[str, Tensor]]:
+                 seed: int = 0, n_examples: int = 8, skimage: bool = True) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Test metrics of a trained WAE against the complete images.
 
     Args:
@@ -249,6 +420,9 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
             ``missing`` (bool ``(N, 1, H, W)``) plus ``aux_source.get(idx, x, missing)``.
         features: ``images (n, C, H, W) -> (n, F)`` feature map for the Fréchet distances.
         seed: of the ``N`` prior samples for ``fd_samples``.
+        skimage: also compute ``psnr_all_skimage``/``ssim_all_skimage``
+            (:func:`labkit.metrics.skimage_psnr_ssim`: scikit-image on the whole image, called as
+            the authors did; its float SSIM assumes a data range of 2).
 
     Returns:
         ``(metrics, examples)``: metrics = means over the test images of per-image PSNR/SSIM over
@@ -257,23 +431,28 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
         (decoded prior samples vs complete images); examples = the first ``n_examples`` inputs
         (NaN at missing), reconstructions, complete images, masks and prior samples (CPU).
     """
-    from labkit.metrics import frechet_distance, psnr, ssim
+    from labkit.metrics import frechet_distance, psnr, skimage_psnr_ssim, ssim
 
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
     n = images.shape[0]
-    per: dict[str, list[Tensor]] = {k: [] for k in ("psnr_missing", "ssim_missing", "psnr_all", "ssim_all")}
+    names = ["psnr_missing", "ssim_missing", "psnr_all", "ssim_all"] + (SKIMAGE_COLUMNS if skimage else [])
+    per: dict[str, list[Tensor]] = {k: [] for k in names}
     f_rec, f_real, first = [], [], None
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(n, s + batch_size))
         x, j = images[idx].to(dev), missing[idx].to(dev)
         x_in = _with_nan(x, j)
-        rec = model(x_in, j, aux_source.get(idx, x_in, j))
+        rec = model(x_in, j, aux_source.get(idx, x_in, j)).float()
         per["psnr_missing"].append(psnr(rec, x, j).cpu())
         per["ssim_missing"].append(ssim(rec, x, j).cpu())
         per["psnr_all"].append(psnr(rec, x).cpu())
         per["ssim_all"].append(ssim(rec, x).cpu())
+        if skimage:
+            p_sk, s_sk = skimage_psnr_ssim(rec, x)
+            per["psnr_all_skimage"].append(p_sk)
+            per["ssim_all_skimage"].append(s_sk)
         f_rec.append(features(rec))
         f_real.append(features(x))
         if first is None:
@@ -283,7 +462,7 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
     g = torch.Generator().manual_seed(int(seed))
     f_smp, samples = [], None
     for s in range(0, n, batch_size):
-        smp = model.sample(min(batch_size, n - s), generator=g)
+        smp = model.sample(min(batch_size, n - s), generator=g).float()
         f_smp.append(features(smp))
         if samples is None:
             samples = smp[:max(n_examples, 16)].cpu()
@@ -291,7 +470,8 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
     metrics: dict[str, float] = {}
     for k, v in per.items():
         v = torch.cat(v)
-        # nanmean: an image whose region has no SSIM window centre gives NaN (see labkit.metrics)
+        # nanmean: an image whose region has no SSIM window centre gives NaN (see labkit.metrics);
+        # an image decoded perfectly has an infinite PSNR: such values are left out of the mean
         metrics[k] = float(v[torch.isfinite(v)].mean()) if bool(torch.isfinite(v).any()) else float("nan")
     real = torch.cat(f_real)
     metrics["fd_reconstruction"] = frechet_distance(torch.cat(f_rec), real)
@@ -388,37 +568,65 @@ def plot_front_grid(examples_by_front: Mapping[str, Mapping[str, Tensor]], *, wh
 
 
 # --------------------------------------------------------------------------- one cell
-def cell_stem(dataset: str, front: str, seed: int) -> str:
-    return f"{dataset}-{front}-s{int(seed)}"
+def cell_stem(cell: Cell) -> str:
+    """File stem of a cell's working files and figures: ``<dataset>-<front>-s<seed>-<key[:8]>``."""
+    c = cell.coords
+    return f"{c['dataset']}-{c['front']}-s{int(c['seed'])}-{cell.key[:8]}"
 
 
-def run_cell(dataset: str, front: str, seed: int, cfg: WAEConfig, *, features=None) -> dict:
-    """Train and test one (dataset, front, seed); return ``{"row", "details", "checkpoint", "examples"}``.
+def _check_inputs_unchanged(cell: Cell, cfg: WAEConfig) -> None:
+    """The checkpoints the cell reads must be those it was planned with (a file retrained since gets
+    another key: the cell must be planned again, not run under the old key)."""
+    front, dataset = cell.coords["front"], cell.coords["dataset"]
+    if "unavailable" in cell.inputs:
+        raise InputError(f"front {front!r} was planned without its checkpoint ({cell.inputs['unavailable']}); "
+                         "run the sweep again")
+    now = _front_inputs(front, cfg, dataset)
+    for name, planned in cell.inputs.items():
+        if name in ("dmfa", "acflow") and now.get(name) != planned:
+            raise InputError(f"{planned['role']} {planned['file']} changed since the sweep was planned (planned sha "
+                             f"{planned['sha']}, now {now.get(name, {}).get('sha')}); run the sweep again")
+    if cfg.feature_checkpoint:
+        fp = engine.input_fingerprint(paths.repo_path(cfg.feature_checkpoint), "feature classifier checkpoint")
+        if fp != cell.inputs.get("feature_net"):
+            raise InputError(f"feature classifier checkpoint {fp['file']} changed since the sweep was planned")
+
+
+def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True) -> dict:
+    """Train and test one planned cell (:func:`plan_cell`); return ``{"metrics", "details"}``.
 
     Training: the first ``cfg.n_train`` training images, each with its fixed mask
     (:func:`labkit.studies.cells.cell_masks`, shared with the classification study), NaN at missing
     pixels; the reconstruction loss counts observed pixels only, except for the ground-truth front
-    (complete images in, all pixels counted). Resumable: :func:`labkit.training.fit` checkpoints
-    every epoch to ``<scratch>/checkpoints/<cell>.partial.pt``. ``features``: the feature map of
-    the Fréchet distances (default: :func:`feature_network`'s penultimate layer).
+    (complete images in, all pixels counted). The recipe (``cfg.recipe``) chooses the optimizers
+    and losses (:data:`labkit.models.wae.RECIPES`). Resumable: :func:`labkit.training.fit`
+    checkpoints every epoch to ``<scratch>/checkpoints/<stem>.partial.pt`` (:func:`cell_stem`: the
+    key is in the name). ``features``: the feature map of the Fréchet distances (default:
+    :func:`feature_network`'s penultimate layer).
+
+    Writes (besides the result row, which the sweep's driver records): the model and example
+    tensors ``<scratch>/models/<stem>.pt`` and, with ``figures``, ``figures/<stem>-reconstruction.png``
+    and ``figures/<stem>-samples.png`` (one set, :func:`labkit.studies.engine.write_files`).
     """
     from labkit.checkpoint import atomic_save, machine_description
     from labkit.training import fit
+    from labkit.precision import grad_scaler, resolve_precision
 
     cfg.check()
-    front = canonical_front(front)
+    dataset, front, seed = cell.coords["dataset"], cell.coords["front"], int(cell.coords["seed"])
     why = front_available(front, cfg, dataset)
     if why:
-        raise RuntimeError(f"front {front!r} cannot run: {why}")
+        raise InputError(f"front {front!r} cannot run: {why}")
+    _check_inputs_unchanged(cell, cfg)
     dev = resolve_device(cfg.device)
     t0 = time.perf_counter()
     data = load_cell_data(dataset, cfg.mask, seed, n_train=cfg.n_train, n_test=cfg.n_test, val_fraction=0.0,
                           quiet=not cfg.progress)
     aux_train, aux_test, info = METHODS[front].prepare(data, cfg.imputer_config())
+    fmeta = None
     if features is None:
         fnet, fmeta = feature_network(dataset, cfg)
         features = _feature_map(fnet, cfg.eval_batch)
-        info = {**info, "feature_net": fmeta}
     t_prep = time.perf_counter() - t0
 
     torch.manual_seed(_stable_seed("wae-init", dataset, front, seed))
@@ -426,12 +634,14 @@ def run_cell(dataset: str, front: str, seed: int, cfg: WAEConfig, *, features=No
     if tuple(data.train_images.shape[1:]) != model.image_shape:
         raise ValueError(f"{dataset} images have shape {tuple(data.train_images.shape[1:])} but the WAE expects "
                          f"{model.image_shape}")
-    optimizers = make_optimizers(model, cfg.lr, cfg.lr_disc)
+    training = cfg.training()
+    optimizers = make_optimizers(model, cfg.lr, training.get("lr_disc"), recipe=cfg.recipe)
     gt = front == "gt"
     n = len(data.train_images)
-    run_config = {"dataset": dataset, "front": front, "mask": cfg.mask, "n_train": n, "batch_size": cfg.batch_size,
-                  "lr": cfg.lr, "lr_disc": cfg.lr_disc, "lambda_adv": cfg.lambda_adv, "recon": cfg.recon,
-                  "architecture": model.architecture}
+    # the partial checkpoint belongs to this cell only: resuming it under another key is refused by fit
+    run_config = {"cell": cell.key, "architecture": model.architecture}
+    precision = resolve_precision(cell.settings.get("precision", "32"), dev)
+    scaler = grad_scaler(precision, dev)   # a pass-through except for 16-mixed
 
     def batches(epoch, g):
         order = torch.randperm(n, generator=g)
@@ -446,194 +656,220 @@ def run_cell(dataset: str, front: str, seed: int, cfg: WAEConfig, *, features=No
         else:    # incomplete images: the loss never sees a missing pixel
             target, counted = x_in, ~j
         return train_step(model, optimizers, x_in, j, aux, target=target, counted=counted, generator=g,
-                          lambda_adv=cfg.lambda_adv, recon=cfg.recon)
+                          lambda_adv=training["lambda_adv"], recon=training["recon"],
+                          disc_weight=training["disc_weight"], precision=precision, scaler=scaler)
 
-    ckpt = cfg.scratch_path() / "checkpoints" / f"{cell_stem(dataset, front, seed)}.partial.pt"
+    stem = cell_stem(cell)
+    ckpt = cfg.scratch_path() / "checkpoints" / f"{stem}.partial.pt"
     t1 = time.perf_counter()
-    history = fit(model, optimizers, batches, step, epochs=cfg.epochs, checkpoint=ckpt, seed=int(seed),
-                  desc=f"WAE {front} s{seed}", progress=cfg.progress, config=run_config)
+    history = fit(model, optimizers, batches, step, epochs=cfg.epochs, checkpoint=ckpt, seed=seed,
+                  desc=f"WAE {front} s{seed}", progress=cfg.progress, config=run_config,
+                  precision=precision, scaler=scaler)
     t_train = time.perf_counter() - t1
     metrics, examples = evaluate_wae(model, data.test_images, data.test_missing, aux_test, features=features,
                                      batch_size=cfg.eval_batch, seed=_stable_seed("wae-prior", dataset, seed),
                                      n_examples=cfg.n_figure)
     # Model weights (no optimizer state) and the example tensors, for re-plotting without retraining.
-    atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": run_config,
-                 "examples": examples}, cfg.scratch_path() / "models" / f"{cell_stem(dataset, front, seed)}.pt")
-    row = {"dataset": dataset, "front": front, "seed": int(seed),
-           **{k: round(float(metrics[k]), 5) for k in METRIC_COLUMNS},
-           "epochs": cfg.epochs, "n_train": n, "n_test": len(data.test_images)}
-    details = {**row, **run_config, "prepare_seconds": round(t_prep, 1), "train_seconds": round(t_train, 1),
-               "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine_description(),
-               "device": str(dev), "profile": cfg.profile, "data": data.sources, "fd": FD_NAME,
-               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "history": [{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items()} for h in history],
-               **info}
-    return {"row": row, "details": details, "checkpoint": ckpt, "examples": examples}
+    atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": cell.key,
+                 "settings": engine.canonical(cell.settings), "examples": examples},
+                cfg.scratch_path() / "models" / f"{stem}.pt")
+    if figures:
+        _write_cell_figures(cell, examples, cfg.results_path())
+    ckpt.unlink(missing_ok=True)
+    details = {"settings": engine.canonical(cell.settings), "prepare_seconds": round(t_prep, 1),
+               "train_seconds": round(t_train, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+               "machine": machine_description(), "device": str(dev), "profile": cfg.profile, "data": data.sources,
+               "fd": FD_NAME, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "history": [{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items()}
+                           for h in history], **info}
+    if fmeta is not None:
+        details["feature_net"] = fmeta
+    return {"metrics": {k: round(float(v), 5) for k, v in metrics.items()}, "details": details}
 
 
-# --------------------------------------------------------------------------- results files
-def read_results(path) -> "Any":
-    """The metrics CSV as a pandas DataFrame (empty with :data:`WAE_COLUMNS` if absent)."""
-    return read_table(path, WAE_COLUMNS)
-
-
-def _append_row(path: Path, row: dict) -> bool:
-    """Add ``row`` to the CSV atomically unless its cell is there already (see
-    :func:`labkit.sweeps.append_csv_row`); returns whether it was added."""
-    return append_csv_row(path, row, WAE_COLUMNS, key=["dataset", "front", "seed"])
-
-
-_append_jsonl = append_jsonl
-
-
-def plan_cells(datasets: Sequence[str], fronts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:
-    """The grid in run order: seeds outermost, so every front has seed 0 before any has seed 1."""
-    return [(d, canonical_front(f), int(s)) for s in seeds for d in datasets for f in fronts]
-
-
-def run_sweep(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Sequence[int], profile: str = "quick", *,
-              config: WAEConfig | None = None, wait: bool = False, poll_seconds: float = 300.0,
-              max_cells: int | None = None, figures: bool = True, _run_cell=None, **overrides) -> "Any":
-    """Run every (dataset, front, seed) cell not yet in ``<results_dir>/metrics.csv``.
-
-    Each finished cell is appended to the CSV at once (atomically), described in ``runs.jsonl``
-    (settings, timings, per-epoch history) and drawn to ``figures/<cell>-reconstruction.png`` and
-    ``figures/<cell>-samples.png``; its epoch checkpoint is then deleted. A rerun skips finished
-    cells, and an interrupted cell resumes from its last finished epoch. Fronts whose checkpoint
-    (DMFA, ACFlow) does not exist yet are skipped, or waited for with ``wait=True``.
-
-    ``overrides`` replace :class:`WAEConfig` fields (epochs, n_train, device, ...). Returns the CSV.
-    """
+def _write_cell_figures(cell: Cell, examples: Mapping[str, Tensor], results_dir: Path) -> None:
+    """The reconstruction and prior-sample figures of a cell, written as one set."""
     import matplotlib.pyplot as plt
 
-    cfg = config or WAEConfig(profile=profile)
+    c = cell.coords
+    label = f"{c['dataset']}, {c['front']}, seed {c['seed']}"
+    figs = {"reconstruction": plot_reconstructions(examples, title=label),
+            "samples": plot_samples(examples["samples"], title=f"{label}: prior samples")}
+    folder = results_dir / "figures"
+    try:
+        engine.write_files({folder / f"{cell_stem(cell)}-{name}.png":
+                            functools.partial(lambda fig, p: fig.savefig(p, format="png", dpi=100), fig)
+                            for name, fig in figs.items()})
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+
+
+def _cell_job(cfg: WAEConfig, cell: Cell) -> dict:
+    """What the engine runs for a cell (module level, so that executors can pickle it with ``cfg``)."""
+    return run_cell(cell, cfg)
+
+
+# --------------------------------------------------------------------------- the sweep
+def _config(profile: str, config: WAEConfig | None, overrides: Mapping[str, Any]) -> WAEConfig:
+    cfg = replace(config) if config is not None else WAEConfig(profile=profile)
     cfg.profile = profile
     for k, v in overrides.items():
         if k not in WAEConfig.__dataclass_fields__:
             raise ValueError(f"unknown WAE setting {k!r}; valid: {', '.join(WAEConfig.__dataclass_fields__)}")
         setattr(cfg, k, v)
     cfg.check()
+    return cfg
+
+
+def run_sweep(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Sequence[int], profile: str = "quick", *,
+              config: WAEConfig | None = None, wait: bool = False, poll_seconds: float = 300.0,
+              max_cells: int | None = None, executor=None, cell_fn=None, **overrides):
+    """Run every planned cell (:func:`plan_cells`) whose key is not yet in ``<results_dir>/metrics.csv``.
+
+    The engine (:func:`labkit.studies.engine.run_cells`) records each finished cell at once (its
+    settings and input fingerprints beside its metrics; details in ``runs.jsonl``); a rerun skips
+    done cells, and an interrupted cell resumes from its last finished epoch. Fronts whose
+    checkpoint (DMFA, ACFlow) does not exist yet wait: they are left for a later run, or waited for
+    with ``wait=True`` (the cells are planned again once it appears: its fingerprint is part of the
+    key). A failing cell is reported and the others run; at the end :class:`SweepFailed` lists the
+    failures.
+
+    ``overrides`` replace :class:`WAEConfig` fields (epochs, n_train, device, ...); ``executor``:
+    where cells run (default: one after another here); ``cell_fn(cfg, cell) -> {"metrics",
+    "details"}`` replaces :func:`run_cell` (tests). Returns the rows of the planned cells.
+    """
+    cfg = _config(profile, config, overrides)
     if isinstance(datasets, str):
         datasets = [datasets]
     for d in datasets:
         _dataset_arch(d)
-    out = cfg.results_path()
-    csv = out / "metrics.csv"
-    cells = plan_cells(datasets, fronts, seeds)
-    finished = 0
-    reported: set[str] = set()
-    feature_maps: dict[str, Any] = {}
+    fronts = [canonical_front(f) for f in fronts]
+    store = result_store(cfg.results_path())
+    fn = functools.partial(cell_fn or _cell_job, cfg)
+    failed: dict[str, engine.CellOutcome] = {}
+    budget = max_cells
     while True:
-        df = read_results(csv)
-        done = {(str(r.dataset), str(r.front), int(r.seed)) for r in df.itertuples()}
-        todo = [c for c in cells if c not in done]
-        if not todo:
-            print(f"[wae] all {len(cells)} cells done -> {csv}", flush=True)
+        cells = plan_cells(datasets, fronts, seeds, cfg)
+        outcomes = engine.run_cells(
+            cells, fn, store, executor=executor, max_cells=budget, raise_on_failure=False,
+            available=lambda c: front_available(c.coords["front"], cfg, c.coords["dataset"]))
+        for o in outcomes:
+            if o.status == "failed":
+                failed[o.cell.key] = o
+        if budget is not None:
+            budget -= sum(o.status in ("ran", "failed") for o in outcomes)
+        waiting = [o for o in outcomes if o.status == "waiting"]
+        if not waiting or not wait or (budget is not None and budget <= 0):
             break
-        runnable = []
-        for c in todo:
-            why = front_available(c[1], cfg, c[0])
-            if why is None:
-                runnable.append(c)
-            elif c[1] not in reported:
-                print(f"[wae] skipping {c[1]} for now: {why}", flush=True)
-                reported.add(c[1])
-        if not runnable:
-            if not wait:
-                print(f"[wae] {len(todo)} cells wait for unavailable fronts; rerun later", flush=True)
-                break
-            time.sleep(poll_seconds)
-            continue
-        d, f, s = runnable[0]
-        print(f"[wae] {len(cells) - len(todo) + 1}/{len(cells)}: {d} {f} seed {s}", flush=True)
-        if _run_cell is not None:  # tests: a stand-in for run_cell, no feature network
-            res = _run_cell(d, f, s, cfg)
-        else:
-            if d not in feature_maps:
-                fnet, fmeta = feature_network(d, cfg)
-                print(f"[wae] feature network for {d}: test accuracy {fmeta.get('test_accuracy')}", flush=True)
-                feature_maps[d] = (fmeta, _feature_map(fnet, cfg.eval_batch))
-            fmeta, fmap = feature_maps[d]
-            res = run_cell(d, f, s, cfg, features=fmap)
-            res["details"]["feature_net"] = fmeta
-        if figures:
-            stem = cell_stem(d, f, s)
-            plt.close(plot_reconstructions(res["examples"], title=f"{d}, {f}, seed {s}",
-                                           path=out / "figures" / f"{stem}-reconstruction.png"))
-            plt.close(plot_samples(res["examples"]["samples"], title=f"{d}, {f}, seed {s}: prior samples",
-                                   path=out / "figures" / f"{stem}-samples.png"))
-        if _append_row(csv, res["row"]):      # False: another sweep process finished this cell first
-            _append_jsonl(out / "runs.jsonl", res["details"])
-        Path(res["checkpoint"]).unlink(missing_ok=True)
-        r = res["row"]
-        print(f"[wae] {d} {f} seed {s}: PSNR missing {r['psnr_missing']:.2f} all {r['psnr_all']:.2f}, "
-              f"SSIM missing {r['ssim_missing']:.3f} all {r['ssim_all']:.3f}, FD rec {r['fd_reconstruction']:.2f} "
-              f"samples {r['fd_samples']:.2f} ({res['details']['wall_seconds']} s)", flush=True)
-        finished += 1
-        if max_cells is not None and finished >= max_cells:
-            break
-    return read_results(csv)
+        time.sleep(poll_seconds)
+    if failed:
+        raise SweepFailed(list(failed.values()))
+    df = store.read()
+    return df[df["key"].isin([c.key for c in cells])].reset_index(drop=True)
 
 
-def load_examples(dataset: str, front: str, seed: int, cfg: WAEConfig) -> dict[str, Tensor] | None:
+def load_examples(cell: Cell, cfg: WAEConfig) -> dict[str, Tensor] | None:
     """The example tensors saved by :func:`run_cell` for a finished cell (``None`` if absent)."""
     from labkit.checkpoint import load_checkpoint
 
-    path = cfg.scratch_path() / "models" / f"{cell_stem(dataset, canonical_front(front), seed)}.pt"
+    path = cfg.scratch_path() / "models" / f"{cell_stem(cell)}.pt"
     stored = load_checkpoint(path, map_location="cpu") if path.exists() else None
     return None if stored is None else stored["examples"]
 
 
 # --------------------------------------------------------------------------- tables
-def summary_table(df, *, dataset: str | None = None, with_authors: bool = True):
-    """Rows = fronts; columns = each metric as ``"mean ± std"`` over seeds, ``n`` seeds, and (MNIST)
-    the authors' PSNR/SSIM. Returns a pandas DataFrame of strings."""
-    import pandas as pd
-
+def _select(df, keys=None, dataset: str | None = None):
+    if keys is not None:
+        df = df[df["key"].isin(list(keys))]
     if dataset is not None:
         df = df[df["dataset"] == dataset]
+    return df
+
+
+def shared_settings(df, keys=None, *, dataset: str | None = None) -> dict:
+    """The settings every selected row shares (:func:`labkit.studies.engine.check_uniform`; raises
+    :class:`~labkit.studies.engine.SettingsMismatch` naming the settings that differ)."""
+    return engine.check_uniform(_select(df, keys, dataset), ignore=FRONT_SETTINGS, what="the WAE table")
+
+
+def summary_table(df, keys=None, *, dataset: str | None = None, with_authors: bool = True):
+    """Rows = fronts; columns = each metric as ``"mean ± std"`` over seeds, the number of seeds, and
+    (MNIST) the authors' PSNR/SSIM beside scikit-image's whole-image columns.
+
+    ``keys``: the cell keys to show (normally those of the planned cells; ``None``: every row).
+    The rows must share their settings (:func:`shared_settings`). Returns a DataFrame of strings.
+    """
+    import pandas as pd
+
+    df = _select(df, keys, dataset)
     if df.empty:
         return pd.DataFrame()
+    shared_settings(df)
     fronts = [f for f in FRONT_ORDER if f in set(df["front"])] + sorted(set(df["front"]) - set(FRONT_ORDER))
-    digits = {"psnr_missing": 2, "psnr_all": 2, "ssim_missing": 3, "ssim_all": 3, "fd_reconstruction": 2,
-              "fd_samples": 2}
+    digits = {"psnr_missing": 2, "psnr_all": 2, "psnr_all_skimage": 2, "ssim_missing": 3, "ssim_all": 3,
+              "ssim_all_skimage": 3, "fd_reconstruction": 2, "fd_samples": 2}
+    columns = METRIC_COLUMNS[:4] + SKIMAGE_COLUMNS + METRIC_COLUMNS[4:]
     rows = []
     for f in fronts:
         sub = df[df["front"] == f]
         row = {"front": f, "seeds": str(len(sub))}
-        for col in METRIC_COLUMNS:
-            v = sub[col].astype(float)
+        for col in columns:
+            v = sub[col].astype(float).dropna()
             d = digits[col]
-            row[col] = f"{v.mean():.{d}f} ± {v.std(ddof=1):.{d}f}" if len(v) > 1 else f"{v.mean():.{d}f}"
-        if with_authors:
-            a = AUTHORS_WAE_MNIST.get(f) if set(df["dataset"]) <= {"mnist"} else None
-            row["authors PSNR"] = f"{a[0]:.2f}" if a else ""
-            row["authors SSIM"] = f"{a[1]:.3f}" if a else ""
+            row[col] = ("–" if len(v) == 0 else f"{v.mean():.{d}f} ± {v.std(ddof=1):.{d}f}" if len(v) > 1
+                        else f"{v.mean():.{d}f}")
+            if with_authors and col == "ssim_all_skimage":
+                a = AUTHORS_WAE_MNIST.get(f) if set(df["dataset"]) <= {"mnist"} else None
+                row["authors PSNR"] = f"{a[0]:.2f}" if a else ""
+                row["authors SSIM"] = f"{a[1]:.3f}" if a else ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("front")
 
 
-def table_markdown(df, **kw) -> str:
-    """:func:`summary_table` as a Markdown table (for the README)."""
-    tab = summary_table(df, **kw)
+COLUMN_NAMES = {"psnr_missing": "PSNR missing (dB)", "ssim_missing": "SSIM missing", "psnr_all": "PSNR all (dB)",
+                "ssim_all": "SSIM all", "psnr_all_skimage": "PSNR all, scikit-image (dB)",
+                "ssim_all_skimage": "SSIM all, scikit-image (data range 2)",
+                "fd_reconstruction": f"{FD_NAME}: reconstructions", "fd_samples": f"{FD_NAME}: prior samples"}
+
+
+def settings_line(settings: Mapping[str, Any]) -> str:
+    """The shared settings of a table in one line: recipe, epochs, sizes, optimisation."""
+    s = dict(settings)
+    parts = [f"recipe {s.get('recipe', '?')}", f"{s.get('epochs', '?')} epoch(s)",
+             f"{s.get('n_train', '?')} training / {s.get('n_test', '?')} test images", f"batch {s.get('batch_size', '?')}",
+             f"lr {s.get('lr', '?')}" + (f", discriminator lr {s['lr_disc']}" if "lr_disc" in s else ""),
+             f"λ {s.get('lambda_adv', '?')}, discriminator loss weight {s.get('disc_weight', '?')}",
+             f"{str(s.get('recon', '?')).upper()} reconstruction", f"precision {s.get('precision', '?')}"]
+    return "; ".join(parts)
+
+
+def table_markdown(df, keys=None, **kw) -> str:
+    """:func:`summary_table` as a Markdown table with its shared settings (recipe, epochs, ...)
+    below it (for the README)."""
+    tab = summary_table(df, keys, **kw)
     if tab.empty:
         return "(no results yet)"
-    names = {"psnr_missing": "PSNR missing (dB)", "ssim_missing": "SSIM missing", "psnr_all": "PSNR all (dB)",
-             "ssim_all": "SSIM all", "fd_reconstruction": f"{FD_NAME}: reconstructions",
-             "fd_samples": f"{FD_NAME}: prior samples"}
     cols = list(tab.columns)
-    lines = ["| front | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| front | " + " | ".join(COLUMN_NAMES.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for f, row in tab.iterrows():
         lines.append(f"| {f} | " + " | ".join(row[c] for c in cols) + " |")
+    lines.append("")
+    lines.append(f"Settings: {settings_line(shared_settings(df, keys, dataset=kw.get('dataset')))}. "
+                 "scikit-image's SSIM of float images assumes a data range of 2 (the authors called it without "
+                 "`data_range`), which raises it; the authors' numbers are of that kind.")
     return "\n".join(lines)
 
 
-def plot_metrics(df, path=None, *, title: str | None = None):
+def plot_metrics(df, path=None, *, title: str | None = None, keys=None):
     """Three panels per front: PSNR, SSIM (missing region / whole image) and the two Fréchet
-    distances; bars = mean over seeds, dots = seeds, black ticks = the authors' PSNR/SSIM (MNIST,
-    whole image, their metric implementation). Saves to ``path`` when given; returns the figure."""
+    distances; bars = mean over seeds, dots = seeds, black ticks = the authors' scikit-image PSNR/SSIM
+    (MNIST, whole image). ``keys``: the cells shown (default: every row; they must share their
+    settings). Saves to ``path`` when given; returns the figure."""
     import matplotlib.pyplot as plt
 
+    df = _select(df, keys)
+    shared_settings(df)
     fronts = [f for f in FRONT_ORDER if f in set(df["front"])] + sorted(set(df["front"]) - set(FRONT_ORDER))
     panels = [("PSNR (dB)", ("psnr_missing", "psnr_all"), 0), ("SSIM", ("ssim_missing", "ssim_all"), 1),
               (FD_NAME, ("fd_reconstruction", "fd_samples"), None)]
@@ -651,7 +887,7 @@ def plot_metrics(df, path=None, *, title: str | None = None):
             for p, v in zip(pos, vals):
                 ax.plot(np.full(len(v), p), v, "k.", ms=3)
         if authors_idx is not None and mnist_only:
-            label = "authors (whole image)"
+            label = "authors (scikit-image, whole image)"
             for i, f in enumerate(fronts):
                 a = AUTHORS_WAE_MNIST.get(f)
                 if a is not None:   # beside the whole-image bar
