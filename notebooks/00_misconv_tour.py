@@ -37,7 +37,7 @@
 # 4. the MisConv layer: the formula, its reference implementation `labkit.misconv.misconv_reference`
 #    (printed below), the `MisConv2d` module held equal to it, and both against Monte Carlo.
 #
-# The [math page](../docs/math.md) has the derivations. The tour runs in about half a minute on a
+# The [math page](../docs/math.md) has the derivations. The tour runs in about a minute on a
 # laptop CPU. Figures go to `results/tour/<profile>/` (`./lab figures` copies the quick profile's
 # into `docs/figures/tour/`); every panel whose colour encodes a value has a colour bar.
 

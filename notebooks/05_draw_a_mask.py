@@ -19,17 +19,20 @@
 # Hide part of a digit with the mouse and watch what the models make of it:
 #
 # - **left**: the test image on an enlarged canvas. Press and drag to mark pixels as *missing*
-#   (red); switch to *erase* to give them back. The buttons put one of the studies' masks
-#   (a random **square** of 1/4 of the image, a **trapezoid** of 1/2, **noise** on 3/4 of the
-#   pixels) or **clear** everything. Pick another image with the number box or the slider.
+#   (red); switch to *erase* to give them back. The buttons put one of the paper's three masks of
+#   Table 1 (`labkit.masks.DEFAULT_MASK_KINDS`: a random **square** of 1/4 of the image, a
+#   **trapezoid** of 1/2, **noise** on 3/4 of the pixels) or **clear** everything. Pick another
+#   image with the number box or the slider.
 # - **right, top**: what the **DMFA** believes the missing pixels are, given the observed ones:
 #   its mixture mean, three samples, and the per-pixel standard deviation (bright = unsure).
-#   Observed pixels are copied from the image.
+#   Observed pixels are copied from the image. Colour bars under the panels say what a colour
+#   means: pixel values from 0 (black) to 1 (white), and the standard deviation in the same
+#   pixel-value units, from 0 to its largest value for the current mask.
 # - **right, bottom**: class probabilities of three classifiers of the same architecture
-#   (supplementary section 1.2): **MisConv** (its first layer takes the exact expected
-#   activation over the DMFA's distribution of the missing pixels), **zero imputation** (missing
-#   pixels set to 0), and a classifier trained and applied on the **complete image**, the
-#   reference the mask does not change.
+#   (supplementary section 1.2), on an axis from 0 to 1: **MisConv** (its first layer takes the
+#   exact expected activation over the DMFA's distribution of the missing pixels), **zero
+#   imputation** (missing pixels set to 0), and a classifier trained and applied on the
+#   **complete image**, the reference the mask does not change. A grey band marks the true label.
 #
 # The panels are recomputed after every stroke (tens of milliseconds on a CPU). The models come
 # from the checkpoints under `results/` ("load if it exists, otherwise train",
@@ -62,10 +65,11 @@ dmfa_epochs = 1
 import time
 
 import torch
-from IPython.display import Image, display
+from IPython.display import Image, Markdown, display
 
 import labkit
 from labkit.data import load_dataset
+from labkit.lab.notices import offline_banner
 from labkit.studies import draw, draw_app
 
 dev = labkit.resolve_device(device)
@@ -77,6 +81,9 @@ test = load_dataset(dataset, "test", limit=n_images, quiet=True)
 print(models.summary())
 print(f"data: {test.source}")
 print(f"models ready in {time.perf_counter() - started:.1f} s on {dev}")
+banner = offline_banner(test)
+if banner:
+    display(Markdown(banner))
 
 # %% [markdown]
 # ## The app
@@ -92,8 +99,9 @@ display(app.widget)
 #
 # A stroke is a list of canvas points `(x, y)`; `app.stroke` paints the polyline through them
 # exactly as a mouse drag does and recomputes the panels. Here: a horizontal line through the
-# middle of the digit, then the three preset masks. The last cell clears the mask again, so the
-# app above starts empty.
+# middle of the digit, then the three preset masks (with the figure that `draw.render_panels`
+# saves: the same panels, with colour bars and the probability axis). The last cell clears the
+# mask again, so the app above starts empty.
 
 # %%
 before = app.panels
@@ -112,7 +120,7 @@ display(Image(draw.render_panels(after)))
 
 # %%
 rows = []
-for kind in ("square", "trapezoid", "noise"):
+for kind in draw.PRESET_KINDS:
     app.preset(kind)
     p = app.panels
     rows.append({"mask": kind, "missing": p.n_missing,

@@ -144,6 +144,11 @@ OLD_WAE_HEADER = ["dataset", "front", "seed", "psnr_missing", "ssim_missing", "p
                   "fd_reconstruction", "fd_samples", "epochs", "n_train", "n_test"]
 
 
+def _rel(path: Path) -> str:
+    path = Path(path)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def _wae_config(rec: dict, profile: str, results_dir: Path):
     """The WAEConfig of an old WAE run: its runs.jsonl record, plus what the old code always did
     (recipe "supplement": two Adams, λ and reconstruction loss as recorded; float32) and the
@@ -198,7 +203,7 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
         reader = csv.DictReader(fh)
         rows, header = list(reader), reader.fieldnames
     if header != OLD_WAE_HEADER:
-        print(f"{old_csv.relative_to(REPO)} is not in the old format; nothing to migrate")
+        print(f"{_rel(old_csv)} is not in the old format; nothing to migrate")
         return 0
     records = [json.loads(line) for line in old_jsonl.read_text().splitlines() if line.strip()]
     by_cell = {(r["dataset"], r["front"], int(r["seed"])): r for r in records}
@@ -251,15 +256,14 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
                 if old.exists():
                     renames.append((old, folder / "figures" / f"{wae.cell_stem(cell)}-{what}.png"))
         n = len(store.read())
-        print(f"{old_csv.relative_to(REPO)}: {n} rows migrated (origin 'migrated'); {len(renames)} figures to rename")
+        print(f"{_rel(old_csv)}: {n} rows migrated (origin 'migrated'); {len(renames)} figures to rename")
         if dry_run:
             return 0
         tmp = Path(tmp)
         write_files({old_csv: (tmp / "metrics.csv").read_text(), old_jsonl: (tmp / "runs.jsonl").read_text()})
     for old, new in renames:
-        moved = subprocess.run(["git", "-C", str(REPO), "mv", str(old.relative_to(REPO)), str(new.relative_to(REPO))],
-                               capture_output=True, text=True)
-        if moved.returncode:                         # not tracked: a plain rename
+        moved = subprocess.run(["git", "-C", str(REPO), "mv", _rel(old), _rel(new)], capture_output=True, text=True)
+        if moved.returncode:                         # not tracked (or outside the repository): a plain rename
             old.replace(new)
     return 0
 
@@ -281,7 +285,7 @@ def wae(profile: str = "cpu", dry_run: bool = False) -> int:
 
 
 # ============================================================================ density (DMFA)
-def density(profile: str = "cpu", dry_run: bool = False) -> int:
+def density(profile: str = "cpu", dry_run: bool = False, folder: Path | None = None) -> int:
     """Add to each JSON summary of ``results/dmfa/<profile>/`` the digest of the CSV it summarises
     (``csv_digest``), so that :func:`labkit.studies.density.density_table` accepts the pair. A JSON
     whose stem was renamed to ``*_trapezoid_inside`` (made with the inside-the-image trapezoid, then
@@ -290,7 +294,7 @@ def density(profile: str = "cpu", dry_run: bool = False) -> int:
     from labkit.studies import density as dens
     from labkit.studies.engine import write_files
 
-    folder = REPO / "results" / "dmfa" / profile
+    folder = Path(folder) if folder is not None else REPO / "results" / "dmfa" / profile
     changed = 0
     for path in sorted(folder.glob("*.json")):
         summary = json.loads(path.read_text())
@@ -298,12 +302,12 @@ def density(profile: str = "cpu", dry_run: bool = False) -> int:
             continue                          # histories, throughput
         csv = path.with_suffix(".csv")
         if not csv.is_file():
-            print(f"{path.relative_to(REPO)}: no CSV beside it; left alone")
+            print(f"{_rel(path)}: no CSV beside it; left alone")
             continue
         want = dens.csv_digest(csv)
         have = summary.get("csv_digest")
         if have is not None and have != want:
-            print(f"{path.relative_to(REPO)}: records CSV digest {have} but {csv.name} has {want}: left alone "
+            print(f"{_rel(path)}: records CSV digest {have} but {csv.name} has {want}: left alone "
                   "(the pair is inconsistent; rerun the experiment)")
             continue
         updated = dict(summary, csv_digest=want)
@@ -312,11 +316,11 @@ def density(profile: str = "cpu", dry_run: bool = False) -> int:
         if updated == summary:
             continue
         changed += 1
-        print(f"{path.relative_to(REPO)}: csv_digest {want}"
+        print(f"{_rel(path)}: csv_digest {want}"
               + (", missing_kind trapezoid -> trapezoid_inside" if "missing_kind_recorded" in updated else ""))
         if not dry_run:
             write_files({path: json.dumps(updated, indent=1)})
-    print(f"results/dmfa/{profile}: {changed} JSON summaries updated{' (dry run: none written)' if dry_run else ''}")
+    print(f"{_rel(folder)}: {changed} JSON summaries updated{' (dry run: none written)' if dry_run else ''}")
     return 0
 
 

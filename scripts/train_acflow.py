@@ -1,14 +1,22 @@
 #!/usr/bin/env python
-"""Train the ACFlow imputer (labkit.models.acflow) on MNIST, resumably.
+"""Train the ACFlow imputer (labkit.models.acflow) on MNIST, resumably; reuse it only if trained with these settings.
 
     .venv/bin/python scripts/train_acflow.py --n-train 10000 --epochs 10 --out results/acflow/acflow_mnist.pt
 
-Progress lives in ``<out stem>.partial.pt`` (a labkit.training.fit checkpoint written after every
-epoch): rerunning the same command resumes an interrupted run, and rerunning with a larger
-``--epochs`` extends a finished one. When the run reaches ``--epochs`` the trained model is written
-to ``--out`` as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.models.acflow.load_acflow``);
-``meta`` records the setting: data source and sizes, model config, epochs, seed, per-epoch history,
-throughput and the machine.
+The settings (data set, sizes, the training images' content hash, mask kinds, model size, epochs,
+batch size, lr, seed, precision) are the checkpoint's config. If ``--out`` holds a model trained
+with them, it is kept and nothing is trained. If it holds a model trained with other settings, it
+is neither reused nor overwritten: the model of these settings goes to ``<out stem>-<digest8>.pt``
+(a digest of the settings), and the run says so in one line. Checkpoints written before the
+precision was recorded count as float32 trained on today's data; their mask kind "trapezoid" was
+the inside-the-image trapezoid (now ``trapezoid_inside``).
+
+Progress lives in ``<out stem>.<digest8>.partial.pt`` (a labkit.training.fit checkpoint written after
+every epoch, named after the settings other than the epochs): rerunning the same command resumes
+an interrupted run, and a run with a larger ``--epochs`` continues from the progress of the same
+settings when it is still there. When the run reaches ``--epochs`` the trained model is written
+as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.models.acflow.load_acflow``);
+``meta`` records the setting (``meta["train_config"]``), per-epoch history, throughput and the machine.
 
 Validation: the first ``--n-val`` MNIST *test* images with fixed mixed masks (square / trapezoid /
 noise, seeded), NLL per missing pixel and bits/dim after every epoch.
@@ -23,11 +31,34 @@ from pathlib import Path
 
 import torch
 
-from labkit.checkpoint import atomic_save, machine_description, partial_path
+from labkit.checkpoint import atomic_save, machine_description
 from labkit.data import load_dataset
 from labkit.device import resolve_device
-from labkit.models.acflow import load_acflow, study_mask_fn, train_acflow
+from labkit.models.acflow import ACFlow, load_acflow, study_mask_fn, train_acflow
 from labkit.precision import PRECISIONS, resolve_precision
+from labkit.studies.density import config_checkpoint
+from labkit.studies.engine import digest, tensor_digest
+
+#: mask kinds renamed since old checkpoints recorded them
+RENAMED_MASKS = {"trapezoid": "trapezoid_inside"}
+
+
+def stored_settings(meta: dict) -> dict:
+    """The training settings a stored ACFlow checkpoint's ``meta`` records, in this script's words
+    (``meta["train_config"]``; files written before it existed: rebuilt from ``config``/``setting``)."""
+    if "train_config" in meta:
+        return dict(meta["train_config"])
+    cfg, setting = dict(meta.get("config") or {}), dict(meta.get("setting") or {})
+    kinds = setting.get("mask_kinds") or []
+    if "precision" not in cfg:                  # before the half-plane trapezoid existed
+        kinds = [RENAMED_MASKS.get(k, k) for k in kinds]
+    out = {"dataset": setting.get("dataset"), "n_train": setting.get("n_train"), "n_val": setting.get("n_val"),
+           "train_source": setting.get("train_source"), "mask_kinds": kinds, "model": cfg.get("model"),
+           "batch_size": cfg.get("batch_size"), "lr": cfg.get("lr"), "max_batches": cfg.get("max_batches"),
+           "epochs": meta.get("epochs"), "seed": meta.get("seed")}
+    if "precision" in cfg:
+        out["precision"] = cfg["precision"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    out = Path(args.out)
-    partial = partial_path(out)
+    requested = Path(args.out)
 
     train = load_dataset(args.dataset, "train", limit=args.n_train, quiet=True)
     if len(train) < args.n_train:
@@ -85,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         "val_source": val_source,
         "mask_kinds": list(kinds),
     }
+    train_config = json.loads(json.dumps({
+        "dataset": args.dataset, "n_train": len(train), "n_val": setting["n_val"], "train_source": train.source,
+        "mask_kinds": list(kinds), "model": ACFlow(c, h, w, **model_kwargs).config, "batch_size": args.batch_size,
+        "lr": args.lr, "max_batches": args.max_batches, "epochs": args.epochs, "seed": args.seed,
+        "precision": resolve_precision(args.precision, device), "train_data_sha": tensor_digest(images)}))
+    out, _ = config_checkpoint(requested, train_config, view=stored_settings,
+                               legacy={"precision": "32", "train_data_sha": train_config["train_data_sha"]})
+    if out.exists():
+        _, meta = load_acflow(out, device="cpu", input_role="trained ACFlow")
+        print(f"{out} was trained with these settings ({meta.get('epochs')} epochs, {meta.get('trained_at', '?')}): "
+              "kept, nothing to train (delete it to retrain)")
+        return 0
+    resume_key = {k: v for k, v in train_config.items() if k != "epochs"}
+    partial = out.with_name(f"{out.stem}.{digest(resume_key, 8)}.partial{out.suffix or '.pt'}")
     print(f"ACFlow on {args.dataset}: {len(train)} train images {tuple(images.shape[1:])}, "
           f"{setting['n_val']} val, device {device}, {torch.get_num_threads()} threads; progress in {partial}")
     started = time.perf_counter()
@@ -108,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": model.config, "batch_size": args.batch_size, "lr": args.lr,
                    "max_batches": args.max_batches, "precision": resolve_precision(args.precision, device)},
         "setting": setting,
+        "train_config": train_config,
         "epochs": len(history),
         "seed": args.seed,
         "n_params": n_params,
@@ -122,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save({"model": state, "meta": json.loads(json.dumps(meta))}, out)
-    load_acflow(out, device="cpu")  # the file we just wrote must load back
+    load_acflow(out, device="cpu", input_role="ACFlow checkpoint just written")  # it must load back
     print(f"wrote {out} ({n_params} parameters, {len(history)} epochs, "
           f"{meta['seconds_per_epoch'] or 0:.1f} s/epoch on {meta['machine']}; this call {wall:.0f} s)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from labkit.models.dmfa import (
     test_masks,
 )
 from labkit.models.dmfa_training import dmfa_loss, train_dmfa
-from labkit.studies.density import density_table
+from labkit.studies.density import csv_digest, density_table, run_experiment
 
 
 @pytest.fixture(autouse=True)
@@ -326,18 +327,141 @@ def test_classical_mfa_imputer_is_the_exact_conditional():
     assert torch.allclose(a.means, cond.means)
 
 
-def test_density_table_puts_our_numbers_next_to_the_authors(tmp_path):
+def _summary_pair(folder, stem, nll, *, digest=True, **setting):
+    """A CSV of per-image scores and its JSON summary (with the CSV's digest unless ``digest=False``)."""
     import pandas as pd
 
-    pd.DataFrame({"nll": [-60.0, -80.0], "sse": [5.0, 7.0], "n_missing": [100, 100]}).to_csv(
-        tmp_path / "mnist_complete_h10.csv")
-    (tmp_path / "mnist_complete_h10.json").write_text(json.dumps(
-        {"model_kind": "dmfa", "mode": "complete", "hole": 10, "n_components": 1, "n_factors": 4,
-         "n_train": 9500, "epochs": 12, "seed": 0}))
+    csv = folder / f"{stem}.csv"
+    pd.DataFrame({"nll": nll, "sse": [5.0, 7.0], "n_missing": [100, 100]}).to_csv(csv)
+    summary = {"model_kind": "dmfa", "mode": "complete", "hole": 10, "n_components": 1, "n_factors": 4,
+               "n_train": 9500, "epochs": 12, "seed": 0, **setting}
+    if digest:
+        summary["csv_digest"] = csv_digest(csv)
+    (folder / f"{stem}.json").write_text(json.dumps(summary))
+    return csv
+
+
+def test_density_table_puts_our_numbers_next_to_the_authors(tmp_path):
+    _summary_pair(tmp_path, "mnist_complete_h10", [-60.0, -80.0])
     table = density_table(tmp_path)
     row = [line for line in table.splitlines() if line.startswith("| 10×10")][0]
     assert "-70.0" in row and "6.00" in row       # ours: means of the CSV
     assert "-70.8" in row and "5.46" in row       # the authors'
+
+
+def test_density_table_leaves_out_pairs_whose_json_summarises_another_csv(tmp_path, capsys):
+    _summary_pair(tmp_path, "mnist_complete_h10", [-60.0, -80.0])
+    stale = _summary_pair(tmp_path, "mnist_incomplete_h10", [-1.0, -3.0], mode="incomplete")
+    stale.write_text(stale.read_text().replace("-3.0", "-5.0"))      # the CSV of a later run
+    _summary_pair(tmp_path, "mnist_incomplete_noise_h10", [-2.0, -4.0], digest=False, mode="incomplete",
+                  missing_kind="noise")
+    table = density_table(tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| 10×10")]
+    assert len(rows) == 1 and "complete-data" in rows[0]          # never merged
+    out = capsys.readouterr().out
+    assert "mnist_incomplete_h10.csv: mnist_incomplete_h10.json summarises another CSV" in out
+    assert "mnist_incomplete_noise_h10.csv: its JSON records no CSV digest" in out and "migrate_results" in out
+    assert "Left out" in table and "mnist_incomplete_h10.csv" in table
+
+
+def _tiny_experiment(folder, **kw):
+    args = dict(results_dir=folder, n_train=24, n_val=0, n_test=4, hole=14, epochs=1, batch_size=12, lr=1e-3,
+                n_figure=2, device="cpu", progress=False)
+    return run_experiment("mnist", "complete", **{**args, **kw})
+
+
+def test_run_experiment_writes_its_files_as_one_set(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from labkit.studies import store
+
+    first = _tiny_experiment(tmp_path)
+    names = ("mnist_complete.csv", "mnist_complete.json", "mnist_complete_history.json", "mnist_complete.png",
+             "mnist_complete_curves.png")
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    assert json.loads(before["mnist_complete.json"])["csv_digest"] == csv_digest(tmp_path / "mnist_complete.csv")
+    assert first["n_test"] == 4
+    # the second run (another test set, so another CSV) dies while writing its second file
+    real, calls = store._write_temp, {"n": 0}
+
+    def dying(final, content):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed between two writes")
+        return real(final, content)
+
+    monkeypatch.setattr(store, "_write_temp", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_experiment(tmp_path, n_test=6)
+    monkeypatch.setattr(store, "_write_temp", real)
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before          # the old set, whole
+    assert len(pd.read_csv(tmp_path / "mnist_complete.csv")) == 4
+    assert "| 14×14 | DMFA" in density_table(tmp_path)
+    # uninterrupted, the new set replaces the old one
+    _tiny_experiment(tmp_path, n_test=6)
+    assert len(pd.read_csv(tmp_path / "mnist_complete.csv")) == 6
+    assert json.loads((tmp_path / "mnist_complete.json").read_text())["n_test"] == 6
+    assert "6 test images" in density_table(tmp_path)
+
+
+def test_a_checkpoint_of_other_settings_is_neither_reused_nor_overwritten(tmp_path, capsys):
+    _tiny_experiment(tmp_path)
+    model_file = tmp_path / "mnist_complete.pt"
+    original = model_file.read_bytes()
+    capsys.readouterr()
+    again = _tiny_experiment(tmp_path)                              # same settings: loaded
+    assert again["paths"]["model"] == str(model_file) and "other settings" not in capsys.readouterr().out
+    other = _tiny_experiment(tmp_path, epochs=2, lr=0.01)
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if "other settings" in l]
+    assert len(line) == 1 and "mnist_complete.pt" in line[0]
+    assert "epochs: stored 1, requested 2" in line[0] and "lr: stored 0.001, requested 0.01" in line[0]
+    derived = Path(other["paths"]["model"])
+    assert derived.name.startswith("mnist_complete-") and derived.is_file() and derived.name in line[0]
+    assert Path(other["paths"]["csv"]).stem == derived.stem and other["epochs"] == 2
+    assert model_file.read_bytes() == original                        # untouched
+    assert json.loads((tmp_path / "mnist_complete.json").read_text())["epochs"] == 1
+    table = density_table(tmp_path)
+    assert table.count("| 14×14 | DMFA") == 2 and derived.stem in table
+    # the same other settings again: the derived model is loaded, not retrained
+    third = _tiny_experiment(tmp_path, epochs=2, lr=0.01)
+    assert third["paths"]["model"] == str(derived) and third["trained_at"] == other["trained_at"]
+
+
+def test_old_checkpoints_count_as_float32_and_trapezoid_inside(tmp_path, capsys):
+    from labkit.checkpoint import ConfigMismatchError, atomic_save
+    from labkit.studies.density import config_checkpoint
+
+    config = {"epochs": 20, "missing_kind": "trapezoid_inside", "precision": "32", "train_data_sha": "abc"}
+    legacy = {"precision": "32", "train_data_sha": "abc"}
+    old = tmp_path / "mnist_incomplete_trapezoid_inside.pt"
+    atomic_save({"model": {}, "meta": {"epochs": 20, "missing_kind": "trapezoid"}}, old)   # no precision: old
+    assert config_checkpoint(old, config, legacy=legacy) == (old, {**config, "missing_kind": "trapezoid"})
+    # a file that records its precision means what it says
+    new = tmp_path / "new.pt"
+    atomic_save({"model": {}, "meta": {**config, "missing_kind": "trapezoid", "precision": "32"}}, new)
+    path, _ = config_checkpoint(new, config, legacy=legacy)
+    assert path != new and path.name.startswith("new-")
+    assert "missing_kind: stored 'trapezoid', requested 'trapezoid_inside'" in capsys.readouterr().out
+    # an old file trained in another precision is another model
+    path, _ = config_checkpoint(old, {**config, "precision": "bf16-mixed"}, legacy=legacy)
+    assert path != old
+    # a derived file that does not hold its settings is an error, not a reuse
+    atomic_save({"model": {}, "meta": {"epochs": 3}}, path)
+    with pytest.raises(ConfigMismatchError, match="named after these settings"):
+        config_checkpoint(old, {**config, "precision": "bf16-mixed"}, legacy=legacy)
+
+
+def test_unreadable_dmfa_checkpoints_are_reported_as_inputs(tmp_path):
+    from labkit.checkpoint import CheckpointError
+
+    bad = tmp_path / "mnist_incomplete.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="(?s)incomplete-data DMFA checkpoint.*mnist_incomplete.pt.*input") as info:
+        dm.load_dmfa(bad, device="cpu", input_role="incomplete-data DMFA checkpoint")
+    assert "delete it" not in str(info.value)
+    with pytest.raises(CheckpointError, match="DMFA checkpoint .*nope.pt.* does not exist.*input"):
+        dm.load_dmfa(tmp_path / "nope.pt", device="cpu")
 
 
 def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path):

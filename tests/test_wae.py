@@ -2,7 +2,10 @@
 sweep's bookkeeping, notebook 03)."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,9 @@ import torch.nn.functional as F
 from labkit.mfa import MFA
 from labkit.models import wae as W
 from labkit.studies import wae as WS
+from labkit.studies.engine import InputError, SettingsMismatch, SweepFailed
+
+REPO = Path(__file__).resolve().parents[1]
 
 try:
     from labkit.lab.profiles import notebook_parameters
@@ -101,11 +107,35 @@ def test_mnist_layers_follow_the_supplementary():
     assert W.PAPER_SETTINGS["mnist"] == {"epochs": 20, "batch_size": 128, "lr": 4e-4, "lr_disc": 4e-6}
 
 
-def test_paper_profile_uses_the_paper_settings():
+def test_paper_and_cpu_profiles_train_as_the_authors_did():
     p = notebook_parameters("paper", "03_wae")
     s = W.PAPER_SETTINGS["mnist"]
-    assert (p["epochs"], p["batch_size"], p["lr"], p["lr_disc"]) == (s["epochs"], s["batch_size"], s["lr"], s["lr_disc"])
+    assert (p["recipe"], p["epochs"], p["batch_size"], p["lr"]) == ("authors", s["epochs"], s["batch_size"], s["lr"])
+    assert "lr_disc" not in p and "lambda_adv" not in p       # the recipe's: one Adam, weight 0.01 = λ
     assert len(p["seeds"]) == 3 and p["dataset"] == "mnist"
+    c = notebook_parameters("cpu", "03_wae")
+    assert (c["recipe"], c["n_train"], c["epochs"], c["seeds"]) == ("authors", 10000, 5, [0, 1, 2])
+    assert c["fronts"] == ["gt", "zero", "pc", "dmfa_mean_incomplete", "dmfa_misconv_incomplete"]
+    for profile in ("paper", "cpu", "quick"):                 # every profile's section makes a valid config
+        params = notebook_parameters(profile, "03_wae")
+        cfg = WS.WAEConfig(**{k: v for k, v in params.items() if k in WS.WAEConfig.__dataclass_fields__})
+        cfg.check()
+        assert cfg.training() == {"recipe": "authors", "optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01,
+                                  "recon": "mse"}
+
+
+def test_recipe_settings_and_their_errors():
+    assert W.recipe_settings("supplement") == {"recipe": "supplement", "optimizers": "two", "lambda_adv": 1.0,
+                                               "disc_weight": 1.0, "recon": "bce", "lr_disc": 4e-6}
+    assert W.recipe_settings("supplement", lr_disc=2e-4, lambda_adv=0.5)["lr_disc"] == 2e-4
+    with pytest.raises(ValueError, match="lr_disc=0.0002 has no meaning.*supplement"):
+        W.recipe_settings("authors", lr_disc=2e-4)
+    with pytest.raises(ValueError, match="unknown WAE recipe 'paper'"):
+        W.recipe_settings("paper")
+    with pytest.raises(ValueError, match="recon must be"):
+        W.recipe_settings("authors", recon="l1")
+    with pytest.raises(ValueError, match="lr_disc=0.0002 has no meaning"):
+        WS.WAEConfig(lr_disc=2e-4).check()
 
 
 @pytest.mark.parametrize(
@@ -245,12 +275,60 @@ def test_train_step_rejects_bad_input():
     model = _tiny()
     opts = W.make_optimizers(model)
     x, missing, _ = _batch(B=2)
-    with pytest.raises(ValueError, match="optimizers must have keys"):
+    with pytest.raises(ValueError, match="optimizers must have keys.*'all'"):
         W.train_step(model, {"autoencoder": opts["autoencoder"]}, x, missing)
     with pytest.raises(TypeError, match="missing must be a bool"):
         W.train_step(model, opts, x, missing.float())
     with pytest.raises(ValueError, match="lr_disc must be a positive"):
         W.make_optimizers(model, lr_disc=0.0)
+
+
+def _authors_reference_grads(model, x, missing, complete, *, generator_seed, disc_weight=0.01, lambda_adv=0.01):
+    """The gradients of the authors' recipe, taken by hand on a copy of ``model``: the discriminator's
+    from ``disc_weight`` x its BCE only (codes detached); encoder's and decoder's from MSE over the
+    observed pixels + ``lambda_adv`` x the fooling BCE, the discriminator held fixed."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    z = twin.encode(x, missing)
+    z_prior = twin.prior_sample(z.shape[0], generator=torch.Generator().manual_seed(generator_seed))
+    d_params = list(twin.discriminator.parameters())
+    real, fake = twin.discriminator.logits(z_prior), twin.discriminator.logits(z.detach())
+    d_loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+              + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    d_grads = torch.autograd.grad(disc_weight * d_loss, d_params)
+    rec = torch.sigmoid(twin.decoder(z))
+    obs = (~missing).expand_as(complete)
+    mse = (torch.where(obs, rec - complete, torch.zeros(())) ** 2).flatten(1).sum(1) / obs.flatten(1).sum(1)
+    fool = F.binary_cross_entropy_with_logits(twin.discriminator.logits(z), torch.ones(z.shape[0]))
+    ae_params = twin.autoencoder_parameters()
+    ae_grads = torch.autograd.grad(mse.mean() + lambda_adv * fool, ae_params)
+    return d_grads, ae_grads
+
+
+def test_authors_recipe_one_adam_weighted_losses_and_mse():
+    torch.manual_seed(0)
+    model = _tiny()
+    opts = W.make_optimizers(model, lr=4e-4, lr_disc=None, recipe="authors")
+    assert list(opts) == ["all"] and opts["all"].param_groups[0]["lr"] == 4e-4
+    ids = {id(p) for p in opts["all"].param_groups[0]["params"]}
+    assert ids == {id(p) for p in model.parameters()}                  # encoder, decoder and discriminator
+    x, missing, complete = _batch(B=6)
+    d_ref, ae_ref = _authors_reference_grads(model, x, missing, complete, generator_seed=3)
+    before = _snapshot(model)
+    out = W.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(3), lambda_adv=0.01,
+                       recon="mse", disc_weight=0.01)
+    assert set(out) == {"d_loss", "d_prior", "d_encoded", "loss", "recon", "adv"}
+    # one step moved all three networks ...
+    assert _changed(model, before) == set(before)
+    # ... with exactly the recipe's gradients (left in .grad by the step)
+    for p, g in zip(model.discriminator.parameters(), d_ref):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+    for p, g in zip(model.autoencoder_parameters(), ae_ref):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+    # the supplement's optimizers are two, with their own rates
+    two = W.make_optimizers(model, lr=4e-4, lr_disc=2e-4, recipe="supplement")
+    assert sorted(two) == ["autoencoder", "discriminator"] and two["discriminator"].param_groups[0]["lr"] == 2e-4
 
 
 def test_prior_samples_are_seeded_standard_normal():
@@ -281,31 +359,180 @@ def test_evaluate_wae_scores_against_the_complete_images():
     assert ex["reconstruction"].shape == (3, 1, 28, 28) and torch.isnan(ex["input"][missing[:3].expand(3, 1, 28, 28)]).all()
 
 
-def _fake_cell(calls):
-    def run(dataset, front, seed, cfg):
-        calls.append((dataset, front, seed))
-        ex = {k: torch.rand(2, 1, 28, 28) for k in ("input", "reconstruction", "target", "samples")}
-        ex["missing"] = torch.zeros(2, 1, 28, 28, dtype=torch.bool)
-        row = {"dataset": dataset, "front": front, "seed": seed, **{k: 1.0 for k in WS.METRIC_COLUMNS},
-               "epochs": cfg.epochs, "n_train": 10, "n_test": 10}
-        return {"row": row, "details": {**row, "wall_seconds": 0.0}, "checkpoint": cfg.scratch_path() / "x.pt",
-                "examples": ex}
+def _fake_cell(calls, fail=()):
+    """A stand-in for run_cell: records the cell, returns made-up metrics (no skimage columns for
+    ``pc``, like a migrated row), raises for fronts in ``fail``."""
+    def run(cfg, cell):
+        calls.append((cell.coords["dataset"], cell.coords["front"], cell.coords["seed"], cfg.epochs))
+        if cell.coords["front"] in fail:
+            raise RuntimeError(f"input checkpoint of {cell.coords['front']} cannot be read")
+        metrics = {k: 1.0 + cell.coords["seed"] for k in WS.METRIC_COLUMNS}
+        if cell.coords["front"] != "pc":
+            metrics.update(psnr_all_skimage=2.0, ssim_all_skimage=0.5)
+        return {"metrics": metrics, "details": {"note": "fake"}}
     return run
 
 
-def test_sweep_appends_rows_and_skips_finished_cells(tmp_path):
+def _small_cfg(tmp_path, **kw):
+    kw = {"n_train": 20, "n_test": 10, "dmfa_complete": None, **kw}
+    return WS.WAEConfig(results_dir=str(tmp_path), progress=False, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_sweep_records_keyed_rows_and_skips_only_cells_with_the_same_key(tmp_path, capsys):
     calls = []
-    cfg = WS.WAEConfig(results_dir=str(tmp_path), dmfa_complete=None, progress=False)
-    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls),
-                     max_cells=3)
-    # seeds outermost; misconv has no DMFA checkpoint configured, so it is skipped
-    assert calls == [("mnist", "zero", 0), ("mnist", "pc", 0), ("mnist", "zero", 1)]
-    assert list(df.columns) == WS.WAE_COLUMNS and len(df) == 3
-    assert (tmp_path / "figures" / "mnist-zero-s0-reconstruction.png").is_file()
-    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, _run_cell=_fake_cell(calls))
-    assert calls[3:] == [("mnist", "pc", 1)] and len(df) == 4     # only the unfinished cell ran
-    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
-    assert "| zero | 2 |" in WS.table_markdown(df) and "14.90" in WS.table_markdown(df)
+    cfg = _small_cfg(tmp_path)
+    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, cell_fn=_fake_cell(calls),
+                      max_cells=3)
+    # seeds outermost; misconv has no DMFA checkpoint configured, so it waits
+    assert calls == [("mnist", "zero", 0, 1), ("mnist", "pc", 0, 1), ("mnist", "zero", 1, 1)]
+    assert "waiting mnist/dmfa_misconv_complete/s0" in capsys.readouterr().out
+    store = WS.result_store(tmp_path)
+    assert store.columns == ["key", *WS.COORDS, *WS.METRIC_COLUMNS, *WS.SKIMAGE_COLUMNS, "settings", "inputs", "origin"]
+    assert len(df) == 3 and set(df["origin"]) == {"run"}
+    first = json.loads(df["settings"][0])
+    assert (first["recipe"], first["epochs"], first["recon"], first["lambda_adv"], first["n_train"]) == \
+        ("authors", 1, "mse", 0.01, 20)
+    assert {"train", "test", "masks"} <= set(json.loads(df["inputs"][0]))
+    # a rerun runs only the unfinished cell
+    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, cell_fn=_fake_cell(calls))
+    assert calls[3:] == [("mnist", "pc", 1, 1)] and len(df) == 4
+    assert len(store.read_details()) == 4
+    # other settings are other cells: nothing is skipped, and the table shows the planned rows only
+    df2 = WS.run_sweep("mnist", ["zero", "pc"], [0], "t", config=cfg, cell_fn=_fake_cell(calls), epochs=2)
+    assert calls[4:] == [("mnist", "zero", 0, 2), ("mnist", "pc", 0, 2)] and len(df2) == 2
+    everything = WS.read_results(tmp_path)
+    assert len(everything) == 6
+    with pytest.raises(SettingsMismatch, match="epochs"):
+        WS.summary_table(everything)
+    table = WS.table_markdown(everything, df2["key"])
+    assert "| zero | 1 |" in table and "14.90" in table and "recipe authors; 2 epoch(s)" in table
+    assert "data range of 2" in table
+    # pc has no scikit-image value (optional column): shown as a dash, the other metrics as usual
+    pc = [line for line in table.splitlines() if line.startswith("| pc |")][0]
+    assert "–" in pc and "1.00" in pc
+
+
+def test_a_failing_cell_is_reported_and_the_others_run(tmp_path):
+    calls = []
+    cfg = _small_cfg(tmp_path)
+    with pytest.raises(SweepFailed, match=r"(?s)1 cell\(s\) failed.*mnist/pc/s0.*cannot be read"):
+        WS.run_sweep("mnist", ["zero", "pc", "gt"], [0], "t", config=cfg, cell_fn=_fake_cell(calls, fail={"pc"}))
+    assert sorted(WS.read_results(tmp_path)["front"]) == ["gt", "zero"]
+
+
+def test_run_wae_script_exits_1_listing_failed_cells_and_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_wae_script", REPO / "scripts" / "run_wae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(WS, "_cell_job", _fake_cell([], fail={"pc"}))
+    readme = (REPO / "README.md").read_bytes()
+    code = script.main(["--profile", "quick", "--fronts", "zero", "pc", "--seeds", "0", "--no-progress",
+                        "-p", "n_train=20", "-p", "n_test=10", "-p", f"results_dir={tmp_path}",
+                        "-p", f"cache_dir={tmp_path / 'cache'}"])
+    assert code == 1
+    assert "mnist/pc/s0" in capsys.readouterr().err
+    assert (REPO / "README.md").read_bytes() == readme
+    assert "| zero | 1 |" in (tmp_path / "table.md").read_text()
+
+
+def test_keys_follow_the_checkpoint_a_front_reads(tmp_path):
+    from labkit.checkpoint import atomic_save
+
+    ckpt = tmp_path / "dmfa.pt"
+    atomic_save({"model": {}, "meta": {"v": 1}}, ckpt)
+    cfg = _small_cfg(tmp_path, dmfa_complete=str(ckpt))
+    a = WS.plan_cell("mnist", "dmfa_mean_complete", 0, cfg)
+    assert a.inputs["dmfa"]["role"] == "complete-data DMFA checkpoint"
+    assert a.key == WS.plan_cell("mnist", "dmfa_mean_complete", 0, cfg).key
+    atomic_save({"model": {}, "meta": {"v": 2}}, ckpt)            # retrained: another cell
+    b = WS.plan_cell("mnist", "dmfa_mean_complete", 0, cfg)
+    assert a.key != b.key
+    # a cell planned with the old file refuses to run on the new one
+    with pytest.raises(InputError, match="changed since the sweep was planned"):
+        WS._check_inputs_unchanged(a, cfg)
+    # the zero front reads no checkpoint: its key does not move
+    assert "dmfa" not in WS.plan_cell("mnist", "zero", 0, cfg).inputs
+    # other training images (another n_train) are other inputs
+    assert WS.plan_cell("mnist", "zero", 0, _small_cfg(tmp_path, n_train=30)).inputs["train"]["n"] == 30
+
+
+def test_one_real_cell_end_to_end(tmp_path):
+    """A real (tiny) cell: trained, scored with the skimage columns, figures under its key, no
+    partial checkpoint left, and found done by a rerun."""
+    cfg = WS.WAEConfig(results_dir=str(tmp_path), n_train=48, n_test=16, epochs=1, batch_size=16, feature_epochs=1,
+                       progress=False, cache_dir=str(tmp_path / "cache"), eval_batch=16, n_figure=4)
+    df = WS.run_sweep("mnist", ["zero"], [0], "t", config=cfg)
+    (cell,) = WS.plan_cells("mnist", ["zero"], [0], cfg)
+    assert list(df["key"]) == [cell.key]
+    row = df.iloc[0]
+    assert all(math.isfinite(row[c]) for c in WS.METRIC_COLUMNS + WS.SKIMAGE_COLUMNS)
+    stem = WS.cell_stem(cell)
+    assert (tmp_path / "figures" / f"{stem}-reconstruction.png").is_file()
+    assert (tmp_path / "figures" / f"{stem}-samples.png").is_file()
+    assert not list((tmp_path / "_scratch" / "checkpoints").glob("*.partial.pt"))
+    assert WS.load_examples(cell, cfg)["reconstruction"].shape == (4, 1, 28, 28)
+    details = WS.result_store(tmp_path).read_details()[0]
+    assert details["key"] == cell.key and details["history"][0]["batches"] == 3
+    outcomes = []
+    WS.run_sweep("mnist", ["zero"], [0], "t", config=cfg, cell_fn=lambda c, x: outcomes.append(x))
+    assert outcomes == []
+
+
+def _migration_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("migrate_results_script", REPO / "scripts" / "migrate_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_migrated_rows_get_the_keys_the_sweep_plans(tmp_path):
+    """An old-format metrics.csv + runs.jsonl (supplement recipe, 1 epoch, lr_disc 2e-4, BCE) becomes
+    keyed rows with origin "migrated"; a sweep with those settings then finds them done."""
+    from labkit.studies.cells import load_cell_data
+
+    mig = _migration_script()
+    folder = tmp_path / "cpu"
+    (folder / "figures").mkdir(parents=True)
+    data = load_cell_data("mnist", "square", 0, n_train=20, n_test=10, val_fraction=0.0)
+    old = dict(batch_size=32, epochs=1, lr=4e-4, lr_disc=2e-4, lambda_adv=1.0, recon="bce", n_train=20, n_test=10,
+               mask="square")
+    rows, records = [], []
+    for i, front in enumerate(["gt", "zero"]):
+        metrics = {k: float(i + 1) for k in WS.METRIC_COLUMNS}
+        rows.append({"dataset": "mnist", "front": front, "seed": 0, **metrics, "epochs": 1, "n_train": 20, "n_test": 10})
+        records.append({**old, **metrics, "dataset": "mnist", "front": front, "seed": 0, "profile": "cpu",
+                        "data": data.sources, "finished_at": "2026-11-24 03:44:53",
+                        "architecture": W.WAE(front, "mnist", device="cpu").architecture,
+                        "feature_net": {"epochs": 3, "n_train": 20}})
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    (folder / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "figures" / "mnist-zero-s0-samples.png").write_bytes(b"png")
+    assert mig._wae_folder(folder, "cpu", dry_run=False) == 0
+
+    df = WS.read_results(folder)
+    assert sorted(df["front"]) == ["gt", "zero"] and set(df["origin"]) == {"migrated"}
+    assert df[WS.SKIMAGE_COLUMNS].isna().all().all()              # optional: they did not exist then
+    assert float(df[df["front"] == "zero"]["psnr_all"].iloc[0]) == 2.0
+    cfg = WS.WAEConfig(recipe="supplement", lr_disc=2e-4, lambda_adv=1.0, recon="bce", epochs=1, batch_size=32,
+                       n_train=20, n_test=10, feature_epochs=3, results_dir=str(folder), progress=False)
+    cells = WS.plan_cells("mnist", ["gt", "zero"], [0], cfg)
+    assert sorted(df["key"]) == sorted(c.key for c in cells)
+    calls = []
+    WS.run_sweep("mnist", ["gt", "zero"], [0], "cpu", config=cfg, cell_fn=_fake_cell(calls))
+    assert calls == []                                             # found done
+    zero = [c for c in cells if c.coords["front"] == "zero"][0]
+    assert (folder / "figures" / f"{WS.cell_stem(zero)}-samples.png").read_bytes() == b"png"
+    assert "migrated_from" in WS.result_store(folder).read_details()[0]
+    # the authors' recipe is another cell; a second migration finds nothing to do
+    assert WS.plan_cells("mnist", ["zero"], [0], replace(cfg, recipe="authors", lr_disc=None, lambda_adv=None,
+                                                           recon=None))[0].key != zero.key
+    assert mig._wae_folder(folder, "cpu", dry_run=False) == 0 and len(WS.read_results(folder)) == 2
 
 
 def test_sweep_rejects_unknown_settings(tmp_path):
@@ -313,6 +540,8 @@ def test_sweep_rejects_unknown_settings(tmp_path):
         WS.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
     with pytest.raises(ValueError, match="no WAE architecture for dataset 'cifar100'"):
         WS.run_sweep("cifar100", ["zero"], [0], "t", results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown WAE recipe 'fast'"):
+        WS.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), recipe="fast")
 
 
 # --------------------------------------------------------------------------- notebook 03 (papermill)
@@ -327,9 +556,7 @@ def test_notebook_03_smoke_run(tmp_path):
                   fronts=["zero", "gt"], epochs=1, n_train=128, n_test=64, batch_size=64, feature_epochs=1,
                   seeds=[0], threads=1)
     assert out.is_file()
-    import pandas as pd
-
-    df = pd.read_csv(tmp_path / "wae" / "metrics.csv")
-    assert sorted(df["front"]) == ["gt", "zero"] and list(df.columns) == WS.WAE_COLUMNS
-    assert df[WS.METRIC_COLUMNS].notna().all().all()
-    assert (tmp_path / "wae" / "figures" / "mnist-gt-s0-samples.png").is_file()
+    df = WS.read_results(tmp_path / "wae")
+    assert sorted(df["front"]) == ["gt", "zero"] and list(df.columns) == WS.result_store(tmp_path / "wae").columns
+    assert df[WS.METRIC_COLUMNS + WS.SKIMAGE_COLUMNS].notna().all().all()
+    assert len(list((tmp_path / "wae" / "figures").glob("mnist-gt-s0-*-samples.png"))) == 1

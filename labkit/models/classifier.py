@@ -131,7 +131,8 @@ class _Best:
 def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *, epochs: int, batch_size: int,
                      lr: float, seed: int, checkpoint: str | os.PathLike | None = None, select: str = "best_val",
                      device=None, progress: bool = True, config: dict | None = None,
-                     eval_batch: int = 500, precision: str = "32") -> tuple[list[dict], dict]:
+                     eval_batch: int = 500, precision: str = "32",
+                     keep_last_state: bool = False) -> tuple[list[dict], dict]:
     """Train with Adam + cross-entropy on ``data.fit_idx`` (resumable through ``checkpoint``).
 
     ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` on CUDA, ``"auto"``; see
@@ -141,7 +142,7 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
 
     ``select="best_val"`` restores the weights of the epoch with the best validation accuracy
     (ties: the earlier epoch); ``"last"`` keeps the last epoch. Returns ``(history, info)`` with
-    ``info = {"epoch_selected", "val_accuracy"}`` (plus ``"last_state"``, the last epoch's weights on the
+    ``info = {"epoch_selected", "val_accuracy"}`` (plus, with ``keep_last_state``, ``"last_state"``: the last epoch's weights on the
     CPU, when the best validation epoch was restored).
     """
     from labkit.training import fit
@@ -192,7 +193,9 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
         # the last epoch's weights stay available: the authors reported the last epoch's accuracy
         last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best.state)
-        info = {"epoch_selected": best.epoch, "val_accuracy": best.acc, "last_state": last_state}
+        info = {"epoch_selected": best.epoch, "val_accuracy": best.acc}
+        if keep_last_state:
+            info["last_state"] = last_state
     model.eval()
     return history, info
 

@@ -269,7 +269,7 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
     history, sel = train_classifier(model, data, aux_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                     seed=seed, checkpoint=ckpt, select=cfg.select, device=dev,
                                     progress=cfg.progress, config=run_config, eval_batch=cfg.eval_batch,
-                                    **_precision_kw(cfg))
+                                    precision=cfg.precision, keep_last_state=True)
     t_train = time.perf_counter() - t1
     acc = evaluate_accuracy(model, data.test_images, data.test_labels, data.test_missing, aux_test,
                             batch_size=cfg.eval_batch)
@@ -293,13 +293,6 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
                **info}
     ckpt.unlink(missing_ok=True)
     return {"metrics": metrics, "details": details}
-
-
-def _precision_kw(cfg: SweepConfig) -> dict:
-    """``precision=`` for :func:`train_classifier` when it takes one (mixed precision), else nothing."""
-    import inspect
-
-    return {"precision": cfg.precision} if "precision" in inspect.signature(train_classifier).parameters else {}
 
 
 def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],

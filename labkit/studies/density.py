@@ -29,7 +29,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,27 +99,41 @@ def _legacy_names(stored: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
 
 
 def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
-                      legacy: Mapping[str, Any] | None = None, quiet: bool = False) -> tuple[Path, dict]:
+                      legacy: Mapping[str, Any] | None = None, quiet: bool = False,
+                      view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> tuple[Path, dict]:
     """Where the model of ``config`` lives: ``path`` when it is absent or was trained with ``config``,
     else ``<stem>-<digest8 of config><suffix>`` beside it (trained there if absent).
 
-    The one-line note says which file was trained with which other settings. This is the density
+    A one-line note says which file was trained with which other settings. This is the density
     study's answer to "a checkpoint exists but with other settings": never reuse it, never
     overwrite it; the new setting gets its own file (and its own result files, named after it).
 
-    Returns ``(path to use, config to check it against)`` (for an old file, ``config`` in its words,
-    :func:`_legacy_names`); pass both to :func:`labkit.checkpoint.load_or_train`.
+    Args:
+        config: the settings the model must have been trained with (compared with the stored
+            ``meta``, see :func:`labkit.checkpoint.config_differences`; ``legacy``: values assumed
+            for keys an older file lacks).
+        view: ``meta -> settings`` for files that store their settings in another layout (the
+            ACFlow script's); default: the meta itself, with ``config`` translated into an old
+            file's words (:func:`_legacy_names`).
+
+    Returns ``(path to use, config to check it against)``; pass both to
+    :func:`labkit.checkpoint.load_or_train`.
     """
     from labkit.checkpoint import ConfigMismatchError, config_differences, load_checkpoint
     from labkit.studies.engine import digest
 
+    def compare(file: Path):
+        stored = load_checkpoint(file, map_location="cpu")
+        meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
+        if view is not None:
+            return config_differences(view(meta), config, legacy), dict(config)
+        wanted = _legacy_names(meta, config)
+        return config_differences(meta, wanted, legacy), wanted
+
     path = Path(path)
-    stored = load_checkpoint(path, map_location="cpu")
-    if stored is None:
+    if not path.exists():
         return path, dict(config)
-    meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
-    wanted = _legacy_names(meta, config)
-    diffs = config_differences(meta, wanted, legacy)
+    diffs, wanted = compare(path)
     if not diffs:
         return path, wanted
     derived = path.with_name(f"{path.stem}-{digest(config, 8)}{path.suffix}")
@@ -127,12 +141,10 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
         print(f"[checkpoint] {path.name} was trained with other settings ({'; '.join(diffs)}): "
               f"{'using' if derived.exists() else 'training'} {derived.name} for these settings", flush=True)
     if derived.exists():
-        stored = load_checkpoint(derived, map_location="cpu")
-        meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
-        diffs = config_differences(meta, config, legacy)
-        if diffs:
+        other, _ = compare(derived)
+        if other:
             raise ConfigMismatchError(f"checkpoint {str(derived)!r} is named after these settings but was trained with "
-                                      f"others ({'; '.join(diffs)}); delete it to retrain")
+                                      f"others ({'; '.join(other)}); delete it to retrain")
     return derived, dict(config)
 
 

@@ -42,7 +42,7 @@ __all__ = [
     "canonical", "digest", "tensor_digest", "file_digest", "data_fingerprint", "input_fingerprint",
     "Cell", "ResultStore", "ResultFileError", "SettingsMismatch", "check_uniform", "settings_differences",
     "write_files", "recover", "cached", "InputError", "CellOutcome", "SweepFailed", "LocalExecutor",
-    "run_cells", "locked", "Problem",
+    "run_cells", "run_one", "locked", "Problem",
 ]
 
 
@@ -97,7 +97,9 @@ class SweepFailed(RuntimeError):
         super().__init__(f"{len(self.failed)} cell(s) failed:\n{lines}")
 
 
-def _call(fn: Callable[[Cell], Mapping], cell: Cell) -> CellOutcome:
+def run_one(fn: Callable[[Cell], Mapping], cell: Cell) -> CellOutcome:
+    """Run ``fn(cell)`` and turn what happens into a :class:`CellOutcome` (an exception becomes a
+    "failed" outcome naming it and where it was raised). Executors call this in their workers."""
     start = time.perf_counter()
     try:
         result = fn(cell)
@@ -122,7 +124,7 @@ class LocalExecutor:
 
     def run(self, fn: Callable[[Cell], Mapping], cells: Sequence[Cell]) -> Iterator[CellOutcome]:
         for cell in cells:
-            yield _call(fn, cell)
+            yield run_one(fn, cell)
 
     def close(self) -> None:
         pass

@@ -125,10 +125,10 @@ def _run_in_worker(fn: Callable[[Cell], Mapping], cell: Cell, threads: int) -> C
     """
     import torch
 
-    from labkit.studies.engine import _call
+    from labkit.studies.engine import run_one
 
     torch.set_num_threads(threads)
-    return _call(fn, cell)
+    return run_one(fn, cell)
 
 
 def _usable_cpus() -> int:
@@ -303,7 +303,7 @@ class RayExecutor:
         try:
             outcome = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            # _call catches the cell function's exceptions, so this is the task itself failing:
+            # run_one catches the cell function's exceptions, so this is the task itself failing:
             # typically the function or a module it needs could not be loaded on the worker
             return CellOutcome(cell, "failed", seconds=time.perf_counter() - started,
                                error=f"the Ray task failed ({_first_line(exc)}); is the cell function's "

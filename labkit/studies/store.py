@@ -166,15 +166,19 @@ class ResultStore:
         metrics: numeric result columns every row must have.
         optional: numeric columns that may be empty (NaN), e.g. added after old rows were made.
         details: an optional JSONL file that gets one record per recorded row (the run's details).
+        int_coords: coordinates read back as integers (the others stay strings: a precision "32"
+            must not come back as the number 32).
     """
 
     def __init__(self, path: str | os.PathLike, *, coords: Sequence[str], metrics: Sequence[str],
-                 optional: Sequence[str] = (), details: str | os.PathLike | None = None):
+                 optional: Sequence[str] = (), details: str | os.PathLike | None = None,
+                 int_coords: Sequence[str] = ("seed",)):
         self.path = Path(path)
         self.coords = list(coords)
         self.metrics = list(metrics)
         self.optional = list(optional)
         self.details = Path(details) if details is not None else None
+        self.int_coords = [c for c in int_coords if c in self.coords]
         self.columns = ["key", *self.coords, *self.metrics, *self.optional, "settings", "inputs", "origin"]
         self.problems: list[Problem] = []
 
@@ -225,8 +229,8 @@ class ResultStore:
         df = pd.DataFrame(rows, columns=self.columns)
         for c in self.metrics + self.optional:
             df[c] = pd.to_numeric(df[c], errors="coerce")
-        for c in self.coords:
-            df[c] = df[c].map(_parse_coord)
+        for c in self.int_coords:
+            df[c] = df[c].astype(int)
         return df
 
     def _invalid(self, fields: list[str]) -> str | None:
@@ -238,6 +242,9 @@ class ResultStore:
         for c in self.coords:
             if row[c] == "":
                 return f"coordinate {c!r} is empty"
+        for c in self.int_coords:
+            if not row[c].lstrip("-").isdigit():
+                return f"coordinate {c!r} is {row[c]!r}, not an integer"
         for c in self.metrics:
             try:
                 value = float(row[c])
@@ -322,12 +329,6 @@ class ResultStore:
             except json.JSONDecodeError as exc:
                 print(f"[results] ignoring {self.details}, line {number}: not JSON ({exc.msg})", flush=True)
         return out
-
-
-def _parse_coord(text: Any) -> Any:
-    if isinstance(text, str) and text.lstrip("-").isdigit():
-        return int(text)
-    return text
 
 
 def _cell_text(v: Any) -> Any:

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Does mixed precision change the results? float32 against bf16-mixed, seed by seed.
+
+    .venv/bin/python scripts/compare_precision.py [--seeds 0 1 2] [--threads 1] [--markdown docs/timing.md]
+
+A small study on the engine (resumable: finished cells are skipped; a cell is keyed by its settings
+and by the content of its data), one cell per (model, precision, seed):
+
+- ``dmfa``: the MNIST linear-heads DMFA trained on complete images for ``--dmfa-epochs`` epochs
+  (lr 1e-3, batch 48) on the first ``--n-train`` training images; scored on the first ``--n-test``
+  test images with 14×14 holes: mean NLL and SSE per image over the hole (scoring in float32).
+- ``zero`` / ``misconv``: the MNIST classifier with the zero front, or with the MisConv front over
+  the committed complete-data DMFA (its outputs computed in float32), square masks, trained for
+  ``--clf-epochs`` epochs (batch 24, lr 1e-3; the epoch is picked on a validation split); test
+  accuracy on the first ``--n-test`` test images.
+
+Writes ``results/timing/cpu/precision_comparison.csv`` (+ ``.jsonl``) and, with ``--markdown``, the
+table between ``<!-- precision-comparison:start/end -->`` in that file: per model, the mean ± std
+over seeds in each precision and the per-seed difference bf16 − float32 beside the float32 spread.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from labkit import paths  # noqa: E402
+from labkit.studies.engine import Cell, ResultStore, SweepFailed, data_fingerprint, run_cells  # noqa: E402
+
+MODELS = ("dmfa", "zero", "misconv")
+
+
+def _cell_fn(cell: Cell, *, device: str) -> dict:
+    from labkit.data import load_dataset
+    from labkit.studies.cells import _stable_seed
+
+    s = cell.settings
+    model, precision, seed = cell.coords["model"], cell.coords["precision"], cell.coords["seed"]
+    torch.manual_seed(_stable_seed("precision-comparison", model, seed))
+    if model == "dmfa":
+        from labkit.models.dmfa import build_dmfa, evaluate_dmfa, test_masks
+        from labkit.models.dmfa_training import train_dmfa
+
+        train = load_dataset("mnist", "train", limit=s["n_train"], quiet=True)
+        test = load_dataset("mnist", "test", limit=s["n_test"], quiet=True)
+        net = build_dmfa("mnist")
+        history = train_dmfa(net, train.images, mode="complete", epochs=s["epochs"], batch_size=s["batch_size"],
+                             lr=s["lr"], seed=seed, device=device, progress=False, precision=precision)
+        holes = test_masks(len(test), 28, 28, side=14, seed=0, device="cpu")
+        scores = evaluate_dmfa(net.eval(), test.images, holes, device=device)
+        return {"metrics": {"nll": float(scores["nll"].mean()), "sse": float(scores["sse"].mean())},
+                "details": {"history": history, "precision": precision}}
+    from labkit.studies.classification import SweepConfig, run_cell
+
+    method = "zero" if model == "zero" else "dmfa_misconv_complete"
+    cfg = SweepConfig(profile="precision", epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
+                      n_train=s["n_train"], n_test=s["n_test"], precision=precision, device=device, progress=False,
+                      dmfa_complete="results/dmfa/cpu/{dataset}_complete.pt")
+    # the inner cell's key (it names the resumable checkpoint) differs per precision
+    inner = Cell("classification", {"dataset": "mnist", "mask": "square", "method": method, "seed": seed},
+                 {**s, "precision": precision})
+    out = run_cell(inner, cfg)
+    return {"metrics": {"accuracy": out["metrics"]["accuracy"]}, "details": out["details"]}
+
+
+def plan(seeds, args) -> list[Cell]:
+    from labkit.data import load_dataset
+    from labkit.studies.engine import input_fingerprint
+
+    train = load_dataset("mnist", "train", limit=args.n_train, quiet=True)
+    test = load_dataset("mnist", "test", limit=args.n_test, quiet=True)
+    data = {"train": data_fingerprint(train.images, train.labels, name="mnist", split="train"),
+            "test": data_fingerprint(test.images, test.labels, name="mnist", split="test")}
+    dmfa = paths.repo_path("results/dmfa/cpu/mnist_complete.pt")
+    cells = []
+    for seed in seeds:
+        for model in MODELS:
+            for precision in ("32", "bf16-mixed"):
+                if model == "dmfa":
+                    settings = {"n_train": args.n_train, "n_test": args.n_test, "epochs": args.dmfa_epochs,
+                                "batch_size": 48, "lr": 1e-3, "hole": 14}
+                    inputs = data
+                else:
+                    settings = {"n_train": args.n_train, "n_test": args.n_test, "epochs": args.clf_epochs,
+                                "batch_size": 24, "lr": 1e-3, "mask": "square"}
+                    inputs = {**data, **({"dmfa": input_fingerprint(dmfa, "complete-data DMFA checkpoint")}
+                                         if model == "misconv" else {})}
+                cells.append(Cell("precision", {"model": model, "precision": precision, "seed": int(seed)},
+                                  settings, inputs))
+    return cells
+
+
+def table(df) -> str:
+    """Markdown: per model and metric, mean ± std per precision, and bf16 − float32 seed by seed."""
+    import numpy as np
+
+    lines = ["| model | metric | float32 (mean ± std) | bf16-mixed (mean ± std) | bf16 − float32, per seed | seeds |",
+             "|---|---|---|---|---|---|"]
+    for model, metric in (("dmfa", "nll"), ("dmfa", "sse"), ("zero", "accuracy"), ("misconv", "accuracy")):
+        sub = df[df["model"] == model]
+        a = sub[sub["precision"] == "32"].set_index("seed")[metric].dropna()
+        b = sub[sub["precision"] == "bf16-mixed"].set_index("seed")[metric].dropna()
+        common = sorted(set(a.index) & set(b.index))
+        if not common:
+            continue
+        diff = [float(b[s] - a[s]) for s in common]
+
+        def ms(v):
+            v = np.asarray(v, dtype=float)
+            return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+        lines.append(f"| {model} | {metric} | {ms(a[common])} | {ms(b[common])} | "
+                     f"{', '.join(f'{d:+.4f}' for d in diff)} | {common} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--n-train", type=int, default=5000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--dmfa-epochs", type=int, default=3)
+    ap.add_argument("--clf-epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results-dir", default=None, help="default results/timing/<device kind>")
+    ap.add_argument("--markdown", default=None, help="refresh the precision-comparison block of this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kind = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    out = Path(args.results_dir) if args.results_dir else paths.results_dir("timing", kind)
+    store = ResultStore(out / "precision_comparison.csv", coords=["model", "precision", "seed"], metrics=[],
+                        optional=["nll", "sse", "accuracy"], details=out / "precision_comparison.jsonl")
+    cells = plan(args.seeds, args)
+    code = 0
+    try:
+        run_cells(cells, functools.partial(_cell_fn, device=args.device), store)
+    except SweepFailed as exc:
+        print(exc, flush=True)
+        code = 1
+    df = store.read()
+    df = df[df["key"].isin({c.key for c in cells})]
+    text = table(df)
+    print(text)
+    if args.markdown:
+        from labkit.studies.reporting import replace_marked_block
+
+        replace_marked_block(args.markdown, "precision-comparison", text + "\n\n_Generated by "
+                             "`scripts/compare_precision.py` from `results/timing/cpu/precision_comparison.csv`._")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
