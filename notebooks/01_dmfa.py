@@ -98,9 +98,13 @@ print(f"results -> {out_dir.resolve()}")
 # ## 1. Train (or load) the DMFA
 #
 # `run_experiment` loads the first `n_train` training images, holds `n_val` of them out for the
-# validation curve, and calls `load_or_train_dmfa`: if `<dataset>_<mode>.pt` exists it is loaded,
-# otherwise the model is trained with a checkpoint after every epoch, so an interrupted run
-# continues where it stopped (and ends with the same weights as an uninterrupted one).
+# validation curve, and calls `load_or_train_dmfa`: if `<dataset>_<mode>.pt` was trained with these
+# very settings (sizes, epochs, learning rate, seed, precision, the training images' content hash)
+# it is loaded; otherwise the model is trained with a checkpoint after every epoch, so an
+# interrupted run continues where it stopped (and ends with the same weights as an uninterrupted
+# one). A `<dataset>_<mode>.pt` trained with *other* settings is neither reused nor overwritten: the
+# model of these settings and its results get the stem `<dataset>_<mode>-<digest>` (one line says
+# so), and the table at the end shows both.
 
 # %%
 result = density.run_experiment(
@@ -110,7 +114,7 @@ result = density.run_experiment(
     profile=profile, device=dev, precision=precision,
 )
 history = result["history"]
-print(f"{result['n_train']} training images, {result['epochs']} epochs, "
+print(f"model {Path(result['paths']['model']).name}: {result['n_train']} training images, {result['epochs']} epochs, "
       f"{result['n_parameters']:,} parameters, checkpoint {result['checkpoint_mb']:.1f} MB")
 print(f"training throughput  {result['train_images_per_s']:.0f} images/s "
       f"(threads={result['torch_threads']}; {result['machine']})")
@@ -178,8 +182,7 @@ if mfa_components:
     for r in mfa_results:
         print(f"classical MFA K={r['n_components']} L={r['n_factors']}, {r['hole']}x{r['hole']}: "
               f"mean NLL {r['test_nll']:.1f}, mean SSE {r['test_sse']:.2f}")
-    stem = density.result_stem(dataset, f"mfa_K{mfa_components}_L{mfa_factors}", hole)
-    display(Image(filename=str(out_dir / f"{stem}.png")))
+    display(Image(filename=mfa_results[0]["paths"]["figure"]))
 
 # %% [markdown]
 # ## 6. ACFlow: a normalizing flow over the hidden pixels
@@ -205,7 +208,7 @@ if acflow_path is not None and acflow_path.exists():
         print(f"ACFlow {r['hole']}x{r['hole']}: mean NLL {r['test_nll']:.1f} at exact values, "
               f"{r['test_nll_dequantized']:.1f} dequantised ({r['test_bits_per_dim']:.2f} bits/pixel); "
               f"mean SSE {r['test_sse']:.2f}")
-    display(Image(filename=str(out_dir / f"{density.result_stem(dataset, 'acflow', hole)}.png")))
+        display(Image(filename=r["paths"]["figure"]))
 else:
     print(f"no ACFlow checkpoint at {acflow_path}: skipped (train one with scripts/train_acflow.py)")
 
@@ -213,8 +216,10 @@ else:
 # ## 7. Next to the authors' figures
 #
 # Everything in `results/dmfa/<profile>/` (this run and any earlier ones of this profile: other
-# modes, other hole sizes), with the authors' numbers (`../shared/reference/anchor-numbers.md`,
-# 10×10 and 18×18 holes only) where they exist. Both are means per test image over the hole.
+# modes, other hole sizes), with the authors' numbers (10×10 and 18×18 holes only) where they
+# exist. Both are means per test image over the hole. Each result's CSV, JSON summary and figures
+# are written as one set, and its JSON records the digest of its CSV: a JSON that does not
+# summarise the CSV beside it is left out of the table and listed under it.
 
 # %%
 display(Markdown(density.density_table(out_dir, dataset)))

@@ -72,6 +72,7 @@ lr = 4.0e-4                 # Adam: encoder + decoder (recipe authors: the discr
 lr_disc: Optional[float] = None     # recipe supplement only: the discriminator's Adam (None: 4e-6)
 lambda_adv: Optional[float] = None  # weight of the encoder's fooling term (None: the recipe's, 0.01 or 1)
 recon: Optional[str] = None         # reconstruction loss mse | bce (None: the recipe's)
+precision = "32"            # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto" (labkit.precision)
 n_train: Optional[int] = 500  # first images of the training split (None: all)
 n_test: Optional[int] = 100   # first images of the test split (None: all)
 feature_epochs = 3          # epochs of the feature classifier for the Fréchet distances
@@ -94,7 +95,8 @@ if threads:
 dev = labkit.resolve_device(device)
 cfg = wae.WAEConfig(
     profile=profile, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, lr_disc=lr_disc,
-    lambda_adv=lambda_adv, recon=recon, n_train=n_train, n_test=n_test, feature_epochs=feature_epochs,
+    lambda_adv=lambda_adv, recon=recon, precision=precision, n_train=n_train, n_test=n_test,
+    feature_epochs=feature_epochs,
     dmfa_complete=dmfa_complete, dmfa_incomplete=dmfa_incomplete, results_dir=results_dir, device=device)
 cfg.check()
 out_dir = cfg.results_path()

@@ -14,6 +14,13 @@ Before a row is migrated its masks are checked bit for bit: today's mask generat
 masks that the committed run drew (the generators of the commit that made them are imported from
 git and compared), so a migrated row never claims masks it was not made with. The inside-the-image
 trapezoid was called ``trapezoid`` then; its rows become ``trapezoid_inside``.
+
+``wae``: ``results/wae/<profile>*/metrics.csv`` (the old cpu runs: recipe "supplement", 1 epoch,
+discriminator lr 2e-4 or 4e-6, BCE, float32; the rest from runs.jsonl); the DMFA checkpoint those
+runs read had no recorded fingerprint, so the committed file is accepted only if git shows it
+unchanged since its one commit and it was trained before the run; the per-cell figures get the
+cells' keyed names. ``density``: each JSON summary of ``results/dmfa/<profile>/`` gets the digest of
+the CSV beside it (``csv_digest``), and the renamed ``*_trapezoid_inside`` one its mask's new name.
 """
 from __future__ import annotations
 

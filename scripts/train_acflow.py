@@ -11,7 +11,7 @@ is neither reused nor overwritten: the model of these settings goes to ``<out st
 precision was recorded count as float32 trained on today's data; their mask kind "trapezoid" was
 the inside-the-image trapezoid (now ``trapezoid_inside``).
 
-Progress lives in ``<out stem>.<digest8>.partial.pt`` (a labkit.training.fit checkpoint written after
+Progress lives in ``<--out stem>.<digest8>.partial.pt`` (a labkit.training.fit checkpoint written after
 every epoch, named after the settings other than the epochs): rerunning the same command resumes
 an interrupted run, and a run with a larger ``--epochs`` continues from the progress of the same
 settings when it is still there. When the run reaches ``--epochs`` the trained model is written
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
               "kept, nothing to train (delete it to retrain)")
         return 0
     resume_key = {k: v for k, v in train_config.items() if k != "epochs"}
-    partial = out.with_name(f"{out.stem}.{digest(resume_key, 8)}.partial{out.suffix or '.pt'}")
+    # named after the settings but the epochs, so that a run with more epochs continues this one's progress
+    partial = out.with_name(f"{requested.stem}.{digest(resume_key, 8)}.partial{out.suffix or '.pt'}")
     print(f"ACFlow on {args.dataset}: {len(train)} train images {tuple(images.shape[1:])}, "
           f"{setting['n_val']} val, device {device}, {torch.get_num_threads()} threads; progress in {partial}")
     started = time.perf_counter()

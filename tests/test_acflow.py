@@ -493,3 +493,69 @@ def test_score_holes_rejects_bad_arguments():
         score_holes(model, x, torch.zeros(3, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="n_samples"):
         score_holes(model, x, torch.zeros(2, 1, 4, 4, dtype=torch.bool), n_samples=0)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/train_acflow.py: a stored model is reused only with its settings
+def _train_acflow_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_acflow.py"
+    spec = importlib.util.spec_from_file_location("train_acflow_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_acflow_script_reuses_only_a_model_of_the_same_settings(tmp_path, capsys):
+    script = _train_acflow_script()
+    out = tmp_path / "acflow_mnist.pt"
+    tiny = ["--n-train", "16", "--n-val", "0", "--epochs", "1", "--batch-size", "8", "--hidden", "4",
+            "--n-blocks", "0", "--n-scales", "2", "--n-couplings", "1", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert script.main(tiny) == 0
+    first = out.read_bytes()
+    _, meta = load_acflow(out, device="cpu")
+    assert meta["train_config"]["epochs"] == 1 and meta["train_config"]["precision"] == "32"
+    capsys.readouterr()
+    assert script.main(tiny) == 0                                    # same settings: kept, nothing trained
+    assert "kept, nothing to train" in capsys.readouterr().out and out.read_bytes() == first
+    assert script.main(tiny + ["--lr", "0.002"]) == 0                 # other settings: their own file
+    said = [line for line in capsys.readouterr().out.splitlines() if "other settings" in line]
+    assert len(said) == 1 and "lr: stored 0.001, requested 0.002" in said[0]
+    derived = [p for p in tmp_path.glob("acflow_mnist-*.pt")]
+    assert len(derived) == 1 and derived[0].name in said[0] and out.read_bytes() == first
+    assert load_acflow(derived[0], device="cpu")[1]["train_config"]["lr"] == 0.002
+    # more epochs of the first settings: another file, continuing the first run's progress
+    longer_args = list(tiny)
+    longer_args[longer_args.index("--epochs") + 1] = "2"
+    assert script.main(longer_args) == 0
+    longer = [p for p in tmp_path.glob("acflow_mnist-*.pt") if p != derived[0]]
+    assert len(longer) == 1 and out.read_bytes() == first
+    history = load_acflow(longer[0], device="cpu")[1]["history"]
+    assert len(history) == 2 and history[0]["nll_per_missing_pixel"] == meta["history"][0]["nll_per_missing_pixel"]
+
+
+def test_old_acflow_checkpoints_are_read_in_todays_words():
+    script = _train_acflow_script()
+    old = {"config": {"model": {"hidden": 32}, "batch_size": 64, "lr": 0.001, "max_batches": None},
+           "setting": {"dataset": "mnist", "n_train": 10000, "n_val": 1000, "train_source": "s",
+                       "mask_kinds": ["square", "trapezoid", "noise"]}, "epochs": 10, "seed": 0}
+    view = script.stored_settings(old)
+    assert view["mask_kinds"] == ["square", "trapezoid_inside", "noise"] and "precision" not in view
+    assert (view["epochs"], view["lr"], view["batch_size"]) == (10, 0.001, 64)
+    recorded = {**old, "config": {**old["config"], "precision": "32"}}   # a file of the half-plane era
+    assert script.stored_settings(recorded)["mask_kinds"] == ["square", "trapezoid", "noise"]
+
+
+def test_unreadable_acflow_checkpoint_is_reported_as_an_input(tmp_path):
+    from labkit.checkpoint import CheckpointError
+
+    bad = tmp_path / "acflow_mnist.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="(?s)ACFlow checkpoint.*acflow_mnist.pt.*input") as info:
+        load_acflow(bad, device="cpu")
+    assert "delete it" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="ACFlow checkpoint.*input.*train_acflow"):
+        load_acflow(tmp_path / "nope.pt", device="cpu")

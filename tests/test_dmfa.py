@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from labkit.masks import square
-from labkit.mfa import MFA, fit_mfa
+from labkit.mfa import fit_mfa
 from labkit.models import dmfa as dm
 from labkit.models import dmfa_training as dmt
 from labkit.models.dmfa import (
@@ -271,6 +271,38 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
                hole=hole, epochs=2, batch_size=8, lr=1e-3, seed=seed, progress=False, device="cpu")
     for k in runs[0]:
         assert torch.equal(runs[0][k], model.state_dict()[k]), k
+
+
+def test_incomplete_data_dmfa_input_hides_every_supervised_pixel(monkeypatch):
+    """What the network is given: its unknown set must be the truly missing pixels together with the
+    hidden ones, so no pixel the loss supervises is ever part of the input."""
+    n, hole, seed = 24, 6, 7
+    images = _images(n, (1, 12, 12))
+    given, supervised = [], []
+    forward = LinearHeadsDMFA.forward
+
+    def spy_forward(self, x, missing, **kw):
+        given.append((x.detach().clone(), missing.clone()))
+        return forward(self, x, missing, **kw)
+
+    monkeypatch.setattr(LinearHeadsDMFA, "forward", spy_forward)
+    step_loss = dmt._step_loss
+
+    def loss_spy(mfa, x, sup, **kw):
+        supervised.append(sup.clone())
+        return step_loss(mfa, x, sup, **kw)
+
+    monkeypatch.setattr(dmt, "_step_loss", loss_spy)
+    train_dmfa(_tiny_model(), images, mode="incomplete", hole=hole, epochs=2, batch_size=8, lr=1e-3, seed=seed,
+               progress=False, device="cpu")
+    assert len(given) == len(supervised) == 2 * math.ceil(n / 8)
+    for (x, unknown), sup in zip(given, supervised):
+        unknown, sup = unknown.expand_as(x), sup.expand_as(x)
+        truly_missing = torch.isnan(x)           # train_dmfa puts NaN there
+        assert sup.any() and truly_missing.any()
+        assert not (sup & ~unknown).any()        # every supervised pixel is hidden from the input
+        assert not (sup & truly_missing).any()   # and none is truly missing
+        assert torch.equal(unknown, truly_missing | sup)
 
 
 def test_training_lowers_validation_nll():

@@ -676,6 +676,8 @@ def run_mfa_baseline(
                          out / f"{stem}.png": _figure_writer(fig)})
         finally:
             plt.close(fig)
+        setting["paths"] = {"csv": str(out / f"{stem}.csv"), "setting": str(out / f"{stem}.json"),
+                            "figure": str(out / f"{stem}.png")}
         results.append(setting)
     return results
 
@@ -754,6 +756,8 @@ def run_acflow_baseline(
                          out / f"{stem}.png": _figure_writer(fig)})
         finally:
             plt.close(fig)
+        setting["paths"] = {"csv": str(out / f"{stem}.csv"), "setting": str(out / f"{stem}.json"),
+                            "figure": str(out / f"{stem}.png")}
         results.append(setting)
     return results
 
