@@ -45,6 +45,8 @@ def test_profile_loads_with_valid_keys(name):
     for section, params in profile.items():
         for key in params:
             assert key.isidentifier(), f"{name}.yaml [{section}] {key!r} is not a Python identifier"
+        # precision names are strings by design ("32", "bf16-mixed", "auto"): labkit.precision checks them
+        params = {k: v for k, v in params.items() if k != "precision"}
         for value in walk(params):
             # PyYAML reads 4e-5 (no dot) as a *string*: write 4.0e-5.
             assert not (isinstance(value, str) and NUMBER.match(value)), (
@@ -254,3 +256,14 @@ def test_inspect_parameters_rejects_what_papermill_cannot_read(tmp_path):
     untyped = _notebook_with_parameters(tmp_path / "pep604.ipynb", "n: int | None = 5\n")  # papermill skips it
     with pytest.raises(ValueError, match=re.escape("line 1: 'n: int | None = 5'")):
         inspect_parameters(untyped)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_precisions_are_known_names(name):
+    from labkit.precision import resolve_precision
+
+    for section, params in load_profile(name).items():
+        if "precision" in params:
+            assert params["precision"] in ("32", "bf16-mixed", "16-mixed", "auto"), (name, section, params["precision"])
+            if params["precision"] != "16-mixed":
+                assert resolve_precision(params["precision"], "cpu") in ("32", "bf16-mixed")

@@ -193,8 +193,12 @@ def with_settings_columns(df, names: Sequence[str] = ("n_train", "n_test", "epoc
 
 def cell_settings(cfg: SweepConfig, method: str) -> dict:
     """Every setting that changes a cell's result: the classifier's training and the method's own."""
+    from labkit.precision import resolve_precision
+
+    # "auto" is resolved: a bf16 cell and a float32 cell must never share a key
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     return {"n_train": cfg.n_train, "n_test": cfg.n_test, "val_fraction": cfg.val_fraction, "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select, "precision": cfg.precision,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select, "precision": precision,
             **METHODS[method].settings(cfg)}
 
 
