@@ -1,4 +1,4 @@
-"""Run (or resume) the classification sweep (notebook 02's study) from the command line.
+"""Run (or resume) the classification sweep (notebook 02's study) from the command line, or only its report.
 
     .venv/bin/python scripts/run_classification.py --profile cpu                # the profile's whole grid
     .venv/bin/python scripts/run_classification.py --profile cpu --wait         # ... and wait for DMFA/ACFlow
@@ -37,7 +37,8 @@ except ImportError:  # before labkit/lab/ existed
     from labkit.profiles import parse_override
 
 
-def write_report(out_dir, profile: str, df, readme=None) -> None:
+def write_report(out_dir, profile: str, df, readme=None, *, stem: str = "accuracy",
+                 markers: str = "classification") -> None:
     """``accuracy.md`` (the pivot beside the paper's Table 1), ``accuracy_paired.md`` (per-seed
     differences, :func:`labkit.studies.classification.paired_markdown`) and ``accuracy.png`` from the
     rows ``df`` (the planned cells), written as one set (:func:`labkit.studies.engine.write_files`)."""
@@ -53,17 +54,17 @@ def write_report(out_dir, profile: str, df, readme=None) -> None:
     fig = plot_results(df, None, title=title)
     paired = paired_markdown(df)
     write_files({
-        out_dir / "accuracy.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds)\n\n"
+        out_dir / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds)\n\n"
                                  + table_markdown(df) + "\n",
-        out_dir / "accuracy_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
+        out_dir / f"{stem}_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
                                         "(mean ± std over seeds)\n\n" + paired + "\n",
-        out_dir / "accuracy.png": lambda p: fig.savefig(p, dpi=120, format="png"),
+        out_dir / f"{stem}.png": lambda p: fig.savefig(p, dpi=120, format="png"),
     })
     plt.close(fig)
     if readme:
-        update_markdown_table(readme, df)
-        if "<!-- classification-paired:start -->" in Path(readme).read_text(encoding="utf-8"):
-            replace_marked_block(readme, "classification-paired", paired)
+        update_markdown_table(readme, df, name=f"{markers}-table")
+        if f"<!-- {markers}-paired:start -->" in Path(readme).read_text(encoding="utf-8"):
+            replace_marked_block(readme, f"{markers}-paired", paired)
 
 
 def main(argv=None) -> int:
@@ -78,6 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--readme", default=None,
                     help="also refresh the table between <!-- classification-table:start/end --> in this Markdown file")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: only write the report (and --readme tables) of the planned cells' rows")
+    ap.add_argument("--report-stem", default="accuracy",
+                    help="file names of the report beside the CSV: <stem>.md, <stem>_paired.md, <stem>.png")
+    ap.add_argument("--markers", default="classification",
+                    help="with --readme: fill <!-- NAME-table:start/end --> and <!-- NAME-paired:start/end -->")
     ap.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="local: cells one after another here (default); ray: one Ray task per cell (docs/cluster.md)")
     ap.add_argument("--address", default=None,
@@ -100,7 +107,18 @@ def main(argv=None) -> int:
 
     def report(df):
         if not args.no_report:
-            write_report(out, cfg.profile, df, args.readme)
+            write_report(out, cfg.profile, df, args.readme, stem=args.report_stem, markers=args.markers)
+
+    if args.table_only:
+        from labkit.studies.classification import plan_cells, read_results
+
+        keys = {c.key for c in plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)}
+        df = read_results(out / "accuracy.csv")
+        df = df[df["key"].isin(keys)]
+        args.no_report = False
+        report(df)
+        print(f"[run_classification] report of {len(df)} of {len(keys)} planned cells written", flush=True)
+        return 0
 
     from labkit.studies.executors import ExecutorError, make_executor
 

@@ -100,10 +100,10 @@ def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None, last
             if last_epoch:
                 sel = df[(df["method"] == meth) & (df["mask"] == mk)]
                 row[f"{mk}, last epoch"] = _summary(sel["accuracy_last"])
-            if with_paper:
+            if with_paper and any(mk in v for v in PAPER_TABLE1.values()):
                 p = PAPER_TABLE1.get(meth, {}).get(mk)
                 row[f"paper {mk}"] = f"{p:.3f}" if p is not None else ""
-        if with_paper:
+        if with_paper and "square" in masks:
             a = AUTHORS_SQUARE.get(meth)
             row["authors' code, square"] = f"{a:.4f}" if a is not None else ""
         rows.append(row)
