@@ -10,8 +10,8 @@ For every mask kind of the profile's ``02_classification`` grid and every imputi
 methods ``nll`` (nats, of the true missing pixels) and ``pred_std`` (mean predicted standard
 deviation there) beside ``rmse`` (the actual per-pixel error). Nothing is tuned on these numbers.
 
-Writes ``results/classification/<profile>/imputation_quality.csv`` (one row per mask × method,
-rewritten as a whole) and ``mask_coverage.csv`` (how much of the digits each mask kind hides on
+Writes ``results/classification/<profile>/imputation_quality.csv`` (one row per mask × method; the
+masks computed now replace their rows, the other masks' rows stay) and ``mask_coverage.csv`` (how much of the digits each mask kind hides on
 the same images, :func:`labkit.masks.ink_hidden`) and ``misconv_vs_mean_fill.csv`` (how much the
 MisConv front's output differs from conv+ReLU of the mean-filled image, :func:`misconv_vs_mean_fill`),
 and prints them. Methods whose checkpoint is missing are skipped.
@@ -81,11 +81,16 @@ def main(argv=None) -> int:
     table = pd.concat(frames, ignore_index=True)
     table.insert(len(table.columns), "seed", args.seed)
     table.insert(len(table.columns), "n_test_images", args.n)
+    # the (dataset, mask) pairs computed now replace their old rows; the other masks' rows stay
+    done = {(d, m) for d, m in zip(table["dataset"], table["mask"])}
+    table = _merged(out / "imputation_quality.csv", table, done)
+    coverage_df = _merged(out / "mask_coverage.csv", pd.DataFrame(coverage), done)
+    coverage_df.to_csv(out / "mask_coverage.csv", index=False, float_format="%.4f")
     table.to_csv(out / "imputation_quality.csv", index=False, float_format="%.4f")
-    pd.DataFrame(coverage).to_csv(out / "mask_coverage.csv", index=False, float_format="%.4f")
     if variance_effect:
-        pd.DataFrame(variance_effect).to_csv(out / "misconv_vs_mean_fill.csv", index=False, float_format="%.4f")
-        print(pd.DataFrame(variance_effect).round(3).to_string(index=False))
+        effect = _merged(out / "misconv_vs_mean_fill.csv", pd.DataFrame(variance_effect), done)
+        effect.to_csv(out / "misconv_vs_mean_fill.csv", index=False, float_format="%.4f")
+        print(effect.round(3).to_string(index=False))
     print(pd.DataFrame(coverage).round(3).to_string(index=False))
     (out / "imputation_quality.json").write_text(json.dumps(
         {"command": " ".join(sys.argv), "machine": machine_description(), "seconds": round(time.time() - started, 1)},
@@ -94,6 +99,21 @@ def main(argv=None) -> int:
     if args.readme:
         replace_marked_block(args.readme, "imputation-quality", markdown(table))
     return 0
+
+
+def _merged(path, new, done: set):
+    """``new`` after the rows of ``path`` (if it exists) whose (dataset, mask) is not in ``done``,
+    ordered by the masks' table order."""
+    import pandas as pd
+
+    from labkit.studies.classification import MASK_ORDER
+
+    if path.exists():
+        old = pd.read_csv(path)
+        keep = [(d, m) not in done for d, m in zip(old["dataset"], old["mask"])]
+        new = pd.concat([old[keep], new], ignore_index=True)
+    order = {m: i for i, m in enumerate(MASK_ORDER)}
+    return new.sort_values("mask", key=lambda c: c.map(lambda m: order.get(m, 99)), kind="stable").reset_index(drop=True)
 
 
 def misconv_vs_mean_fill(data, cfg, n: int, seeds=range(5)) -> dict:

@@ -331,7 +331,30 @@ def density(profile: str = "cpu", dry_run: bool = False, folder: Path | None = N
     return 0
 
 
-STUDIES = {"classification": classification, "wae": wae, "density": density}
+def diagnostics(profile: str = "cpu", dry_run: bool = False) -> int:
+    """The classification diagnostics (``imputation_quality.csv``, ``mask_coverage.csv``,
+    ``misconv_vs_mean_fill.csv``) made before the rename: their ``trapezoid`` rows were drawn with the
+    inside-the-image generator and become ``trapezoid_inside`` (once: files that already name
+    ``trapezoid_inside`` are left alone)."""
+    import pandas as pd
+
+    folder = REPO / "results" / "classification" / profile
+    for name in ("imputation_quality.csv", "mask_coverage.csv", "misconv_vs_mean_fill.csv"):
+        path = folder / name
+        if not path.exists():
+            continue
+        df = pd.read_csv(path)
+        if (df["mask"] == "trapezoid_inside").any() or not (df["mask"] == "trapezoid").any():
+            print(f"{path}: nothing to relabel")
+            continue
+        df["mask"] = df["mask"].replace(RENAMED_MASKS)
+        print(f"{path}: {int((df['mask'] == 'trapezoid_inside').sum())} rows relabelled trapezoid -> trapezoid_inside")
+        if not dry_run:
+            df.to_csv(path, index=False, float_format="%.4f")
+    return 0
+
+
+STUDIES = {"classification": classification, "diagnostics": diagnostics, "wae": wae, "density": density}
 
 
 def main(argv=None) -> int:

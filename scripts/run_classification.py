@@ -29,6 +29,7 @@ import torch
 from labkit.studies.classification import (paired_markdown, plot_results, run_sweep, sweep_config, table_markdown,
                                            update_markdown_table)
 from labkit.studies.engine import SweepFailed
+from labkit.studies.executors import add_executor_arguments
 from labkit.studies.reporting import replace_marked_block
 
 try:
@@ -85,12 +86,7 @@ def main(argv=None) -> int:
                     help="file names of the report beside the CSV: <stem>.md, <stem>_paired.md, <stem>.png")
     ap.add_argument("--markers", default="classification",
                     help="with --readme: fill <!-- NAME-table:start/end --> and <!-- NAME-paired:start/end -->")
-    ap.add_argument("--executor", choices=["local", "ray"], default="local",
-                    help="local: cells one after another here (default); ray: one Ray task per cell (docs/cluster.md)")
-    ap.add_argument("--address", default=None,
-                    help="with --executor ray: join the Ray cluster at ADDR ('auto' or host:6379); default: start one here")
-    ap.add_argument("--gpus-per-cell", type=float, default=1.0,
-                    help="with --executor ray: the share of a GPU each CUDA cell takes (default 1)")
+    add_executor_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

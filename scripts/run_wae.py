@@ -57,6 +57,8 @@ def write_table(profile: str, cfg, cells, readme: Path = README) -> str:
 
 
 def main(argv=None) -> int:
+    from labkit.studies.executors import add_executor_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--dataset", default=None)
@@ -70,12 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: only redraw the summary figures and rewrite the table from the CSV")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--executor", choices=["local", "ray"], default="local",
-                    help="local: cells one after another here (default); ray: one Ray task per cell (docs/cluster.md)")
-    ap.add_argument("--address", default=None,
-                    help="with --executor ray: join the Ray cluster at ADDR ('auto' or host:6379); default: start one here")
-    ap.add_argument("--gpus-per-cell", type=float, default=1.0,
-                    help="with --executor ray: the share of a GPU each CUDA cell takes (default 1)")
+    add_executor_arguments(ap)
     args = ap.parse_args(argv)
 
     import torch

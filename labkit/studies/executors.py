@@ -76,6 +76,18 @@ def make_executor(name: str = "local", *, address: str | None = None, num_cpus: 
                        max_retries=max_retries, cache_dir=cache_dir, device=device, init_kwargs=init_kwargs)
 
 
+def add_executor_arguments(parser) -> None:
+    """The sweep scripts' executor flags: ``--executor``, ``--address``, ``--gpus-per-cell``."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: cells one after another here (default); ray: one Ray task per cell "
+                             "(docs/cluster.md)")
+    parser.add_argument("--address", default=None,
+                        help="with --executor ray: join the Ray cluster at ADDR ('auto' or host:6379); "
+                             "default: start one here")
+    parser.add_argument("--gpus-per-cell", type=float, default=1.0,
+                        help="with --executor ray: the share of a GPU each CUDA cell takes (default 1)")
+
+
 def _import_ray():
     try:
         import ray
