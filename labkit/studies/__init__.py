@@ -2,10 +2,14 @@
 
 - :mod:`labkit.studies.cells`           the data of one (dataset, mask kind, seed) cell, fixed masks
 - :mod:`labkit.studies.imputers`        the missing-data methods (``METHODS``) and their cached auxiliaries
-- :mod:`labkit.studies.classification`  the classification sweep (notebook 02), its tables and plots
+- :mod:`labkit.studies.classification`  the classification sweep (notebook 02)
+- :mod:`labkit.studies.classification_tables`  its tables (Table-1 pivot, paired differences) and figure
 - :mod:`labkit.studies.density`         the DMFA / MFA / ACFlow density study (notebook 01)
+- :mod:`labkit.studies.density_checkpoints`  its checkpoints: reused only when trained with the same settings
 - :mod:`labkit.studies.density_figures` its inpainting grids and training curves
 - :mod:`labkit.studies.wae`             the WAE study (notebook 03)
+- :mod:`labkit.studies.wae_features`    its feature network (Fréchet distances)
+- :mod:`labkit.studies.wae_report`      its tables and figures
 - :mod:`labkit.studies.timing`          the timing study (notebook 04, ``python -m labkit.studies.timing``)
 - :mod:`labkit.studies.draw`            draw a mask: strokes, presets, panels, rendering (notebook 05)
 - :mod:`labkit.studies.draw_app`        draw a mask: the models and the widget app

@@ -11,6 +11,7 @@ mean (for ACFlow: of the mean of a few samples, :func:`score_holes`).
   classical MFA (EM). The settings are the checkpoint's config: a file trained with other settings
   is never reused nor overwritten; the new model goes to ``<stem>-<digest8>.pt`` and the run says so
   in one line (:func:`config_checkpoint`).
+  They live in :mod:`labkit.studies.density_checkpoints` and are re-exported here.
 - :func:`run_experiment` (one DMFA), :func:`run_mfa_baseline`, :func:`run_acflow_baseline`: train or
   load, score on the test set and write the CSV, JSON summary and figures of a result as one set
   (:func:`labkit.studies.engine.write_files`); :func:`result_stem` names them, and the JSON records
@@ -29,7 +30,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ from torch import Tensor
 
 from labkit import masks as _masks
 from labkit.device import resolve_device
-from labkit.mfa import ClassicalMFA
 from labkit.models.acflow import ACFlow, _check_positive_int
-from labkit.models.dmfa import (DATASET_SHAPES, DMFA, ClassicalMFAImputer, _check_images, _check_int, _dataset_key,
-                                _derived_seed, build_dmfa, evaluate_dmfa, test_masks)
-from labkit.models.dmfa_training import dmfa_loss, train_dmfa
+from labkit.models.dmfa import DATASET_SHAPES, _check_int, _dataset_key, build_dmfa, evaluate_dmfa, test_masks
+from labkit.models.dmfa_training import dmfa_loss
+# the checkpoint side lives in density_checkpoints; re-exported so that ``density.load_or_train_dmfa`` keeps working
+from labkit.studies.density_checkpoints import (_json, checkpoint_megabytes, config_checkpoint, load_or_fit_mfa,
+                                                load_or_train_dmfa)
 from labkit.studies.density_figures import plot_acflow_inpainting, plot_history, plot_inpainting
 
 __all__ = [
@@ -74,11 +76,7 @@ AUTHORS_DENSITY: dict[tuple[str, int, str], tuple[float, float]] = {
 }
 
 
-# ============================================================================ load or train
-def _json(value):
-    return json.loads(json.dumps(value))
-
-
+# ============================================================================ scores and tables
 def csv_digest(source: os.PathLike | str | bytes) -> str:
     """The digest a JSON summary records of the CSV it summarises: sha256 (16 hex digits) of the
     CSV's bytes. ``source``: the file (a :class:`~pathlib.Path`), or its text/bytes before it is written."""
@@ -90,232 +88,6 @@ def csv_digest(source: os.PathLike | str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _legacy_names(stored: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
-    """``config`` in the words of a checkpoint written before precisions were recorded: the
-    inside-the-image trapezoid was then called ``"trapezoid"``."""
-    if "precision" in stored or config.get("missing_kind") != "trapezoid_inside":
-        return dict(config)
-    return {**config, "missing_kind": "trapezoid"}
-
-
-def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
-                      legacy: Mapping[str, Any] | None = None, quiet: bool = False,
-                      view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> tuple[Path, dict]:
-    """Where the model of ``config`` lives: ``path`` when it is absent or was trained with ``config``,
-    else ``<stem>-<digest8 of config><suffix>`` beside it (trained there if absent).
-
-    A one-line note says which file was trained with which other settings. This is the density
-    study's answer to "a checkpoint exists but with other settings": never reuse it, never
-    overwrite it; the new setting gets its own file (and its own result files, named after it).
-
-    Args:
-        config: the settings the model must have been trained with (compared with the stored
-            ``meta``, see :func:`labkit.checkpoint.config_differences`; ``legacy``: values assumed
-            for keys an older file lacks).
-        view: ``meta -> settings`` for files that store their settings in another layout (the
-            ACFlow script's); default: the meta itself, with ``config`` translated into an old
-            file's words (:func:`_legacy_names`).
-
-    Returns ``(path to use, config to check it against)``; pass both to
-    :func:`labkit.checkpoint.load_or_train`.
-    """
-    from labkit.checkpoint import ConfigMismatchError, config_differences, load_checkpoint
-    from labkit.studies.engine import digest
-
-    def compare(file: Path):
-        stored = load_checkpoint(file, map_location="cpu")
-        meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
-        if view is not None:
-            return config_differences(view(meta), config, legacy), dict(config)
-        wanted = _legacy_names(meta, config)
-        return config_differences(meta, wanted, legacy), wanted
-
-    path = Path(path)
-    if not path.exists():
-        return path, dict(config)
-    diffs, wanted = compare(path)
-    if not diffs:
-        return path, wanted
-    derived = path.with_name(f"{path.stem}-{digest(config, 8)}{path.suffix}")
-    if not quiet:
-        print(f"[checkpoint] {path.name} was trained with other settings ({'; '.join(diffs)}): "
-              f"{'using' if derived.exists() else 'training'} {derived.name} for these settings", flush=True)
-    if derived.exists():
-        other, _ = compare(derived)
-        if other:
-            raise ConfigMismatchError(f"checkpoint {str(derived)!r} is named after these settings but was trained with "
-                                      f"others ({'; '.join(other)}); delete it to retrain")
-    return derived, dict(config)
-
-
-def load_or_train_dmfa(
-    path: str | os.PathLike,
-    dataset: str,
-    *,
-    images: Tensor,
-    n_components: int = 1,
-    n_factors: int = 4,
-    mode: str = "complete",
-    missing_kind: str = "square",
-    hole: int | None = None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    lr_milestones: Sequence[int] = (),
-    lr_gamma: float = 1.0,
-    mse_warmup_epochs: int = 0,
-    seed: int = 0,
-    val_images: Tensor | None = None,
-    val_missing: Tensor | None = None,
-    partial: str | os.PathLike | None = None,
-    keep_partial: bool = False,
-    device=None,
-    progress: bool = True,
-    quiet: bool = False,
-    meta: Mapping[str, Any] | None = None,
-    precision: str = "32",
-) -> tuple[DMFA, dict]:
-    """Load the DMFA of these settings if it was trained before, else train it (resumably) and store it.
-
-    The settings (data set, sizes, mode, missing-data kind, holes, epochs, batch size, learning
-    rate and schedule, seed, architecture, precision, the content hash of the training images and
-    ``meta["data_source"]`` when given) are the checkpoint's config: a file at ``path`` trained with
-    other settings is neither reused nor overwritten; the model goes to
-    ``<stem>-<digest8><suffix>`` instead (:func:`config_checkpoint`, which says so in one line).
-    Files written before the precision was recorded count as float32 trained on today's data (their
-    ``data_source`` is still compared).
-
-    ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``; :mod:`labkit.precision`)
-    applies to training and is part of the config (resolved for ``device``).
-
-    The model is built by :func:`build_dmfa` with weights initialised from ``seed``; training goes
-    through :func:`train_dmfa` with its per-epoch checkpoint at ``partial`` (default
-    :func:`labkit.checkpoint.partial_path`; for a derived file, its stem is derived too), deleted
-    after the final file is written unless ``keep_partial`` (it holds Adam's state: three times the
-    model's size).
-
-    Returns:
-        ``(model, meta)``: the model in eval mode on ``device``; ``meta`` records the setting
-        (data set, sizes, mode, holes, epochs, seed, learning rate, ...), the history, the machine,
-        the wall time and the training throughput (images/s), plus anything in ``meta``, and
-        ``checkpoint_path``: the file used.
-    """
-    from labkit.checkpoint import load_or_train, partial_path
-    from labkit.precision import resolve_precision
-    from labkit.studies.engine import tensor_digest
-
-    key = _dataset_key(dataset)
-    path = Path(path)
-    images = _check_images(images, "images")
-
-    def build():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(seed, 0x696E6974))  # "init"
-            return build_dmfa(key, n_components=n_components, n_factors=n_factors)
-
-    model0 = build()
-    config = _json({
-        "dataset": key, "n_train": int(images.shape[0]), "n_val": None if val_images is None else len(val_images),
-        "mode": mode, "missing_kind": missing_kind if mode == "incomplete" else None,
-        "hole": hole if hole is not None else images.shape[2] // 2, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma, "mse_warmup_epochs": mse_warmup_epochs,
-        "seed": seed, "model": model0.config, "precision": resolve_precision(precision, resolve_device(device)),
-        "train_data_sha": tensor_digest(images),
-        **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {}),
-    })
-    legacy = {"precision": "32", "train_data_sha": config["train_data_sha"]}
-    chosen, check = config_checkpoint(path, config, legacy=legacy, quiet=False)
-    if partial is None:
-        partial = partial_path(chosen)
-    elif chosen != path:
-        partial = Path(partial).with_name(Path(partial).name.replace(path.stem, chosen.stem, 1))
-    partial = Path(partial)
-
-    def train(model):
-        started = time.perf_counter()
-        history = train_dmfa(
-            model, images, mode=mode, missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size,
-            lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
-            checkpoint=partial, device=device, progress=progress, val_images=val_images, val_missing=val_missing,
-            precision=precision,
-        )
-        train_s = sum(h["train_seconds"] for h in history)
-        info = {
-            **config, "n_parameters": sum(p.numel() for p in model.parameters()),
-            "train_images_per_s": (images.shape[0] * len(history) / train_s) if train_s > 0 else None,
-            "wall_seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(),
-            "history": history,
-        }
-        if meta:
-            info.update(dict(meta))
-        return _json(info)
-
-    model, info = load_or_train(chosen, lambda: model0, train, device=device, quiet=quiet, config=check,
-                                legacy=legacy)
-    if not keep_partial and chosen.exists():
-        partial.unlink(missing_ok=True)
-    info["checkpoint_path"] = str(chosen)
-    return model, info
-
-
-def load_or_fit_mfa(
-    path: str | os.PathLike,
-    images: Tensor,
-    *,
-    n_components: int,
-    n_factors: int,
-    iterations: int = 30,
-    seed: int = 0,
-    device=None,
-    progress: bool = True,
-    quiet: bool = False,
-    meta: Mapping[str, Any] | None = None,
-) -> tuple[ClassicalMFAImputer, dict]:
-    """Load the classical MFA of these settings from ``path`` or fit it by EM (:func:`labkit.mfa.fit_mfa`)
-    and store it.
-
-    Config (checked like :func:`load_or_train_dmfa`'s, a file with other settings gets a derived
-    name): number of images, K, L, iterations, seed, the content hash of the images and
-    ``meta["data_source"]`` when given. Returns ``(imputer, meta)`` where ``imputer`` is a
-    :class:`ClassicalMFAImputer` and ``meta["checkpoint_path"]`` the file used.
-    """
-    from labkit.checkpoint import load_or_train
-    from labkit.mfa import fit_mfa
-    from labkit.studies.engine import tensor_digest
-
-    images = _check_images(images, "images")
-    shape = tuple(images.shape[1:])
-    config = _json({"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
-                    "iterations": iterations, "seed": seed, "train_data_sha": tensor_digest(images),
-                    **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {})})
-    legacy = {"train_data_sha": config["train_data_sha"]}
-    chosen, check = config_checkpoint(path, config, legacy=legacy)
-
-    def build():
-        return ClassicalMFAImputer(ClassicalMFA.empty(n_components, n_factors, shape))
-
-    def train(imputer):
-        started = time.perf_counter()
-        fitted, history = fit_mfa(images, n_components, n_factors, iterations=iterations, seed=seed,
-                                  device=device, progress=progress)
-        imputer.mfa.load_state_dict(fitted.state_dict())
-        info = {**config, "iterations_run": len(history), "train_loglik_per_image": history,
-                "wall_seconds": time.perf_counter() - started}
-        if meta:
-            info.update(dict(meta))
-        return _json(info)
-
-    imputer, info = load_or_train(chosen, build, train, device=device, quiet=quiet, config=check, legacy=legacy)
-    info["checkpoint_path"] = str(chosen)
-    return imputer, info
-
-
-def checkpoint_megabytes(path: str | os.PathLike) -> float:
-    """Size of a file in MB (10^6 bytes)."""
-    return os.path.getsize(path) / 1e6
-
-
-# ============================================================================ scores and tables
 def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: int | None = None) -> str:
     """File stem of a result: ``<dataset>_<mode>`` for the default hole, ``<dataset>_<mode>_h<hole>`` else."""
     key = _dataset_key(dataset)

@@ -15,9 +15,10 @@ classifier). :func:`run_sweep` runs the cells not yet in ``results/wae/<profile>
 (:func:`result_store`; details per run in ``runs.jsonl``): a failing cell is reported, the others
 run, and :class:`~labkit.studies.engine.SweepFailed` lists the failures at the end.
 
-:func:`summary_table` / :func:`table_markdown` / :func:`plot_metrics` report the rows of the
-planned cells (:func:`~labkit.studies.engine.check_uniform` refuses to put rows made with other
-settings side by side) next to the authors' numbers (:data:`AUTHORS_WAE_MNIST`). Metrics
+:func:`summary_table` / :func:`table_markdown` / :func:`plot_metrics` (in :mod:`labkit.studies.wae_report`,
+re-exported here) report the rows of the planned cells (:func:`~labkit.studies.engine.check_uniform`
+refuses to put rows made with other settings side by side) next to the authors' numbers
+(:data:`AUTHORS_WAE_MNIST`). Metrics
 (:mod:`labkit.metrics`): PSNR and SSIM over the missing region and the whole image; the whole-image
 PSNR/SSIM as scikit-image computes them when called like the authors did
 (``psnr_all_skimage``/``ssim_all_skimage``: its float SSIM assumes a data range of 2); Fréchet
@@ -27,31 +28,36 @@ since no Inception weights can be downloaded here.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from labkit import paths
 from labkit.device import resolve_device
-from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
 from labkit.models.wae import WAE, make_optimizers, recipe_settings, train_step
 from labkit.studies import engine
 from labkit.studies.cells import _stable_seed, fingerprint_cell, load_cell_data
 from labkit.studies.engine import Cell, InputError, ResultStore, SweepFailed
-from labkit.studies.imputers import METHODS, ImputerConfig, TensorAux, method_available
+from labkit.studies.imputers import METHODS, ImputerConfig, method_available
+# the feature network lives in wae_features, the report side (tables, figures) in wae_report; re-exported so that ``wae.table_markdown`` keeps working
+from labkit.studies.wae_features import _feature_map, classifier_features, feature_network  # noqa: F401
+from labkit.studies.wae_report import (AUTHORS_WAE_MNIST, COLUMN_NAMES, FD_NAME, FRONT_ORDER, FRONT_SETTINGS,
+                                       plot_front_grid, plot_metrics, plot_reconstructions, plot_samples,
+                                       settings_line, shared_settings, summary_table, table_markdown)
 
 __all__ = [
     "AUTHORS_WAE_MNIST",
+    "COLUMN_NAMES",
     "COORDS",
     "FD_NAME",
     "FRONT_ALIASES",
+    "FRONT_ORDER",
+    "FRONT_SETTINGS",
     "METRIC_COLUMNS",
     "SKIMAGE_COLUMNS",
     "WAEConfig",
@@ -71,6 +77,8 @@ __all__ = [
     "result_store",
     "run_cell",
     "run_sweep",
+    "settings_line",
+    "shared_settings",
     "summary_table",
     "table_markdown",
 ]
@@ -83,32 +91,7 @@ SKIMAGE_COLUMNS = ["psnr_all_skimage", "ssim_all_skimage"]
 
 #: short names accepted for the study's fronts (the CSV records the canonical method name)
 FRONT_ALIASES = {"dmfa_mean": "dmfa_mean_complete", "misconv": "dmfa_misconv_complete"}
-#: display order and labels
-FRONT_ORDER = ["gt", "zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
-               "dmfa_misconv_complete", "dmfa_mean_incomplete", "dmfa_misconv_incomplete", "acflow"]
-#: settings that belong to one front only (a table of fronts may hold different values of them)
-FRONT_SETTINGS = ["imputer"]
 
-#: the authors' public code, MNIST WAE, epoch 20, test split: front -> (PSNR, SSIM). Their recipe
-#: (``recipe="authors"``), 60,000 training images, batch 128. Their PSNR/SSIM are scikit-image's on
-#: the whole decoded image, SSIM called without ``data_range`` (for float images a range of 2,
-#: which raises SSIM): compare them with ``psnr_all_skimage``/``ssim_all_skimage``.
-AUTHORS_WAE_MNIST = {
-    "gt": (20.72, 0.908),
-    "knn": (16.00, 0.752),
-    "dmfa_mean_incomplete": (15.85, 0.750),
-    "dmfa_mean_complete": (15.76, 0.752),
-    "dmfa_misconv_complete": (15.71, 0.744),
-    "dmfa_misconv_incomplete": (15.14, 0.714),
-    "zero": (14.90, 0.707),
-    "acflow": (14.85, 0.711),
-    "mask": (13.86, 0.627),
-    "pc": (13.68, 0.628),
-    "mfa_misconv": (13.33, 0.657),
-    "mfa_mean": (13.20, 0.596),
-}
-
-FD_NAME = "FD (lab classifier features)"
 #: the feature classifier's training recipe (the classification study's: Adam 1e-3, batch 24)
 FEATURE_RECIPE = {"batch_size": 24, "lr": 1e-3, "seed": 0, "init_seed": 12345, "select": "last",
                   "front": "gt", "layer": "input of the last linear layer"}
@@ -319,95 +302,6 @@ def read_results(results_dir: str | Path):
     return result_store(results_dir).read()
 
 
-# --------------------------------------------------------------------------- feature network
-def classifier_features(model: nn.Module, images: Tensor, *, batch_size: int = 500) -> Tensor:
-    """Penultimate-layer features ``(N, F)`` (the input of the last linear layer) of a
-    :class:`labkit.models.classifier.Classifier` with a ground-truth front, for complete ``images (N, C, H, W)``."""
-    body = model.body
-    if not isinstance(body[-1], nn.Linear):
-        raise TypeError(f"the classifier's body must end with its output nn.Linear, got {type(body[-1]).__name__}")
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for s in range(0, images.shape[0], batch_size):
-            x = images[s:s + batch_size].to(dev, torch.float32)
-            none = torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool, device=dev)
-            out.append(body[:-1](model.front(x, none, x)).cpu())
-    model.train(was)
-    return torch.cat(out)
-
-
-def _feature_map(model: nn.Module, batch_size: int):
-    """``images -> features`` with the classifier ``model`` (see :func:`classifier_features`)."""
-    def features(images: Tensor) -> Tensor:
-        return classifier_features(model, images, batch_size=batch_size)
-    return features
-
-
-_FEATURE_NETS: dict[str, tuple[nn.Module, dict]] = {}
-
-
-def feature_network(dataset: str, cfg: WAEConfig):
-    """The lab's feature network for the Fréchet distances: the classification study's classifier
-    with the ground-truth front, trained on complete training images (:data:`FEATURE_RECIPE`,
-    ``cfg.feature_epochs`` epochs).
-
-    Stored as ``<scratch>/feature-net-<dataset>-<digest>.pt``, the digest covering its training
-    settings and the content hash of its training images, so another setting or other data trains
-    another file (a stored one is reused only with an equal config). With ``cfg.feature_checkpoint``
-    that file is loaded instead (an input of the study). Returns ``(classifier, meta)``;
-    ``meta["test_accuracy"]`` is on the complete test images.
-    """
-    from labkit.checkpoint import CheckpointError, load_checkpoint, load_or_train
-
-    dev = resolve_device(cfg.device)
-    data = _feature_data(dataset, cfg)
-    C, H = data.train_images.shape[1], data.train_images.shape[2]
-    arch = data.arch
-
-    def build():
-        torch.manual_seed(FEATURE_RECIPE["init_seed"])
-        return build_classifier(arch, "gt", in_channels=C, image_size=H)
-
-    if cfg.feature_checkpoint:
-        path = paths.repo_path(cfg.feature_checkpoint)
-        stored = load_checkpoint(path, map_location=dev, input_role="feature classifier checkpoint")
-        if stored is None:
-            raise InputError(f"feature classifier checkpoint {str(path)!r} does not exist (it is an input of this "
-                             "study: train or restore it)")
-        model = build().to(dev)
-        try:
-            model.load_state_dict(stored["model"])
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"feature classifier checkpoint {str(path)!r} does not fit the {arch} classifier "
-                                  f"({type(exc).__name__}: {exc}); it is an input of this study") from exc
-        return model.eval(), dict(stored.get("meta") or {})
-
-    config = {"dataset": dataset, "arch": arch, **FEATURE_RECIPE, "epochs": cfg.feature_epochs,
-              "n_train": int(len(data.train_images)),
-              "train_sha": engine.tensor_digest(data.train_images, data.train_labels)}
-    path = cfg.scratch_path() / f"feature-net-{dataset}-{engine.digest(config, 8)}.pt"
-    memo = str(path.resolve())
-    if memo in _FEATURE_NETS and path.is_file():
-        return _FEATURE_NETS[memo]
-
-    def train(model):
-        model.to(dev)
-        train_classifier(model, data, TensorAux(data.train_images), epochs=cfg.feature_epochs,
-                         batch_size=FEATURE_RECIPE["batch_size"], lr=FEATURE_RECIPE["lr"], seed=FEATURE_RECIPE["seed"],
-                         select=FEATURE_RECIPE["select"], device=dev, progress=cfg.progress)
-        none = torch.zeros_like(data.test_missing)
-        acc = evaluate_accuracy(model, data.test_images, data.test_labels, none, TensorAux(data.test_images),
-                                batch_size=cfg.eval_batch)
-        return {"test_accuracy": round(acc, 4), "n_test": len(data.test_images),
-                "features": "input of the last linear layer (lin20 after ReLU)"}
-
-    _FEATURE_NETS[memo] = load_or_train(path, build, train, device=dev, quiet=not cfg.progress, config=config)
-    return _FEATURE_NETS[memo]
-
-
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, features, batch_size: int = 500,
@@ -478,93 +372,6 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
     metrics["fd_samples"] = frechet_distance(torch.cat(f_smp), real)
     first["samples"] = samples
     return metrics, first
-
-
-# --------------------------------------------------------------------------- figures
-def _to_rgb(img: Tensor, missing: Tensor | None = None) -> np.ndarray:
-    """``(C, H, W)`` in [0, 1] -> ``(H, W, 3)`` numpy; missing pixels shown in a muted red."""
-    x = img.detach().float().cpu()
-    if x.shape[0] == 1:
-        x = x.expand(3, *x.shape[1:])
-    x = torch.nan_to_num(x, nan=0.0).clamp(0, 1)
-    if missing is not None:
-        m = missing.detach().cpu().expand_as(x)
-        red = torch.tensor([0.75, 0.25, 0.25]).view(3, 1, 1).expand_as(x)
-        x = torch.where(m, red, x)
-    return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
-
-
-def plot_reconstructions(examples: Mapping[str, Tensor], *, title: str | None = None, path=None):
-    """Three rows: incomplete input (missing pixels red), reconstruction, ground truth. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    k = examples["target"].shape[0]
-    fig, axes = plt.subplots(3, k, figsize=(1.1 * k + 1.4, 3.6), squeeze=False)
-    rows = [("input", lambda i: _to_rgb(examples["input"][i], examples["missing"][i])),
-            ("reconstruction", lambda i: _to_rgb(examples["reconstruction"][i])),
-            ("ground truth", lambda i: _to_rgb(examples["target"][i]))]
-    _image_rows(axes, [(label, [get(i) for i in range(k)]) for label, get in rows], fontsize=9)
-    return _finish_figure(fig, title, path)
-
-
-def _image_rows(axes, rows, *, fontsize: int) -> None:
-    """Fill a grid of axes: ``rows`` = [(label, [RGB arrays, one per column])], label on the left."""
-    for r, (label, images) in enumerate(rows):
-        for i, img in enumerate(images):
-            axes[r][i].imshow(img, interpolation="nearest")
-            axes[r][i].set_xticks([]), axes[r][i].set_yticks([])
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=fontsize)
-
-
-def _finish_figure(fig, title: str | None, path, dpi: int = 100):
-    """Title, tight layout and (when ``path`` is given) a PNG; returns the figure."""
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    return fig
-
-
-def plot_samples(samples: Tensor, *, ncols: int = 8, title: str | None = None, path=None):
-    """A grid of decoded prior samples ``(n, C, H, W)``. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    n = samples.shape[0]
-    nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.0 * ncols, 1.0 * nrows + (0.4 if title else 0)), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i < n:
-            ax.imshow(_to_rgb(samples[i]), interpolation="nearest")
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.axis("off")
-    return _finish_figure(fig, title, path)
-
-
-def plot_front_grid(examples_by_front: Mapping[str, Mapping[str, Tensor]], *, what: str = "reconstruction",
-                    title: str | None = None, path=None):
-    """One row per front (``what`` = "reconstruction" or "samples"), with the incomplete inputs and
-    the ground truth as the first and last rows for reconstructions. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    if not examples_by_front:
-        raise ValueError("examples_by_front is empty")
-    fronts = list(examples_by_front)
-    any_ex = examples_by_front[fronts[0]]
-    if what == "reconstruction":
-        rows = [("input", any_ex["input"], any_ex["missing"])]
-        rows += [(f, examples_by_front[f]["reconstruction"], None) for f in fronts]
-        rows += [("ground truth", any_ex["target"], None)]
-    elif what == "samples":
-        rows = [(f, examples_by_front[f]["samples"], None) for f in fronts]
-    else:
-        raise ValueError(f"what must be 'reconstruction' or 'samples', got {what!r}")
-    k = min(r[1].shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), k, figsize=(1.0 * k + 2.2, 1.05 * len(rows) + 0.4), squeeze=False)
-    _image_rows(axes, [(label, [_to_rgb(imgs[i], None if miss is None else miss[i]) for i in range(k)])
-                       for label, imgs, miss in rows], fontsize=8)
-    return _finish_figure(fig, title, path)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -776,126 +583,3 @@ def load_examples(cell: Cell, cfg: WAEConfig) -> dict[str, Tensor] | None:
     path = cfg.scratch_path() / "models" / f"{cell_stem(cell)}.pt"
     stored = load_checkpoint(path, map_location="cpu") if path.exists() else None
     return None if stored is None else stored["examples"]
-
-
-# --------------------------------------------------------------------------- tables
-def _select(df, keys=None, dataset: str | None = None):
-    if keys is not None:
-        df = df[df["key"].isin(list(keys))]
-    if dataset is not None:
-        df = df[df["dataset"] == dataset]
-    return df
-
-
-def shared_settings(df, keys=None, *, dataset: str | None = None) -> dict:
-    """The settings every selected row shares (:func:`labkit.studies.engine.check_uniform`; raises
-    :class:`~labkit.studies.engine.SettingsMismatch` naming the settings that differ)."""
-    return engine.check_uniform(_select(df, keys, dataset), ignore=FRONT_SETTINGS, what="the WAE table")
-
-
-def summary_table(df, keys=None, *, dataset: str | None = None, with_authors: bool = True):
-    """Rows = fronts; columns = each metric as ``"mean ± std"`` over seeds, the number of seeds, and
-    (MNIST) the authors' PSNR/SSIM beside scikit-image's whole-image columns.
-
-    ``keys``: the cell keys to show (normally those of the planned cells; ``None``: every row).
-    The rows must share their settings (:func:`shared_settings`). Returns a DataFrame of strings.
-    """
-    import pandas as pd
-
-    df = _select(df, keys, dataset)
-    if df.empty:
-        return pd.DataFrame()
-    shared_settings(df)
-    fronts = [f for f in FRONT_ORDER if f in set(df["front"])] + sorted(set(df["front"]) - set(FRONT_ORDER))
-    digits = {"psnr_missing": 2, "psnr_all": 2, "psnr_all_skimage": 2, "ssim_missing": 3, "ssim_all": 3,
-              "ssim_all_skimage": 3, "fd_reconstruction": 2, "fd_samples": 2}
-    columns = METRIC_COLUMNS[:4] + SKIMAGE_COLUMNS + METRIC_COLUMNS[4:]
-    rows = []
-    for f in fronts:
-        sub = df[df["front"] == f]
-        row = {"front": f, "seeds": str(len(sub))}
-        for col in columns:
-            v = sub[col].astype(float).dropna()
-            d = digits[col]
-            row[col] = ("–" if len(v) == 0 else f"{v.mean():.{d}f} ± {v.std(ddof=1):.{d}f}" if len(v) > 1
-                        else f"{v.mean():.{d}f}")
-            if with_authors and col == "ssim_all_skimage":
-                a = AUTHORS_WAE_MNIST.get(f) if set(df["dataset"]) <= {"mnist"} else None
-                row["authors PSNR"] = f"{a[0]:.2f}" if a else ""
-                row["authors SSIM"] = f"{a[1]:.3f}" if a else ""
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("front")
-
-
-COLUMN_NAMES = {"psnr_missing": "PSNR missing (dB)", "ssim_missing": "SSIM missing", "psnr_all": "PSNR all (dB)",
-                "ssim_all": "SSIM all", "psnr_all_skimage": "PSNR all, scikit-image (dB)",
-                "ssim_all_skimage": "SSIM all, scikit-image (data range 2)",
-                "fd_reconstruction": f"{FD_NAME}: reconstructions", "fd_samples": f"{FD_NAME}: prior samples"}
-
-
-def settings_line(settings: Mapping[str, Any]) -> str:
-    """The shared settings of a table in one line: recipe, epochs, sizes, optimisation."""
-    s = dict(settings)
-    parts = [f"recipe {s.get('recipe', '?')}", f"{s.get('epochs', '?')} epoch(s)",
-             f"{s.get('n_train', '?')} training / {s.get('n_test', '?')} test images", f"batch {s.get('batch_size', '?')}",
-             f"lr {s.get('lr', '?')}" + (f", discriminator lr {s['lr_disc']}" if "lr_disc" in s else ""),
-             f"λ {s.get('lambda_adv', '?')}, discriminator loss weight {s.get('disc_weight', '?')}",
-             f"{str(s.get('recon', '?')).upper()} reconstruction", f"precision {s.get('precision', '?')}"]
-    return "; ".join(parts)
-
-
-def table_markdown(df, keys=None, **kw) -> str:
-    """:func:`summary_table` as a Markdown table with its shared settings (recipe, epochs, ...)
-    below it (for the README)."""
-    tab = summary_table(df, keys, **kw)
-    if tab.empty:
-        return "(no results yet)"
-    cols = list(tab.columns)
-    lines = ["| front | " + " | ".join(COLUMN_NAMES.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for f, row in tab.iterrows():
-        lines.append(f"| {f} | " + " | ".join(row[c] for c in cols) + " |")
-    lines.append("")
-    lines.append(f"Settings: {settings_line(shared_settings(df, keys, dataset=kw.get('dataset')))}. "
-                 "scikit-image's SSIM of float images assumes a data range of 2 (the authors called it without "
-                 "`data_range`), which raises it; the authors' numbers are of that kind.")
-    return "\n".join(lines)
-
-
-def plot_metrics(df, path=None, *, title: str | None = None, keys=None):
-    """Three panels per front: PSNR, SSIM (missing region / whole image) and the two Fréchet
-    distances; bars = mean over seeds, dots = seeds, black ticks = the authors' scikit-image PSNR/SSIM
-    (MNIST, whole image). ``keys``: the cells shown (default: every row; they must share their
-    settings). Saves to ``path`` when given; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    df = _select(df, keys)
-    shared_settings(df)
-    fronts = [f for f in FRONT_ORDER if f in set(df["front"])] + sorted(set(df["front"]) - set(FRONT_ORDER))
-    panels = [("PSNR (dB)", ("psnr_missing", "psnr_all"), 0), ("SSIM", ("ssim_missing", "ssim_all"), 1),
-              (FD_NAME, ("fd_reconstruction", "fd_samples"), None)]
-    labels = {"psnr_missing": "missing region", "psnr_all": "whole image", "ssim_missing": "missing region",
-              "ssim_all": "whole image", "fd_reconstruction": "reconstructions", "fd_samples": "prior samples"}
-    fig, axes = plt.subplots(1, 3, figsize=(4.0 * 3, 4.4))
-    x = np.arange(len(fronts))
-    mnist_only = set(df["dataset"]) <= {"mnist"}
-    for ax, (name, cols, authors_idx) in zip(axes, panels):
-        for k, col in enumerate(cols):
-            vals = [df[df["front"] == f][col].astype(float).to_numpy() for f in fronts]
-            pos = x + (k - 0.5) * 0.38
-            ax.bar(pos, [v.mean() if len(v) else np.nan for v in vals], width=0.36, alpha=0.75,
-                   color=f"C{k}", label=labels[col])
-            for p, v in zip(pos, vals):
-                ax.plot(np.full(len(v), p), v, "k.", ms=3)
-        if authors_idx is not None and mnist_only:
-            label = "authors (scikit-image, whole image)"
-            for i, f in enumerate(fronts):
-                a = AUTHORS_WAE_MNIST.get(f)
-                if a is not None:   # beside the whole-image bar
-                    ax.plot([i + 0.01, i + 0.37], [a[authors_idx]] * 2, "k-", lw=2, label=label)
-                    label = None
-        ax.set_xticks(x)
-        ax.set_xticklabels(fronts, rotation=60, ha="right", fontsize=8)
-        ax.set_title(name, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
-    return _finish_figure(fig, title, path, dpi=110)
