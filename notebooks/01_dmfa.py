@@ -107,12 +107,7 @@ print(f"results -> {out_dir.resolve()}")
 # so), and the table at the end shows both.
 
 # %%
-result = density.run_experiment(
-    dataset, mode, results_dir=out_dir, n_train=n_train, n_val=n_val, n_test=n_test, hole=hole,
-    epochs=epochs, batch_size=batch_size, lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
-    mse_warmup_epochs=mse_warmup_epochs, n_components=n_components, n_factors=n_factors, seed=seed,
-    profile=profile, device=dev, precision=precision,
-)
+result = density.experiment_from_parameters(globals(), results_dir=out_dir, device=dev)  # the parameters cell, as one set
 history = result["history"]
 print(f"model {Path(result['paths']['model']).name}: {result['n_train']} training images, {result['epochs']} epochs, "
       f"{result['n_parameters']:,} parameters, checkpoint {result['checkpoint_mb']:.1f} MB")

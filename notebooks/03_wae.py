@@ -93,12 +93,7 @@ from labkit.studies import wae
 if threads:
     torch.set_num_threads(int(threads))
 dev = labkit.resolve_device(device)
-cfg = wae.WAEConfig(
-    profile=profile, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, lr_disc=lr_disc,
-    lambda_adv=lambda_adv, recon=recon, precision=precision, n_train=n_train, n_test=n_test,
-    feature_epochs=feature_epochs,
-    dmfa_complete=dmfa_complete, dmfa_incomplete=dmfa_incomplete, results_dir=results_dir, device=device)
-cfg.check()
+cfg = wae.config_from_parameters(globals())   # the parameters cell above, handed over as one set
 out_dir = cfg.results_path()
 fronts = [wae.canonical_front(f) for f in fronts]
 print(f"device: {dev}; torch threads: {torch.get_num_threads()}; results -> {out_dir.resolve()}")

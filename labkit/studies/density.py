@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ from labkit.studies.density_checkpoints import (_json, checkpoint_megabytes, con
 from labkit.studies.density_figures import plot_acflow_inpainting, plot_history, plot_inpainting
 
 __all__ = [
+    "experiment_from_parameters",
     "AUTHORS_DENSITY",
     "load_or_train_dmfa",
     "load_or_fit_mfa",
@@ -257,6 +258,17 @@ def _figure_writer(fig, dpi: int = 110):
 def _csv_text(df) -> str:
     df.index.name = "image"
     return df.to_csv(float_format="%.6g")
+
+
+def experiment_from_parameters(namespace: Mapping[str, Any], **given) -> dict:
+    """:func:`run_experiment` with a notebook's parameters: the names of ``namespace`` (e.g. ``globals()``
+    after the parameters cell) that :func:`run_experiment` takes, overridden by ``given``."""
+    import inspect
+
+    names = set(inspect.signature(run_experiment).parameters)
+    kw = {k: v for k, v in namespace.items() if k in names and not k.startswith("_")}
+    kw.update(given)
+    return run_experiment(kw.pop("dataset"), kw.pop("mode"), **kw)
 
 
 def run_experiment(

@@ -51,6 +51,7 @@ from labkit.studies.wae_report import (AUTHORS_WAE_MNIST, COLUMN_NAMES, FD_NAME,
                                        settings_line, shared_settings, summary_table, table_markdown)
 
 __all__ = [
+    "config_from_parameters",
     "AUTHORS_WAE_MNIST",
     "COLUMN_NAMES",
     "COORDS",
@@ -203,6 +204,17 @@ class WAEConfig:
         from labkit.precision import resolve_precision
 
         return resolve_precision(self.precision, resolve_device(self.device))
+
+
+def config_from_parameters(namespace: Mapping[str, Any], **given) -> WAEConfig:
+    """A :class:`WAEConfig` from a notebook's parameters: the names of ``namespace`` (e.g. ``globals()``
+    after the parameters cell) that are its fields, overridden by ``given``; checked."""
+    fields = WAEConfig.__dataclass_fields__
+    kw = {k: v for k, v in namespace.items() if k in fields and not k.startswith("_")}
+    kw.update(given)
+    cfg = WAEConfig(**kw)
+    cfg.check()
+    return cfg
 
 
 def front_available(front: str, cfg: WAEConfig, dataset: str = "mnist") -> str | None:
