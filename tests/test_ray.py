@@ -83,7 +83,8 @@ def _cells(n=4, scale=2.0):
 
 
 def _store(folder: Path) -> ResultStore:
-    return ResultStore(folder / "toy.csv", coords=["x"], metrics=["value", "square"], details=folder / "runs.jsonl")
+    return ResultStore(folder / "toy.csv", coords=["x"], metrics=["value", "square"], details=folder / "runs.jsonl",
+                       int_coords=("x",))
 
 
 def _rows(store: ResultStore):
