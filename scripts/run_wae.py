@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Run (or resume) the WAE study from the command line, and write its README table.
+"""Run (or resume) the WAE study from the command line, and write its docs table.
 
     .venv/bin/python scripts/run_wae.py --profile cpu [--fronts gt zero ...] [--seeds 0 1 2]
                                          [--threads 1] [--wait] [-p key=value ...]
-    .venv/bin/python scripts/run_wae.py --profile cpu --table-only   # only the README table and figures
+    .venv/bin/python scripts/run_wae.py --profile cpu --table-only   # only the docs table and figures
 
 Settings come from the profile's ``03_wae`` section (``profiles/<profile>.yaml``); ``-p key=value``
 overrides any of them (values read as YAML; e.g. ``-p recipe=supplement -p epochs=2``,
@@ -14,8 +14,9 @@ skips what is done and resumes an interrupted cell from its last epoch. A cell t
 reported and the others run; the command then exits with status 1 listing the failed cells.
 
 At the end (and with ``--table-only``) the table of the planned cells is regenerated into
-``README.md`` between the ``<!-- wae-table:<profile> -->`` markers, or, when ``results_dir`` is
-overridden, into ``<results_dir>/table.md`` (a trial run never rewrites the README).
+``docs/wae.md`` (``--doc``) between the ``<!-- wae-table:<name> -->`` markers (``--marker``, default
+the profile's name; the file must hold them), or, when ``results_dir`` is overridden, into
+``<results_dir>/table.md`` (a trial run never rewrites the docs).
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-README = REPO / "README.md"
+DOC = REPO / "docs" / "wae.md"
 
 
-def write_table(profile: str, cfg, cells, readme: Path = README) -> str:
+def write_table(profile: str, cfg, cells, readme: Path = DOC, marker: str | None = None) -> str:
     """Regenerate the table of the planned ``cells`` (their rows in ``cfg``'s results) between
-    ``<!-- wae-table:<profile> -->`` and ``<!-- /wae-table:<profile> -->`` in ``readme`` (appended
-    at the end if the markers are absent)."""
+    ``<!-- wae-table:<marker> -->`` and ``<!-- /wae-table:<marker> -->`` in ``readme`` (``marker``:
+    default the profile's name). A file without the markers is only written when it is new (a
+    trial run's ``table.md``); an existing one without them is an error naming the file."""
     from labkit.studies import wae
 
     df = wae.read_results(cfg.results_path())
@@ -47,10 +49,16 @@ def write_table(profile: str, cfg, cells, readme: Path = README) -> str:
         info = (f"\n\n_{len(df)} of {len(keys)} planned runs; seeds {seeds}; generated from "
                 f"`{csv.relative_to(REPO) if csv.is_relative_to(REPO) else csv}` by "
                 f"`scripts/run_wae.py --profile {profile} --table-only`._")
-    block = f"<!-- wae-table:{profile} -->\n{table}{info}\n<!-- /wae-table:{profile} -->"
+    marker = marker or profile
+    block = f"<!-- wae-table:{marker} -->\n{table}{info}\n<!-- /wae-table:{marker} -->"
     text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    pattern = re.compile(rf"<!-- wae-table:{re.escape(profile)} -->.*?<!-- /wae-table:{re.escape(profile)} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    pattern = re.compile(rf"<!-- wae-table:{re.escape(marker)} -->.*?<!-- /wae-table:{re.escape(marker)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif not text.strip():
+        text = block + "\n"
+    else:
+        raise SystemExit(f"{readme} lacks the markers <!-- wae-table:{marker} --> ... <!-- /wae-table:{marker} -->")
     readme.parent.mkdir(parents=True, exist_ok=True)
     readme.write_text(text, encoding="utf-8")
     return table
@@ -72,6 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: only redraw the summary figures and rewrite the table from the CSV")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--doc", default=str(DOC), help="the Markdown file whose table to refresh (default docs/wae.md)")
+    ap.add_argument("--marker", default=None,
+                    help="the table's marker name in --doc: <!-- wae-table:NAME --> (default: the profile's name)")
     add_executor_arguments(ap)
     args = ap.parse_args(argv)
 
@@ -123,8 +134,8 @@ def main(argv=None) -> int:
             executor.close()
     cells = wae.plan_cells(params["dataset"], fronts, params["seeds"], cfg)
     write_figures(cfg, params["dataset"], cells)
-    readme = README if cfg.results_dir is None else cfg.results_path() / "table.md"
-    print(write_table(args.profile, cfg, cells, readme))
+    readme = Path(args.doc) if cfg.results_dir is None else cfg.results_path() / "table.md"
+    print(write_table(args.profile, cfg, cells, readme, marker=args.marker))
     print(f"[wae] table -> {readme}")
     if failure is not None:
         print(f"[wae] {failure}", file=sys.stderr)

@@ -17,7 +17,7 @@ Examples (the committed CPU runs)::
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mode complete --hole 10
     .venv/bin/python scripts/train_dmfa.py --profile cpu --mfa --holes 10 14 18
     .venv/bin/python scripts/train_dmfa.py --profile cpu --acflow     # score the trained ACFlow
-    .venv/bin/python scripts/train_dmfa.py --profile cpu --table README.md
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --table docs/density.md
     .venv/bin/python scripts/train_dmfa.py --profile cpu --throughput
 """
 from __future__ import annotations

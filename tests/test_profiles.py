@@ -267,3 +267,12 @@ def test_profile_precisions_are_known_names(name):
             assert params["precision"] in ("32", "bf16-mixed", "16-mixed", "auto"), (name, section, params["precision"])
             if params["precision"] != "16-mixed":
                 assert resolve_precision(params["precision"], "cpu") in ("32", "bf16-mixed")
+
+
+def test_a_quoted_override_stays_a_string():
+    from labkit.lab.profiles import parse_override
+
+    assert parse_override('precision="32"') == (None, "precision", "32")
+    assert parse_override("precision='32'") == (None, "precision", "32")
+    assert parse_override("lr=4e-5") == (None, "lr", 4e-5)
+    assert parse_override("n=3")[2] == 3 and parse_override("x=None")[2] is None

@@ -182,7 +182,8 @@ def parse_override(text: str) -> tuple[str | None, str, Any]:
     The value is read as YAML, so ``epochs=3`` gives an int, ``masks=[square,noise]`` a list and
     ``device=cuda`` a string. Two exceptions to YAML 1.1, for what a Python user types: a number
     with an exponent and no dot (``lr=4e-5``, a string to PyYAML) is a float, and ``None`` is
-    ``None`` (as are YAML's ``null`` and ``~``). Returns ``(notebook or None, key, value)``.
+    ``None`` (as are YAML's ``null`` and ``~``); a quoted value stays a string (``precision='"32"'``).
+    Returns ``(notebook or None, key, value)``.
     """
     if not isinstance(text, str) or "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value or notebook.key=value")
@@ -194,9 +195,10 @@ def parse_override(text: str) -> tuple[str | None, str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ValueError(f"override {text!r}: value {raw!r} is not valid YAML ({exc})") from exc
-    if isinstance(value, str) and value.strip() == "None":
+    quoted = raw.strip()[:1] in ("'", '"')       # precision='"32"' stays the string "32"
+    if isinstance(value, str) and value.strip() == "None" and not quoted:
         value = None
-    elif isinstance(value, str) and _NUMBER.match(value.strip()):
+    elif isinstance(value, str) and _NUMBER.match(value.strip()) and not quoted:
         number = value.strip()
         value = int(number) if number.lstrip("+-").isdigit() else float(number)
     return (notebook or None), key, value
