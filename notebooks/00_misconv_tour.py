@@ -18,7 +18,7 @@
 #
 # > M. Przewięźlikowski, M. Śmieja, Ł. Struski, J. Tabor, *MisConv: Convolutional Neural Networks
 # > for Missing Data*, WACV 2022, [arXiv:2110.14010](https://arxiv.org/abs/2110.14010). This tour
-# > follows the paper's section 3, the method: the missing pixels described by a mixture of factor
+# > follows the paper's method: the missing pixels described by a mixture of factor
 # > analyzers, and the closed form of the expected convolution followed by ReLU.
 #
 # A convolutional network cannot look at a pixel that is not there. The usual fix is to *fill*
@@ -275,7 +275,7 @@ print("exact:", exact.numpy().round(5), " MC with", mc_samples, "samples:", runn
 # one of the masked noise variances with the squared filter (the variance of a weighted sum
 # $\sum_i w_i Z_i$ under a low-rank-plus-diagonal covariance). The bias does not enter the
 # variance, and nothing observed does. An expectation is linear in the distribution, so the layer
-# returns the mixture of section 3's formula:
+# returns the mixture of the paper's formula:
 #
 # $$\mathrm{MisConv}(x) = \sum_{k=1}^K p_k\Big(\mu_k\,\Phi(\mu_k/\sigma_k) + \sigma_k\,\varphi(\mu_k/\sigma_k)\Big),
 # \qquad\text{shape } (B, C_\text{out}, H_\text{out}, W_\text{out}).$$
@@ -351,7 +351,7 @@ plt.show()
 # the **zero-filled** image, and of the **mean-filled** image (the MFA's best single guess).
 # Zero filling creates a hard edge the filters respond to; mean filling removes the edge but
 # forgets the uncertainty; MisConv keeps both the guess and the uncertainty. Check: its
-# activations are never below those of the mean-filled image (Jensen, section 3), and where no
+# activations are never below those of the mean-filled image (Jensen's inequality), and where no
 # missing pixel is in a filter's window the three coincide exactly.
 
 # %%

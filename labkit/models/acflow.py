@@ -1,5 +1,8 @@
 r"""ACFlow: an arbitrary-conditional normalizing flow imputer (baseline of the MisConv studies).
 
+Paper: Li, Akbar, Oliva, *ACFlow: Flow Models for Arbitrary Conditional Likelihoods*, ICML 2020,
+https://arxiv.org/abs/1909.06319.
+
 After Li, Akbar and Oliva, "ACFlow: Flow Models for Arbitrary Conditional Likelihoods" (ICML 2020),
 written from the paper's description in PyTorch (no code taken from the authors' TF1 release).
 

@@ -1,5 +1,10 @@
 r"""Deep mixtures of factor analyzers (DMFA): networks that inpaint with a density, not a point.
 
+Paper: *Estimating Conditional Density of Missing Values Using Deep Gaussian Mixture Model*,
+Przewięźlikowski, Śmieja, Struski, ICONIP 2020, https://arxiv.org/abs/2010.02183; the architectures
+are MisConv's supplementary section 1.1 (*MisConv: Convolutional Neural Networks for Missing Data*,
+Przewięźlikowski, Śmieja, Struski, Tabor, WACV 2022, https://arxiv.org/abs/2110.14010).
+
 A DMFA maps an incomplete image to the parameters of an :class:`~labkit.mfa.MFA` over its pixels,
 conditional on the observed ones (Przewięźlikowski, Śmieja, Struski, 2020; MisConv supplementary
 section 1.1). Its input is ``[x ⊙ observed, observed]`` (2C channels); the unknown pixels of ``x``

@@ -1,5 +1,9 @@
 r"""Training a DMFA (:mod:`labkit.models.dmfa`): the loss and the resumable trainer.
 
+Paper: *Estimating Conditional Density of Missing Values Using Deep Gaussian Mixture Model*,
+Przewięźlikowski, Śmieja, Struski, ICONIP 2020, https://arxiv.org/abs/2010.02183 (the NLL of the
+hidden pixels, complete and incomplete training data).
+
 Training (:func:`train_dmfa`, built on :func:`labkit.training.fit`, so resumable bit-identically):
 
 - ``mode="complete"``: every batch hides a fresh random square (default side H/2, 1/4 of the

@@ -1,5 +1,10 @@
 r"""Missing-data fronts: the first conv+ReLU of a network, one class per way of handling missing pixels.
 
+Paper: *MisConv: Convolutional Neural Networks for Missing Data*, Przewięźlikowski, Śmieja, Struski,
+Tabor, WACV 2022, https://arxiv.org/abs/2110.14010 (the MisConv layer; supplementary
+Table 1's baselines). Partial convolution: Liu et al., *Image Inpainting for Irregular Holes Using
+Partial Convolutions*, ECCV 2018, https://arxiv.org/abs/1804.07723.
+
 A *front* replaces the first ``conv + ReLU`` of a classifier (the classification study) or of an
 encoder (the WAE study). Every front has the same constructor and the same call::
 

@@ -1,5 +1,10 @@
 r"""Wasserstein autoencoders (WAE-GAN, Tolstikhin et al. 2018) trained on incomplete images.
 
+Papers: Tolstikhin et al., *Wasserstein Auto-Encoders*, ICLR 2018, https://arxiv.org/abs/1711.01558;
+the architectures and the study are MisConv's supplementary section 1.3 (*MisConv: Convolutional
+Neural Networks for Missing Data*, Przewięźlikowski, Śmieja, Struski, Tabor, WACV 2022,
+https://arxiv.org/abs/2110.14010).
+
 The encoder's first conv+ReLU is a missing-data *front* (:mod:`labkit.models.fronts`: zero imputation,
 partial convolution, DMFA mean imputation, MisConv, ground truth, ...); the rest is the
 architecture of the paper's supplementary material, section 1.3 (:data:`ARCHITECTURES`).

@@ -1,5 +1,8 @@
 r"""The classification study (notebook 02): every missing-data method on every mask kind, resumably.
 
+Reproduces supplementary Table 1 of *MisConv: Convolutional Neural Networks for Missing Data*,
+Przewięźlikowski, Śmieja, Struski, Tabor, WACV 2022, https://arxiv.org/abs/2110.14010.
+
 One *cell* = (dataset, mask kind, method, seed): the paper's classifier
 (:func:`labkit.models.classifier.build_classifier`) with the method's front
 (:data:`labkit.studies.imputers.METHODS`) trained and tested on images that carry that kind of

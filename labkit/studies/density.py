@@ -1,4 +1,9 @@
 r"""The density study (notebook 01, ``scripts/train_dmfa.py``): DMFA, classical MFA and ACFlow
+
+Reproduces the density comparison of *Estimating Conditional Density of Missing Values Using Deep
+Gaussian Mixture Model*, Przewięźlikowski, Śmieja, Struski, ICONIP 2020,
+https://arxiv.org/abs/2010.02183, as MisConv's DMFAs are evaluated.
+
 scored on the same test holes.
 
 Protocol: a model sees each test image with one ``hole x hole`` square hidden

@@ -1,5 +1,9 @@
 r"""The WAE study (notebook 03, ``scripts/run_wae.py``): WAE-GANs trained on incomplete images.
 
+Reproduces the WAE study of *MisConv: Convolutional Neural Networks for Missing Data*,
+Przewięźlikowski, Śmieja, Struski, Tabor, WACV 2022, https://arxiv.org/abs/2110.14010 (supplementary
+section 1.3).
+
 One *cell* = (dataset, front, seed): a :class:`labkit.models.wae.WAE` whose encoder starts with the
 front is trained on incomplete images and scored on the complete test images. The data, the fixed
 per-image masks (:mod:`labkit.studies.cells`) and the fronts' auxiliaries (imputations, per-image
