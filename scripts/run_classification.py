@@ -28,6 +28,7 @@ import torch
 
 from labkit.studies.classification import (paired_markdown, plot_results, run_sweep, sweep_config, table_markdown,
                                            update_markdown_table)
+from labkit.studies.classification_tables import settings_line
 from labkit.studies.engine import SweepFailed
 from labkit.studies.executors import add_executor_arguments
 from labkit.studies.reporting import replace_marked_block
@@ -55,8 +56,8 @@ def write_report(out_dir, profile: str, df, readme=None, *, stem: str = "accurac
     fig = plot_results(df, None, title=title)
     paired = paired_markdown(df)
     write_files({
-        out_dir / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds)\n\n"
-                                 + table_markdown(df) + "\n",
+        out_dir / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds); "
+                                 f"{settings_line(df)}\n\n" + table_markdown(df) + "\n",
         out_dir / f"{stem}_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
                                         "(mean ± std over seeds)\n\n" + paired + "\n",
         out_dir / f"{stem}.png": lambda p: fig.savefig(p, dpi=120, format="png"),

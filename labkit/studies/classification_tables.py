@@ -164,9 +164,20 @@ def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classi
     """
     n_cells = len(df)
     seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
+    shared = settings_line(df)
     body = (f"_Generated from the CSV by `labkit.studies.classification.update_markdown_table`: {n_cells} cells, "
-            f"seeds {seeds}._\n\n" + table_markdown(df, **kw))
+            f"seeds {seeds}{'; ' + shared if shared else ''}._\n\n" + table_markdown(df, **kw))
     return replace_marked_block(md_path, name, body)
+
+
+def settings_line(df) -> str:
+    """The settings every row of ``df`` shares, as one line (``""`` for frames without settings):
+    what a table states beside its numbers."""
+    shared = check_table_settings(df)
+    names = {"n_train": "training images (incl. validation)", "n_test": "test images", "epochs": "epochs",
+             "batch_size": "batch", "lr": "lr", "select": "epoch selection", "precision": "precision",
+             "val_fraction": "validation fraction"}
+    return ", ".join(f"{label} {shared[k]}" for k, label in names.items() if k in shared)
 
 
 #: what the paired table compares: (MisConv over a density, mean imputation from the same density)
@@ -235,7 +246,9 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv); black ticks: paper's Table 1"
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
+    shared = settings_line(df)
+    legend = f"{legend}\n{shared}" if shared else legend
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
