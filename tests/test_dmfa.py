@@ -560,3 +560,31 @@ def test_notebook_01_smoke_run_lowers_the_training_nll(tmp_path):
     assert len(acflow) == 60 and acflow[["nll", "nll_dequantized", "sse"]].notna().all().all()
     assert (acflow["n_missing"] == 14 * 14).all()
     assert "ACFlow" in density_table(results)
+
+
+def test_channels_last_training_matches_the_default_layout():
+    """The layout changes where values sit in memory, not what is computed: the same weights give the
+    same MFA in both layouts, and a float32 epoch the same losses (Adam turns last-bit differences of
+    near-zero gradients into lr-sized weight steps, so weights are not compared after training)."""
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    missing = square(8, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    a = dm.FullyConvDMFA((3, 8, 8), n_factors=1).eval()
+    b = dm.FullyConvDMFA((3, 8, 8), n_factors=1).eval()
+    b.load_state_dict(a.state_dict())
+    b.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ma = a(images, missing)
+        mb = b(images.contiguous(memory_format=torch.channels_last), missing.contiguous(memory_format=torch.channels_last))
+    for field in ("weights", "means", "factors", "variances"):
+        torch.testing.assert_close(getattr(mb, field), getattr(ma, field), rtol=1e-5, atol=1e-6)
+    histories = []
+    for layout in (False, True):
+        torch.manual_seed(0)
+        model = dm.FullyConvDMFA((3, 8, 8), n_factors=1)
+        histories.append(dmt.train_dmfa(model, images, epochs=1, batch_size=4, lr=1e-3, seed=0, device="cpu",
+                                        progress=False, precision="32", channels_last=layout))
+        if layout:
+            convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+            assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert histories[1][0]["nll"] == pytest.approx(histories[0][0]["nll"], rel=5e-3)
