@@ -101,8 +101,10 @@ fig, axes = plt.subplots(len(kinds), 6, figsize=(7, 3.6))
 for r, kind in enumerate(kinds):
     miss = cell_masks(dataset, "test", kind, 0, 6, *sample.shape[-2:])
     for c in range(6):
-        shown = sample[c].masked_fill(miss[c], float("nan"))[0] if sample.shape[1] == 1 else \
-            sample[c].masked_fill(miss[c].expand_as(sample[c]), 0.5).permute(1, 2, 0)
+        if sample.shape[1] == 1:
+            shown = sample[c].masked_fill(miss[c], float("nan"))[0]                      # NaN: drawn blank
+        else:   # RGB: an alpha channel, transparent (blank) where missing
+            shown = torch.cat([sample[c], (~miss[c]).float()]).permute(1, 2, 0)        # (H, W, 4)
         axes[r, c].imshow(shown, cmap="gray", vmin=0, vmax=1)
         axes[r, c].axis("off")
     axes[r, 0].set_title(kind, fontsize=8, loc="left")
@@ -129,30 +131,33 @@ if banner:
 from labkit.models.classifier import build_classifier
 from labkit.models.fronts import make_front
 
-print(build_classifier("mnist", "dmfa_misconv_complete"))
+batch = load_dataset(dataset, "test", limit=4, quiet=True).images                      # (4, C, H, W)
+C, H = batch.shape[1], batch.shape[2]
+arch = "cifar10" if dataset == "cifar10" else ("mnist" if C == 1 else "svhn")          # as the sweep's cells
+print(build_classifier(arch, "dmfa_misconv_complete", in_channels=C, image_size=H))
 
-batch = load_dataset(dataset, "test", limit=4, quiet=True).images                      # (4, 1, 28, 28)
-miss = cell_masks(dataset, "test", "square", 0, 4, *batch.shape[-2:])                  # bool (4, 1, 28, 28)
+miss = cell_masks(dataset, "test", "square", 0, 4, *batch.shape[-2:])                  # bool (4, 1, H, W)
 x = batch.masked_fill(miss.expand_as(batch), float("nan"))                            # NaN where missing
 torch.manual_seed(0)
-zero = make_front("zero", 1, 32, kernel_size=3, padding=1)
-misconv = make_front("dmfa_misconv_complete", 1, 32, kernel_size=3, padding=1)
+zero = make_front("zero", C, 32, kernel_size=3, padding=1)
+misconv = make_front("dmfa_misconv_complete", C, 32, kernel_size=3, padding=1)
 misconv.conv.load_state_dict(zero.conv.state_dict())                                  # same weights
 dmfa_path = cfg.resolve(cfg.dmfa_complete, dataset)
 with torch.no_grad():
-    a_zero = zero(x, miss, None)                                                      # (4, 32, 28, 28)
+    a_zero = zero(x, miss, None)                                                      # (4, 32, H, W)
     print("zero front:", tuple(x.shape), "->", tuple(a_zero.shape))
     if dmfa_path is not None and dmfa_path.is_file():
         from labkit.models.dmfa import load_dmfa, predict_mfa
 
         dmfa, _ = load_dmfa(dmfa_path, device="cpu")
         mfa = predict_mfa(dmfa, x, miss, device="cpu")                                # MFA of the missing pixels
-        a_mis = misconv(x, miss, mfa)                                                 # (4, 32, 28, 28)
+        a_mis = misconv(x, miss, mfa)                                                 # (4, 32, H, W)
         print("MisConv front:", tuple(x.shape), "+ MFA (K, L) =", tuple(mfa.factors.shape[1:3]), "->",
               tuple(a_mis.shape))
         fig, axes = plt.subplots(1, 3, figsize=(8, 2.8))
         for ax, img, title in zip(axes, (batch[0, 0].masked_fill(miss[0, 0], float("nan")), a_zero[0, 0], a_mis[0, 0]),
-                                  ("input (blank: missing)", "zero front, channel 0", "MisConv front, channel 0")):
+                                  ("input" + (", red channel" if C == 3 else "") + " (blank: missing)",
+                                   "zero front, channel 0", "MisConv front, channel 0")):
             im = ax.imshow(img, cmap="viridis")
             ax.set_title(title, fontsize=8)
             ax.axis("off")

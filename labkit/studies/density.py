@@ -427,10 +427,7 @@ def run_mfa_baseline(
     Files: ``<dataset>_mfa_K<K>_L<L>.pt`` (``-<digest8>`` added for a model of other settings, as in
     :func:`load_or_fit_mfa`) and, per hole, ``<that stem>[_h<hole>].{csv,json,png}``.
     """
-    import matplotlib.pyplot as plt
-
     from labkit.checkpoint import machine_description
-    from labkit.studies.engine import write_files
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
@@ -460,15 +457,25 @@ def run_mfa_baseline(
             "infer_threads": torch.get_num_threads(),
             "checkpoint_mb": checkpoint_megabytes(model_path), "csv_digest": csv_digest(csv_text),
         })
-        try:
-            write_files({out / f"{stem}.csv": csv_text, out / f"{stem}.json": json.dumps(setting, indent=1),
-                         out / f"{stem}.png": _figure_writer(fig)})
-        finally:
-            plt.close(fig)
-        setting["paths"] = {"csv": str(out / f"{stem}.csv"), "setting": str(out / f"{stem}.json"),
-                            "figure": str(out / f"{stem}.png")}
-        results.append(setting)
+        results.append(_write_result_set(out, stem, csv_text, setting, fig))
     return results
+
+
+def _write_result_set(out: Path, stem: str, csv_text: str, setting: dict, fig) -> dict:
+    """The per-image CSV, the JSON summary and the figure of one baseline run, written as one set
+    (:func:`labkit.studies.engine.write_files`); returns ``setting`` with their ``paths``."""
+    import matplotlib.pyplot as plt
+
+    from labkit.studies.engine import write_files
+
+    try:
+        write_files({out / f"{stem}.csv": csv_text, out / f"{stem}.json": json.dumps(setting, indent=1),
+                     out / f"{stem}.png": _figure_writer(fig)})
+    finally:
+        plt.close(fig)
+    setting["paths"] = {"csv": str(out / f"{stem}.csv"), "setting": str(out / f"{stem}.json"),
+                        "figure": str(out / f"{stem}.png")}
+    return setting
 
 
 def run_acflow_baseline(
@@ -497,11 +504,9 @@ def run_acflow_baseline(
     input: a missing one raises ``FileNotFoundError`` naming the script that trains it, an
     unreadable one a :class:`labkit.checkpoint.CheckpointError` saying it is an input.
     """
-    import matplotlib.pyplot as plt
-
     from labkit.checkpoint import machine_description
     from labkit.models.acflow import bits_per_dim, load_acflow
-    from labkit.studies.engine import file_digest, write_files
+    from labkit.studies.engine import file_digest
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
@@ -540,14 +545,7 @@ def run_acflow_baseline(
             "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
             "infer_threads": torch.get_num_threads(), "csv_digest": csv_digest(csv_text),
         })
-        try:
-            write_files({out / f"{stem}.csv": csv_text, out / f"{stem}.json": json.dumps(setting, indent=1),
-                         out / f"{stem}.png": _figure_writer(fig)})
-        finally:
-            plt.close(fig)
-        setting["paths"] = {"csv": str(out / f"{stem}.csv"), "setting": str(out / f"{stem}.json"),
-                            "figure": str(out / f"{stem}.png")}
-        results.append(setting)
+        results.append(_write_result_set(out, stem, csv_text, setting, fig))
     return results
 
 
