@@ -56,7 +56,7 @@ epochs = 1
 n_train: Optional[int] = 500  # training images: the first n of the split (None: all), n_val of them held out
 n_val = 50                # validation images for the per-epoch curve (0: none)
 n_test: Optional[int] = 100   # test images: the first n (None: all)
-hole = 14                 # side of the square holes, train and test (14: 1/4 of a 28x28 image)
+hole: Optional[int] = None    # side of the square holes, train and test (None: half the image's: 14 on 28x28, 16 on 32x32)
 batch_size = 48
 lr = 1.0e-3
 lr_milestones = []        # epochs at which the learning rate is multiplied by lr_gamma
@@ -170,7 +170,7 @@ display(Image(filename=result["paths"]["figure"]))
 # %%
 if mfa_components:
     mfa_results = density.run_mfa_baseline(
-        dataset, results_dir=out_dir, n_train=n_train, n_test=n_test, holes=[hole],
+        dataset, results_dir=out_dir, n_train=n_train, n_test=n_test, holes=[result["hole"]],  # the DMFA's holes
         n_components=mfa_components, n_factors=mfa_factors, iterations=mfa_iterations, seed=seed,
         profile=profile, device=dev,
     )
@@ -198,7 +198,7 @@ if mfa_components:
 acflow_path = paths.repo_path(acflow.format(dataset=dataset)) if acflow else None
 if acflow_path is not None and acflow_path.exists():
     for r in density.run_acflow_baseline(dataset, results_dir=out_dir, checkpoint=acflow_path, n_test=n_test,
-                                         holes=[hole], n_samples=acflow_samples, seed=seed, profile=profile,
+                                         holes=[result["hole"]], n_samples=acflow_samples, seed=seed, profile=profile,
                                          device=dev):
         print(f"ACFlow {r['hole']}x{r['hole']}: mean NLL {r['test_nll']:.1f} at exact values, "
               f"{r['test_nll_dequantized']:.1f} dequantised ({r['test_bits_per_dim']:.2f} bits/pixel); "

@@ -57,6 +57,12 @@ def check_table_settings(df) -> dict:
     return check_uniform(df, ignore=METHOD_SETTINGS, what="this table")
 
 
+def _paper_applies(df) -> bool:
+    """The paper's Table 1 and the authors' runs are MNIST numbers: shown beside MNIST rows only
+    (frames without a ``dataset`` column, made by hand, count as MNIST)."""
+    return "dataset" not in getattr(df, "columns", ()) or set(df["dataset"]) <= {"mnist"}
+
+
 def _summary(values) -> str:
     """``"mean ± std (n=k)"`` of the finite values (``""`` if none)."""
     v = np.asarray([x for x in values if x == x], dtype=float)
@@ -82,6 +88,7 @@ def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None, last
     if df.empty:
         return pd.DataFrame()
     check_table_settings(df)
+    with_paper = with_paper and _paper_applies(df)
     last_epoch = last_epoch and "accuracy_last" in df.columns
     masks = [m for m in MASK_ORDER if m in set(df["mask"])]
     methods = [m for m in METHOD_ORDER if m in set(df["method"])] + sorted(set(df["method"]) - set(METHOD_ORDER))
@@ -221,6 +228,7 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
     import matplotlib.pyplot as plt
 
     check_table_settings(df)
+    paper = PAPER_TABLE1 if _paper_applies(df) else {}
     masks = [m for m in MASK_ORDER if m in set(df["mask"])]
     methods = [m for m in METHOD_ORDER if m in set(df["method"])]
     # one y range per mask: the trapezoid column sits ~30 points below the others, and a shared axis
@@ -235,17 +243,18 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
             ax.bar(i, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, color="C0" if "misconv" not in meth
                    else "C3", alpha=0.75, capsize=3)
             ax.plot(np.full(len(acc), i), acc, "k.", ms=3)
-            p = PAPER_TABLE1.get(meth, {}).get(mk)
+            p = paper.get(meth, {}).get(mk)
             if p is not None:
                 ax.plot([i - 0.4, i + 0.4], [p, p], "k-", lw=2)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(mk)
-        shown = list(sub["accuracy"]) + [v for m in methods if (v := PAPER_TABLE1.get(m, {}).get(mk)) is not None]
+        shown = list(sub["accuracy"]) + [v for m in methods if (v := paper.get(m, {}).get(mk)) is not None]
         ax.set_ylim(max(0.0, min(shown) - 0.03), 1.0)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
-    legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv); black ticks: paper's Table 1"
+    legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv)" + \
+        ("; black ticks: paper's Table 1" if paper else "")
     shared = settings_line(df)
     legend = f"{legend}\n{shared}" if shared else legend
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)

@@ -249,6 +249,11 @@ def _timed_evaluate(model, images, missing, *, batch_size, device):
     return df, seconds
 
 
+def _hole_sides(holes: Sequence[int | None], height: int) -> list[int]:
+    """The hole sides to score, ``None`` read as the default ``height // 2`` (as :func:`run_experiment`)."""
+    return [height // 2 if h is None else _check_int(h, "hole", 1) for h in holes]
+
+
 def _load_split(dataset: str, split: str, limit: int | None):
     from labkit.data import load_dataset
 
@@ -409,7 +414,7 @@ def run_mfa_baseline(
     results_dir: str | os.PathLike,
     n_train: int | None,
     n_test: int | None,
-    holes: Sequence[int] = (14,),
+    holes: Sequence[int | None] = (None,),
     n_components: int = 20,
     n_factors: int = 4,
     iterations: int = 30,
@@ -431,6 +436,7 @@ def run_mfa_baseline(
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
+    holes = _hole_sides(holes, H)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"mfa_K{n_components}_L{n_factors}"
@@ -484,7 +490,7 @@ def run_acflow_baseline(
     results_dir: str | os.PathLike,
     checkpoint: str | os.PathLike,
     n_test: int | None,
-    holes: Sequence[int] = (14,),
+    holes: Sequence[int | None] = (None,),
     n_samples: int = 4,
     seed: int = 0,
     profile: str | None = None,
@@ -510,6 +516,7 @@ def run_acflow_baseline(
 
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
+    holes = _hole_sides(holes, H)
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"no ACFlow checkpoint at {str(checkpoint)!r} (an input of this step); train one "

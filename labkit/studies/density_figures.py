@@ -2,7 +2,9 @@ r"""Figures of the density study (:mod:`labkit.studies.density`): inpainting gri
 
 - :func:`plot_inpainting`: per image the original, the masked input, the mixture mean, samples, the
   per-pixel standard deviation and the factors of the most probable component (any
-  ``forward(x, missing) -> MFA`` model: DMFA, classical MFA);
+  ``forward(x, missing) -> MFA`` model: DMFA, classical MFA). Images are drawn in grey or RGB; the
+  standard deviation is one map per image (RGB: the mean over the three channels) on one colour
+  scale for the whole column, with a colour bar in pixel-value units (pixels lie in [0, 1]);
 - :func:`plot_acflow_inpainting`: the same grid for an ACFlow (moments from 16 samples);
 - :func:`plot_history`: a DMFA's training curves.
 """
@@ -35,9 +37,12 @@ def plot_inpainting(model: nn.Module, images: Tensor, missing: Tensor, *, n_samp
 
     Args:
         model: ``forward(x, missing) -> MFA``.
-        images: ``(n, C, H, W)`` a few complete images. missing: bool ``(n, 1, H, W)``.
+        images: ``(n, C, H, W)`` a few complete images, C = 1 (grey) or 3 (RGB).
+        missing: bool ``(n, 1, H, W)`` or ``(n, C, H, W)``.
     Returns:
-        a matplotlib Figure.
+        a matplotlib Figure: ``n`` rows of ``4 + n_samples + L`` image panels (titles in the
+        first row) and one colour bar under the std column (std in pixel values; RGB: the mean of
+        the channels' std). Factor panels show the mean over the channels.
     """
     images = _check_images(images, "images")
     mfa = predict_mfa(model, images, missing, batch_size=len(images), device=device)
@@ -59,8 +64,13 @@ def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, s
     n_samples, L = samples.shape[0], 0 if factors is None else factors.shape[1]
     cols = ["original", "input", mean_label] + [f"sample {i + 1}" for i in range(n_samples)] + ["std"] + \
            [f"factor {j + 1}" for j in range(L)]
-    n = len(x)
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.4 * n + 0.4), squeeze=False)
+    n, C = x.shape[:2]
+    std_col = 3 + n_samples
+    # one per-pixel map per image (RGB: the mean of the three channels' std), on one colour scale
+    # for the whole column so that rows compare; observed pixels are 0
+    sd_maps = torch.where(miss, std, torch.zeros(())).mean(1)                 # (n, H, W)
+    sd_max = max(float(sd_maps.max()), 1e-6)
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.4 * n + 0.9), squeeze=False)
     for i in range(n):
         fill = lambda v: torch.where(miss[i], v, x[i])  # noqa: E731 - observed pixels from x
         masked = x[i].expand(3, -1, -1).clone() if x.shape[1] == 1 else x[i].clone()
@@ -70,8 +80,7 @@ def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, s
         panels = [_show(x[i]), _show(masked), _show(fill(mean[i]))] + [_show(fill(samples[s, i])) for s in range(n_samples)]
         for j, p in enumerate(panels):
             axes[i, j].imshow(p, cmap="gray", vmin=0, vmax=1)
-        sd = torch.where(miss[i], std[i], torch.zeros(())).mean(0).numpy()
-        axes[i, len(panels)].imshow(sd, cmap="magma", vmin=0)
+        sd_image = axes[i, std_col].imshow(sd_maps[i].numpy(), cmap="magma", vmin=0, vmax=sd_max)
         for l in range(L):
             f = torch.where(miss[i], factors[i, l], torch.zeros(())).mean(0).numpy()
             lim = max(float(np.abs(f).max()), 1e-6)
@@ -81,6 +90,11 @@ def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, s
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    # the std column's colour bar, under its last panel: pixel values are on the [0, 1] scale
+    bar = fig.colorbar(sd_image, cax=axes[-1, std_col].inset_axes([0.0, -0.32, 1.0, 0.1]), orientation="horizontal")
+    bar.set_label("std, pixel value (0-1)" if C == 1 else "std, mean of R,G,B\n(pixel value, 0-1)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    bar.ax.xaxis.set_major_locator(plt.MaxNLocator(3))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
