@@ -19,6 +19,19 @@ Examples (the committed CPU runs)::
     .venv/bin/python scripts/train_dmfa.py --profile cpu --acflow     # score the trained ACFlow
     .venv/bin/python scripts/train_dmfa.py --profile cpu --table docs/density.md
     .venv/bin/python scripts/train_dmfa.py --profile cpu --throughput
+
+Several DMFA runs at once (a grid; any of the lists, the others default to the single run's value)::
+
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --modes complete incomplete \
+        --missing-kinds square trapezoid noise --seeds 0 1 --holes 14
+    .venv/bin/python scripts/train_dmfa.py --profile cpu --modes complete --seeds 0 1 --executor ray
+
+Each run of a grid is a cell of the engine (labkit.studies.density_sweep): its files are those of
+the single run, and a row goes to ``<results>/density.csv`` (details in ``density_runs.jsonl``) under
+its key (settings and data fingerprints), so the same command again skips recorded runs. A run that
+fails is reported and the others go on; the command then exits with status 1, listing them.
+``--executor ray`` runs them as Ray tasks (docs/cluster.md). Without a list flag or ``--executor
+ray`` the command makes the single run it always made (no row in density.csv).
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ import torch
 from labkit import paths
 from labkit.masks import MASK_KINDS
 from labkit.studies import density
+from labkit.studies.executors import add_executor_arguments
 
 try:
     from labkit.lab.profiles import notebook_parameters
@@ -56,16 +70,64 @@ def write_table(doc: Path, results_dir: Path, dataset: str) -> str:
     return table
 
 
+def run_grid(args, params: dict, out: Path, device) -> int:
+    """The grid of DMFA runs as engine cells (:func:`labkit.studies.density_sweep.run_density_sweep`);
+    0 when every cell is recorded, 1 when some failed (listed), 2 when the executor cannot be built."""
+    from labkit.studies.density_sweep import density_store, run_density_sweep
+    from labkit.studies.engine import SweepFailed
+    from labkit.studies.executors import ExecutorError, make_executor
+
+    modes = args.modes or [params["mode"]]
+    kinds = args.missing_kinds or [args.missing_kind or "square"]
+    holes = args.holes or [params["hole"]]
+    seeds = args.seeds or [params["seed"]]
+    settings = {k: params[k] for k in ("n_train", "n_val", "n_test", "epochs", "batch_size", "lr", "lr_milestones",
+                                       "lr_gamma", "mse_warmup_epochs", "n_components", "n_factors", "precision")
+                if params.get(k) is not None}
+    run = {"results_dir": out, "device": device, "profile": params["profile"], "progress": not args.no_progress}
+    try:
+        executor = make_executor(args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
+                                 threads=int(params.get("threads") or 1))
+    except ExecutorError as exc:
+        print(f"[train_dmfa] {exc}", flush=True)
+        return 2
+    try:
+        outcomes = run_density_sweep(params["dataset"], modes, kinds, holes, seeds, {**settings, **run},
+                                     executor=executor, raise_on_failure=False)
+    except (ValueError, TypeError, FileNotFoundError) as exc:     # the grid cannot be planned; nothing ran
+        print(f"[train_dmfa] {type(exc).__name__}: {exc}", flush=True)
+        return 2
+    finally:
+        executor.close()
+    rows = density_store(out).read(report=False)
+    rows = rows[rows["key"].isin([o.cell.key for o in outcomes])]
+    for r in rows.itertuples():
+        print(f"{r.dataset} {r.mode} {r.missing_kind} {r.hole}x{r.hole} seed {r.seed}: test NLL {r.test_nll:.2f}  "
+              f"SSE {r.test_sse:.3f}  (#{r.key[:8]})")
+    print(f"[train_dmfa] {len(rows)} of {len(outcomes)} planned runs recorded in {out / 'density.csv'}", flush=True)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"[train_dmfa] {SweepFailed(failed)}", flush=True)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="cpu", help="profile whose 01_dmfa section gives the defaults (default cpu)")
     p.add_argument("--dataset")
     p.add_argument("--mode", choices=["complete", "incomplete"])
     p.add_argument("--hole", type=int, help="side of the square holes, train and test")
-    p.add_argument("--missing-kind", choices=list(MASK_KINDS), default="square",
+    p.add_argument("--missing-kind", choices=list(MASK_KINDS), default=None,
                    help="with --mode incomplete: the kind of the training images' truly missing data "
                         "(files <dataset>_incomplete_<kind>.* unless square; trapezoid_inside: the earlier "
-                        "inside-the-image trapezoid, of the committed mnist_incomplete_trapezoid_inside.*)")
+                        "inside-the-image trapezoid, of the committed mnist_incomplete_trapezoid_inside.*; "
+                        "default square)")
+    p.add_argument("--modes", nargs="+", choices=["complete", "incomplete"],
+                   help="grid: DMFA runs of these modes (complete runs have no missing kind)")
+    p.add_argument("--missing-kinds", nargs="+", choices=list(MASK_KINDS),
+                   help="grid: incomplete-data runs of these missing-data kinds")
+    p.add_argument("--seeds", type=int, nargs="+", help="grid: DMFA runs of these seeds")
     p.add_argument("--epochs", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-val", type=int)
@@ -77,7 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: profile's, else torch's)")
     p.add_argument("--results-dir", help="default results/dmfa/<profile>")
     p.add_argument("--mfa", action="store_true", help="fit and score the classical MFA baseline instead")
-    p.add_argument("--holes", type=int, nargs="+", help="with --mfa/--acflow: hole sides to score (default: --hole)")
+    p.add_argument("--holes", type=int, nargs="+",
+                   help="with --mfa/--acflow: hole sides to score (default: --hole); else a grid of DMFA runs "
+                        "of these hole sides")
     p.add_argument("--mfa-components", type=int)
     p.add_argument("--mfa-factors", type=int)
     p.add_argument("--mfa-iterations", type=int)
@@ -87,7 +151,19 @@ def main(argv=None) -> int:
     p.add_argument("--throughput", action="store_true",
                    help="only measure training/inference images/s with 1 and 2 threads -> <results>/throughput.json")
     p.add_argument("--no-progress", action="store_true")
+    add_executor_arguments(p)
     args = p.parse_args(argv)
+    other_step = args.mfa or args.acflow or args.table or args.throughput
+    grid_flags = [f for f, v in (("--modes", args.modes), ("--missing-kinds", args.missing_kinds),
+                                 ("--seeds", args.seeds)) if v]
+    if other_step and (grid_flags or args.executor != "local"):
+        p.error(f"{', '.join(grid_flags + (['--executor ray'] if args.executor != 'local' else []))} "
+                "apply to DMFA runs, not to --mfa/--acflow/--table/--throughput")
+    for single, many in (("mode", "modes"), ("missing_kind", "missing_kinds"), ("seed", "seeds")):
+        if getattr(args, single) is not None and getattr(args, many):
+            p.error(f"give --{single.replace('_', '-')} or --{many.replace('_', '-')}, not both")
+    if args.hole is not None and args.holes and not other_step:
+        p.error("give --hole or --holes, not both")
 
     params = notebook_parameters(args.profile, "01_dmfa")
     for name in ("dataset", "mode", "hole", "epochs", "n_train", "n_val", "n_test", "batch_size", "lr", "seed",
@@ -138,13 +214,17 @@ def main(argv=None) -> int:
                   f"NLL {r['test_nll']:.2f}  SSE {r['test_sse']:.3f}  ({r['infer_images_per_s']:.0f} images/s)")
         return 0
 
+    if grid_flags or args.holes or args.executor != "local":
+        return run_grid(args, params, out, device)
+
     result = density.run_experiment(
         params["dataset"], params["mode"], results_dir=out, n_train=params["n_train"], n_val=params.get("n_val", 0),
         n_test=params["n_test"], hole=params["hole"], epochs=params["epochs"], batch_size=params["batch_size"],
         lr=params["lr"], lr_milestones=params.get("lr_milestones") or (), lr_gamma=params.get("lr_gamma", 1.0),
         mse_warmup_epochs=params.get("mse_warmup_epochs", 0), n_components=params.get("n_components", 1),
-        n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind, seed=params["seed"],
+        n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind or "square", seed=params["seed"],
         profile=params["profile"], device=device, progress=not args.no_progress,
+        precision=params.get("precision", "32"),
     )
     print(f"{result['dataset']} {result['mode']} {result['hole']}x{result['hole']}: test NLL {result['test_nll']:.2f}  "
           f"SSE {result['test_sse']:.3f}; train {result['train_images_per_s']:.0f} images/s, "

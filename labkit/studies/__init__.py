@@ -7,6 +7,7 @@
 - :mod:`labkit.studies.density`         the DMFA / MFA / ACFlow density study (notebook 01)
 - :mod:`labkit.studies.density_checkpoints`  its checkpoints: reused only when trained with the same settings
 - :mod:`labkit.studies.density_figures` its inpainting grids and training curves
+- :mod:`labkit.studies.density_sweep`   its DMFA runs as engine cells (a grid, ``density.csv``)
 - :mod:`labkit.studies.wae`             the WAE study (notebook 03)
 - :mod:`labkit.studies.wae_features`    its feature network (Fréchet distances)
 - :mod:`labkit.studies.wae_report`      its tables and figures

@@ -1,0 +1,232 @@
+"""labkit.studies.density_sweep and scripts/train_dmfa.py's grid mode: DMFA runs as engine cells.
+
+Tiny runs on the offline MNIST (40 training images, 20 test images, one epoch: a few seconds a
+cell), each in a temporary results folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit.studies import density
+from labkit.studies.density_sweep import (COMPLETE_KIND, _waves, density_store, plan_density_cells, run_density_cell,
+                                          run_density_sweep)
+from labkit.studies.engine import LocalExecutor, SweepFailed
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_train=40, n_val=0, n_test=20, epochs=1, batch_size=20, lr=1e-3, n_figure=2, device="cpu",
+            progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: two OpenMP threads on a busy 2-core machine spin-wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_dmfa_script", REPO / "scripts" / "train_dmfa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_result(*, fail_seed: int | None = None, calls: list | None = None):
+    """A stand-in for run_experiment: records its arguments, raises for ``fail_seed``."""
+    def fake(dataset, mode, **kw):
+        if calls is not None:
+            calls.append({"dataset": dataset, "mode": mode, **kw})
+        if kw["seed"] == fail_seed:
+            raise RuntimeError(f"planted failure of seed {fail_seed}")
+        return {"n_train": kw["n_train"], "n_val": None, "n_test": kw["n_test"], "test_nll": -10.0 - kw["seed"],
+                "test_sse": 3.0 + kw["seed"], "paths": {"csv": str(Path(kw["results_dir"]) / "x.csv")}}
+    return fake
+
+
+# ---------------------------------------------------------------------------- planning
+def test_the_grid_has_one_complete_cell_per_hole_and_seed():
+    cells = plan_density_cells("mnist", ["complete", "incomplete"], ["square", "noise"], [None, 10], [0, 1], TINY)
+    coords = [(c.coords["mode"], c.coords["missing_kind"], c.coords["hole"], c.coords["seed"]) for c in cells]
+    assert coords == [(m, k, h, s) for s in (0, 1) for h in (14, 10)
+                      for m, k in (("complete", COMPLETE_KIND), ("incomplete", "square"), ("incomplete", "noise"))]
+    assert len({c.key for c in cells}) == len(cells)
+    s = cells[0].settings
+    assert s == {"n_train": 40, "n_val": 0, "n_test": 20, "epochs": 1, "batch_size": 20, "lr": 1e-3,
+                 "lr_milestones": [], "lr_gamma": 1.0, "mse_warmup_epochs": 0, "n_components": 1, "n_factors": 4,
+                 "precision": "32"}
+    # the same hole written twice (None is 14 on MNIST) is one cell, not two
+    assert len(plan_density_cells("mnist", ["complete"], ["square"], [None, 14], [0], TINY)) == 1
+    with pytest.raises(ValueError, match="unknown mode.*sideways"):
+        plan_density_cells("mnist", ["sideways"], ["square"], [14], [0], TINY)
+    with pytest.raises(ValueError, match="unknown missing kind.*blob"):
+        plan_density_cells("mnist", ["incomplete"], ["blob"], [14], [0], TINY)
+    with pytest.raises(ValueError, match="unknown density parameter.*epoch_count"):
+        plan_density_cells("mnist", ["complete"], ["square"], [14], [0], {**TINY, "epoch_count": 3})
+    with pytest.raises(ValueError, match="required"):
+        plan_density_cells("mnist", ["complete"], ["square"], [14], [0], {k: v for k, v in TINY.items() if k != "lr"})
+
+
+def test_keys_change_with_a_setting_and_with_the_data_not_with_run_options(monkeypatch, tmp_path):
+    grid = ("mnist", ["complete", "incomplete"], ["square"], [14], [0])
+    base = plan_density_cells(*grid, TINY)
+    # run options (where files go, progress bars, figure size) are not settings
+    same = plan_density_cells(*grid, {**TINY, "results_dir": tmp_path, "progress": True, "n_figure": 5,
+                                      "profile": "x"})
+    assert [c.key for c in same] == [c.key for c in base]
+    # a setting: other keys, same coordinates
+    longer = plan_density_cells(*grid, {**TINY, "epochs": 2})
+    assert [c.coords for c in longer] == [c.coords for c in base]
+    assert not {c.key for c in longer} & {c.key for c in base}
+    assert longer[0].settings["epochs"] == 2
+    # other images, same count and source: other keys
+    real = density._load_split
+
+    def other_images(dataset, split, limit):
+        got = real(dataset, split, limit)
+        if split == "train":
+            got.images = got.images.flip(-1).contiguous()
+        return got
+
+    monkeypatch.setattr(density, "_load_split", other_images)
+    flipped = plan_density_cells(*grid, TINY)
+    assert [c.coords for c in flipped] == [c.coords for c in base]
+    assert not {c.key for c in flipped} & {c.key for c in base}
+    assert flipped[0].inputs["test"] == base[0].inputs["test"]
+
+
+def test_waves_never_run_two_cells_of_one_stem_at_once():
+    cells = plan_density_cells("mnist", ["complete", "incomplete"], ["square", "noise"], [14], [0, 1, 2], TINY)
+    waves = _waves(cells, done=set())
+    assert [len(w) for w in waves] == [3, 3, 3]
+    for wave in waves:
+        assert len({(c.coords["mode"], c.coords["missing_kind"]) for c in wave}) == len(wave)
+        assert len({c.coords["seed"] for c in wave}) == 1
+    # cells already done do not hold up the others: they go in the first wave
+    done = {cells[0].key}
+    waves = _waves(cells, done=done)
+    assert waves[0][0] is cells[0] and sum(len(w) for w in waves) == len(cells)
+
+
+# ---------------------------------------------------------------------------- running
+def test_a_sweep_records_one_row_per_cell_and_a_rerun_skips_them(tmp_path):
+    params = {**TINY, "results_dir": tmp_path}
+    cells = plan_density_cells("mnist", ["complete"], ["square"], [14], [0, 1], params)
+    out = run_density_sweep("mnist", ["complete"], ["square"], [14], [0, 1], params, executor=LocalExecutor())
+    assert [o.status for o in out] == ["ran", "ran"]
+    rows = density_store(tmp_path).read()
+    assert sorted(rows["key"]) == sorted(c.key for c in cells)
+    assert set(rows["missing_kind"]) == {COMPLETE_KIND} and sorted(rows["seed"]) == [0, 1]
+    # each row holds what the run's JSON summary says, and its files are the run's own
+    details = {d["key"]: d for d in density_store(tmp_path).read_details()}
+    stems = set()
+    for r in rows.itertuples():
+        summary = json.loads((tmp_path / details[r.key]["files"]["setting"]).read_text())
+        assert summary["seed"] == r.seed and summary["epochs"] == 1
+        assert r.test_nll == pytest.approx(summary["test_nll"]) and r.test_sse == pytest.approx(summary["test_sse"])
+        stems.add(Path(details[r.key]["files"]["csv"]).stem)
+    assert len(stems) == 2                      # seed 1 got its own files beside seed 0's
+    before = (tmp_path / "density.csv").read_bytes()
+    again = run_density_sweep("mnist", ["complete"], ["square"], [14], [0, 1], params)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert (tmp_path / "density.csv").read_bytes() == before
+
+
+def test_run_density_cell_passes_the_cells_settings_and_writes_no_row(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(density, "run_experiment", _fake_result(calls=calls))
+    [cell] = plan_density_cells("mnist", ["incomplete"], ["noise"], [10], [3], {**TINY, "epochs": 4, "lr": 0.01})
+    out = run_density_cell(cell, {"results_dir": tmp_path, "device": "cpu", "progress": False})
+    assert out["metrics"] == {"test_nll": -13.0, "test_sse": 6.0}
+    [kw] = calls
+    assert (kw["mode"], kw["missing_kind"], kw["hole"], kw["seed"]) == ("incomplete", "noise", 10, 3)
+    assert (kw["epochs"], kw["lr"], kw["n_train"], kw["n_test"], kw["precision"]) == (4, 0.01, 40, 20, "32")
+    assert not (tmp_path / "density.csv").exists()
+    # images other than those planned on (another data file on a worker) are refused
+    real = density._load_split
+
+    def other_images(dataset, split, limit):
+        got = real(dataset, split, limit)
+        got.images = 1 - got.images
+        return got
+
+    monkeypatch.setattr(density, "_load_split", other_images)
+    with pytest.raises(Exception, match="differ from those the cell was planned on"):
+        run_density_cell(cell, {"results_dir": tmp_path})
+    assert len(calls) == 1
+
+
+def test_a_failing_cell_is_reported_and_the_other_is_recorded(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(density, "run_experiment", _fake_result(fail_seed=1))
+    params = {**TINY, "results_dir": tmp_path}
+    with pytest.raises(SweepFailed) as info:
+        run_density_sweep("mnist", ["complete"], ["square"], [14], [0, 1], params)
+    [failed] = info.value.failed
+    assert failed.cell.coords["seed"] == 1 and "planted failure of seed 1" in failed.error
+    rows = density_store(tmp_path).read()
+    assert list(rows["seed"]) == [0] and list(rows["test_nll"]) == [-10.0]
+    # the script: the failure is listed, the exit status is 1, the recorded row is shown
+    argv = ["--results-dir", str(tmp_path), "--n-train", "40", "--n-val", "0", "--n-test", "20", "--epochs", "1",
+            "--batch-size", "20", "--device", "cpu", "--no-progress", "--modes", "complete", "--seeds", "0", "1"]
+    capsys.readouterr()
+    assert _script().main(argv) == 1
+    out = capsys.readouterr().out
+    assert "1 cell(s) failed" in out and "mnist/complete/none/14/s1" in out and "planted failure of seed 1" in out
+    assert "mnist complete none 14x14 seed 0: test NLL -10.00" in out
+
+
+def test_script_grid_flags_and_help(capsys, tmp_path):
+    script = _script()
+    with pytest.raises(SystemExit) as info:
+        script.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--executor", "--address", "--gpus-per-cell", "--modes", "--missing-kinds", "--seeds", "--holes"):
+        assert flag in text
+    for bad in (["--mfa", "--seeds", "0", "1"], ["--mode", "complete", "--modes", "incomplete"],
+                ["--table", "x.md", "--executor", "ray"]):
+        with pytest.raises(SystemExit) as info:
+            script.main(["--results-dir", str(tmp_path), *bad])
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "apply to DMFA runs" in err and "give --mode or --modes, not both" in err
+    # an executor that cannot be built: exit status 2, nothing run
+    assert script.main(["--results-dir", str(tmp_path), "--executor", "ray", "--address", "nowhere"]) == 2
+    assert not (tmp_path / "density.csv").exists()
+
+
+# ---------------------------------------------------------------------------- Ray
+def test_ray_records_the_same_rows_as_local(tmp_path):
+    pytest.importorskip("ray")
+    from labkit.studies.executors import make_executor
+
+    grid = ("mnist", ["complete", "incomplete"], ["square"], [14], [0])
+    local = run_density_sweep(*grid, {**TINY, "results_dir": tmp_path / "local"})
+    assert [o.status for o in local] == ["ran", "ran"]
+    # a short path: Ray's unix sockets live under it (socket paths are limited to ~107 bytes)
+    temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")
+    started = time.perf_counter()
+    executor = make_executor("ray", num_cpus=2, threads=1, init_kwargs={"_temp_dir": temp, "log_to_driver": False})
+    try:
+        remote = run_density_sweep(*grid, {**TINY, "results_dir": tmp_path / "ray"}, executor=executor)
+    finally:
+        executor.close()
+        shutil.rmtree(temp, ignore_errors=True)
+    print(f"two density cells on Ray: {time.perf_counter() - started:.0f} s")
+    assert [o.status for o in remote] == ["ran", "ran"]
+    a = density_store(tmp_path / "local").read().sort_values("key").reset_index(drop=True)
+    b = density_store(tmp_path / "ray").read().sort_values("key").reset_index(drop=True)
+    assert list(a["key"]) == list(b["key"])
+    for m in ("test_nll", "test_sse"):
+        assert list(b[m]) == pytest.approx(list(a[m]), rel=1e-5)
+    assert {d["files"]["csv"] for d in density_store(tmp_path / "ray").read_details()} == \
+        {"mnist_complete.csv", "mnist_incomplete.csv"}
