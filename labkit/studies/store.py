@@ -108,9 +108,14 @@ def write_files(files: Mapping[str | os.PathLike, bytes | str | Callable[[Path],
 
 def _roll_forward(journal: Path) -> None:
     folder = journal.parent
-    plan = json.loads(journal.read_text())
+    try:
+        plan = json.loads(journal.read_text())
+    except FileNotFoundError:                  # another process finished this set already
+        return
     for tmp, final in plan:
-        if (folder / tmp).exists():
+        # another writer's recover() may be rolling the same journal forward: a temporary that has
+        # vanished was renamed by it
+        with contextlib.suppress(FileNotFoundError):
             os.replace(folder / tmp, folder / final)
     journal.unlink(missing_ok=True)
 
