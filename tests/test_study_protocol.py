@@ -180,3 +180,19 @@ def test_knn_chooses_k_without_looking_at_the_truly_missing_pixels(tmp_path):
     scores = info["knn_val_sse_per_image"]
     assert all(np.isfinite(v) for v in scores.values()), scores
     assert info["knn_k"] == min(scores, key=scores.get)
+
+
+def test_a_checkpoint_that_appears_mid_sweep_runs_before_later_seeds(tmp_path):
+    calls = []
+    ck = tmp_path / "dmfa_mnist.pt"
+
+    def run(cell, cfg):
+        calls.append((cell.coords["method"], cell.coords["seed"]))
+        ck.write_bytes(b"trained meanwhile")          # the DMFA lands while the first cell runs
+        return {"metrics": {"accuracy": 0.5}}
+
+    cfg = SweepConfig(results_dir=str(tmp_path), dmfa_complete=str(tmp_path / "dmfa_{dataset}.pt"), n_train=60,
+                      n_test=20, progress=False)
+    run_sweep(["mnist"], ["square"], ["zero", "dmfa_misconv_complete"], [0, 1], "t", config=cfg, _run_cell=run,
+              progress=False)
+    assert calls == [("zero", 0), ("dmfa_misconv_complete", 0), ("zero", 1), ("dmfa_misconv_complete", 1)]

@@ -347,28 +347,44 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
             raise ValueError(f"unknown mask kind {m!r}; valid: {', '.join(MASK_KINDS)}")
     store = result_store(cfg.results_path())
     fn = functools.partial(_run_cell or run_cell, cfg=cfg)
-    failed, ran = [], 0
+    failed: dict[str, Any] = {}
+    ran = 0
+    said: set[str] = set()
+
+    def log(text: str) -> None:         # each "skipped"/"waiting" line once per sweep, not once per round
+        if (" skipped " in text or " waiting " in text) and text in said:
+            return
+        said.add(text)
+        print(text, flush=True)
+
+    seeds = [int(s) for s in seeds]
     while True:
-        cells = plan_cells(datasets, masks, methods, seeds, cfg)
-        left = None if max_cells is None else max_cells - ran
-        keys = {c.key for c in cells}
+        # seed by seed, each round re-planning the earlier seeds too: a method whose checkpoint
+        # appeared meanwhile runs before any later seed (its cells get their real keys only now)
+        for upto in range(1, len(seeds) + 1):
+            cells = plan_cells(datasets, masks, methods, seeds[:upto], cfg)
+            left = None if max_cells is None else max_cells - ran
+            keys = {c.key for c in cells}
 
-        def recorded(outcome, keys=keys):
-            if on_record is not None and outcome.status == "ran":
-                df = store.read(report=False)
-                on_record(with_settings_columns(df[df["key"].isin(keys)]))
+            def recorded(outcome, keys=keys):
+                if on_record is not None and outcome.status == "ran":
+                    df = store.read(report=False)
+                    on_record(with_settings_columns(df[df["key"].isin(keys)]))
 
-        outcomes = run_cells(cells, fn, store, executor=executor, max_cells=left, raise_on_failure=False,
-                             available=lambda c: c.inputs.get("unavailable"), on_outcome=recorded)
-        ran += sum(o.status in ("ran", "failed") for o in outcomes)
-        failed = [o for o in outcomes if o.status == "failed"]
+            outcomes = run_cells([c for c in cells if c.key not in failed], fn, store, executor=executor,
+                                 max_cells=left, raise_on_failure=False, log=log,
+                                 available=lambda c: c.inputs.get("unavailable"), on_outcome=recorded)
+            ran += sum(o.status in ("ran", "failed") for o in outcomes)
+            failed.update({o.cell.key: o for o in outcomes if o.status == "failed"})
+            if max_cells is not None and ran >= max_cells:
+                break
         waiting = [o for o in outcomes if o.status == "waiting"]
         if not (wait and waiting) or (max_cells is not None and ran >= max_cells):
             break
         time.sleep(poll_seconds)
     df = store.read()
     if failed and raise_on_failure:
-        raise SweepFailed(failed)
+        raise SweepFailed(list(failed.values()))
     return with_settings_columns(df[df["key"].isin({c.key for c in cells})])
 
 
