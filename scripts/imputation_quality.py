@@ -46,7 +46,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--readme", default=None,
                     help="also put the table between <!-- imputation-quality:start/end --> in this Markdown file")
+    ap.add_argument("--table-only", action="store_true",
+                    help="compute nothing: only put the committed imputation_quality.csv into --readme")
     args = ap.parse_args(argv)
+    if args.table_only:
+        import pandas as pd
+
+        _, cfg = sweep_config(args.profile)
+        table = pd.read_csv(cfg.results_path() / "imputation_quality.csv")
+        print(table.round(3).to_string(index=False))
+        if args.readme:
+            replace_marked_block(args.readme, "imputation-quality", markdown(table))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     grid, cfg = sweep_config(args.profile)
