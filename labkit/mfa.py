@@ -114,7 +114,7 @@ class MFA:
             raise ValueError(f"MFA factors must have shape (B, K, L, C, H, W) = ({B}, {K}, L, {img[0]}, {img[1]}, {img[2]}); got {shapes}")
         dtypes = {t.dtype for t in fields.values()}
         if len(dtypes) != 1:
-            raise TypeError(f"MFA fields must share one dtype, got " + ", ".join(f"{n}={t.dtype}" for n, t in fields.items()))
+            raise TypeError("MFA fields must share one dtype, got " + ", ".join(f"{n}={t.dtype}" for n, t in fields.items()))
         devices = {t.device for t in fields.values()}
         if len(devices) != 1:
             raise ValueError(f"MFA fields must live on one device, got {sorted(map(str, devices))}")

@@ -8,7 +8,6 @@ check is known to bite even before the lab has notebooks.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

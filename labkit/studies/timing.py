@@ -556,8 +556,8 @@ def format_table(table, *, unit: str = "ms") -> str:
         lines.append(f"{r.size:>3} {r.channels:>2} {r.batch:>3} {r.K:>2} {r.L:>3} | "
                      f"{r.conv_mean * scale:8.3f}±{r.conv_std * scale:7.3f} | {r.misconv_mean * scale:8.3f}±{r.misconv_std * scale:7.3f} | "
                      f"{r.ratio:6.2f} {r.target:6.2f} | {paper}")
-    lines.append(f"(mean ± std per call; ratio = median MisConv / median conv over interleaved rounds; "
-                 f"target = 1.25·(L+2)·K)")
+    lines.append("(mean ± std per call; ratio = median MisConv / median conv over interleaved rounds; "
+                 "target = 1.25·(L+2)·K)")
     return "\n".join(lines)
 
 
