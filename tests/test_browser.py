@@ -22,6 +22,7 @@ Chromium through ``executable_path``; ``playwright install`` (which downloads br
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,6 +64,36 @@ def screenshot_path(name: str) -> Path:
     if os.environ.get("LAB_UPDATE_FIGURES") == "1":
         return REPO / "docs" / "figures" / f"{name}.png"
     return paths.results_dir("screenshots", f"{name}.png")
+
+
+@contextlib.contextmanager
+def _chromium_page(pw, tmp_path: Path, width: int, height: int):
+    """A page of a headless Chromium; a failure inside first saves what the page showed to
+    ``tmp_path/failure.png``; the browser is closed in any case."""
+    browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    try:
+        yield page
+    except Exception:
+        try:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    finally:
+        browser.close()
+
+
+@contextlib.contextmanager
+def _reported(server, tmp_path: Path):
+    """Stop the JupyterLab ``server`` in any case; a failure names the screenshot and the server's log."""
+    try:
+        yield
+    except Exception as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n(screenshot: {tmp_path / 'failure.png'})\n"
+                             f"--- JupyterLab log (tail) ---\n{server.log_tail()}") from exc
+    finally:
+        server.stop()
 
 
 def _free_port() -> int:
@@ -239,79 +270,62 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
     _prepare_notebook(root, overrides)
 
     server = JupyterLab(root, tmp_path / "jupyter")
-    try:
+    with _reported(server, tmp_path):
         server.wait_ready()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            try:
-                page.goto(f"{server.base}/lab/tree/{NOTEBOOK.name}?token={server.token}", timeout=60_000)
-                page.wait_for_selector(".jp-Notebook", timeout=60_000)
-                _wait_kernel_idle(page, 60)
-                server.remember_children()
+        with sync_playwright() as pw, _chromium_page(pw, tmp_path, 1500, 1000) as page:
+            page.goto(f"{server.base}/lab/tree/{NOTEBOOK.name}?token={server.token}", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            _wait_kernel_idle(page, 60)
+            server.remember_children()
 
-                # Run > Run All Cells, through the menu like a user
-                page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-                page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel",
-                                                                has_text=re.compile(r"^Run All Cells$"))).click()
-                # the last cell's output (its source says the same words, hence the output area)
-                page.locator(".jp-OutputArea-output", has_text="mask cleared").wait_for(
-                    state="attached", timeout=90_000)
-                _wait_kernel_idle(page, 30)
-                server.remember_children()
+            # Run > Run All Cells, through the menu like a user
+            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel",
+                                                            has_text=re.compile(r"^Run All Cells$"))).click()
+            # the last cell's output (its source says the same words, hence the output area)
+            page.locator(".jp-OutputArea-output", has_text="mask cleared").wait_for(
+                state="attached", timeout=90_000)
+            _wait_kernel_idle(page, 30)
+            server.remember_children()
 
-                canvas = page.locator("canvas.draw-canvas")
-                canvas.scroll_into_view_if_needed()
-                count = page.locator(".draw-count")
-                probs = page.locator(".draw-probs")
-                _wait_js(page, "() => /missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
-                         None, 10, "the count to show 0 missing pixels after Run All")
-                probs_before = probs.inner_html()
-                exact_before = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
-                box = canvas.bounding_box()
-                assert box and round(box["width"]) == 280 and round(box["height"]) == 280, box
+            canvas = page.locator("canvas.draw-canvas")
+            canvas.scroll_into_view_if_needed()
+            count = page.locator(".draw-count")
+            probs = page.locator(".draw-probs")
+            _wait_js(page, "() => /missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
+                     None, 10, "the count to show 0 missing pixels after Run All")
+            probs_before = probs.inner_html()
+            exact_before = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
+            box = canvas.bounding_box()
+            assert box and round(box["width"]) == 280 and round(box["height"]) == 280, box
 
-                # A horizontal drag along the centres of image row 14 from column 4 to column 23
-                # (canvas x 45..235 at scale 10): brush 1.5 paints exactly those 20 pixels.
-                y = box["y"] + 145
-                page.mouse.move(box["x"] + 45, y)
-                page.mouse.down()
-                page.mouse.move(box["x"] + 235, y, steps=12)
-                page.mouse.up()
+            # A horizontal drag along the centres of image row 14 from column 4 to column 23
+            # (canvas x 45..235 at scale 10): brush 1.5 paints exactly those 20 pixels.
+            y = box["y"] + 145
+            page.mouse.move(box["x"] + 45, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 235, y, steps=12)
+            page.mouse.up()
 
-                _wait_js(page, "() => !/missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
-                         None, 20, "the missing-pixel count to change after the stroke")
-                _wait_js(page, "(before) => document.querySelector('.draw-probs').innerHTML !== before",
-                         probs_before, 20, "the probability panel to be redrawn after the stroke")
-                _wait_kernel_idle(page, 20)
-                text = count.inner_text()
-                n = int(re.search(r"missing pixels:\s*(\d+)\s*/\s*784", text).group(1))
-                assert n == 20, f"the stroke should mark row 14, columns 4..23 (20 pixels); the page says {text!r}"
-                assert "MisConv (DMFA)" in probs.inner_text()
-                # the masked classifiers' probabilities moved; the complete-image reference did not
-                exact = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
-                assert set(exact) == {MISCONV, ZERO, COMPLETE}
-                for name in (MISCONV, ZERO):
-                    assert exact[name] != exact_before[name], f"{name}: probabilities unchanged by the stroke"
-                assert exact[COMPLETE] == exact_before[COMPLETE]
+            _wait_js(page, "() => !/missing pixels: 0 \\//.test(document.querySelector('.draw-count').innerText)",
+                     None, 20, "the missing-pixel count to change after the stroke")
+            _wait_js(page, "(before) => document.querySelector('.draw-probs').innerHTML !== before",
+                     probs_before, 20, "the probability panel to be redrawn after the stroke")
+            _wait_kernel_idle(page, 20)
+            text = count.inner_text()
+            n = int(re.search(r"missing pixels:\s*(\d+)\s*/\s*784", text).group(1))
+            assert n == 20, f"the stroke should mark row 14, columns 4..23 (20 pixels); the page says {text!r}"
+            assert "MisConv (DMFA)" in probs.inner_text()
+            # the masked classifiers' probabilities moved; the complete-image reference did not
+            exact = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
+            assert set(exact) == {MISCONV, ZERO, COMPLETE}
+            for name in (MISCONV, ZERO):
+                assert exact[name] != exact_before[name], f"{name}: probabilities unchanged by the stroke"
+            assert exact[COMPLETE] == exact_before[COMPLETE]
 
-                shot = screenshot_path("draw_a_mask")
-                shot.parent.mkdir(parents=True, exist_ok=True)
-                page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(shot))
-            except Exception:
-                # keep what the page showed: tmp_path/failure.png, named in the error below
-                try:
-                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-                except Exception:  # noqa: BLE001
-                    pass
-                raise
-            finally:
-                browser.close()
-    except Exception as exc:
-        raise AssertionError(f"{type(exc).__name__}: {exc}\n(screenshot: {tmp_path / 'failure.png'})\n"
-                             f"--- JupyterLab log (tail) ---\n{server.log_tail()}") from exc
-    finally:
-        server.stop()
+            shot = screenshot_path("draw_a_mask")
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(shot))
     assert server.proc.poll() is not None
     assert time.monotonic() - started < 150, "the browser test should take about a minute"
     # the committed notebook was never served, so it is untouched and output-free
@@ -340,47 +354,31 @@ def test_jupyterlab_opens_the_start_page(tmp_path):
 
     before = _git_status()
     server = JupyterLab(REPO, tmp_path / "jupyter")
-    try:
+    with _reported(server, tmp_path):
         server.wait_ready()
         # the file browser's view of notebooks/: each notebook once, the .py twins hidden
         listed = sorted(item["name"] for item in server.api("/api/contents/notebooks")["content"])
         expected = sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
         assert [n for n in listed if n.startswith(tuple("0123456789"))] == expected, listed
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            try:
-                # the bare address, as a user opens the URL the server prints: it lands on the start page
-                page.goto(f"{server.base}/?token={server.token}", timeout=60_000)
-                heading = page.locator(".jp-RenderedMarkdown h1", has_text="misconv-lab: start here")
-                heading.wait_for(state="visible", timeout=60_000)
-                assert "/lab/tree/START_HERE.md" in page.url
-                links = page.locator(".jp-RenderedMarkdown a[href*='notebooks/']")
-                assert [a.inner_text() for a in links.all()][0].startswith("00")
-                assert links.count() == len(expected)
-                # the repository root is served: results/ and docs/ are in the file browser
-                items = page.locator(".jp-DirListing-itemText")
-                items.first.wait_for(timeout=30_000)
-                names = set(items.all_inner_texts())
-                assert {"notebooks", "results", "docs", "START_HERE.md"} <= names, names
-                # JupyterLab asks about news a moment after start-up unless told not to
-                time.sleep(3)
-                assert page.get_by_text("Jupyter news").count() == 0, "the news prompt is showing"
-                shot = screenshot_path("jupyterlab_start")
-                shot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(shot))
-            except Exception:
-                try:
-                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-                except Exception:  # noqa: BLE001
-                    pass
-                raise
-            finally:
-                browser.close()
-    except Exception as exc:
-        raise AssertionError(f"{type(exc).__name__}: {exc}\n(screenshot: {tmp_path / 'failure.png'})\n"
-                             f"--- JupyterLab log (tail) ---\n{server.log_tail()}") from exc
-    finally:
-        server.stop()
+        with sync_playwright() as pw, _chromium_page(pw, tmp_path, 1280, 800) as page:
+            # the bare address, as a user opens the URL the server prints: it lands on the start page
+            page.goto(f"{server.base}/?token={server.token}", timeout=60_000)
+            heading = page.locator(".jp-RenderedMarkdown h1", has_text="misconv-lab: start here")
+            heading.wait_for(state="visible", timeout=60_000)
+            assert "/lab/tree/START_HERE.md" in page.url
+            links = page.locator(".jp-RenderedMarkdown a[href*='notebooks/']")
+            assert [a.inner_text() for a in links.all()][0].startswith("00")
+            assert links.count() == len(expected)
+            # the repository root is served: results/ and docs/ are in the file browser
+            items = page.locator(".jp-DirListing-itemText")
+            items.first.wait_for(timeout=30_000)
+            names = set(items.all_inner_texts())
+            assert {"notebooks", "results", "docs", "START_HERE.md"} <= names, names
+            # JupyterLab asks about news a moment after start-up unless told not to
+            time.sleep(3)
+            assert page.get_by_text("Jupyter news").count() == 0, "the news prompt is showing"
+            shot = screenshot_path("jupyterlab_start")
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot))
     if before is not None and os.environ.get("LAB_UPDATE_FIGURES") != "1":
         assert _git_status() == before, "serving the repository changed files git sees"
