@@ -230,3 +230,24 @@ def test_ray_records_the_same_rows_as_local(tmp_path):
         assert list(b[m]) == pytest.approx(list(a[m]), rel=1e-5)
     assert {d["files"]["csv"] for d in density_store(tmp_path / "ray").read_details()} == \
         {"mnist_complete.csv", "mnist_incomplete.csv"}
+
+
+def test_script_param_overrides_reach_the_run_and_typos_are_named(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(density, "run_experiment", lambda dataset, mode, **kw: calls.append(kw) or {
+        "dataset": dataset, "mode": mode, "hole": 16, "test_nll": 1.0, "test_sse": 2.0, "train_images_per_s": 1.0,
+        "infer_images_per_s": 1.0, "checkpoint_mb": 1.0, "paths": dict.fromkeys(("csv", "setting", "figure", "model"), "x")})
+    base = ["--results-dir", str(tmp_path), "--mode", "complete", "--no-progress"]
+    assert _script().main([*base, "-p", "precision=bf16-mixed", "-p", "lr_milestones=[10]", "-p", "lr_gamma=0.25",
+                           "-p", "mse_warmup_epochs=10", "--epochs", "12"]) == 0
+    [kw] = calls
+    assert (kw["precision"], list(kw["lr_milestones"]), kw["lr_gamma"], kw["mse_warmup_epochs"], kw["epochs"]) == \
+        ("bf16-mixed", [10], 0.25, 10, 12)
+    # a flag given beside -p wins over it; a misspelt key is an error naming the closest key
+    assert _script().main([*base, "-p", "epochs=3", "--epochs", "5"]) == 0
+    assert calls[-1]["epochs"] == 5
+    with pytest.raises(SystemExit) as info:
+        _script().main([*base, "-p", "mse_warmup=1"])
+    assert info.value.code == 2
+    assert "'mse_warmup' is not a key" in capsys.readouterr().err
+    assert len(calls) == 2
