@@ -185,7 +185,9 @@ def plot_metrics(df, path=None, *, title: str | None = None, keys=None):
         ax.set_xticklabels(fronts, rotation=60, ha="right", fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        # headroom above the tallest bar or marker, so the legend never hides one
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+        ax.legend(fontsize=7, loc="upper right", framealpha=1.0)
     return _finish_figure(fig, title, path, dpi=110)
 
 
