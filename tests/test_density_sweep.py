@@ -251,3 +251,19 @@ def test_script_param_overrides_reach_the_run_and_typos_are_named(monkeypatch, t
     assert info.value.code == 2
     assert "'mse_warmup' is not a key" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_each_data_set_has_its_own_table_in_the_docs(monkeypatch, tmp_path):
+    script = _script()
+    monkeypatch.setattr(density, "density_table", lambda results_dir, dataset: f"| table of {dataset} |")
+    doc = tmp_path / "density.md"
+    doc.write_text(f"intro\n{script.TABLE_BEGIN}\nold mnist\n{script.TABLE_END}\nmiddle\n")
+    script.write_table(doc, tmp_path, "cifar10")
+    script.write_table(doc, tmp_path, "cifar10")          # again: replaced in place, not appended twice
+    script.write_table(doc, tmp_path, "mnist")
+    text = doc.read_text()
+    begin, end = script.table_markers("cifar10")
+    assert text.count(begin) == 1 and text.count("| table of cifar10 |") == 1
+    assert text.index("middle") < text.index(begin)       # appended after what was there
+    assert f"{script.TABLE_BEGIN}\n| table of mnist |\n{script.TABLE_END}\nmiddle" in text
+    assert "old mnist" not in text

@@ -215,7 +215,15 @@ def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str
             what = f"DMFA, {s['mode']}-data training (K={s['n_components']}, L={s['n_factors']})"
             if s.get("missing_kind") not in (None, "square"):
                 what += f", {s['missing_kind']} missing data"
-            setting = f"{s['n_train']} train, {s['epochs']} epochs, lr {s.get('lr', '?')}, seed {s['seed']}"
+            setting = f"{s['n_train']} train, {s['epochs']} epochs, lr {s.get('lr', '?')}"
+            if s.get("lr_milestones"):   # a step schedule: the lr it ends at, and from which epochs
+                setting += (f" (×{s.get('lr_gamma')} from epoch "
+                            f"{', '.join(str(m + 1) for m in s['lr_milestones'])})")
+            if s.get("mse_warmup_epochs"):
+                setting += f", MSE warm-up {s['mse_warmup_epochs']} epochs"
+            if s.get("precision") not in (None, "32"):
+                setting += f", {s['precision']}"
+            setting += f", seed {s['seed']}"
         elif kind == "acflow":
             what = "ACFlow (flow over the hidden pixels)"
             setting = (f"{s['n_train']} train (mixed masks), {s['epochs']} epochs, SSE of the mean of "
