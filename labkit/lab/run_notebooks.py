@@ -239,6 +239,13 @@ def _kernel_manager_class():
         def _transport_default(self):
             return "ipc"
 
+        @default("shutdown_wait_time")
+        def _shutdown_wait_time_default(self):
+            # jupyter_client's 5 s sends SIGTERM after 2.5 s; a kernel holding torch on a loaded
+            # machine can take longer to exit, and then prints "KeyboardInterrupt caught in kernel"
+            # into a run that went fine. It still exits at once when it can.
+            return 30.0
+
         @default("ip")
         def _ip_default(self):
             if self.transport != "ipc":
