@@ -250,3 +250,27 @@ def test_figures_runs_the_tour_and_refreshes_only_docs_figures(tmp_path, monkeyp
     os.utime(tmp_path / "results" / "tour" / "quick" / "masks.png", (0, 0))
     with pytest.raises(RuntimeError, match="the tour ran but wrote no .png"):
         rn.refresh_figures("quick", output_dir=tmp_path / "executed")
+
+
+def test_the_runner_sends_no_sigint_when_it_shuts_a_kernel_down(monkeypatch):
+    """jupyter_client interrupts before every shutdown; an interrupt landing just after the last cell
+    made ipykernel log "KeyboardInterrupt caught in kernel" into clean runs. Only that one is dropped."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from labkit.lab.run_notebooks import _kernel_manager_class
+
+    sent = []
+
+    async def fake_interrupt(self):
+        sent.append(self.shutting_down)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", fake_interrupt)
+    km = _kernel_manager_class()()
+    assert km.shutdown_wait_time == 30.0
+    km.shutting_down = False
+    asyncio.run(km._async_interrupt_kernel())          # a user's interrupt still goes through
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())          # the one before a shutdown does not
+    assert sent == [False]

@@ -242,9 +242,18 @@ def _kernel_manager_class():
         @default("shutdown_wait_time")
         def _shutdown_wait_time_default(self):
             # jupyter_client's 5 s sends SIGTERM after 2.5 s; a kernel holding torch on a loaded
-            # machine can take longer to exit, and then prints "KeyboardInterrupt caught in kernel"
-            # into a run that went fine. It still exits at once when it can.
+            # machine can take longer to exit. It still exits at once when it can.
             return 30.0
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client sends SIGINT before every shutdown request. After the last cell has
+            # replied, ipykernel may not yet have put back its idle SIGINT handler (a window that
+            # widens on a loaded machine), and then logs "KeyboardInterrupt caught in kernel" into
+            # a run that went fine. The shutdown request, then SIGTERM and SIGKILL, still end a
+            # kernel that does not stop; interrupts outside a shutdown are untouched.
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
 
         @default("ip")
         def _ip_default(self):
