@@ -14,9 +14,12 @@ and by the content of its data), one cell per (model, precision, seed):
   ``--clf-epochs`` epochs (batch 24, lr 1e-3; the epoch is picked on a validation split); test
   accuracy on the first ``--n-test`` test images.
 
-Writes ``results/timing/cpu/precision_comparison.csv`` (+ ``.jsonl``) and, with ``--markdown``, the
-table between ``<!-- precision-comparison:start/end -->`` in that file: per model, the mean ± std
-over seeds in each precision and the per-seed difference bf16 − float32 beside the float32 spread.
+Writes ``results/timing/<cpu|cuda>/precision_comparison.csv`` (+ ``.jsonl``) and, with ``--markdown``,
+the table between ``<!-- precision-comparison:start/end -->`` (``--marker`` names another block) in
+that file: per model, the mean ± std over seeds in each precision and the per-seed difference of
+each low precision − float32 beside the float32 spread. ``--precisions 32 bf16-mixed 16-mixed``
+adds float16 with gradient scaling (CUDA only); ``--device cuda`` runs on the GPU
+(``scripts/cuda_check.sh`` does both).
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def plan(seeds, args) -> list[Cell]:
     cells = []
     for seed in seeds:
         for model in MODELS:
-            for precision in ("32", "bf16-mixed"):
+            for precision in args.precisions:
                 if model == "dmfa":
                     settings = {"n_train": args.n_train, "n_test": args.n_test, "epochs": args.dmfa_epochs,
                                 "batch_size": 48, "lr": 1e-3, "hole": 14}
@@ -96,27 +99,38 @@ def plan(seeds, args) -> list[Cell]:
     return cells
 
 
-def table(df) -> str:
-    """Markdown: per model and metric, mean ± std per precision, and bf16 − float32 seed by seed."""
+def table(df, precisions=("32", "bf16-mixed")) -> str:
+    """Markdown: per model and metric, mean ± std per precision, and each low precision − float32 seed by seed."""
     import numpy as np
 
-    lines = ["| model | metric | float32 (mean ± std) | bf16-mixed (mean ± std) | bf16 − float32, per seed | seeds |",
-             "|---|---|---|---|---|---|"]
+    low = [p for p in precisions if p != "32"]
+    name = {"32": "float32"}
+    lines = ["| model | metric | " + " | ".join(f"{name.get(p, p)} (mean ± std)" for p in precisions) + " | "
+             + " | ".join(f"{p.split('-')[0]} − float32, per seed" for p in low) + " | seeds |",
+             "|---|---|" + "---|" * (len(precisions) + len(low)) + "---|"]
+
+    def ms(v):
+        v = np.asarray(v, dtype=float)
+        return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+
     for model, metric in (("dmfa", "nll"), ("dmfa", "sse"), ("zero", "accuracy"), ("misconv", "accuracy")):
         sub = df[df["model"] == model]
-        a = sub[sub["precision"] == "32"].set_index("seed")[metric].dropna()
-        b = sub[sub["precision"] == "bf16-mixed"].set_index("seed")[metric].dropna()
-        common = sorted(set(a.index) & set(b.index))
+        per = {p: sub[sub["precision"] == p].set_index("seed")[metric].dropna() for p in precisions}
+        common = sorted(set.intersection(*(set(v.index) for v in per.values())))
         if not common:
             continue
-        diff = [float(b[s] - a[s]) for s in common]
-
-        def ms(v):
-            v = np.asarray(v, dtype=float)
-            return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
-        lines.append(f"| {model} | {metric} | {ms(a[common])} | {ms(b[common])} | "
-                     f"{', '.join(f'{d:+.4f}' for d in diff)} | {common} |")
+        diffs = [", ".join(f"{float(per[p][s] - per['32'][s]):+.4f}" for s in common) for p in low]
+        lines.append(f"| {model} | {metric} | " + " | ".join(ms(per[p][common]) for p in precisions) + " | "
+                     + " | ".join(diffs) + f" | {common} |")
     return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (as the docs write paths)."""
+    try:
+        return str(path.resolve().relative_to(paths.repo_root()))
+    except ValueError:
+        return str(path)
 
 
 def main(argv=None) -> int:
@@ -128,9 +142,15 @@ def main(argv=None) -> int:
     ap.add_argument("--clf-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"],
+                    help="the first must be 32; add 16-mixed on CUDA")
     ap.add_argument("--results-dir", default=None, help="default results/timing/<device kind>")
-    ap.add_argument("--markdown", default=None, help="refresh the precision-comparison block of this file")
+    ap.add_argument("--markdown", default=None, help="refresh the marked block (--marker) of this file")
+    ap.add_argument("--marker", default="precision-comparison",
+                    help="the block's name: <!-- NAME:start --> ... <!-- NAME:end -->")
     args = ap.parse_args(argv)
+    if args.precisions[0] != "32" or len(set(args.precisions)) != len(args.precisions):
+        ap.error(f"--precisions must start with 32 and name each precision once, got {args.precisions}")
     torch.set_num_threads(args.threads)
     kind = "cuda" if str(args.device).startswith("cuda") else "cpu"
     out = Path(args.results_dir) if args.results_dir else paths.results_dir("timing", kind)
@@ -145,13 +165,13 @@ def main(argv=None) -> int:
         code = 1
     df = store.read()
     df = df[df["key"].isin({c.key for c in cells})]
-    text = table(df)
+    text = table(df, args.precisions)
     print(text)
     if args.markdown:
         from labkit.studies.reporting import replace_marked_block
 
-        replace_marked_block(args.markdown, "precision-comparison", text + "\n\n_Generated by "
-                             "`scripts/compare_precision.py` from `results/timing/cpu/precision_comparison.csv`._")
+        replace_marked_block(args.markdown, args.marker, text + "\n\n_Generated by "
+                             f"`scripts/compare_precision.py` from `{_shown(out / 'precision_comparison.csv')}`._")
     return code
 
 

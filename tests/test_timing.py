@@ -90,6 +90,22 @@ def test_ratio_table_computes_medians_floor_and_joins_the_paper():
     assert "5.75" in text and "0.92±" in text and "target" in text
 
 
+def test_markdown_ratios_from_a_saved_grid(tmp_path, capsys):
+    """Medians in ms and ratios by hand: fast (conv 2, MisConv 6 ms), eager (conv 1, MisConv 8 ms),
+    forward + backward (conv 4, MisConv 12 ms); the paper's 28/16 ratio beside them."""
+    fast = _synthetic([1e-3, 2e-3, 3e-3], [4e-3, 10e-3, 6e-3])
+    eager = _synthetic([1e-3], [8e-3]).replace({"misconv": "misconv_eager"}).assign(group="eager")
+    bwd = _synthetic([4e-3, 4e-3], [12e-3, 12e-3]).assign(study="backward")
+    path = tmp_path / "timings.csv"
+    pd.concat([fast, eager, bwd]).to_csv(path, index=False)
+    assert timing.main(["--markdown-from", str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| I | C | B | conv2d+ReLU")
+    assert lines[2] == "| 28 | 1 | 16 | 2.000 | 6.000 | 8.000 | **3.00** | 8.00 | 3.00 | 5.75 |"
+    only_fast = timing.markdown_ratios(fast).splitlines()[2]
+    assert only_fast == "| 28 | 1 | 16 | 2.000 | 6.000 | – | **3.00** | – | – | 5.75 |"
+
+
 def test_summarize_per_layer():
     s = timing.summarize(_synthetic([1.0, 2.0, 3.0], [4.0, 10.0, 6.0]))
     row = s[s.layer == "misconv"].iloc[0]

@@ -561,6 +561,31 @@ def format_table(table, *, unit: str = "ms") -> str:
     return "\n".join(lines)
 
 
+def markdown_ratios(df) -> str:
+    """A markdown table of a measured grid (the rows of :func:`forward_grid` / :func:`backward_grid`,
+    as written to ``forward.csv`` or ``timings.csv``): per setting, the medians in ms of conv2d+ReLU
+    and of MisConv's fast and eager paths, their ratios to conv2d+ReLU, forward + backward's ratio
+    when measured, and the paper's ratio."""
+    fwd = df[df.study == "forward"] if "study" in df.columns else df
+    fast = ratio_table(fwd).set_index(["size", "channels", "batch", "K", "L"])
+    eager = (ratio_table(fwd, misconv="misconv_eager").set_index(fast.index.names)
+             if "misconv_eager" in set(fwd.layer) else None)
+    bwd = (ratio_table(df[df.study == "backward"]).set_index(fast.index.names)
+           if "study" in df.columns and (df.study == "backward").any() else None)
+
+    def cell(table, key, col, scale=1.0, fmt=".2f"):
+        return format(table.loc[key, col] * scale, fmt) if table is not None and key in table.index else "–"
+
+    lines = ["| I | C | B | conv2d+ReLU | MisConv fast | MisConv eager | fast / conv | eager / conv | "
+             "fwd+bwd fast / conv | paper (GPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in fast.iterrows():
+        paper = "–" if math.isnan(r.paper_ratio) else f"{r.paper_ratio:.2f}"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r.conv_median * 1e3:.3f} | {r.misconv_median * 1e3:.3f} | "
+                     f"{cell(eager, key, 'misconv_median', 1e3, '.3f')} | **{r.ratio:.2f}** | {cell(eager, key, 'ratio')} | "
+                     f"{cell(bwd, key, 'ratio')} | {paper} |")
+    return "\n".join(lines)
+
+
 def boxplots(df, path: str | os.PathLike | None = None, *, layers: Sequence[str] = ("conv", "misconv"), title: str | None = None):
     """Figure-2-style box plots: seconds per forward pass by batch size, one panel per image size,
     one box per layer (log scale). Saved to ``path`` when given; returns the seaborn FacetGrid."""
@@ -605,7 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-tune-malloc", action="store_true")
     p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto")
     p.add_argument("--out", default=None)
+    p.add_argument("--markdown-from", default=None, metavar="CSV",
+                   help="measure nothing: print the markdown table of a grid written earlier (forward.csv or timings.csv)")
     args = p.parse_args(argv)
+    if args.markdown_from:
+        import pandas as pd
+
+        print(markdown_ratios(pd.read_csv(args.markdown_from)))
+        return 0
 
     try:
         from labkit.lab.profiles import load_profile

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one run (about 5 minutes on one H200):
+#
+#   scripts/cuda_check.sh [OUT_DIR]        # default: results/timing/cuda/check
+#
+# 1. tests: every CUDA-only test (tests/test_cuda.py and the CUDA tests beside the masks, the draw
+#    panels, the flow and the 16-bit scaler); all are skipped on a machine without CUDA.
+# 2. precision: scripts/compare_precision.py on CUDA, float32 against bf16-mixed and 16-mixed, three
+#    seeds (needs MNIST and results/dmfa/cpu/mnist_complete.pt) -> results/timing/cuda/precision_comparison.*
+# 3. timing: the paper's forward grid (MisConv against conv2d+ReLU, sizes 28/32/64, batches
+#    16/32/64), eager path and backward included, wall clock -> results/timing/cuda/forward/
+#
+# Each step has its own time limit, so one that hangs leaves the others their time; the exit code
+# is 0 only if every step passed. Logs: OUT_DIR/<step>.log. PYTHON picks the interpreter (default:
+# .venv/bin/python if present, else python3).
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-results/timing/cuda/check}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+status=0
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT_DIR/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" = 0 ] || status=1
+}
+
+nvidia-smi -L 2>&1 | head -n 2
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || exit 1
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 1
+
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda \
+    tests/test_cuda.py tests/test_masks.py tests/test_draw.py tests/test_acflow.py tests/test_precision.py
+step precision 200 "$PY" scripts/compare_precision.py --device cuda --precisions 32 bf16-mixed 16-mixed \
+    --results-dir results/timing/cuda
+step timing 150 "$PY" -m labkit.studies.timing --profile cpu --device cuda --repeats 200 --eager-repeats 20 \
+    --backward --out results/timing/cuda/forward
+exit $status
