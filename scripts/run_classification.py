@@ -91,11 +91,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for text in args.param:
-        _, key, value = parse_override(text)
-        overrides[key] = value
-    grid, cfg = sweep_config(args.profile, **overrides)
+    try:  # a malformed or unknown -p is a usage error naming the key, not a traceback
+        overrides = {key: value for _, key, value in map(parse_override, args.param)}
+        grid, cfg = sweep_config(args.profile, **overrides)
+    except ValueError as exc:
+        ap.error(str(exc))
     cfg.progress = not args.no_progress
     out = cfg.results_path()
     print(f"[run_classification] profile {cfg.profile}: {grid} -> {out}", flush=True)

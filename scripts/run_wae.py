@@ -91,22 +91,21 @@ def main(argv=None) -> int:
     from labkit.studies import wae
     from labkit.studies.engine import SweepFailed
 
-    try:
-        from labkit.lab.profiles import notebook_parameters, parse_override
-    except ImportError:  # before labkit/lab/ existed
-        from labkit.profiles import notebook_parameters, parse_override
+    from labkit.lab.profiles import apply_overrides, notebook_parameters
 
+    fields = set(wae.WAEConfig.__dataclass_fields__)
     params = notebook_parameters(args.profile, "03_wae")
-    for text in args.param:
-        _, key, value = parse_override(text)
-        params[key] = value
+    try:
+        params = apply_overrides(params, args.param, where=f"the {args.profile} profile's 03_wae section",
+                                 valid=set(params) | fields)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.dataset:
         params["dataset"] = args.dataset
     if args.fronts:
         params["fronts"] = args.fronts
     if args.seeds is not None:
         params["seeds"] = args.seeds
-    fields = set(wae.WAEConfig.__dataclass_fields__)
     cfg = wae.WAEConfig(**{k: v for k, v in params.items() if k in fields})
     cfg.profile = args.profile
     cfg.progress = not args.no_progress

@@ -276,3 +276,20 @@ def test_a_quoted_override_stays_a_string():
     assert parse_override("precision='32'") == (None, "precision", "32")
     assert parse_override("lr=4e-5") == (None, "lr", 4e-5)
     assert parse_override("n=3")[2] == 3 and parse_override("x=None")[2] is None
+
+
+def test_apply_overrides_sets_values_in_order_and_names_a_misspelt_key():
+    from labkit.lab.profiles import apply_overrides
+
+    params = {"epochs": 5, "lr": 1e-3}
+    out = apply_overrides(params, ["epochs=2", "lr=4e-5", "epochs=3"], where="the toy section")
+    assert out == {"epochs": 3, "lr": 4e-5} and params == {"epochs": 5, "lr": 1e-3}   # a copy
+    with pytest.raises(ValueError, match=r"-p epoch=2: 'epoch' is not a key of the toy section \(did you mean epochs\?\)"):
+        apply_overrides(params, ["epoch=2"], where="the toy section")
+    with pytest.raises(ValueError, match=r"'zzz' is not a key of here \(keys: epochs, lr\)"):
+        apply_overrides(params, ["zzz=1"], where="here")
+    # keys beyond the section's (a config's other fields) when given
+    assert apply_overrides(params, ["results_dir=/tmp/x"], where="w", valid={"epochs", "lr", "results_dir"}) == \
+        {"epochs": 5, "lr": 1e-3, "results_dir": "/tmp/x"}
+    with pytest.raises(ValueError, match="must look like key=value"):
+        apply_overrides(params, ["epochs"], where="w")

@@ -91,7 +91,7 @@ def test_one_failing_cell_is_reported_and_the_others_run(tmp_path):
     assert sorted(clf.read_results(tmp_path / "accuracy.csv")["method"]) == ["pc", "zero"]
 
 
-def test_the_script_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, capsys):
+def _script():
     import importlib.util
     from pathlib import Path
 
@@ -99,6 +99,11 @@ def test_the_script_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, c
                                                   Path(__file__).parents[1] / "scripts" / "run_classification.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_script_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, capsys):
+    script = _script()
 
     def run(cell, cfg):
         if cell.coords["method"] == "pc":
@@ -111,6 +116,17 @@ def test_the_script_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert code == 1 and "pc exploded" in out and "mnist/square/pc/s0" in out
     assert list(clf.read_results(tmp_path / "accuracy.csv")["method"]) == ["zero"]
+
+
+def test_the_script_names_a_misspelt_or_malformed_override(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(clf, "run_cell", lambda cell, cfg: ran.append(cell) or {"metrics": {"accuracy": 0.5}})
+    for bad, message in (("epoch=2", "unknown 02_classification parameter(s) ['epoch']"),
+                         ("epochs", "override 'epochs' must look like key=value")):
+        with pytest.raises(SystemExit) as info:
+            _script().main(["--profile", "quick", "--no-progress", "-p", f"results_dir={tmp_path}", "-p", bad])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not ran and not (tmp_path / "accuracy.csv").exists()
 
 
 def test_an_unreadable_input_checkpoint_fails_its_cells_only_and_says_it_is_an_input(tmp_path):

@@ -437,6 +437,21 @@ def test_run_wae_script_exits_1_listing_failed_cells_and_leaves_the_readme_alone
     assert "| zero | 1 |" in (tmp_path / "table.md").read_text()
 
 
+def test_run_wae_script_refuses_a_misspelt_override(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_wae_script", REPO / "scripts" / "run_wae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ran = []
+    monkeypatch.setattr(WS, "_cell_job", _fake_cell(ran))
+    with pytest.raises(SystemExit) as info:
+        script.main(["--profile", "quick", "--fronts", "zero", "--seeds", "0", "--no-progress",
+                     "-p", "epoch=2", "-p", f"results_dir={tmp_path}"])
+    assert info.value.code == 2 and not ran
+    assert "'epoch' is not a key of the quick profile's 03_wae section (did you mean epochs?)" in capsys.readouterr().err
+
+
 def test_keys_follow_the_checkpoint_a_front_reads(tmp_path):
     from labkit.checkpoint import atomic_save
 

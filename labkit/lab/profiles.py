@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -28,6 +28,7 @@ from labkit import paths
 
 __all__ = [
     "Parameter",
+    "apply_overrides",
     "available_profiles",
     "check_parameters",
     "inspect_parameters",
@@ -203,6 +204,26 @@ def parse_override(text: str) -> tuple[str | None, str, Any]:
         value = int(number) if number.lstrip("+-").isdigit() else float(number)
     return (notebook or None), key, value
 
+
+
+def apply_overrides(params: Mapping[str, Any], texts: Iterable[str], *, where: str,
+                    valid: Iterable[str] | None = None) -> dict[str, Any]:
+    """``params`` with each ``key=value`` of ``texts`` (:func:`parse_override`) applied, in order.
+
+    A key outside ``valid`` (default: the keys of ``params``) is a ``ValueError`` that names it,
+    ``where`` it was looked up (e.g. "the cpu profile's 03_wae section") and the closest valid keys,
+    so that a misspelt override never runs the default silently.
+    """
+    out = dict(params)
+    names = set(out if valid is None else valid)
+    for text in texts:
+        _, key, value = parse_override(text)
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=3)
+            raise ValueError(f"-p {text}: {key!r} is not a key of {where}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else f" (keys: {', '.join(sorted(names))})"))
+        out[key] = value
+    return out
 
 # ------------------------------------------------------------------ the notebooks' parameters cells
 
