@@ -234,8 +234,9 @@ class MisConv2d(torch.nn.Conv2d):
     dilation, bias, device, dtype), plus two keywords:
 
     - ``fast``: True for the windowed, fused path (:mod:`labkit.misconv_fast`), False for the
-      eager :func:`misconv_reference`, None (default) for :func:`fast_default` (True unless
-      changed). Both compute the same function.
+      eager :func:`misconv_reference`, None (default) for :func:`fast_default` of the input's
+      device: the fast path on the CPU, the eager formula on a GPU (faster there), unless
+      :func:`set_fast_default` turned the fast path off. Both compute the same function.
     - ``variant``: ``"exact"`` (default) the expectation above; ``"authors"`` the authors'
       published layer (:func:`misconv_authors`), an ablation for reproducing their numbers, only
       for stride 1, dilation 1, an odd kernel and "same" padding (ValueError otherwise).
@@ -284,7 +285,7 @@ class MisConv2d(torch.nn.Conv2d):
         J = _check_inputs(x, missing, mfa, self.in_channels)
         if self.variant == "authors":
             return misconv_authors(x, missing, mfa, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        fast = fast_default() if self.fast is None else self.fast
+        fast = fast_default(x.device) if self.fast is None else self.fast
         # The fast kernels implement expected_relu's formula; a replaced expected_relu (a test
         # planting a bug, an experiment) must be honoured, so that case runs the reference.
         if fast and expected_relu is _EXPECTED_RELU and not isinstance(self.padding, str):

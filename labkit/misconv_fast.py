@@ -96,9 +96,15 @@ def set_fast_default(fast: bool) -> None:
     _FAST_DEFAULT = fast
 
 
-def fast_default() -> bool:
-    """Whether layers built with ``fast=None`` take the fast path."""
-    return _FAST_DEFAULT
+def fast_default(device: torch.device | str | None = None) -> bool:
+    """Whether layers built with ``fast=None`` take the fast path: the switch
+    :func:`set_fast_default` (on unless changed) and, given the ``device`` of the input, only on
+    the CPU. On a GPU the eager formula was the faster one at the paper's sizes (16 of 18 settings
+    over two runs on an H200, docs/timing.md): the fast path saves arithmetic, which a GPU has to
+    spare, at the price of more kernel launches, and it compiles on the first call of each shape."""
+    if device is None:
+        return _FAST_DEFAULT
+    return _FAST_DEFAULT and torch.device(device).type == "cpu"
 
 
 def compile_enabled() -> bool:

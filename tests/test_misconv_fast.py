@@ -309,6 +309,33 @@ def test_fast_default_switch(eager_kernels, spy):
         M.set_fast_default(True)
 
 
+def test_fast_default_is_the_cpu_path_only(eager_kernels, spy):
+    """fast=None takes the fast path for CPU inputs and the eager formula for GPU ones (measured
+    faster there); the global switch turns it off everywhere. Decided from the input's device."""
+    assert M.fast_default("cpu") is True and M.fast_default(torch.device("cpu")) is True
+    assert M.fast_default("cuda") is False and M.fast_default(torch.device("cuda", 1)) is False
+    conv, x, missing, mfa = _case()
+    conv.fast = None
+    with torch.no_grad():
+        conv(x, missing, mfa)
+    assert spy                                                # a CPU input: the fast kernels ran
+    try:
+        M.set_fast_default(False)
+        assert M.fast_default("cpu") is False and M.fast_default("cuda") is False
+    finally:
+        M.set_fast_default(True)
+
+
+def test_the_layer_asks_for_the_default_of_its_inputs_device(monkeypatch, eager_kernels, spy):
+    asked = []
+    monkeypatch.setattr(MC, "fast_default", lambda device=None: asked.append(device) or False)
+    conv, x, missing, mfa = _case()
+    conv.fast = None
+    with torch.no_grad():
+        conv(x, missing, mfa)
+    assert asked == [x.device] and spy == []                  # told "eager" for this device: eager ran
+
+
 def test_compile_failure_falls_back_to_eager_and_logs(monkeypatch, caplog):
     def broken(fn, **kwargs):
         def run(*args, **kw):
