@@ -242,6 +242,66 @@ def test_unavailable_cells_wait_and_are_reported_once(tmp_path, capsys):
     assert capsys.readouterr().out.count("no checkpoint yet") == 1
 
 
+def test_a_cell_another_process_is_running_is_left_to_it(tmp_path, capsys):
+    """The claim is an flock: a second open file description in this process stands for the other
+    process; while it holds cell s1's claim, the sweep runs s0 and s2 and leaves s1 waiting."""
+    s = _store(tmp_path)
+    cells = [_cell(seed) for seed in range(3)]
+    ran = []
+    with s.claim(cells[1].key) as mine:
+        assert mine
+        with s.claim(cells[1].key) as again:
+            assert not again                                   # held: nobody else gets it
+        out = engine.run_cells(cells, lambda c: ran.append(c.coords["seed"]) or {"metrics": {"accuracy": 0.5}}, s)
+    assert ran == [0, 2] and [o.status for o in out] == ["ran", "waiting", "ran"]
+    assert "waiting mnist/zero/s1" in capsys.readouterr().out and "another process is running it" in out[1].error
+    with s.claim(cells[1].key) as mine:                        # released with the block
+        assert mine
+    assert (tmp_path / "_scratch" / "claims" / f"{cells[1].key}.lock").exists()
+
+
+def test_a_cell_recorded_meanwhile_is_skipped_not_run_again(tmp_path, capsys):
+    s = _store(tmp_path)
+    cells = [_cell(seed) for seed in range(3)]
+    ran = []
+
+    def fn(cell):
+        ran.append(cell.coords["seed"])
+        if cell.coords["seed"] == 0:                           # meanwhile another process finished s1
+            s.record(cells[1], {"accuracy": 0.9})
+        return {"metrics": {"accuracy": 0.5}}
+
+    out = engine.run_cells(cells, fn, s)
+    assert ran == [0, 2] and [o.status for o in out] == ["ran", "skipped", "ran"]
+    assert "skipped mnist/zero/s1 #" in capsys.readouterr().out
+    assert sorted(s.read()["accuracy"]) == [0.5, 0.5, 0.9]
+
+
+def test_waiting_for_another_process_ends_when_it_records_the_cell(tmp_path, monkeypatch):
+    """With wait=True a claimed cell is polled until the other process records it, then skipped."""
+    import contextlib
+
+    s = _store(tmp_path)
+    cells = [_cell(0), _cell(1)]
+    other = contextlib.ExitStack()
+    assert other.enter_context(s.claim(cells[1].key))
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        assert len(polls) < 5, "still polling for a cell another process has recorded"
+    monkeypatch.setattr(engine.time, "sleep", sleep)
+
+    def log(text):
+        if "waiting" in text:                                  # the other process finishes s1
+            s.record(cells[1], {"accuracy": 0.7})
+            other.close()
+
+    out = engine.run_cells(cells, lambda c: {"metrics": {"accuracy": 0.5}}, s, wait=True, poll_seconds=0.01, log=log)
+    assert [o.status for o in out] == ["ran", "skipped"]
+    assert sorted(s.read()["accuracy"]) == [0.5, 0.7]
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def test_checkpoint_with_another_config_is_not_reused(tmp_path):
     from torch import nn

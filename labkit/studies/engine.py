@@ -117,10 +117,31 @@ def run_one(fn: Callable[[Cell], Mapping], cell: Cell) -> CellOutcome:
                        seconds=time.perf_counter() - start)
 
 
+def _claimed(executor: Any, fn: Callable[[Cell], Mapping], cells: Sequence[Cell],
+             store: ResultStore) -> Iterator[CellOutcome]:
+    """``executor.run`` one cell at a time, each under its claim: a cell another process holds
+    comes back "waiting", one recorded since the store was read comes back "skipped". The claim
+    is held while the caller records the outcome (the generator is suspended inside it)."""
+    for cell in cells:
+        with store.claim(cell.key) as mine:
+            if not mine:
+                yield CellOutcome(cell, "waiting", error="another process is running it")
+            elif cell.key in store.done_keys():
+                yield CellOutcome(cell, "skipped")
+            else:
+                yield from executor.run(fn, [cell])
+
+
 class LocalExecutor:
-    """Runs cells one after another in this process (the default executor)."""
+    """Runs cells one after another in this process (the default executor).
+
+    ``claims``: :func:`run_cells` claims each cell just before it runs (:meth:`ResultStore.claim`)
+    and skips one that another process is running or has recorded meanwhile, so that the same
+    sweep started twice on one results folder splits its cells instead of running them twice.
+    """
 
     name = "local"
+    claims = True
 
     def run(self, fn: Callable[[Cell], Mapping], cells: Sequence[Cell]) -> Iterator[CellOutcome]:
         for cell in cells:
@@ -171,7 +192,8 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
         todo = []
         for c in cells:
             if c.key in done:
-                if c.key not in outcomes:
+                # also a cell left waiting that another process has finished meanwhile
+                if c.key not in outcomes or outcomes[c.key].status == "waiting":
                     outcomes[c.key] = CellOutcome(c, "skipped")
                     say(f"[{c.study}] skipped {c.short()} (done)")
             elif c.key not in outcomes or outcomes[c.key].status == "waiting":
@@ -188,9 +210,18 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
                 runnable.append(c)
         if max_cells is not None:
             runnable = runnable[:max(0, max_cells - n_done)]
-        for outcome in executor.run(fn, runnable):
+        claims = getattr(executor, "claims", False)
+        for outcome in (_claimed(executor, fn, runnable, store) if claims else executor.run(fn, runnable)):
             c = outcome.cell
             outcomes[c.key] = outcome
+            if outcome.status == "skipped":
+                say(f"[{c.study}] skipped {c.short()} (done by another process)")
+                continue
+            if outcome.status == "waiting":
+                if c.key not in reported_waiting:
+                    say(f"[{c.study}] waiting {c.short()}: {outcome.error}")
+                    reported_waiting.add(c.key)
+                continue
             n_done += 1
             if outcome.status == "ran":
                 added = store.record(c, outcome.metrics, {**(outcome.details or {}),

@@ -47,6 +47,32 @@ def locked(path: str | os.PathLike):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def claim(path: str | os.PathLike, key: str):
+    """Claim the cell ``key`` of the results file ``path`` for this process, without waiting.
+
+    Yields True when claimed, False when another process holds the claim (it is running that cell).
+    The claim is an exclusive ``flock`` on ``_scratch/claims/<key>.lock`` beside the file, held
+    until the block ends; the system drops it when its process dies, so a crash leaves no stale
+    claim. Without ``fcntl`` (Windows) every claim succeeds.
+    """
+    if fcntl is None:
+        yield True
+        return
+    lock = Path(path).parent / "_scratch" / "claims" / f"{key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _write_temp(final: Path, content: bytes | str | Callable[[Path], Any]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -276,6 +302,10 @@ class ResultStore:
         self.problems.append(p)
         if report:
             print(f"[results] ignoring {p} (not a result; its cell will run again)", flush=True)
+
+    def claim(self, key: str):
+        """:func:`claim` for a cell of this store (a context manager yielding True or False)."""
+        return claim(self.path, key)
 
     def done_keys(self) -> set[str]:
         return set(self.read(report=False)["key"])
