@@ -269,6 +269,19 @@ def test_pivot_table_mean_std_and_paper_columns():
     assert "**0.950 (n=1)**" in md and md.count("\n") == 3
 
 
+def test_cifar10_pivot_shows_the_authors_logs_and_not_the_mnist_paper():
+    rows = [("zero", 0, 0.42), ("zero", 1, 0.44), ("knn", 0, 0.46), ("gt", 0, 0.54)]
+    df = pd.DataFrame([{"dataset": "cifar10", "mask": "square", "method": m, "seed": s, "accuracy": a}
+                       for m, s, a in rows])
+    piv = pivot_table(df)
+    assert "paper square" not in piv.columns and "authors' code, square" not in piv.columns
+    assert piv.loc["zero", "authors' log, square"] == "0.7580 / 0.7482"      # their two zero runs
+    assert piv.loc["gt", "authors' log, square"] == "0.8590"
+    assert piv.loc["knn", "authors' log, square"] == ""                       # not in their logs
+    mnist = pivot_table(df.assign(dataset="mnist"))
+    assert "authors' log, square" not in mnist.columns and mnist.loc["zero", "paper square"] == "0.910"
+
+
 def test_update_markdown_table_replaces_only_between_markers(tmp_path):
     df = pd.DataFrame([{"dataset": "mnist", "mask": "noise", "method": "pc", "seed": 0, "accuracy": 0.8,
                         "n_train": 1, "n_test": 1, "epochs": 1}])
