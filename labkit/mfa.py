@@ -51,6 +51,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 __all__ = ["MFA", "ClassicalMFA", "fit_mfa"]
 
 
+def _check_finite_at(x: Tensor, where: Tensor, name: str) -> None:
+    """Values at selected coordinates must be finite: NaN or inf there would make every density NaN."""
+    bad = where & ~torch.isfinite(x)
+    if bool(bad.any()):
+        b = int(bad.flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) at coordinates it must use "
+                         f"(first in sample {b}); NaN/inf are allowed only where the coordinate is not used")
+
+
 def _where_mask(where: Tensor, batch: int, image_shape: tuple[int, int, int], name: str = "where") -> Tensor:
     """Validate a bool coordinate mask (B,1,H,W) or (B,C,H,W) and expand it to (B,C,H,W)."""
     if not isinstance(where, Tensor):
@@ -76,6 +85,13 @@ class MFA:
         variances: ``(B, K, C, H, W)``, strictly positive.
         validate: check shapes and values on construction (default True). Training loops that
             build MFAs from a network's softmax/softplus outputs may switch it off.
+        log_weights: optional ``(B, K)`` natural log of ``weights``, kept exactly. A posterior
+            responsibility can be far below the smallest float32 (about 1e-45, e^-103) and
+            still decide a log-density: a component whose observed-pixel likelihood is e^-200
+            below the best one may explain the hidden pixels e^1000 better. ``weights`` then
+            underflows to 0, ``log_weights`` does not, and :meth:`log_prob` uses it. Made by
+            :meth:`from_log_weights` (and by :meth:`ClassicalMFA.condition`); when absent it
+            is ``log(weights)``.
 
     Raises:
         ValueError: naming the field and the shapes when they disagree, when a variance is not
@@ -88,10 +104,29 @@ class MFA:
     factors: Tensor
     variances: Tensor
     validate: bool = True
+    log_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.validate:
             self._check()
+
+    @classmethod
+    def from_log_weights(cls, log_weights: Tensor, means: Tensor, factors: Tensor, variances: Tensor,
+                         validate: bool = True) -> "MFA":
+        """An MFA given its mixing weights in log space, ``(B, K)``; ``weights = exp(log_weights)``."""
+        return cls(torch.exp(log_weights), means, factors, variances, validate=validate, log_weights=log_weights)
+
+    def log_mixture_weights(self) -> Tensor:
+        """``(B, K)`` log mixing weights: ``log_weights`` when kept, else ``log(weights)``."""
+        return self.log_weights if self.log_weights is not None else torch.log(self.weights)
+
+    def _fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        return self.weights, self.means, self.factors, self.variances, self.log_weights
+
+    @staticmethod
+    def _rebuild(fn, fields) -> "MFA":
+        w, m, a, d, lw = fields
+        return MFA(fn(w), fn(m), fn(a), fn(d), validate=False, log_weights=None if lw is None else fn(lw))
 
     # ------------------------------------------------------------------ validation
     def _check(self) -> None:
@@ -125,6 +160,15 @@ class MFA:
             raise ValueError(f"MFA variances must be > 0; smallest is {self.variances.min().item():.3g}")
         if not bool((self.weights >= 0).all()):
             raise ValueError(f"MFA weights must be >= 0; smallest is {self.weights.min().item():.3g}")
+        if self.log_weights is not None:
+            lw = self.log_weights
+            if not isinstance(lw, Tensor) or lw.shape != self.weights.shape or lw.dtype != self.weights.dtype:
+                raise ValueError(f"MFA log_weights must be a {self.weights.dtype} tensor of shape "
+                                 f"{tuple(self.weights.shape)} like weights, got {getattr(lw, 'shape', type(lw))}")
+            if bool(torch.isnan(lw).any()) or bool((lw == float("inf")).any()):
+                raise ValueError("MFA log_weights contains NaN or +inf")
+            if not bool((torch.logsumexp(lw, dim=1).abs() <= (1e-8 if lw.dtype == torch.float64 else 1e-4) * K).all()):
+                raise ValueError("MFA log_weights must satisfy logsumexp over K = 0 for every sample")
         tol = 1e-8 if self.weights.dtype == torch.float64 else 1e-4
         sums = self.weights.sum(dim=1)
         if not bool(((sums - 1).abs() <= tol * K).all()):
@@ -150,16 +194,26 @@ class MFA:
         return tuple(self.means.shape[2:])  # type: ignore[return-value]
 
     def to(self, *args, **kwargs) -> "MFA":
-        return MFA(*(t.to(*args, **kwargs) for t in (self.weights, self.means, self.factors, self.variances)), validate=False)
+        return self._rebuild(lambda t: t.to(*args, **kwargs), self._fields())
 
     def detach(self) -> "MFA":
-        return MFA(self.weights.detach(), self.means.detach(), self.factors.detach(), self.variances.detach(), validate=False)
+        return self._rebuild(Tensor.detach, self._fields())
 
     def __getitem__(self, index) -> "MFA":
         """Select samples of the batch (an index, a slice, or an index tensor)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return MFA(self.weights[index], self.means[index], self.factors[index], self.variances[index], validate=False)
+        return self._rebuild(lambda t: t[index], self._fields())
+
+    @staticmethod
+    def cat(parts: "list[MFA]") -> "MFA":
+        """Concatenate MFAs along the batch (``log_weights`` kept when every part has them)."""
+        if not parts:
+            raise ValueError("MFA.cat needs at least one MFA")
+        keep_log = all(p.log_weights is not None for p in parts)
+        w, m, a, d = (torch.cat([getattr(p, f) for p in parts]) for f in ("weights", "means", "factors", "variances"))
+        lw = torch.cat([p.log_weights for p in parts]) if keep_log else None
+        return MFA(w, m, a, d, validate=False, log_weights=lw)
 
     # ------------------------------------------------------------------ densities
     def _factorise(self, where: Tensor):
@@ -170,7 +224,7 @@ class MFA:
             inv_d  (B, K, N)        1/d inside S, 0 outside
             A      (B, K, L, N)     factors with rows outside S zeroed
             chol   (B, K, L, L)     Cholesky factor of M = I + A_Sᵀ D⁻¹ A_S
-            logdet (B, K)           log|Σ_S| = log|M| + Σ_S log d
+            logdet (B, K)           log|Σ_S| = log|M| + Σ_S log d, float64
         """
         B, K = self.weights.shape
         L = self.n_factors
@@ -182,35 +236,58 @@ class MFA:
         M = torch.einsum("bkln,bkn,bkmn->bklm", A, inv_d, A)
         M = M + torch.eye(L, dtype=M.dtype, device=M.device)
         chol = torch.linalg.cholesky(M)
-        logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        logdet = logdet + (torch.log(d) * w).sum(-1)
+        # Summed in float64: Σ_S log d runs over thousands of pixels (about −9,500 nats for CIFAR-10).
+        logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1, dtype=torch.float64)
+        logdet = logdet + (torch.log(d) * w).sum(-1, dtype=torch.float64)
         return w, inv_d, A, chol, logdet
 
     def component_log_prob(self, x: Tensor, where: Tensor) -> Tensor:
         """Per-component log-density of the coordinates of ``x`` selected by ``where``.
 
         Args:
-            x: ``(B, C, H, W)``; values outside ``where`` are ignored (NaN allowed there).
+            x: ``(B, C, H, W)``; values outside ``where`` are ignored (NaN allowed there), values
+                inside must be finite.
             where: bool ``(B, 1, H, W)`` or ``(B, C, H, W)``; True = coordinate in S. S may differ
                 per sample; an empty S gives log-density 0.
 
         Returns:
-            ``(B, K)`` tensor of ``log N(x_S; m_kS, Σ_kS)``.
+            ``(B, K)`` tensor of ``log N(x_S; m_kS, Σ_kS)``, in the MFA's dtype.
         """
+        return self._component_log_prob(x, where).to(self.means.dtype)
+
+    def _component_log_prob(self, x: Tensor, where: Tensor) -> Tensor:
+        """:meth:`component_log_prob` with its sums kept in float64 (for conditioning), ``(B, K)``.
+
+        The Mahalanobis term is computed without cancellation. The textbook Woodbury form
+        ``rᵀD⁻¹r − uᵀM⁻¹u`` subtracts two large numbers (for the lab's CIFAR-10 MFA, 8,800 − 6,700
+        nats per component, with M's condition number in the thousands), and in float32 it was off
+        by up to 0.03 nats per component, enough to move the responsibilities. The same quantity is
+
+            rᵀ Σ⁻¹ r = min_z  (r − A z)ᵀ D⁻¹ (r − A z) + zᵀ z,     z* = M⁻¹ u,
+
+        a sum of two non-negative terms; an error δ in the solved z changes it by δᵀMδ only (second
+        order), and each sum is accumulated in float64.
+        """
+        return self._posterior(x, where)[0]
+
+    def _posterior(self, x: Tensor, where: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log N_k(x_S) (B, K) float64, z = M⁻¹Aᵀ D⁻¹ r (B, K, L), chol (B, K, L, L))``."""
         B = self.batch_size
         x = self._check_x(x)
         where = _where_mask(where, B, self.image_shape)
+        _check_finite_at(x, where, "x")
         w, inv_d, A, chol, logdet = self._factorise(where)
         K = self.n_components
         # torch.where rather than multiplication: NaN * 0 would still be NaN.
         xs = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        r = (xs.reshape(B, 1, -1) - self.means.reshape(B, K, -1)) * w          # (B, K, N)
-        maha_diag = (r * r * inv_d).sum(-1)                                     # rᵀ D⁻¹ r
+        r = (xs.reshape(B, 1, -1) - self.means.reshape(B, K, -1)) * w          # (B, K, N), 0 outside S
         u = torch.einsum("bkln,bkn->bkl", A, r * inv_d)                         # Aᵀ D⁻¹ r
-        v = torch.linalg.solve_triangular(chol, u.unsqueeze(-1), upper=False).squeeze(-1)
-        maha = maha_diag - (v * v).sum(-1)                                      # uᵀ M⁻¹ u = |L⁻¹u|²
-        n = w.sum(-1)                                                           # |S|, (B, 1)
-        return -0.5 * (maha + logdet + n * _LOG_2PI)
+        z = torch.cholesky_solve(u.unsqueeze(-1), chol).squeeze(-1)             # M⁻¹ u, (B, K, L)
+        e = r - torch.einsum("bkl,bkln->bkn", z, A)                             # r − A z, 0 outside S
+        acc = torch.float64
+        maha = (e * e * inv_d).sum(-1, dtype=acc) + (z * z).sum(-1, dtype=acc)
+        n = w.sum(-1, dtype=acc)                                                # |S|, (B, 1)
+        return -0.5 * (maha + logdet + n * _LOG_2PI), z, chol
 
     def log_prob(self, x: Tensor, where: Tensor) -> Tensor:
         """Log-density of ``x`` on the coordinates ``where``, marginalising the rest.
@@ -222,8 +299,8 @@ class MFA:
         Returns:
             ``(B,)``: ``logsumexp_k(log p_k + log N_k(x_S))``. Time O(|S|·L²), memory O(|S|·L).
         """
-        comp = self.component_log_prob(x, where)
-        return torch.logsumexp(torch.log(self.weights) + comp, dim=1)
+        comp = self._component_log_prob(x, where)
+        return torch.logsumexp(self.log_mixture_weights().to(comp.dtype) + comp, dim=1).to(self.means.dtype)
 
     def _check_x(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -344,13 +421,9 @@ class ClassicalMFA(torch.nn.Module):
         full = self.as_mfa(B)
         x = full._check_x(x)
         obs = _where_mask(observed, B, full.image_shape, name="observed")
-        w, inv_d, A, chol, _ = full._factorise(obs)
-        comp_lp = full.component_log_prob(x, obs)
+        comp_lp, z, chol = full._posterior(x, obs)             # log N_k(x_o) (float64 sums), M⁻¹u, chol(M)
         K, L = full.n_components, full.n_factors
         xs = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        r = (xs.reshape(B, 1, -1) - full.means.reshape(B, K, -1)) * w
-        u = torch.einsum("bkln,bkn->bkl", A, r * inv_d)
-        z = torch.cholesky_solve(u.unsqueeze(-1), chol).squeeze(-1)                  # M⁻¹ u, (B,K,L)
         A_full = full.factors.reshape(B, K, L, -1)
         cmean = full.means.reshape(B, K, -1) + torch.einsum("bkl,bkln->bkn", z, A_full)
         # A L^{-T}: solve L Yᵀ = Aᵀ... i.e. Y = A L⁻ᵀ  <=>  Yᵀ = L⁻¹ A (rows are factors).
@@ -358,10 +431,12 @@ class ClassicalMFA(torch.nn.Module):
         keep = (~obs).reshape(B, 1, -1).to(x.dtype)
         cfac = cfac * keep.unsqueeze(1)
         cmean = torch.where(obs.reshape(B, 1, -1).expand_as(cmean), xs.reshape(B, 1, -1).expand_as(cmean), cmean)
-        cweights = torch.softmax(torch.log(self.weights)[None] + comp_lp, dim=1)
+        # Responsibilities in log space: for a sharp mixture most of them are below float32's
+        # smallest number, and the hidden pixels' log-density needs them anyway (see MFA.log_weights).
+        clog = torch.log_softmax(torch.log(self.weights).to(comp_lp.dtype)[None] + comp_lp, dim=1).to(x.dtype)
         C, H, W = full.image_shape
-        return MFA(
-            cweights,
+        return MFA.from_log_weights(
+            clog,
             cmean.reshape(B, K, C, H, W),
             cfac.reshape(B, K, L, C, H, W),
             full.variances.contiguous(),

@@ -189,8 +189,8 @@ class DMFA(nn.Module):
         # in float32 (a variance near its 1e-4 floor keeps 3 digits in bfloat16, and the likelihood
         # divides by it), so the returned MFA is float32 in every precision.
         logits, means, factors, variances = to_float32(*self.raw(inputs))
-        return MFA(
-            torch.softmax(logits, dim=1),
+        return MFA.from_log_weights(
+            torch.log_softmax(logits, dim=1),
             means,
             self.factor_scale * torch.tanh(factors),
             self.min_variance + torch.sigmoid(variances),
@@ -493,8 +493,7 @@ def predict_mfa(model: nn.Module, images: Tensor, missing: Tensor, *, batch_size
     out_device = images.device if out_device is None else resolve_device(out_device)
     outs = _batched(model, images, missing, batch_size, device, lambda mfa, x, m: mfa.to(out_device), progress,
                     desc="predict")
-    return MFA(*(torch.cat([getattr(o, f) for o in outs]) for f in ("weights", "means", "factors", "variances")),
-               validate=False)
+    return MFA.cat(outs)
 
 
 # ============================================================================ loading
