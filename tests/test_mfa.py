@@ -241,3 +241,24 @@ def test_fit_mfa_bad_input():
         fit_mfa(torch.rand(10, 28, 28), 2, 2)
     with pytest.raises(ValueError, match=r"at least K=5 images"):
         fit_mfa(torch.rand(3, 1, 4, 4), 5, 1)
+
+
+def test_non_finite_value_at_a_used_coordinate_is_refused():
+    """NaN/inf where the density reads x would make every number NaN: a clear error instead.
+    NaN outside the coordinates used stays allowed (the missing pixels of an incomplete image)."""
+    mfa = random_mfa(B=2, K=2, L=2, C=1, H=4, W=4)
+    model = ClassicalMFA(mfa.weights[0], mfa.means[0], mfa.factors[0], mfa.variances[0])
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    where = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    where[:, :, :2] = True
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[1, 0, 0, 1] = bad                                 # inside `where`: used
+        with pytest.raises(ValueError, match="non-finite"):
+            mfa.log_prob(xb, where)
+        with pytest.raises(ValueError, match="non-finite"):
+            model.condition(xb, where)                       # observed = where
+        xb = x.clone()
+        xb[1, 0, 3, 1] = bad                                 # outside: ignored
+        assert torch.isfinite(mfa.log_prob(xb, where)).all()
+        assert torch.isfinite(model.condition(xb, where).log_prob(x, ~where)).all()
