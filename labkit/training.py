@@ -18,6 +18,10 @@ checkpoint written after epoch ``e - 1`` repeats exactly what the uninterrupted 
 same machine and device; nondeterministic CUDA kernels are outside this guarantee). For the same
 reason the checkpoint holds no global RNG state: the re-seeding would overwrite it before use.
 
+A diverged run is not a result: a step whose ``loss`` is NaN or infinite raises
+``FloatingPointError`` (``finite_metrics``) before its epoch is checkpointed, so a study reports the
+run as failed instead of evaluating broken weights.
+
 Mixed precision (``precision``, see :mod:`labkit.precision`). ``fit`` resolves the precision
 (``"auto"`` -> ``"32"`` or ``"bf16-mixed"`` for the model's device), stores it in the checkpoint's
 config, refuses to resume a run under another precision unless told to, and checks that ``step``

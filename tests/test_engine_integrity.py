@@ -60,6 +60,17 @@ def _cell(method: str = "zero", seed: int = 0, **settings) -> Cell:
     return Cell("t", {"dataset": "mnist", "method": method, "seed": seed}, {"epochs": 1, **settings})
 
 
+def _other_rows(data: CellData, k: int = 5, keep: int = 0) -> CellData:
+    """``data`` with ``k`` fitting rows swapped for validation rows after its first ``keep`` ones:
+    the same counts, images, masks and fingerprints (and the same first ``keep`` validation rows),
+    other rows to fit on."""
+    import dataclasses
+
+    fit = torch.cat([data.val_idx[keep:keep + k], data.fit_idx[k:]]).sort().values
+    val = torch.cat([data.val_idx[:keep], data.fit_idx[:k], data.val_idx[keep + k:]])
+    return dataclasses.replace(data, fit_idx=fit, val_idx=val)
+
+
 # ============================================================================ 1. caches keyed by content
 def test_knn_cache_is_keyed_by_the_rows_it_is_fitted_on(tmp_path):
     """Another val_fraction with the same knn_fit (same count) fits k-NN on other rows: the cache
@@ -69,14 +80,16 @@ def test_knn_cache_is_keyed_by_the_rows_it_is_fitted_on(tmp_path):
     def cfg(cache):
         return ImputerConfig(knn_fit=12, knn_k=(1,), knn_val=4, cache_dir=str(cache), progress=False, device="cpu")
 
-    a, b = _cell_data(val_fraction=0.1), _cell_data(val_fraction=0.3)
-    assert not torch.equal(a.fit_idx[:12], b.fit_idx[:12])          # same count, other rows
-    shared = tmp_path / "shared"
-    first = prepare_knn(a, cfg(shared))[1].images
-    reused = prepare_knn(b, cfg(shared))[1].images                  # the second config, through the shared cache
-    fresh = prepare_knn(b, cfg(tmp_path / "fresh"))[1].images       # the second config, computed afresh
-    assert not torch.equal(first, fresh)                           # the rows matter ...
-    assert torch.equal(reused, fresh)                              # ... so the cache must tell them apart
+    c = _cell_data(val_fraction=0.3)
+    # another val_fraction (what a user changes); other rows to fit on, the same validation rows
+    for i, (a, b) in enumerate([(_cell_data(val_fraction=0.1), c), (c, _other_rows(c, 6, keep=4))]):
+        assert not torch.equal(a.fit_idx[:12], b.fit_idx[:12])      # knn_fit rows: same count, other rows
+        shared = tmp_path / f"shared-{i}"
+        first = prepare_knn(a, cfg(shared))[1].images
+        reused = prepare_knn(b, cfg(shared))[1].images              # b through the cache a filled
+        fresh = prepare_knn(b, cfg(tmp_path / f"fresh-{i}"))[1].images     # b afresh
+        assert not torch.equal(first, fresh)                       # the rows matter ...
+        assert torch.equal(reused, fresh)                          # ... so the cache must tell them apart
 
 
 def test_mfa_caches_are_keyed_by_the_rows_and_the_fitted_model(tmp_path):
@@ -88,7 +101,8 @@ def test_mfa_caches_are_keyed_by_the_rows_and_the_fitted_model(tmp_path):
         return ImputerConfig(mfa_components=2, mfa_factors=1, mfa_iterations=3, cache_dir=str(cache),
                              progress=False, device="cpu")
 
-    a, b = _cell_data(val_fraction=0.1), _cell_data(val_fraction=0.3)
+    a = _cell_data(val_fraction=0.25)
+    b = _other_rows(a)                          # the same number of rows to fit on, other rows
     shared = tmp_path / "shared"
     first = prepare_mfa_mean(a, cfg(shared))[1].images
     reused_model = classical_mfa(b, cfg(shared))
