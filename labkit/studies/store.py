@@ -3,9 +3,11 @@
 - :class:`ResultStore`: a CSV with one row per cell key, the cell's settings and inputs beside its
   metrics. Rows are validated on read (a truncated or malformed row is reported with file and line
   and is not a result); two rows with one key are an error naming the file; writes are atomic and
-  locked, so sweeps may run side by side.
+  locked, so sweeps may run side by side. A metric that is not a finite number is refused when
+  recorded (:class:`InvalidMetric`), and a row and its details record are written as one set.
 - :func:`write_files`: several files of one folder (CSV, JSON, figure) written as a set: killed at
   any instant, the folder ends with the old set or the new one (readers call :func:`recover`).
+  Writers hold a lock on their temporaries; recovery removes only those of dead writers.
 - :func:`check_uniform`: the refusal to put rows made with different settings in one table.
 """
 from __future__ import annotations
