@@ -25,7 +25,10 @@ Where the data is looked for, in order:
 4. otherwise ``FileNotFoundError`` saying which files to put where.
 
 Decoded JPEG sets (CIFAR-10 JPEGs, CelebA) are cached as ``.pt`` tensor files next to the images, so a
-second load is fast. Delete the ``cache-*.pt`` files to rebuild them.
+second load is fast. A cache is tied to the files it was decoded from (a digest of their names, sizes
+and modification times): when the folder changes (a file added, removed, replaced or touched) the set
+is decoded again. A cache whose images are all gone (the folder removed or emptied to save space) is
+still used: it is all there is. Delete the ``cache-*.pt`` files to rebuild them.
 
 CelebA: the aligned 178x218 images, centre-cropped to 140x140 (the face) then resized to 64x64 (PIL
 bilinear, which antialiases when shrinking). The paper only says "64x64 CelebA"; this crop is our choice,
@@ -301,35 +304,63 @@ def _decode_rgb(path: Path, transform=None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_cache(cache: Path, need: int | None):
-    """``(images uint8, labels)`` from a decode cache holding at least ``need`` items (all if None), or None."""
+def _files_signature(files, base: Path, extra: str = "") -> str | None:
+    """A digest of the files a decode cache is made from: each one's path under ``base``, size and
+    modification time (ns), in order, plus ``extra`` (the decode settings). ``None`` when none of
+    the files exists (the images were removed: the cache is the only copy left)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{extra}\n".encode())
+    skip = len(str(base)) + 1            # the name under ``base`` (str slicing: 50,000 files stay well under a second)
+    present = 0
+    lines = []
+    for f in files:
+        f = str(f)
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:
+            lines.append(f"{f[skip:]}|absent")
+            continue
+        present += 1
+        lines.append(f"{f[skip:]}|{st.st_size}|{st.st_mtime_ns}")
+    h.update("\n".join(lines).encode())
+    return h.hexdigest() if present else None
+
+
+def _load_cache(cache: Path, need: int | None, signature: str | None):
+    """``(images uint8, labels)`` from a decode cache holding at least ``need`` items (all if None)
+    and made from the files of ``signature`` (:func:`_files_signature`; ``None``: the files are
+    gone, any cache will do), or None (decode again)."""
     if not cache.is_file():
         return None
     try:
         d = torch.load(cache, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable cache is simply rebuilt
         return None
+    if not isinstance(d, dict) or not {"images", "labels", "complete"} <= set(d):
+        return None
+    if signature is not None and d.get("files") != signature:
+        return None                      # decoded from other files (or before caches were tied to them)
     if d["complete"] or (need is not None and len(d["images"]) >= need):
         return d["images"], d["labels"]
     return None
 
 
-def _save_cache(cache: Path, images, labels, complete: bool) -> None:
+def _save_cache(cache: Path, images, labels, complete: bool, signature: str | None) -> None:
     """Write atomically: several notebooks may load the same set at once."""
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    torch.save({"images": images, "labels": labels, "complete": complete}, tmp)
+    torch.save({"images": images, "labels": labels, "complete": complete, "files": signature}, tmp)
     os.replace(tmp, cache)
 
 
 def _cifar_jpeg(folder: Path, split: str, need: int | None, quiet: bool):
     sub = folder / split
     cache = folder / f"cache-{split}.pt"
-    got = _load_cache(cache, need)          # before listing 50,000 files: that alone takes seconds
+    files, labels, classes = _jpeg_folder_files(sub) if sub.is_dir() else ([], [], [])
+    signature = _files_signature(files, folder, f"cifar10 jpeg, shuffle {SHUFFLE_SEED}")
+    got = _load_cache(cache, need, signature)
     if got is not None:
         return got
-    if not sub.is_dir():
-        return None
-    files, labels, classes = _jpeg_folder_files(sub)
     if not files:
         return None
     if tuple(classes) != CIFAR10_CLASSES:
@@ -341,7 +372,7 @@ def _cifar_jpeg(folder: Path, split: str, need: int | None, quiet: bool):
         print(f"labkit.data: decoding {n:,} of {len(files):,} CIFAR-10 JPEGs in {sub} once; caching to {cache}")
     images = torch.from_numpy(np.stack([_decode_rgb(files[i]) for i in perm[:n]]))
     labels = torch.tensor([labels[i] for i in perm[:n]], dtype=torch.int64)
-    _save_cache(cache, images, labels, n == len(files))
+    _save_cache(cache, images, labels, n == len(files), signature)
     return images, labels
 
 
@@ -432,14 +463,15 @@ def _celeba(split: str, root: Path, download: bool, quiet: bool, need: int | Non
     if not (img_dir.is_dir() and part.is_file()):
         return None
     cache = folder / f"cache-{_CELEBA_SIZE}-{split}.pt"
-    got = _load_cache(cache, need)
+    code = {"train": 0, "valid": 1, "test": 2}[split]
+    files = []
+    for line in part.read_text().split("\n"):
+        fields = line.split()
+        if len(fields) == 2 and fields[1] == str(code):
+            files.append(img_dir / fields[0])
+    signature = _files_signature(files, folder, f"celeba crop {_CELEBA_CROP} size {_CELEBA_SIZE}")
+    got = _load_cache(cache, need, signature)
     if got is None:
-        code = {"train": 0, "valid": 1, "test": 2}[split]
-        files = []
-        for line in part.read_text().split("\n"):
-            fields = line.split()
-            if len(fields) == 2 and fields[1] == str(code):
-                files.append(img_dir / fields[0])
         if not files:
             raise ValueError(f"{part} lists no image for split {split!r} (partition code {code})")
         n = len(files) if need is None else min(need, len(files))
@@ -452,7 +484,7 @@ def _celeba(split: str, root: Path, download: bool, quiet: bool, need: int | Non
                   f"caching to {cache}")
         images = torch.from_numpy(np.stack([_decode_rgb(f, _celeba_crop) for f in files[:n]]))
         labels = torch.full((n,), -1, dtype=torch.int64)
-        _save_cache(cache, images, labels, n == len(files))
+        _save_cache(cache, images, labels, n == len(files), signature)
     else:
         images, labels = got
     return images, labels, (f"CelebA {split}: {img_dir} with {part.name} (torchvision layout); centre crop "

@@ -18,6 +18,10 @@ checkpoint written after epoch ``e - 1`` repeats exactly what the uninterrupted 
 same machine and device; nondeterministic CUDA kernels are outside this guarantee). For the same
 reason the checkpoint holds no global RNG state: the re-seeding would overwrite it before use.
 
+A diverged run is not a result: a step whose ``loss`` is NaN or infinite raises
+``FloatingPointError`` (``finite_metrics``) before its epoch is checkpointed, so a study reports the
+run as failed instead of evaluating broken weights.
+
 Mixed precision (``precision``, see :mod:`labkit.precision`). ``fit`` resolves the precision
 (``"auto"`` -> ``"32"`` or ``"bf16-mixed"`` for the model's device), stores it in the checkpoint's
 config, refuses to resume a run under another precision unless told to, and checks that ``step``
@@ -151,6 +155,7 @@ def fit(
     precision: str = "32",
     scaler: torch.amp.GradScaler | None = None,
     allow_precision_change: bool = False,
+    finite_metrics: Iterable[str] = ("loss",),
 ) -> list[dict]:
     """Train ``model`` for ``epochs`` epochs, checkpointing after each; resume if ``checkpoint`` exists.
 
@@ -188,6 +193,11 @@ def fit(
             checkpointed with the run; required for ``"16-mixed"``.
         allow_precision_change: resume a checkpoint written under another precision instead of
             raising (the change is logged in the checkpoint's ``precision_changes``).
+        finite_metrics: step metrics that must be finite in every step (default ``("loss",)``): a
+            NaN or infinite value raises ``FloatingPointError`` naming the metric, epoch and batch,
+            before that epoch is checkpointed (the weights are already poisoned by its update; the
+            last checkpoint stays the one of the epoch before). A step that skips bad batches by
+            design reports another metric name, or the caller passes ``()``.
 
     Returns:
         The history: one dict per epoch with ``epoch`` (0-based), the averaged metrics, ``lr``
@@ -197,6 +207,7 @@ def fit(
         CheckpointMismatchError: the checkpoint was written by a run with another seed, config,
             precision, set of optimizers/schedulers/extra_state, or more epochs than ``epochs``.
         CheckpointError: the checkpoint is corrupt or not a ``fit`` checkpoint.
+        FloatingPointError: a metric of ``finite_metrics`` was NaN or infinite in a step.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -213,6 +224,9 @@ def fit(
     schedulers = _named(scheduler, "scheduler", kinds=(), allow_none=True)
     extras = _named(extra_state, "extra_state", kinds=(), allow_none=True) if extra_state else None
     config = _normalise_config(config)
+    if isinstance(finite_metrics, str):
+        finite_metrics = (finite_metrics,)
+    must_be_finite = frozenset(finite_metrics)
     device = _model_device(model)
     requested = precision
     precision = _precision.resolve_precision(precision, device)
@@ -283,7 +297,13 @@ def fit(
                 if not isinstance(metrics, Mapping):
                     raise TypeError(f"step() must return a dict of metrics or None, got {type(metrics).__name__}")
                 for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + _to_float(value, name)
+                    number = _to_float(value, name)
+                    if name in must_be_finite and not math.isfinite(number):
+                        raise FloatingPointError(
+                            f"{desc}: step() metric {name!r} is {number} in epoch {epoch + 1}/{epochs}, batch "
+                            f"{n_batches} (training diverged or a NaN reached the loss); stopped before this "
+                            "epoch's checkpoint, whose weights would be broken")
+                    sums[name] = sums.get(name, 0.0) + number
                     counts[name] = counts.get(name, 0) + 1
                 if progress:
                     bar.set_postfix({k: f"{sums[k] / counts[k]:.4g}" for k in sums}, refresh=False)

@@ -151,7 +151,8 @@ def train_acflow(
     Every step draws a fresh mask per image with ``mask_fn`` (default :func:`study_mask_fn`: a mix
     of square / trapezoid / noise), dequantises the missing pixels (``(255·x + u)/256``) and
     minimises the NLL per missing pixel (total −log p over the batch / number of missing pixels).
-    Non-finite losses skip the update (counted in the ``skipped`` metric); gradients are clipped to
+    Non-finite losses skip the update (counted in the ``skipped`` metric; an epoch that skipped every
+    batch raises ``FloatingPointError``); gradients are clipped to
     ``max_grad_norm``. Uses :func:`labkit.training.fit`: reproducible from ``seed``, a checkpoint
     after every epoch, and a rerun with the same ``checkpoint`` resumes (a larger ``epochs``
     extends the run).
@@ -230,11 +231,16 @@ def train_acflow(
         return [order[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
 
     step_seconds: dict[int, float] = {}  # time in optimisation steps only (no validation), per epoch
+    updates: dict[int, list[int]] = {}    # per epoch: [batches, batches skipped for a non-finite loss]
 
     def step(idx: Tensor, epoch: int, generator: torch.Generator) -> dict[str, float]:
         started = time.perf_counter()
         try:
-            return _step(idx, generator)
+            out = _step(idx, generator)
+            counts = updates.setdefault(epoch, [0, 0])
+            counts[0] += 1
+            counts[1] += int(out["skipped"])
+            return out
         finally:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -267,6 +273,11 @@ def train_acflow(
 
     def evaluate(epoch: int) -> dict[str, float]:
         # Runs after each epoch's steps; fit stores these metrics in the history it checkpoints.
+        n_batches, n_skipped = updates.get(epoch, (0, 0))
+        if n_batches and n_skipped == n_batches:
+            # nothing was learnt: the epoch would be checkpointed as trained with no loss to show
+            raise FloatingPointError(f"acflow: the loss was non-finite in every one of the {n_batches} batches of "
+                                     f"epoch {epoch + 1}/{epochs} (every update skipped): training diverged")
         seconds = step_seconds.get(epoch, float("nan"))
         out = {"train_seconds": seconds, "images_per_second": images_per_epoch / seconds}
         if val_images is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CellData", "cell_masks", "fingerprint_cell", "load_cell_data"]
+__all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data"]
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -101,12 +101,23 @@ def fingerprint_cell(data: CellData) -> dict:
 _DATA_CACHE: dict = {}
 
 
+def data_source_key() -> tuple[str, str]:
+    """Where :func:`labkit.data.load_dataset` looks for files now: the resolved data root
+    (``$LABKIT_DATA``) and shared datasets folder (``$LABKIT_SHARED_DATASETS``). In-process caches of
+    loaded images are keyed by it, so a changed ``LABKIT_DATA`` loads again instead of reusing the
+    images of the other folder."""
+    from labkit import paths
+
+    return str(paths.data_dir().resolve()), str(paths.shared_datasets_dir().resolve())
+
+
 def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n_test: int | None,
                    val_fraction: float = 0.1, quiet: bool = True) -> CellData:
-    """Load the images and make the masks of one (dataset, mask, seed) (images cached in memory)."""
+    """Load the images and make the masks of one (dataset, mask, seed) (images cached in memory,
+    keyed by the data set, the sizes and where the files are read from: :func:`data_source_key`)."""
     from labkit.data import load_dataset, train_val_split
 
-    key = (dataset, n_train, n_test)
+    key = (dataset, n_train, n_test, data_source_key())
     if key not in _DATA_CACHE:
         tr = load_dataset(dataset, "train", limit=n_train, quiet=quiet)
         te = load_dataset(dataset, "test", limit=n_test, quiet=quiet)

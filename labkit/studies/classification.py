@@ -23,8 +23,10 @@ Protocol of one cell (dataset, mask, method, seed)
 Sweep
 -----
 :func:`run_sweep` writes ``<results_dir>/accuracy.csv`` (columns ``ACCURACY_COLUMNS``) one row per
-finished cell (write to a temporary file, then rename), skips cells already there, and appends a
-JSON line per cell to ``runs.jsonl`` (batch size, lr, wall time, machine, per-epoch history).
+finished cell (write to a temporary file, then rename), skips cells already there, and adds a
+JSON line per cell to ``runs.jsonl`` (batch size, lr, wall time, machine, per-epoch history),
+written with the row as one set. A cell whose training loss turns NaN or infinite fails (the epoch
+loop raises), and so does one whose metric is not a finite number (the store refuses it).
 Cells whose method is not available yet (no DMFA/ACFlow checkpoint) are skipped, or waited for
 with ``wait=True``. Order: every method on every mask for seed 0 before any later seed.
 
@@ -47,7 +49,7 @@ import torch
 from labkit import paths
 from labkit.device import resolve_device
 from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
-from labkit.studies.cells import _stable_seed, _with_nan, fingerprint_cell, load_cell_data
+from labkit.studies.cells import _stable_seed, _with_nan, data_source_key, fingerprint_cell, load_cell_data
 from labkit.studies.imputers import METHODS, ImputerConfig, method_available
 from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS, PAPER_TABLE1,
                                                   check_table_settings, paired_differences, paired_markdown,
@@ -209,7 +211,7 @@ _PLAN_DATA: dict = {}
 
 
 def _cell_fingerprints(dataset: str, mask: str, seed: int, cfg: SweepConfig) -> dict:
-    key = (dataset, mask, int(seed), cfg.n_train, cfg.n_test, cfg.val_fraction)
+    key = (dataset, mask, int(seed), cfg.n_train, cfg.n_test, cfg.val_fraction, data_source_key())
     if key not in _PLAN_DATA:
         data = load_cell_data(dataset, mask, seed, n_train=cfg.n_train, n_test=cfg.n_test,
                               val_fraction=cfg.val_fraction, quiet=True)

@@ -11,7 +11,9 @@ labels; the content hash of every checkpoint it reads). Its key is a digest of a
   a mismatch recomputes;
 - result files are written atomically and validated on read: a truncated or malformed row is
   reported with its file and line and is not a result (its cell reruns); two rows with one key are
-  an error naming the file;
+  an error naming the file; a result whose metric is NaN, inf or not a number is refused when
+  recorded (:class:`InvalidMetric`): the cell is reported failed, never "ran";
+- a row and its details record (the JSONL beside the CSV) are written as one set;
 - a study that writes several files (CSV, JSON, figure) writes them as one set
   (:func:`write_files`): killed at any instant, the folder holds the old set or the new one;
 - a cell that fails is reported (which, why) and the others still run; the sweep ends with
@@ -35,14 +37,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from labkit.studies.engine_keys import (Cell, InputError, canonical, data_fingerprint, digest, file_digest,
                                         input_fingerprint, settings_differences, tensor_digest)
-from labkit.studies.store import (Problem, ResultFileError, ResultStore, SettingsMismatch, check_uniform,
-                                  locked, recover, write_files)
+from labkit.studies.store import (InvalidMetric, Problem, ResultFileError, ResultStore, SettingsMismatch,
+                                  check_uniform, locked, recover, write_files)
 
 __all__ = [
     "canonical", "digest", "tensor_digest", "file_digest", "data_fingerprint", "input_fingerprint",
     "Cell", "ResultStore", "ResultFileError", "SettingsMismatch", "check_uniform", "settings_differences",
     "write_files", "recover", "cached", "InputError", "CellOutcome", "SweepFailed", "LocalExecutor",
-    "run_cells", "run_one", "locked", "Problem",
+    "run_cells", "run_one", "locked", "Problem", "InvalidMetric",
 ]
 
 
@@ -224,8 +226,13 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], Mapping], store: Resul
                 continue
             n_done += 1
             if outcome.status == "ran":
-                added = store.record(c, outcome.metrics, {**(outcome.details or {}),
-                                                          "seconds": round(outcome.seconds, 1)})
+                try:
+                    added = store.record(c, outcome.metrics, {**(outcome.details or {}),
+                                                              "seconds": round(outcome.seconds, 1)})
+                except InvalidMetric as exc:     # a NaN/inf result is a failure, not a row
+                    outcome = dataclasses.replace(outcome, status="failed", error=f"InvalidMetric: {exc}")
+                    outcomes[c.key] = outcome
+            if outcome.status == "ran":
                 shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in list(outcome.metrics.items())[:2])
                 note = "" if added else " (another process recorded it first)"

@@ -22,7 +22,10 @@ gt                         ground truth: the complete images (the ceiling)
 
 Imputers are frozen, so their outputs are cached on disk under ``cache_dir`` (default
 ``data/cache/classification/``, git-ignored; :func:`cached`), keyed by everything that determines
-them. The preparers read their settings from an :class:`ImputerConfig` (the classification study's
+them: the content hashes of the split and its masks, *which* rows a model was fitted on (a digest of
+the row indices into that hashed split: :func:`rows_fingerprint`, so another ``val_fraction`` or
+``knn_fit`` is another key even at the same count), the fitted model itself (the MFA mean imputation
+is keyed by a digest of the MFA's parameters) and every setting that changes the values. The preparers read their settings from an :class:`ImputerConfig` (the classification study's
 :class:`~labkit.studies.classification.SweepConfig` extends it); :func:`method_available` says
 whether a method's checkpoint (DMFA, ACFlow) exists yet.
 """
@@ -44,9 +47,10 @@ from labkit.mfa import MFA, ClassicalMFA
 from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
                                   MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront)
 from labkit.studies.cells import CellData, _stable_seed, _with_nan
-from labkit.studies.engine import cached, input_fingerprint
+from labkit.studies.engine import cached, digest, input_fingerprint, tensor_digest
 
 __all__ = [
+    "ACFLOW_IMPUTE_BATCH",
     "METHODS",
     "AuxSource",
     "ConditionedMFAAux",
@@ -57,10 +61,12 @@ __all__ = [
     "cached",
     "classical_mfa",
     "method_available",
+    "model_fingerprint",
     "prepare_acflow",
     "prepare_knn",
     "prepare_mfa_mean",
     "prepare_mfa_misconv",
+    "rows_fingerprint",
 ]
 
 
@@ -123,6 +129,21 @@ def _checkpoint_id(path: Path, role: str) -> dict:
     return input_fingerprint(path, role)
 
 
+def rows_fingerprint(data: CellData, rows: Tensor) -> dict:
+    """What identifies the training rows ``rows`` (int64 indices into ``data.train_*``) a model is
+    fitted on: the content hash of the whole training split and its masks (:meth:`CellData.key`)
+    and a digest of the indices, so two selections of the same size (another ``val_fraction``,
+    another ``knn_fit``) never share a cache entry."""
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    base = data.key("train")
+    return {"data": base["data"], "masks": base["masks"], "n": int(len(rows)), "rows": tensor_digest(rows)}
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, dtypes, shapes, values)."""
+    return digest({name: tensor_digest(t) for name, t in model.state_dict().items()})
+
+
 # ============================================================================ settings
 @dataclass
 class ImputerConfig:
@@ -142,7 +163,7 @@ class ImputerConfig:
     dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"   # one per mask kind
     acflow: str | None = "results/acflow/acflow_{dataset}.pt"
     acflow_samples: int = 4
-    impute_batch: int = 256
+    impute_batch: int = 256                   # ACFlow's sampling noise depends on it (see ACFLOW_IMPUTE_BATCH)
     cache_dir: str | None = None              # default data/cache/classification
     device: Any = None
     progress: bool = True
@@ -215,8 +236,9 @@ def prepare_knn(data: CellData, cfg: ImputerConfig):
     from labkit.masks import make_masks
 
     fit_rows = data.fit_idx[: cfg.knn_fit] if cfg.knn_fit else data.fit_idx
-    key = {**data.key("train"), "test": data.key("test"), "method": "knn", "fit": len(fit_rows),
-           "k": list(cfg.knn_k), "val": cfg.knn_val, "v": 2}
+    # the rows it is fitted on and the validation rows choosing k, by content, not by count
+    key = {**data.key("train"), "test": data.key("test"), "method": "knn", "fit": rows_fingerprint(data, fit_rows),
+           "k": list(cfg.knn_k), "val": rows_fingerprint(data, data.val_idx[: cfg.knn_val]), "v": 3}
 
     def compute():
         N, C, H, W = data.train_images.shape
@@ -256,8 +278,10 @@ def classical_mfa(data: CellData, cfg: ImputerConfig) -> ClassicalMFA:
 
     K, L = cfg.mfa_components, cfg.mfa_factors
     C, H, W = data.train_images.shape[1:]
+    fit = rows_fingerprint(data, data.fit_idx)
+    fit.pop("masks")                  # fitted on the complete images: the masks play no part
     key = {"dataset": data.dataset, "data": data.key("train")["data"], "n": len(data.train_images),
-           "fit": len(data.fit_idx), "K": K, "L": L, "iterations": cfg.mfa_iterations, "v": 2}
+           "fit": fit, "K": K, "L": L, "iterations": cfg.mfa_iterations, "v": 3}
 
     def compute():
         model, history = fit_mfa(data.train_images[data.fit_idx], K, L, iterations=cfg.mfa_iterations,
@@ -285,8 +309,9 @@ def _mfa_mean_images(model: ClassicalMFA, images: Tensor, missing: Tensor, cfg: 
 
 def prepare_mfa_mean(data: CellData, cfg: ImputerConfig):
     model = classical_mfa(data, cfg)
+    # keyed by the fitted MFA itself: another fit (other rows, settings, data) is another key
     key = {**data.key("train"), "test": data.key("test"), "method": "mfa_mean", "K": cfg.mfa_components,
-           "L": cfg.mfa_factors, "iterations": cfg.mfa_iterations, "v": 2}
+           "L": cfg.mfa_factors, "iterations": cfg.mfa_iterations, "model": model_fingerprint(model), "v": 3}
 
     def compute():
         return {"train": _mfa_mean_images(model, data.train_images, data.train_missing, cfg, "MFA mean train").half(),
@@ -387,13 +412,31 @@ def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None =
     return None
 
 
+#: the ``impute_batch`` every committed ACFlow result was made with. ACFlow draws its sampling noise
+#: batch by batch from one seeded generator, so the imputations depend on the batch (by up to 0.5 on
+#: a pixel): another batch enters the cell key and the cache key, this one is left out of both (so
+#: the committed keys stay those of their cells)
+ACFLOW_IMPUTE_BATCH = 256
+
+
+def _acflow_batch_setting(cfg: ImputerConfig) -> dict:
+    """``{}`` for the committed ``impute_batch`` (:data:`ACFLOW_IMPUTE_BATCH`), else ``{"impute_batch": n}``."""
+    n = int(cfg.impute_batch)
+    return {} if n == ACFLOW_IMPUTE_BATCH else {"impute_batch": n}
+
+
 def prepare_acflow(data: CellData, cfg: ImputerConfig):
-    """ACFlow imputation: the mean of ``cfg.acflow_samples`` samples of the missing pixels (seeded)."""
+    """ACFlow imputation: the mean of ``cfg.acflow_samples`` samples of the missing pixels (seeded).
+
+    The noise is drawn ``cfg.impute_batch`` images at a time from one generator per split, so the
+    values depend on ``impute_batch``: it is part of the keys unless it is :data:`ACFLOW_IMPUTE_BATCH`.
+    """
     from labkit.models.acflow import load_acflow
 
     path = cfg.resolve(cfg.acflow, data.dataset)
     key = {**data.key("train"), "test": data.key("test"), "method": "acflow",
-           "checkpoint": _checkpoint_id(path, "ACFlow checkpoint"), "samples": cfg.acflow_samples, "v": 2}
+           "checkpoint": _checkpoint_id(path, "ACFlow checkpoint"), "samples": cfg.acflow_samples,
+           **_acflow_batch_setting(cfg), "v": 2}
 
     def compute():
         dev = resolve_device(cfg.device)
@@ -461,7 +504,8 @@ METHODS: dict[str, Method] = {
     "dmfa_authors_incomplete": _dmfa_method("dmfa_authors_incomplete", AuthorsMisConvFront, "incomplete", "misconv",
                                             "the authors' first layer (ablation), incomplete-data DMFA"),
     "acflow": Method("acflow", ACFlowFront, prepare_acflow, _acflow_needs, "ACFlow imputation",
-                     settings=lambda cfg: {"acflow_samples": cfg.acflow_samples}, inputs=_acflow_inputs),
+                     settings=lambda cfg: {"acflow_samples": cfg.acflow_samples, **_acflow_batch_setting(cfg)},
+                     inputs=_acflow_inputs),
     "gt": Method("gt", GroundTruthFront, _gt, description="ground truth (complete images)"),
 }
 

@@ -3,9 +3,11 @@
 - :class:`ResultStore`: a CSV with one row per cell key, the cell's settings and inputs beside its
   metrics. Rows are validated on read (a truncated or malformed row is reported with file and line
   and is not a result); two rows with one key are an error naming the file; writes are atomic and
-  locked, so sweeps may run side by side.
+  locked, so sweeps may run side by side. A metric that is not a finite number is refused when
+  recorded (:class:`InvalidMetric`), and a row and its details record are written as one set.
 - :func:`write_files`: several files of one folder (CSV, JSON, figure) written as a set: killed at
   any instant, the folder ends with the old set or the new one (readers call :func:`recover`).
+  Writers hold a lock on their temporaries; recovery removes only those of dead writers.
 - :func:`check_uniform`: the refusal to put rows made with different settings in one table.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -73,27 +74,49 @@ def claim(path: str | os.PathLike, key: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write_temp(final: Path, content: bytes | str | Callable[[Path], Any]) -> Path:
+#: the suffix of :func:`write_files`' temporaries: only files named so are ever removed by
+#: :func:`recover` (another writer's ``.*.tmp``, e.g. a checkpoint being saved, is not its to judge)
+_TEMP_SUFFIX = ".set.tmp"
+
+
+def _lock_new_temp(final: Path) -> tuple[Path, Any]:
+    """A new temporary beside ``final``, open and exclusively ``flock``-ed by this process.
+
+    The lock is the sign of a live writer: :func:`recover` removes a temporary only when it can take
+    its lock (its writer is gone: the system drops a dead process's locks). A temporary that
+    ``recover`` removed between its creation and the lock (``st_nlink`` 0 once locked) is made anew.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    tmp = Path(tmp)
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TEMP_SUFFIX, dir=final.parent)
+        fh = os.fdopen(fd, "r+b")
+        if fcntl is None:
+            return Path(name), fh
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if os.fstat(fh.fileno()).st_nlink > 0:
+            return Path(name), fh
+        fh.close()
+
+
+def _write_temp(final: Path, content: bytes | str | Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Write ``content`` to a locked temporary beside ``final``; returns ``(path, open locked file)``:
+    the caller closes the file (dropping the lock) once the temporary has been renamed or removed."""
+    tmp, fh = _lock_new_temp(final)
     try:
         if callable(content):
-            os.close(fd)
-            content(tmp)                       # e.g. fig.savefig(tmp, format="png")
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            content(tmp)                       # e.g. fig.savefig(tmp, format="png"): same inode, lock kept
+            with open(tmp, "rb+") as out:
+                os.fsync(out.fileno())
         else:
-            data = content.encode() if isinstance(content, str) else bytes(content)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fh.write(content.encode() if isinstance(content, str) else bytes(content))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        fh.close()
         raise
-    return tmp
+    return tmp, fh
 
 
 _JOURNAL = ".labkit-journal-"
@@ -116,19 +139,33 @@ def write_files(files: Mapping[str | os.PathLike, bytes | str | Callable[[Path],
     if any(p.parent.resolve() != folder.resolve() for p in finals):
         raise ValueError(f"write_files writes one folder's files; got {sorted({str(p.parent) for p in finals})}")
     recover(folder)
-    temps = []
+    temps, handles = [], []
+    committed = False
     try:
         for final, content in zip(finals, files.values()):
-            temps.append(_write_temp(final, content))
+            tmp, fh = _write_temp(final, content)
+            temps.append(tmp)
+            handles.append(fh)
+        plan = [[t.name, f.name] for t, f in zip(temps, finals)]
+        journal, jh = _write_temp(folder / f"{_JOURNAL}{finals[0].name}.json", json.dumps(plan))
+        handles.append(jh)
+        journal_final = folder / f"{_JOURNAL}{finals[0].name}-{journal.name.split('.')[-3][-8:]}.json"
+        try:
+            os.replace(journal, journal_final)         # the commit point
+        except BaseException:
+            journal.unlink(missing_ok=True)
+            raise
+        committed = True
+        _roll_forward(journal_final)
     except BaseException:
-        for t in temps:
-            t.unlink(missing_ok=True)
+        if not committed:                              # the old set stands: these are garbage
+            for t in temps:
+                t.unlink(missing_ok=True)
         raise
-    plan = [[t.name, f.name] for t, f in zip(temps, finals)]
-    journal = _write_temp(folder / f"{_JOURNAL}{finals[0].name}.json", json.dumps(plan))
-    journal_final = folder / f"{_JOURNAL}{finals[0].name}-{journal.name[-12:-4]}.json"
-    os.replace(journal, journal_final)         # the commit point
-    _roll_forward(journal_final)
+    finally:
+        # the locks go only now: until every rename is done, recover() must leave the temporaries be
+        for fh in handles:
+            fh.close()
     return finals
 
 
@@ -146,8 +183,24 @@ def _roll_forward(journal: Path) -> None:
     journal.unlink(missing_ok=True)
 
 
+def _journal_temps(folder: Path) -> set[str]:
+    """The temporaries named by the journals of ``folder`` (committed sets not yet rolled forward)."""
+    names: set[str] = set()
+    for journal in folder.glob(f"{_JOURNAL}*.json"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            names.update(tmp for tmp, _ in json.loads(journal.read_text()))
+    return names
+
+
 def recover(folder: str | os.PathLike) -> None:
-    """Finish any interrupted :func:`write_files` in ``folder`` and remove stray temporaries."""
+    """Finish any interrupted :func:`write_files` in ``folder`` and remove the temporaries of dead writers.
+
+    A temporary is removed only when its writer is gone: writers hold an exclusive ``flock`` on
+    their temporaries until these are renamed, so a temporary whose lock this process can take
+    belongs to no live process (however old it is: a writer stopped by Ctrl-Z or a stalled machine
+    keeps its lock and its file). Only :func:`write_files`' own temporaries (``*.set.tmp``) are
+    judged; without ``fcntl`` (Windows) none is removed.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -156,12 +209,22 @@ def recover(folder: str | os.PathLike) -> None:
             _roll_forward(journal)
         except (OSError, ValueError):           # a journal torn before its rename cannot exist; be safe
             journal.unlink(missing_ok=True)
-    now = time.time()
-    for tmp in folder.glob(".*.tmp"):
-        # a temporary older than a minute belongs to no live writer (writers rename within seconds)
-        with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > 60:
-                tmp.unlink()
+    if fcntl is None:
+        return
+    for tmp in folder.glob(f".*{_TEMP_SUFFIX}"):
+        try:
+            fh = open(tmp, "rb")
+        except OSError:                         # renamed or removed meanwhile
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:             # a live writer holds it
+                continue
+            # a set committed after the journals were rolled forward above names its temporaries
+            # in its journal: those are renamed by whoever rolls it forward, never removed
+            if tmp.name not in _journal_temps(folder):
+                tmp.unlink(missing_ok=True)
 
 
 # ============================================================================ result rows
@@ -171,6 +234,11 @@ class ResultFileError(ValueError):
 
 class SettingsMismatch(ValueError):
     """Rows that a table would combine were made with different settings."""
+
+
+class InvalidMetric(ValueError):
+    """A cell's result holds a metric that is not a finite number (NaN, inf, text): it is refused at
+    record time, so the cell is reported failed instead of being "done" with a number that is not one."""
 
 
 @dataclasses.dataclass
@@ -196,7 +264,8 @@ class ResultStore:
         coords: coordinate column names (strings or ints as written by the study).
         metrics: numeric result columns every row must have.
         optional: numeric columns that may be empty (NaN), e.g. added after old rows were made.
-        details: an optional JSONL file that gets one record per recorded row (the run's details).
+        details: an optional JSONL file beside ``path`` that gets one record per recorded row (the
+            run's details); the row and its record are written as one set (:func:`write_files`).
         int_coords: coordinates read back as integers (the others stay strings: a precision "32"
             must not come back as the number 32).
     """
@@ -209,6 +278,9 @@ class ResultStore:
         self.metrics = list(metrics)
         self.optional = list(optional)
         self.details = Path(details) if details is not None else None
+        if self.details is not None and self.details.parent.resolve() != self.path.parent.resolve():
+            raise ValueError(f"details file {self.details} must lie beside the results file {self.path}: "
+                             "a row and its details are written as one set, in one folder")
         self.int_coords = [c for c in int_coords if c in self.coords]
         self.columns = ["key", *self.coords, *self.metrics, *self.optional, "settings", "inputs", "origin"]
         self.problems: list[Problem] = []
@@ -262,7 +334,23 @@ class ResultStore:
             df[c] = pd.to_numeric(df[c], errors="coerce")
         for c in self.int_coords:
             df[c] = df[c].astype(int)
+        if report:
+            lacking = self.rows_without_details(df)
+            if lacking:
+                print(f"[results] {self.path}: {len(lacking)} row(s) have no record in {self.details} "
+                      f"(no provenance: settings and inputs are in the CSV, the run's details are lost): "
+                      f"{', '.join(k[:8] for k in lacking[:5])}{' ...' if len(lacking) > 5 else ''}", flush=True)
         return df
+
+    def rows_without_details(self, df=None) -> list[str]:
+        """Keys of valid rows that have no record in the details file (``[]`` without one)."""
+        if self.details is None:
+            return []
+        df = self.read(report=False) if df is None else df
+        if len(df) == 0:
+            return []
+        have = {d.get("key") for d in self.read_details(report=False)}
+        return [k for k in df["key"] if k not in have]
 
     def _invalid(self, fields: list[str]) -> str | None:
         if len(fields) != len(self.columns):
@@ -312,14 +400,23 @@ class ResultStore:
 
     # -------------------------------------------------------------------- writing
     def row_for(self, cell: Cell, metrics: Mapping[str, Any], *, origin: str = "run") -> dict:
-        """The CSV row of ``cell`` with ``metrics`` (missing optional metrics left empty)."""
-        missing = [m for m in self.metrics if m not in metrics]
+        """The CSV row of ``cell`` with ``metrics`` (missing optional metrics left empty).
+
+        Raises :class:`InvalidMetric` naming the cell and the metric for a required metric that is
+        absent and for any given metric that is not a finite number (NaN, inf, text): such a row
+        would be dropped on the next read and its cell rerun forever. ``None`` marks an optional
+        metric as absent.
+        """
+        missing = [m for m in self.metrics if metrics.get(m) is None]
         if missing:
-            raise ValueError(f"result of {cell.short()} lacks metric(s) {missing}")
+            raise InvalidMetric(f"result of {cell.short()} lacks metric(s) {missing}")
         row = {"key": cell.key, **{c: cell.coords[c] for c in self.coords}}
         for m in self.metrics + self.optional:
             v = metrics.get(m)
-            row[m] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+            if v is not None:
+                _check_number(cell, m, v)
+                v = canonical(v)                  # numpy / torch scalars as plain numbers
+            row[m] = "" if v is None else v
         row.update(settings=_dumps(cell.settings), inputs=_dumps(cell.inputs), origin=origin)
         return row
 
@@ -327,9 +424,11 @@ class ResultStore:
                origin: str = "run") -> bool:
         """Add the row of ``cell`` unless its key is there already; returns whether it was added.
 
-        The table is rewritten to a temporary file and renamed over the old one under the lock;
-        valid rows are kept, malformed ones dropped (they were reported on read). The details go to
-        the JSONL file (with the key) after the row is in.
+        Under the lock, the table (valid rows kept, malformed ones dropped: they were reported on
+        read) and the details file with the new record appended are written as one set
+        (:func:`write_files`): killed at any instant, the folder holds neither or both, so a row
+        never lacks its details. Raises :class:`InvalidMetric` (nothing written) for a metric that
+        is not a finite number.
         """
         row = self.row_for(cell, metrics, origin=origin)
         with locked(self.path):
@@ -342,17 +441,19 @@ class ResultStore:
             for r in df.to_dict("records"):
                 writer.writerow({c: _cell_text(r[c]) for c in self.columns})
             writer.writerow({c: _cell_text(row[c]) for c in self.columns})
-            write_files({self.path: buf.getvalue()})
+            files: dict[Path, str | bytes] = {self.path: buf.getvalue()}
             if self.details is not None and details is not None:
-                with open(self.details, "a") as fh:
-                    fh.write(json.dumps({"key": cell.key, "study": cell.study, "coords": canonical(cell.coords),
-                                         **canonical(details)}, sort_keys=True) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                line = json.dumps({"key": cell.key, "study": cell.study, "coords": canonical(cell.coords),
+                                   **canonical(details)}, sort_keys=True) + "\n"
+                old = self.details.read_bytes() if self.details.exists() else b""
+                if old and not old.endswith(b"\n"):     # a torn last line stays a line of its own
+                    old += b"\n"
+                files[self.details] = old + line.encode()
+            write_files(files)
         return True
 
-    def read_details(self) -> list[dict]:
-        """The JSONL records (malformed lines skipped with a message naming file and line)."""
+    def read_details(self, *, report: bool = True) -> list[dict]:
+        """The JSONL records (malformed lines skipped, with a message naming file and line when ``report``)."""
         if self.details is None or not self.details.exists():
             return []
         out = []
@@ -362,8 +463,23 @@ class ResultStore:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                print(f"[results] ignoring {self.details}, line {number}: not JSON ({exc.msg})", flush=True)
-        return out
+                if report:
+                    print(f"[results] ignoring {self.details}, line {number}: not JSON ({exc.msg})", flush=True)
+        return [d for d in out if isinstance(d, dict)]
+
+
+def _check_number(cell: Cell, name: str, value: Any) -> None:
+    """Refuse a metric value that is not a finite real number (bools and text included)."""
+    ok = not isinstance(value, bool)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        ok = False
+    else:
+        ok = ok and math.isfinite(number)
+    if not ok:
+        raise InvalidMetric(f"cell {cell.short()} gave metric {name!r} = {value!r}, not a finite number: "
+                            "refused (the cell counts as failed; a NaN or inf result is a broken run)")
 
 
 def _cell_text(v: Any) -> Any:

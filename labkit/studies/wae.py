@@ -94,6 +94,10 @@ METRIC_COLUMNS = ["psnr_missing", "ssim_missing", "psnr_all", "ssim_all", "fd_re
 #: (:func:`labkit.metrics.skimage_psnr_ssim`); optional: rows migrated from before they existed lack them
 SKIMAGE_COLUMNS = ["psnr_all_skimage", "ssim_all_skimage"]
 
+#: prior codes of ``fd_samples`` are drawn this many at a time from the seeded generator, whatever the
+#: evaluation batch (``eval_batch``, not part of a cell's key) is: the committed rows drew them so
+PRIOR_BLOCK = 500
+
 #: short names accepted for the study's fronts (the CSV records the canonical method name)
 FRONT_ALIASES = {"dmfa_mean": "dmfa_mean_complete", "misconv": "dmfa_misconv_complete"}
 
@@ -329,7 +333,8 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
         images: complete test images ``(N, C, H, W)`` (CPU); the model sees them with NaN at
             ``missing`` (bool ``(N, 1, H, W)``) plus ``aux_source.get(idx, x, missing)``.
         features: ``images (n, C, H, W) -> (n, F)`` feature map for the Fréchet distances.
-        seed: of the ``N`` prior samples for ``fd_samples``.
+        seed: of the ``N`` prior samples for ``fd_samples`` (drawn :data:`PRIOR_BLOCK` codes at a
+            time, so the metrics do not depend on ``batch_size``, the evaluation batch).
         skimage: also compute ``psnr_all_skimage``/``ssim_all_skimage``
             (:func:`labkit.metrics.skimage_psnr_ssim`: scikit-image on the whole image, called as
             the authors did; its float SSIM assumes a data range of 2).
@@ -369,13 +374,18 @@ def evaluate_wae(model: WAE, images: Tensor, missing: Tensor, aux_source, *, fea
             k = min(n_examples, len(idx))
             first = {"input": x_in[:k].cpu(), "reconstruction": rec[:k].cpu(), "target": x[:k].cpu(),
                      "missing": j[:k].cpu()}
+    # The prior codes are drawn PRIOR_BLOCK at a time whatever batch_size is (a generator's stream
+    # depends on how it is split into calls), then decoded batch_size at a time: fd_samples does not
+    # depend on the evaluation batch, and equals what the committed rows (batch 500) drew.
     g = torch.Generator().manual_seed(int(seed))
-    f_smp, samples = [], None
+    codes = torch.cat([model.prior_sample(min(PRIOR_BLOCK, n - s), generator=g) for s in range(0, n, PRIOR_BLOCK)])
+    f_smp, shown = [], []
     for s in range(0, n, batch_size):
-        smp = model.sample(min(batch_size, n - s), generator=g).float()
+        smp = model.decode(codes[s:s + batch_size]).float()
         f_smp.append(features(smp))
-        if samples is None:
-            samples = smp[:max(n_examples, 16)].cpu()
+        if sum(len(t) for t in shown) < max(n_examples, 16):
+            shown.append(smp[:max(n_examples, 16)].cpu())
+    samples = torch.cat(shown)[:max(n_examples, 16)]
     model.train(was)
     metrics: dict[str, float] = {}
     for k, v in per.items():
