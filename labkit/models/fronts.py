@@ -198,7 +198,7 @@ class ImputationFront(Front):
     """conv(x at observed pixels, ``aux`` at missing ones) + ReLU; ``aux`` = imputed images (B, C, H, W).
 
     Only the missing pixels of ``aux`` are used, so an imputer that also rewrites observed pixels
-    cannot change the result; they must be finite (ValueError otherwise).
+    cannot change the result; its values at missing pixels must be finite (ValueError otherwise).
     """
 
     aux_kind = "images"
