@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from labkit import masks as _masks
 from labkit import misconv_fast as _fast
 from labkit.mfa import MFA
 from labkit.misconv_fast import compile_enabled, compile_report, fast_default, misconv_fast, set_fast_default
@@ -91,6 +92,8 @@ def _check_inputs(x, missing, mfa, in_channels: int) -> Tensor:
     if mfa.batch_size != B or mfa.image_shape != (C, H, W):
         raise ValueError(f"mfa describes images of shape {mfa.image_shape} in a batch of {mfa.batch_size}, "
                          f"but x has shape {tuple(x.shape)}")
+    # NaN at missing pixels is allowed (never read); at an observed one it would reach the output.
+    _masks.check_observed_finite(x, missing, name="x")
     return missing.expand(B, C, H, W)
 
 
@@ -112,7 +115,8 @@ def misconv_reference(x: Tensor, missing: Tensor, mfa: MFA, weight: Tensor, bias
     convolutions of the input's size in three ``conv2d`` calls, the rest elementwise.
 
     Args:
-        x: ``(B, C, H, W)`` float; values at missing pixels are ignored (NaN allowed).
+        x: ``(B, C, H, W)`` float; values at missing pixels are ignored (NaN allowed); a NaN or
+            inf at an observed pixel raises ValueError.
         missing: bool ``(B, 1, H, W)`` or ``(B, C, H, W)``, True = missing.
         mfa: :class:`labkit.mfa.MFA` with batch B over images ``(C, H, W)``.
         weight: ``(O, C, kh, kw)``; bias: ``(O,)`` or None; stride, padding, dilation as for
@@ -248,7 +252,8 @@ class MisConv2d(torch.nn.Conv2d):
     ``forward(x)`` is plain ``relu(conv2d(x))``; ``forward(x, missing, mfa)`` the expected activation.
 
     Shapes:
-        x        ``(B, C_in, H, W)``, float; values at missing pixels ignored (NaN allowed)
+        x        ``(B, C_in, H, W)``, float; values at missing pixels ignored (NaN allowed); a NaN
+                 or inf at an observed pixel (any pixel in plain mode) raises ValueError
         missing  bool ``(B, 1, H, W)`` or ``(B, C_in, H, W)``, True = missing
         mfa      :class:`labkit.mfa.MFA` with batch B and image shape ``(C_in, H, W)``
         output   ``(B, C_out, H_out, W_out)``
@@ -279,6 +284,8 @@ class MisConv2d(torch.nn.Conv2d):
 
     def forward(self, x: Tensor, missing: Tensor | None = None, mfa: MFA | None = None) -> Tensor:
         if missing is None and mfa is None:
+            if isinstance(x, Tensor) and x.is_floating_point():
+                _masks.check_observed_finite(x, None, name="x")
             return F.relu(super().forward(x))
         if missing is None or mfa is None:
             raise ValueError("MisConv2d.forward needs both missing and mfa, or neither (plain conv+ReLU)")

@@ -502,7 +502,8 @@ def misconv_fast(x: Tensor, missing: Tensor, mfa: MFA, weight: Tensor, bias: Ten
                  stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     """``Σ_k p_k E[ReLU(N(μ_k, σ²_k))]``, the function of :func:`labkit.misconv.misconv_reference`.
 
-    Inputs are taken as validated (:class:`labkit.misconv.MisConv2d` does it): x ``(B, C, H, W)``,
+    Inputs are taken as validated (:class:`labkit.misconv.MisConv2d` does it, finiteness of ``x`` at
+    observed pixels included, so this path never sees an observed NaN): x ``(B, C, H, W)``,
     missing bool ``(B, 1 or C, H, W)``, ``mfa`` over images ``(C, H, W)`` with batch B, weight
     ``(O, C, kh, kw)``, bias ``(O,)`` or None; stride, padding, dilation are pairs of ints
     (no string padding). Returns ``(B, O, Ho, Wo)`` in the weight's dtype.

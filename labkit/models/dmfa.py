@@ -156,7 +156,8 @@ class DMFA(nn.Module):
     def model_input(self, x: Tensor, missing: Tensor) -> Tensor:
         """``[x ⊙ observed, observed]``: ``(B, 2C, H, W)``; NaN at missing pixels is harmless.
 
-        Raises TypeError/ValueError naming ``x`` or ``missing`` when shapes/dtypes are wrong.
+        Raises TypeError/ValueError naming ``x`` or ``missing`` when shapes/dtypes are wrong, and
+        ValueError naming ``x`` when an observed pixel is NaN or inf (it would make every head NaN).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -166,6 +167,7 @@ class DMFA(nn.Module):
             C, H, W = self.image_shape
             raise ValueError(f"x must have shape (B, {C}, {H}, {W}) for this DMFA, got {tuple(x.shape)}")
         missing = _masks.check_mask(missing, name="missing", like=x)          # (B, C, H, W) view
+        _masks.check_observed_finite(x, missing, name="x")
         observed = ~missing
         # torch.where, not x * observed: NaN * 0 is NaN.
         xin = torch.where(observed, x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -175,7 +177,8 @@ class DMFA(nn.Module):
         """The MFA of the image given its observed pixels.
 
         Args:
-            x: ``(B, C, H, W)`` images; values where ``missing`` is True are ignored (NaN allowed).
+            x: ``(B, C, H, W)`` images; values where ``missing`` is True are ignored (NaN allowed);
+                a NaN or inf where it is False raises ValueError.
             missing: bool ``(B, 1, H, W)`` or ``(B, C, H, W)``, True = unknown to the model.
             validate: check the returned MFA (off by default: training builds thousands of them).
 

@@ -12,7 +12,8 @@ encoder (the WAE study). Every front has the same constructor and the same call:
     y = front(x, missing, aux=None)
 
     x        (B, C, H, W) float; values at missing pixels are ignored (NaN allowed: they never
-             reach the output; every front selects with ``torch.where``, never by multiplying)
+             reach the output; every front selects with ``torch.where``, never by multiplying);
+             a NaN or inf at an observed pixel raises ValueError (it would reach the output)
     missing  bool (B, 1, H, W) or (B, C, H, W), True = missing
     aux      what the method needs besides (x, missing), see ``front.aux_kind``:
                "none"   nothing (zero, mask, partial convolution)
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from labkit import masks as _masks
 from labkit.mfa import MFA
 from labkit.misconv import MisConv2d
 from labkit.precision import float32_region, to_float32
@@ -86,6 +88,8 @@ def _check_inputs(x: Tensor, missing: Tensor, in_channels: int) -> Tensor:
         raise ValueError(f"missing must have shape ({B}, 1, {H}, {W}) or ({B}, {C}, {H}, {W}), got {tuple(missing.shape)}")
     if missing.device != x.device:
         raise ValueError(f"missing is on {missing.device} but x is on {x.device}")
+    # NaN at missing pixels never reaches the output; at an observed one it would, silently.
+    _masks.check_observed_finite(x, missing, name="x")
     return missing.expand(B, C, H, W)
 
 
@@ -194,14 +198,22 @@ class ImputationFront(Front):
     """conv(x at observed pixels, ``aux`` at missing ones) + ReLU; ``aux`` = imputed images (B, C, H, W).
 
     Only the missing pixels of ``aux`` are used, so an imputer that also rewrites observed pixels
-    cannot change the result.
+    cannot change the result; its values at missing pixels must be finite (ValueError otherwise).
     """
 
     aux_kind = "images"
 
     def _forward(self, x, J, aux):
         aux = _check_images_aux(aux, x, "imputed images")
-        return F.relu(self.conv(torch.where(J, aux.to(x.dtype), x)))
+        filled = torch.where(J, aux.to(x.dtype), x)
+        # x is finite at observed pixels (checked), so a non-finite value here is the imputer's. A
+        # NaN or inf makes the sum non-finite (cheap); only then are the values counted.
+        if not bool(filled.detach().sum(dtype=torch.float32).isfinite()):
+            bad = int((~torch.isfinite(filled)).sum())
+            if bad:
+                raise ValueError(f"aux (imputed images) is not finite (NaN or inf) at {bad} missing pixel value(s); "
+                                 "the imputation must give a finite value at every missing pixel")
+        return F.relu(self.conv(filled))
 
 
 class KNNFront(ImputationFront):
