@@ -63,7 +63,7 @@ from matplotlib.patches import Patch
 import labkit
 from labkit import masks, paths
 from labkit.data import load_dataset
-from labkit.lab.notices import offline_banner
+from labkit.lab.notices import offline_banner, shown_source
 from labkit.mfa import fit_mfa
 from labkit.misconv import MisConv2d, expected_relu, misconv_reference
 
@@ -112,7 +112,7 @@ def hide(images, missing):
 
 # %%
 test = load_dataset("mnist", "test", limit=max(n_images, 64), quiet=True)
-print(test.source)
+print(shown_source(test))    # folders relative to the repository
 banner = offline_banner(test)
 if banner:
     display(Markdown(banner))

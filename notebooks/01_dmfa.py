@@ -155,7 +155,9 @@ scores.describe().round(3)
 #
 # One row per test image: the original, the input (missing square in red), the mixture mean, three
 # samples from the MFA, the per-pixel standard deviation and the `L` factor vectors of the most
-# probable component (blue negative, red positive). Observed pixels are copied from the input.
+# probable component (blue negative, red positive). Observed pixels are copied from the input. The
+# standard deviations share one colour scale (the bar under their column), and so do all the
+# factor panels (one symmetric scale, the bar on the right): a pale factor is a small one.
 
 # %%
 display(Image(filename=result["paths"]["figure"]))

@@ -97,18 +97,26 @@ from labkit.studies.cells import cell_masks
 
 sample = load_dataset(dataset, "test", limit=6, quiet=True).images
 kinds = ["square", "trapezoid", "noise", "trapezoid_inside"]
-fig, axes = plt.subplots(len(kinds), 6, figsize=(7, 3.6))
+grey = plt.get_cmap("gray").with_extremes(bad="tab:red")                              # NaN pixels: red
+fig, axes = plt.subplots(len(kinds), 6, figsize=(7, 1.0 * len(kinds) + 0.6), layout="constrained")
 for r, kind in enumerate(kinds):
     miss = cell_masks(dataset, "test", kind, 0, 6, *sample.shape[-2:])
     for c in range(6):
         if sample.shape[1] == 1:
-            shown = sample[c].masked_fill(miss[c], float("nan"))[0]                      # NaN: drawn blank
-        else:   # RGB: an alpha channel, transparent (blank) where missing
-            shown = torch.cat([sample[c], (~miss[c]).float()]).permute(1, 2, 0)        # (H, W, 4)
-        axes[r, c].imshow(shown, cmap="gray", vmin=0, vmax=1)
+            shown = sample[c].masked_fill(miss[c], float("nan"))[0]                      # NaN: drawn red
+        else:   # RGB: missing pixels painted red
+            red = torch.tensor([0.84, 0.15, 0.16]).view(3, 1, 1).expand_as(sample[c])
+            shown = torch.where(miss[c], red, sample[c]).permute(1, 2, 0)              # (H, W, 3)
+        im = axes[r, c].imshow(shown, cmap=grey, vmin=0, vmax=1)
         axes[r, c].axis("off")
-    axes[r, 0].set_title(kind, fontsize=8, loc="left")
-fig.suptitle("test images with their masks (missing pixels blank)", fontsize=9)
+    # the row's name as a y label, left of its first image (a title would sit on the row above)
+    axes[r, 0].axis("on")
+    axes[r, 0].set_xticks([])
+    axes[r, 0].set_yticks([])
+    axes[r, 0].spines[:].set_visible(False)
+    axes[r, 0].set_ylabel(kind.replace("_", "_\n"), fontsize=8, rotation=0, ha="right", va="center")
+fig.colorbar(im, ax=axes, shrink=0.6, label="pixel value\n(0 = black, 1 = white)")
+fig.suptitle("test images with their masks (missing pixels red)", fontsize=9)
 plt.show()
 
 # %%
@@ -154,14 +162,21 @@ with torch.no_grad():
         a_mis = misconv(x, miss, mfa)                                                 # (4, 32, H, W)
         print("MisConv front:", tuple(x.shape), "+ MFA (K, L) =", tuple(mfa.factors.shape[1:3]), "->",
               tuple(a_mis.shape))
-        fig, axes = plt.subplots(1, 3, figsize=(8, 2.8))
-        for ax, img, title in zip(axes, (batch[0, 0].masked_fill(miss[0, 0], float("nan")), a_zero[0, 0], a_mis[0, 0]),
-                                  ("input" + (", red channel" if C == 3 else "") + " (blank: missing)",
-                                   "zero front, channel 0", "MisConv front, channel 0")):
-            im = ax.imshow(img, cmap="viridis")
+        # the two fronts' channel 0 on one colour scale, so that equal colours are equal activations
+        acts = (a_zero[0, 0], a_mis[0, 0])                                            # (H, W) each
+        lo, hi = min(float(a.min()) for a in acts), max(float(a.max()) for a in acts)
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.0), layout="constrained")
+        grey = plt.get_cmap("gray").with_extremes(bad="tab:red")                      # NaN pixels: red
+        im = axes[0].imshow(batch[0, 0].masked_fill(miss[0, 0], float("nan")), cmap=grey, vmin=0, vmax=1)
+        axes[0].set_title("input" + (", red channel" if C == 3 else "") + " (red: missing)", fontsize=8)
+        fig.colorbar(im, ax=axes[0], shrink=0.8, label="pixel value\n(0 = black, 1 = white)")
+        for ax, act, title in zip(axes[1:], acts, ("zero front, channel 0", "MisConv front, channel 0")):
+            im = ax.imshow(act, cmap="viridis", vmin=lo, vmax=hi)
             ax.set_title(title, fontsize=8)
-            ax.axis("off")
-            fig.colorbar(im, ax=ax, fraction=0.046, label="activation" if "front" in title else "pixel value")
+        fig.colorbar(im, ax=axes[1:], shrink=0.8, label="activation after ReLU\n(one scale for both fronts)")
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
         plt.show()
     else:
         print(f"(no complete-data DMFA at {dmfa_path}: train it with notebook 01 to see the MisConv front here)")

@@ -69,7 +69,7 @@ from IPython.display import Image, Markdown, display
 
 import labkit
 from labkit.data import load_dataset
-from labkit.lab.notices import offline_banner
+from labkit.lab.notices import offline_banner, shown_source
 from labkit.studies import draw, draw_app
 
 dev = labkit.resolve_device(device)
@@ -79,7 +79,7 @@ models = draw_app.load_draw_models(dataset, dmfa_checkpoint=dmfa_checkpoint, out
                                    device=dev)
 test = load_dataset(dataset, "test", limit=n_images, quiet=True)
 print(models.summary())
-print(f"data: {test.source}")
+print(f"data: {shown_source(test)}")   # folders relative to the repository
 print(f"models ready in {time.perf_counter() - started:.1f} s on {dev}")
 banner = offline_banner(test)
 if banner:

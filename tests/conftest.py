@@ -36,3 +36,11 @@ def eager_misconv():
     misconv.set_fast_default(False)
     yield
     misconv.set_fast_default(before)
+
+
+def pytest_report_header(config):
+    # one line at the top of the run: whether the real-browser tests can run here, else how to get Chromium
+    from tests.test_browser import find_chromium, skip_reason
+
+    reason = skip_reason()
+    return f"browser tests: {'Chromium at ' + str(find_chromium()) if reason is None else 'will skip, ' + reason}"

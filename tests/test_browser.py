@@ -1,4 +1,4 @@
-"""JupyterLab in a real browser: the start page, and the draw-a-mask notebook, in Debian's Chromium driven by Playwright.
+"""JupyterLab in a real browser: the start page, and the draw-a-mask notebook, in Chromium driven by Playwright.
 
 Each test starts JupyterLab on 127.0.0.1 (a free port, a random token; throw-away user config,
 data, settings, workspace and runtime folders) the way ``./lab jupyter`` does
@@ -9,16 +9,21 @@ process group (and any kernel it started) by process id in every outcome.
   browser lists each notebook once (the jupytext ``.py`` twins are hidden) and no "get notified
   about Jupyter news" prompt appears.
 - Draw a mask: a temporary copy of ``notebooks/05_draw_a_mask.ipynb`` (JupyterLab autosaves
-  outputs into the notebook it runs) runs all cells from the Run menu; then a real mouse drag
-  across the canvas must mark exactly the pixels under the stroke and change the probability panel.
+  outputs into the notebook it runs) runs all cells from the Run menu. The drawing canvas must show
+  the test digit, pixel for pixel; the app must fit the notebook with the file browser open at
+  1280, 1440 and 1920 pixels of window width; a real mouse drag across the canvas must mark exactly
+  the pixels under the stroke (and show them red on the canvas) and change the probability panel;
+  after the page is reloaded (a new browser client of the same kernel) the canvas must show the
+  digit and the stroke again.
 
 Screenshots go to ``results/screenshots/`` (ignored by git). With ``LAB_UPDATE_FIGURES=1`` they
 replace the committed copies in ``docs/figures/`` (``jupyterlab_start.png``, ``draw_a_mask.png``)
 instead, so an ordinary test run never changes a tracked file.
 
-Skipped, with the reason, when ``/usr/bin/chromium`` (``apt-get install chromium``; another path:
-``LABKIT_CHROMIUM``) or the Python package ``playwright`` is missing. Playwright drives the system
-Chromium through ``executable_path``; ``playwright install`` (which downloads browsers) is never needed.
+The browser: ``$LABKIT_CHROMIUM`` if set, else Debian's ``/usr/bin/chromium`` (``apt-get install
+chromium``), else a ``chromium`` on the PATH, else the Chromium that ``python -m playwright install
+chromium`` downloads. Without one, or without the Python package ``playwright``, the tests skip and
+say how to get it (:func:`skip_reason`; ``tests/conftest.py`` prints the same in pytest's header).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,26 +41,45 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from labkit import paths
 from labkit.lab import jupyter as lab_jupyter
 
 REPO = paths.repo_root()
-CHROMIUM = Path(os.environ.get("LABKIT_CHROMIUM", "/usr/bin/chromium"))
 NOTEBOOK = REPO / "notebooks" / "05_draw_a_mask.ipynb"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+GET_CHROMIUM = ("install one with `apt-get install chromium` (Debian/Ubuntu) or `python -m playwright install "
+                "chromium`, or point LABKIT_CHROMIUM at a Chromium or Chrome binary")
+#: window widths the draw-a-mask app must fit, with JupyterLab's file browser open
+WINDOW_WIDTHS = (1280, 1440, 1920)
 
-pytestmark = pytest.mark.browser
+
+def find_chromium() -> Path | None:
+    """The Chromium the tests drive: ``$LABKIT_CHROMIUM`` (must exist if set), ``/usr/bin/chromium``,
+    ``chromium`` on the PATH, or the one ``python -m playwright install chromium`` put in its cache."""
+    env = os.environ.get("LABKIT_CHROMIUM")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    cache = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache" / "ms-playwright")
+    found = sorted(cache.glob("chromium-*/chrome-linux*/chrome")) if cache.is_dir() else []
+    return found[-1] if found else None
 
 
-def _skip_reason() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"Chromium not found at {CHROMIUM} (install it with `apt-get install chromium`)"
+def skip_reason() -> str | None:
+    """Why the browser tests cannot run here (and how to fix it), or None when they can."""
+    if find_chromium() is None:
+        where = (f"LABKIT_CHROMIUM={os.environ['LABKIT_CHROMIUM']} does not exist"
+                 if os.environ.get("LABKIT_CHROMIUM") else "no Chromium found")
+        return f"{where}: {GET_CHROMIUM}"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return "the Python package playwright is not installed (pip install playwright; no browser download needed)"
+        return "the Python package playwright is not installed (pip install playwright)"
     return None
 
 
@@ -70,7 +95,7 @@ def screenshot_path(name: str) -> Path:
 def _chromium_page(pw, tmp_path: Path, width: int, height: int):
     """A page of a headless Chromium; a failure inside first saves what the page showed to
     ``tmp_path/failure.png``; the browser is closed in any case."""
-    browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    browser = pw.chromium.launch(executable_path=str(find_chromium()), headless=True, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": width, "height": height})
     try:
         yield page
@@ -253,12 +278,96 @@ def _wait_js(page, expression: str, arg, timeout_s: float, what: str) -> None:
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from None
 
 
+# ------------------------------------------------------------------------------ the drawing canvas
+#: JS: how many of the canvas's image pixels differ from ``arg.rgb`` (row-major (H, W, 3) bytes),
+#: read at the centre of each ``arg.scale`` x ``arg.scale`` block; a pixel never painted (alpha 0)
+#: differs. -1 while the canvas is missing or of another size.
+CANVAS_MISMATCHES = """(arg) => {
+  const c = document.querySelector('canvas.draw-canvas');
+  if (!c || c.width !== arg.w * arg.scale || c.height !== arg.h * arg.scale) return -1;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const half = Math.floor(arg.scale / 2);
+  let bad = 0;
+  for (let r = 0; r < arg.h; r++) {
+    for (let q = 0; q < arg.w; q++) {
+      const i = ((r * arg.scale + half) * c.width + q * arg.scale + half) * 4;
+      const e = (r * arg.w + q) * 3;
+      if (d[i + 3] !== 255 || Math.abs(d[i] - arg.rgb[e]) > 1 || Math.abs(d[i + 1] - arg.rgb[e + 1]) > 1
+          || Math.abs(d[i + 2] - arg.rgb[e + 2]) > 1) bad++;
+    }
+  }
+  return bad;
+}"""
+
+#: JS: the right edges of the app's parts (their content included) and of the output area that holds it (px)
+APP_EXTENT = """() => {
+  const canvas = document.querySelector('canvas.draw-canvas');
+  const out = canvas.closest('.jp-OutputArea-output').getBoundingClientRect();
+  const parts = {};
+  for (const cls of ['draw-canvas', 'draw-panels', 'draw-intensity-bar', 'draw-std-bar', 'draw-probs', 'draw-count']) {
+    const e = document.querySelector('.' + cls);
+    // the part's own box and everything drawn inside it (content may overflow a shrunk box)
+    parts[cls] = e ? Math.max(...[e, ...e.querySelectorAll('*')].map(x => x.getBoundingClientRect().right)) : null;
+  }
+  const sidebar = document.querySelector('#jp-left-stack');
+  return {right: out.right, parts, sidebar: sidebar ? sidebar.getBoundingClientRect().width : 0};
+}"""
+
+
+def expected_canvas(image, missing) -> list[int]:
+    """What the canvas must show: :func:`labkit.studies.draw.overlay_rgb` of ``image`` ``(1, H, W)``
+    and bool ``missing`` ``(H, W)``, as row-major ``(H, W, 3)`` bytes."""
+    from labkit.studies.draw import overlay_rgb
+
+    return (overlay_rgb(image, missing) * 255).round().astype("uint8").reshape(-1).tolist()
+
+
+def _wait_canvas_shows(page, rgb: list[int], h: int, w: int, scale: int, timeout_s: float, what: str) -> None:
+    """Wait until the canvas shows ``rgb`` exactly; else fail saying how many pixels differ."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    arg = {"rgb": rgb, "h": h, "w": w, "scale": scale}
+    try:
+        page.wait_for_function(f"(arg) => ({CANVAS_MISMATCHES})(arg) === 0", arg=arg, timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        bad = page.evaluate(CANVAS_MISMATCHES, arg)
+        state = "missing" if bad < 0 else ("blank" if bad == h * w else f"{bad} of {h * w} pixels wrong")
+        raise AssertionError(f"{what}: the drawing canvas is {state} after {timeout_s:.0f} s") from None
+
+
+def _saved_outputs(server, name: str) -> list[str]:
+    """The MIME types of the outputs in the notebook file as saved on the server."""
+    nb = server.api(f"/api/contents/{name}?content=1")["content"]
+    return [m for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+            for m in (o.get("data") or {"stream": 1})]
+
+
+def _save_notebook(page, server, name: str, timeout_s: float = 30) -> None:
+    """Save through the notebook's toolbar until the file on the server holds the app's output
+    (a click that lands while JupyterLab is busy can be lost, so it is repeated)."""
+    widget = "application/vnd.jupyter.widget-view+json"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.locator(".jp-NotebookPanel-toolbar [data-command='docmanager:save']").first.click()
+        retry = time.monotonic() + 5
+        while time.monotonic() < min(retry, deadline):
+            if widget in _saved_outputs(server, name):
+                return
+            time.sleep(0.3)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the notebook was not saved with the app's output within {timeout_s:.0f} s; "
+                                 f"the file's outputs: {_saved_outputs(server, name)}")
+
+
+@pytest.mark.browser
 def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
+    from labkit.data import load_dataset
+    from labkit.lab.notices import shown_source
     from labkit.studies.draw_app import COMPLETE, MISCONV, ZERO
     from tests.test_draw import notebook_model_overrides
 
@@ -268,11 +377,20 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
     root = tmp_path / "lab"
     root.mkdir()
     _prepare_notebook(root, overrides)
+    # the digit the app shows first (image_index 0): the same data as the kernel's, checked below
+    digit = load_dataset("mnist", "test", limit=1, quiet=True)
+    image = digit.images[0]                                               # (1, 28, 28)
+    _, h, w = image.shape
+    scale = 10
+    empty = torch.zeros(h, w, dtype=torch.bool)
+    stroked = empty.clone()
+    stroked[14, 4:24] = True                                              # what the drag below marks
 
     server = JupyterLab(root, tmp_path / "jupyter")
     with _reported(server, tmp_path):
         server.wait_ready()
-        with sync_playwright() as pw, _chromium_page(pw, tmp_path, 1500, 1000) as page:
+        with sync_playwright() as pw, _chromium_page(pw, tmp_path, max(WINDOW_WIDTHS), 1000) as page:
+            page.on("dialog", lambda dialog: dialog.accept())           # a "leave the page?" on reload
             page.goto(f"{server.base}/lab/tree/{NOTEBOOK.name}?token={server.token}", timeout=60_000)
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             _wait_kernel_idle(page, 60)
@@ -287,8 +405,24 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
                 state="attached", timeout=90_000)
             _wait_kernel_idle(page, 30)
             server.remember_children()
+            assert page.locator(".jp-OutputArea-output", has_text=f"data: {shown_source(digit)}").count() == 1, \
+                "the kernel loaded other data than this test's reference digit"
 
             canvas = page.locator("canvas.draw-canvas")
+            canvas.scroll_into_view_if_needed()
+            _wait_canvas_shows(page, expected_canvas(image, empty), h, w, scale, 15, "after Run All")
+
+            # the whole app inside the notebook, the file browser open, at each window width
+            assert page.locator("#jp-left-stack").is_visible(), "the file browser should be open"
+            for width in WINDOW_WIDTHS:
+                page.set_viewport_size({"width": width, "height": 1000})
+                page.wait_for_timeout(500)                                # the layout settles
+                extent = page.evaluate(APP_EXTENT)
+                cut = {k: round(v) for k, v in extent["parts"].items() if v is None or v > extent["right"] + 0.5}
+                assert not cut, (f"at {width} px (file browser {extent['sidebar']:.0f} px wide) these parts of the "
+                                 f"app reach past the notebook's right edge {extent['right']:.0f} px: {cut}")
+
+            page.set_viewport_size({"width": 1440, "height": 1000})
             canvas.scroll_into_view_if_needed()
             count = page.locator(".draw-count")
             probs = page.locator(".draw-probs")
@@ -297,7 +431,7 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
             probs_before = probs.inner_html()
             exact_before = json.loads(probs.locator("[data-probs]").get_attribute("data-probs"))
             box = canvas.bounding_box()
-            assert box and round(box["width"]) == 280 and round(box["height"]) == 280, box
+            assert box and round(box["width"]) == w * scale and round(box["height"]) == h * scale, box
 
             # A horizontal drag along the centres of image row 14 from column 4 to column 23
             # (canvas x 45..235 at scale 10): brush 1.5 paints exactly those 20 pixels.
@@ -322,16 +456,55 @@ def test_draw_a_stroke_in_chromium(tmp_path, tmp_path_factory):
             for name in (MISCONV, ZERO):
                 assert exact[name] != exact_before[name], f"{name}: probabilities unchanged by the stroke"
             assert exact[COMPLETE] == exact_before[COMPLETE]
+            _wait_canvas_shows(page, expected_canvas(image, stroked), h, w, scale, 10, "after the stroke")
 
             shot = screenshot_path("draw_a_mask")
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.locator(".jp-OutputArea-output", has=canvas).screenshot(path=str(shot))
+
+            # A new browser client of the same kernel: save (so the page reopens with the widget's
+            # output), reload, and the canvas must be painted again with the digit and the stroke.
+            _save_notebook(page, server, NOTEBOOK.name)
+            page.reload(timeout=60_000)
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            _wait_kernel_idle(page, 60)
+            page.locator("canvas.draw-canvas").wait_for(state="attached", timeout=60_000)
+            page.locator("canvas.draw-canvas").scroll_into_view_if_needed()
+            _wait_canvas_shows(page, expected_canvas(image, stroked), h, w, scale, 20, "after a page reload")
     assert server.proc.poll() is not None
-    assert time.monotonic() - started < 150, "the browser test should take about a minute"
+    assert time.monotonic() - started < 180, "the browser test should take about a minute"
     # the committed notebook was never served, so it is untouched and output-free
     from labkit.lab.run_notebooks import check_clean
 
     assert check_clean(NOTEBOOK) == []
+
+
+def test_every_canvas_batch_names_its_canvas(monkeypatch):
+    """What a browser page that connects later needs (no browser here): ipycanvas's page-side
+    manager draws only on a canvas a batch has named, so each batch the app sends, the repaint for
+    a new client included, starts by naming the app's canvas."""
+    pytest.importorskip("ipycanvas")
+    from ipycanvas.canvas import COMMANDS
+
+    from labkit.studies.draw_app import build_app
+    from tests.test_draw import FakeDMFA, Recorder
+
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    app = build_app(images, None, dmfa=FakeDMFA(), classifiers={"c": Recorder(784)}, scale=10, n_samples=1)
+    sent = []
+    monkeypatch.setattr(app.canvas._canvas_manager, "_send_custom",
+                        lambda command, buffers=(): sent.append(command))
+    switch = [COMMANDS["switchCanvas"], [f"IPY_MODEL_{app.canvas.model_id}"]]
+
+    app.canvas._handle_frontend_event(None, {"event": "client_ready"}, [])   # a page reloaded
+    changed = app.stroke([(45, 145), (235, 145)])                             # then a stroke
+    app.select(1)                                                             # another image
+    assert changed == 20 and len(sent) == 3, sent
+    for batch, rects in zip(sent, (28 * 28, changed, 28 * 28)):
+        assert batch[0] == switch, f"a batch that does not name its canvas first: {batch[:2]}"
+        # then one fillStyledRects: a square per image pixel repainted (all of them, or the stroke's)
+        assert [c[0] for c in batch[1:]] == [COMMANDS["fillStyledRects"]]
+        assert list(batch[1][1][0]["shape"]) == [rects]
 
 
 def _git_status() -> str | None:
@@ -345,9 +518,10 @@ def _git_status() -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+@pytest.mark.browser
 def test_jupyterlab_opens_the_start_page(tmp_path):
     """``./lab jupyter``'s landing page: START_HERE.md rendered, each notebook listed once, no news prompt."""
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright

@@ -722,3 +722,15 @@ def test_load_draw_models_trains_once_then_loads(tmp_path):
         out = fn(x, m)
         assert out.shape == (1, 10) and torch.equal(out, again.predictors()[name](x, m))
     assert "test accuracy" in first.summary() and str(dpath) in first.summary()
+
+
+def test_summary_shows_checkpoints_relative_to_the_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_ROOT", str(tmp_path / "lab"))
+    inside = tmp_path / "lab" / "results" / "draw" / "classifier_zero_mnist.pt"
+    outside = tmp_path / "elsewhere" / "dmfa.pt"
+    models = draw_app.DrawModels(dmfa=None, classifiers={}, meta={
+        "dmfa": {"path": str(outside), "source": "given"},
+        ZERO: {"path": str(inside), "mode": "zero", "test_accuracy": 0.5, "n_test": 10, "masks": "square"}})
+    lines = models.summary().splitlines()
+    assert lines[0].startswith(f"dmfa: {outside} (given")
+    assert lines[1].startswith(f"{ZERO}: results/draw/classifier_zero_mnist.pt (loaded; mode=zero, test accuracy 0.500")

