@@ -53,13 +53,36 @@ def textbook_component_log_prob(mfa: MFA, x: torch.Tensor, where: torch.Tensor) 
     return -0.5 * (maha + logdet + w.sum(-1) * _LOG_2PI)
 
 
+def textbook_condition(model: ClassicalMFA, x, observed) -> MFA:
+    """The former ``ClassicalMFA.condition``, transcribed: textbook log-densities in the input's
+    dtype and linear (softmax) responsibilities, which underflow to 0 in float32."""
+    B = x.shape[0]
+    full = model.as_mfa(B)
+    K, L = full.n_components, full.n_factors
+    obs = _where_mask(observed, B, full.image_shape)
+    w = obs.reshape(B, 1, -1).to(x.dtype)
+    inv_d = w / full.variances.reshape(B, K, -1)
+    A = full.factors.reshape(B, K, L, -1) * w.unsqueeze(1)
+    M = torch.einsum("bkln,bkn,bkmn->bklm", A, inv_d, A) + torch.eye(L, dtype=x.dtype)
+    chol = torch.linalg.cholesky(M)
+    comp_lp = textbook_component_log_prob(full, x, obs)
+    xs = torch.where(obs, x, torch.zeros((), dtype=x.dtype))
+    r = (xs.reshape(B, 1, -1) - full.means.reshape(B, K, -1)) * w
+    u = torch.einsum("bkln,bkn->bkl", A, r * inv_d)
+    z = torch.cholesky_solve(u.unsqueeze(-1), chol).squeeze(-1)
+    A_full = full.factors.reshape(B, K, L, -1)
+    cmean = full.means.reshape(B, K, -1) + torch.einsum("bkl,bkln->bkn", z, A_full)
+    cfac = torch.linalg.solve_triangular(chol, A_full, upper=False) * (~obs).reshape(B, 1, 1, -1).to(x.dtype)
+    cmean = torch.where(obs.reshape(B, 1, -1).expand_as(cmean), xs.reshape(B, 1, -1).expand_as(cmean), cmean)
+    weights = torch.softmax(torch.log(model.weights)[None] + comp_lp, dim=1)
+    return MFA(weights, cmean.reshape(full.means.shape), cfac.reshape(full.factors.shape),
+               full.variances.contiguous(), validate=False)
+
+
 def textbook_condition_nll(model: ClassicalMFA, x, missing):
-    """Former ``condition`` (softmax responsibilities) then the hidden pixels' NLL, textbook formula."""
-    c = model.condition(x, ~missing)
-    comp_obs = textbook_component_log_prob(model.as_mfa(x.shape[0]), x, ~missing)
-    weights = torch.softmax(torch.log(model.weights)[None] + comp_obs, dim=1)       # linear: underflows
-    comp_hid = textbook_component_log_prob(c, x, missing)
-    return -torch.logsumexp(torch.log(weights) + comp_hid, dim=1)
+    """The former route end to end: former ``condition``, then the textbook hidden-pixel NLL."""
+    c = textbook_condition(model, x, ~missing)
+    return -torch.logsumexp(torch.log(c.weights) + textbook_component_log_prob(c, x, missing), dim=1)
 
 
 def exact_condition_nll(model: ClassicalMFA, x, missing):

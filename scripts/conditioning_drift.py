@@ -28,17 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_condition import textbook_component_log_prob  # noqa: E402
+from benchmarks.bench_condition import textbook_condition  # noqa: E402
 from labkit.mfa import ClassicalMFA  # noqa: E402
 from labkit.studies.cells import load_cell_data  # noqa: E402
 from labkit.studies.classification import sweep_config  # noqa: E402
 from labkit.studies.imputers import classical_mfa  # noqa: E402
-
-
-def former_weights(model: ClassicalMFA, x, observed):
-    """Responsibilities as the former code computed them: softmax of textbook float32 log-densities."""
-    comp = textbook_component_log_prob(model.as_mfa(x.shape[0]), x, observed)
-    return torch.softmax(torch.log(model.weights)[None] + comp, dim=1)
 
 
 def measure(dataset: str, mask: str, cfg, n_test: int | None, batch: int = 500) -> dict:
@@ -54,8 +48,8 @@ def measure(dataset: str, mask: str, cfg, n_test: int | None, batch: int = 500) 
         with torch.no_grad():
             now = model.condition(x, obs)
             ref = m64.condition(x.double(), obs)
-            w_before = former_weights(model, x, obs)
-            mean_before = torch.einsum("bk,bkchw->bchw", w_before, now.means)     # means/factors: same code
+            before = textbook_condition(model, x, obs)
+            w_before, mean_before = before.weights, before.mean()
         for name, w, mean in (("before", w_before, mean_before), ("now", now.weights, now.mean())):
             worst[f"resp_{name}"] = max(worst[f"resp_{name}"], float((w.double() - ref.weights).abs().max()))
             err = torch.where(miss, mean.double() - ref.mean(), torch.zeros((), dtype=torch.float64))
