@@ -102,6 +102,7 @@ def _mnist_folder(folder: Path) -> Path:
 
 
 # ============================================================================ 1. each cell owns its files
+@pytest.mark.slow
 def test_two_processes_on_one_grid_write_each_cell_to_its_own_files(tmp_path, monkeypatch):
     """The same grid started twice: while this process trains seed 0, another process runs the same
     command. Each row's files must hold that row's seed and numbers, and no two cells share a
