@@ -8,18 +8,23 @@
 - :func:`load_or_train` is what a notebook cell calls: the first run trains and saves
   ``{"model": state_dict, "meta": {...}}``; later runs load it and say where it came from.
 - :func:`machine_description` records which machine produced a result.
+- :func:`read_whole_csv` is the reading side of atomic writes for tables that scripts merge into:
+  a CSV cut short or malformed is refused with an error naming the file and line
+  (:class:`TableFileError`), never read as the rows that happen to be there.
 
 Resumable *training* (optimizer, RNG, epoch counter) lives in :mod:`labkit.training`; its files go
 through the same :func:`atomic_save`.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,8 @@ __all__ = [
     "load_or_train",
     "machine_description",
     "partial_path",
+    "read_whole_csv",
+    "TableFileError",
 ]
 
 
@@ -46,6 +53,50 @@ class CheckpointError(RuntimeError):
 
 class ConfigMismatchError(CheckpointError, ValueError):
     """A checkpoint exists but was made with another configuration than the one requested."""
+
+
+class TableFileError(ValueError):
+    """A table file (CSV) is empty, cut short or malformed: it cannot be read as a whole."""
+
+
+def read_whole_csv(path: str | os.PathLike, *, required: Sequence[str] = ()):
+    """Read a CSV written whole (e.g. by ``DataFrame.to_csv`` through an atomic write) as a DataFrame,
+    refusing one that is not.
+
+    Refused with :class:`TableFileError` naming ``path`` (and the line): an empty file, a last line
+    without its line end (the write was cut short), a row with another number of fields than the
+    header, a ``required`` column absent from the header or empty in a row. A file that lost whole
+    rows at a line end cannot be told from a shorter table; writes that go through a temporary
+    file and :func:`os.replace` (:func:`labkit.studies.engine.write_files`) never leave one.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    data = path.read_bytes()
+    if not data.strip():
+        raise TableFileError(f"{path} is empty: not a table (restore it, or delete it to start afresh)")
+    if not data.endswith(b"\n"):
+        raise TableFileError(f"{path} ends in the middle of a line: the write that made it was cut short "
+                             "(restore it, e.g. with git checkout, or delete it to start afresh)")
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TableFileError(f"{path} is not a readable CSV ({exc})") from exc
+    header = rows[0]
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise TableFileError(f"{path} lacks the column(s) {absent} (header: {header})")
+    where = [header.index(c) for c in required]
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise TableFileError(f"{path}, line {number}: {len(row)} fields, the header has {len(header)} "
+                                 "(a damaged or cut file: restore it, or delete it to start afresh)")
+        empty = [required[i] for i, j in enumerate(where) if row[j] == ""]
+        if empty:
+            raise TableFileError(f"{path}, line {number}: empty {empty}")
+    return pd.read_csv(path)
 
 
 def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],

@@ -15,6 +15,11 @@ masks computed now replace their rows, the other masks' rows stay) and ``mask_co
 the same images, :func:`labkit.masks.ink_hidden`) and ``misconv_vs_mean_fill.csv`` (how much the
 MisConv front's output differs from conv+ReLU of the mean-filled image, :func:`misconv_vs_mean_fill`),
 and prints them. Methods whose checkpoint is missing are skipped.
+
+The files are written as one set (``labkit.studies.engine.write_files``: temporary files renamed into
+place; killed at any instant, the folder keeps the old set or holds the new one). The rows kept from
+an earlier run come from its file read whole (``labkit.checkpoint.read_whole_csv``): a file cut
+short or malformed stops the run with an error naming it, instead of losing the masks it held.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,9 +35,12 @@ from labkit.checkpoint import machine_description
 from labkit.masks import ink_hidden
 from labkit.studies.cells import load_cell_data
 from labkit.studies.classification import imputation_quality, sweep_config
+from labkit.studies.engine import write_files
 from labkit.studies.imputers import method_available
 from labkit.studies.reporting import replace_marked_block
 
+#: the tables whose rows of other masks each run keeps
+MERGED = ("imputation_quality.csv", "mask_coverage.csv", "misconv_vs_mean_fill.csv")
 #: imputer -> the method whose preparer yields it (the MisConv methods carry the MFA, hence NLL/std)
 DEFAULT_METHODS = ["knn", "mfa_misconv", "dmfa_misconv_complete", "dmfa_misconv_incomplete", "acflow"]
 
@@ -50,10 +59,10 @@ def main(argv=None) -> int:
                     help="compute nothing: only put the committed imputation_quality.csv into --readme")
     args = ap.parse_args(argv)
     if args.table_only:
-        import pandas as pd
+        from labkit.checkpoint import read_whole_csv
 
         _, cfg = sweep_config(args.profile)
-        table = pd.read_csv(cfg.results_path() / "imputation_quality.csv")
+        table = read_whole_csv(cfg.results_path() / "imputation_quality.csv", required=("dataset", "mask", "method"))
         print(table.round(3).to_string(index=False))
         if args.readme:
             replace_marked_block(args.readme, "imputation-quality", markdown(table))
@@ -63,6 +72,16 @@ def main(argv=None) -> int:
     grid, cfg = sweep_config(args.profile)
     cfg.progress = False
     import pandas as pd
+
+    from labkit.checkpoint import TableFileError, read_whole_csv
+
+    try:       # the rows to keep must be readable before anything is computed
+        for name in MERGED:
+            if (cfg.results_path() / name).exists():
+                read_whole_csv(cfg.results_path() / name, required=("dataset", "mask"))
+    except TableFileError as exc:
+        print(f"[imputation_quality] {exc}", flush=True)
+        return 1
 
     frames, coverage, variance_effect = [], [], []
     started = time.time()
@@ -87,40 +106,59 @@ def main(argv=None) -> int:
             df.insert(0, "dataset", dataset)
             frames.append(df)
             print(f"[imputation_quality] {dataset}/{mask} done ({time.time() - started:.0f} s)", flush=True)
-    out = cfg.results_path()
-    out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(frames, ignore_index=True)
     table.insert(len(table.columns), "seed", args.seed)
     table.insert(len(table.columns), "n_test_images", args.n)
-    # the (dataset, mask) pairs computed now replace their old rows; the other masks' rows stay
-    done = {(d, m) for d, m in zip(table["dataset"], table["mask"])}
-    table = _merged(out / "imputation_quality.csv", table, done)
-    coverage_df = _merged(out / "mask_coverage.csv", pd.DataFrame(coverage), done)
-    coverage_df.to_csv(out / "mask_coverage.csv", index=False, float_format="%.4f")
-    table.to_csv(out / "imputation_quality.csv", index=False, float_format="%.4f")
-    if variance_effect:
-        effect = _merged(out / "misconv_vs_mean_fill.csv", pd.DataFrame(variance_effect), done)
-        effect.to_csv(out / "misconv_vs_mean_fill.csv", index=False, float_format="%.4f")
+    run = {"command": " ".join(sys.argv), "machine": machine_description(), "seconds": round(time.time() - started, 1)}
+    try:
+        table, coverage_df, effect = write_results(cfg.results_path(), table, pd.DataFrame(coverage),
+                                                   pd.DataFrame(variance_effect), run)
+    except TableFileError as exc:
+        print(f"[imputation_quality] {exc}", flush=True)
+        return 1
+    if effect is not None:
         print(effect.round(3).to_string(index=False))
     print(pd.DataFrame(coverage).round(3).to_string(index=False))
-    (out / "imputation_quality.json").write_text(json.dumps(
-        {"command": " ".join(sys.argv), "machine": machine_description(), "seconds": round(time.time() - started, 1)},
-        indent=1))
     print(table.round(3).to_string(index=False))
     if args.readme:
         replace_marked_block(args.readme, "imputation-quality", markdown(table))
     return 0
 
 
+def write_results(out, table, coverage, variance_effect, run: dict):
+    """Merge this run's rows into the tables of ``out`` and write them, with ``run`` as
+    ``imputation_quality.json``, as one set (:func:`labkit.studies.engine.write_files`).
+
+    The (dataset, mask) pairs of ``table`` replace their old rows in every table; the other masks'
+    rows stay (:func:`_merged`, which refuses a damaged file before anything is written).
+    ``variance_effect`` may be empty (no complete-data DMFA): ``misconv_vs_mean_fill.csv`` is then
+    left as it is. Returns the merged ``(table, coverage, variance effect or None)``.
+    """
+    out = Path(out)
+    done = {(d, m) for d, m in zip(table["dataset"], table["mask"])}
+    table = _merged(out / "imputation_quality.csv", table, done)
+    coverage = _merged(out / "mask_coverage.csv", coverage, done)
+    effect = _merged(out / "misconv_vs_mean_fill.csv", variance_effect, done) if len(variance_effect) else None
+    files = {out / "imputation_quality.csv": table.to_csv(index=False, float_format="%.4f"),
+             out / "mask_coverage.csv": coverage.to_csv(index=False, float_format="%.4f")}
+    if effect is not None:
+        files[out / "misconv_vs_mean_fill.csv"] = effect.to_csv(index=False, float_format="%.4f")
+    files[out / "imputation_quality.json"] = json.dumps(run, indent=1)
+    write_files(files)
+    return table, coverage, effect
+
+
 def _merged(path, new, done: set):
     """``new`` after the rows of ``path`` (if it exists) whose (dataset, mask) is not in ``done``,
-    ordered by the masks' table order."""
+    ordered by the masks' table order. ``path`` is read whole: a file cut short or malformed raises
+    :class:`labkit.checkpoint.TableFileError` naming it (its masks would otherwise be lost)."""
     import pandas as pd
 
+    from labkit.checkpoint import read_whole_csv
     from labkit.studies.classification import MASK_ORDER
 
     if path.exists():
-        old = pd.read_csv(path)
+        old = read_whole_csv(path, required=("dataset", "mask"))
         keep = [(d, m) not in done for d, m in zip(old["dataset"], old["mask"])]
         new = pd.concat([old[keep], new], ignore_index=True)
     order = {m: i for i, m in enumerate(MASK_ORDER)}

@@ -34,11 +34,15 @@ Several DMFA runs at once (a grid; any of the lists, the others default to the s
     .venv/bin/python scripts/train_dmfa.py --profile cpu --modes complete --seeds 0 1 --executor ray
 
 Each run of a grid is a cell of the engine (labkit.studies.density_sweep): its files are those of
-the single run, and a row goes to ``<results>/density.csv`` (details in ``density_runs.jsonl``) under
-its key (settings and data fingerprints), so the same command again skips recorded runs. A run that
-fails is reported and the others go on; the command then exits with status 1, listing them.
-``--executor ray`` runs them as Ray tasks (docs/cluster.md). Without a list flag or ``--executor
-ray`` the command makes the single run it always made (no row in density.csv).
+the single run (seeds other than 0 add ``_s<seed>`` to the stem, so no two runs share files), and a
+row goes to ``<results>/density.csv`` (details in ``density_runs.jsonl``) under its key (settings
+and content fingerprints of the data), so the same command again skips recorded runs. A run that
+fails is reported and the others go on; so do the runs of a data set (``--datasets``) that cannot be
+loaded. The command exits with status 1 when a run failed or was left unfinished (held by another
+copy of the command that did not record it), listing them and how to resume. The same command
+started twice splits the runs between the two. ``--executor ray`` runs them as Ray tasks
+(docs/cluster.md). Without a list flag or ``--executor ray`` the command makes the single run it
+always made (no row in density.csv).
 """
 from __future__ import annotations
 
@@ -85,13 +89,16 @@ def write_table(doc: Path, results_dir: Path, dataset: str) -> str:
     return table
 
 
-def run_grid(args, params: dict, out: Path, device) -> int:
+def run_grid(args, params: dict, out: Path, device, argv=None) -> int:
     """The grid of DMFA runs as engine cells (:func:`labkit.studies.density_sweep.run_density_sweep`);
-    0 when every cell is recorded, 1 when some failed (listed), 2 when the executor cannot be built."""
-    from labkit.studies.density_sweep import density_store, run_density_sweep
-    from labkit.studies.engine import SweepFailed
+    0 when every cell is recorded, 1 when some failed or were left unfinished (listed), 2 when the
+    grid cannot be planned or the executor cannot be built."""
+    import shlex
+
+    from labkit.studies.density_sweep import SweepIncomplete, density_store, run_density_sweep
     from labkit.studies.executors import ExecutorError, make_executor
 
+    datasets = args.datasets or [params["dataset"]]
     modes = args.modes or [params["mode"]]
     kinds = args.missing_kinds or [args.missing_kind or "square"]
     holes = args.holes or [params["hole"]]
@@ -106,9 +113,11 @@ def run_grid(args, params: dict, out: Path, device) -> int:
     except ExecutorError as exc:
         print(f"[train_dmfa] {exc}", flush=True)
         return 2
+    given = sys.argv[1:] if argv is None else list(argv)
+    resume = "run the same command again (" + shlex.join(["scripts/train_dmfa.py", *given]) + ")"
     try:
-        outcomes = run_density_sweep(params["dataset"], modes, kinds, holes, seeds, {**settings, **run},
-                                     executor=executor, raise_on_failure=False)
+        outcomes = run_density_sweep(datasets, modes, kinds, holes, seeds, {**settings, **run},
+                                     executor=executor, raise_on_failure=False, resume=resume)
     except (ValueError, TypeError, FileNotFoundError) as exc:     # the grid cannot be planned; nothing ran
         print(f"[train_dmfa] {type(exc).__name__}: {exc}", flush=True)
         return 2
@@ -121,10 +130,24 @@ def run_grid(args, params: dict, out: Path, device) -> int:
               f"SSE {r.test_sse:.3f}  (#{r.key[:8]})")
     print(f"[train_dmfa] {len(rows)} of {len(outcomes)} planned runs recorded in {out / 'density.csv'}", flush=True)
     failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"[train_dmfa] {SweepFailed(failed)}", flush=True)
+    unfinished = [o for o in outcomes if o.status == "waiting"]
+    if failed or unfinished:
+        print(f"[train_dmfa] {SweepIncomplete(failed, unfinished, resume)}", flush=True)
         return 1
     return 0
+
+
+def _single_run(args, params: dict, out: Path, device) -> dict:
+    """The single DMFA run of the profile's parameters (no row in density.csv)."""
+    return density.run_experiment(
+        params["dataset"], params["mode"], results_dir=out, n_train=params["n_train"], n_val=params.get("n_val", 0),
+        n_test=params["n_test"], hole=params["hole"], epochs=params["epochs"], batch_size=params["batch_size"],
+        lr=params["lr"], lr_milestones=params.get("lr_milestones") or (), lr_gamma=params.get("lr_gamma", 1.0),
+        mse_warmup_epochs=params.get("mse_warmup_epochs", 0), n_components=params.get("n_components", 1),
+        n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind or "square", seed=params["seed"],
+        profile=params["profile"], device=device, progress=not args.no_progress,
+        precision=params.get("precision", "32"),
+    )
 
 
 def main(argv=None) -> int:
@@ -143,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--missing-kinds", nargs="+", choices=list(MASK_KINDS),
                    help="grid: incomplete-data runs of these missing-data kinds")
     p.add_argument("--seeds", type=int, nargs="+", help="grid: DMFA runs of these seeds")
+    p.add_argument("--datasets", nargs="+",
+                   help="grid: DMFA runs on these data sets (one that cannot be loaded fails only its runs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-val", type=int)
@@ -174,11 +199,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     other_step = args.mfa or args.acflow or args.table or args.throughput
     grid_flags = [f for f, v in (("--modes", args.modes), ("--missing-kinds", args.missing_kinds),
-                                 ("--seeds", args.seeds)) if v]
+                                 ("--seeds", args.seeds), ("--datasets", args.datasets)) if v]
     if other_step and (grid_flags or args.executor != "local"):
         p.error(f"{', '.join(grid_flags + (['--executor ray'] if args.executor != 'local' else []))} "
                 "apply to DMFA runs, not to --mfa/--acflow/--table/--throughput")
-    for single, many in (("mode", "modes"), ("missing_kind", "missing_kinds"), ("seed", "seeds")):
+    for single, many in (("mode", "modes"), ("missing_kind", "missing_kinds"), ("seed", "seeds"),
+                         ("dataset", "datasets")):
         if getattr(args, single) is not None and getattr(args, many):
             p.error(f"give --{single.replace('_', '-')} or --{many.replace('_', '-')}, not both")
     if args.hole is not None and args.holes and not other_step:
@@ -238,17 +264,13 @@ def main(argv=None) -> int:
         return 0
 
     if grid_flags or args.holes or args.executor != "local":
-        return run_grid(args, params, out, device)
+        return run_grid(args, params, out, device, argv)
 
-    result = density.run_experiment(
-        params["dataset"], params["mode"], results_dir=out, n_train=params["n_train"], n_val=params.get("n_val", 0),
-        n_test=params["n_test"], hole=params["hole"], epochs=params["epochs"], batch_size=params["batch_size"],
-        lr=params["lr"], lr_milestones=params.get("lr_milestones") or (), lr_gamma=params.get("lr_gamma", 1.0),
-        mse_warmup_epochs=params.get("mse_warmup_epochs", 0), n_components=params.get("n_components", 1),
-        n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind or "square", seed=params["seed"],
-        profile=params["profile"], device=device, progress=not args.no_progress,
-        precision=params.get("precision", "32"),
-    )
+    try:
+        result = _single_run(args, params, out, device)
+    except density.FilesBusy as exc:
+        print(f"[train_dmfa] {exc}", flush=True)
+        return 1
     print(f"{result['dataset']} {result['mode']} {result['hole']}x{result['hole']}: test NLL {result['test_nll']:.2f}  "
           f"SSE {result['test_sse']:.3f}; train {result['train_images_per_s']:.0f} images/s, "
           f"inference {result['infer_images_per_s']:.0f} images/s; checkpoint {result['checkpoint_mb']:.1f} MB")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from labkit.studies import density
-from labkit.studies.density_sweep import (COMPLETE_KIND, _waves, density_store, plan_density_cells, run_density_cell,
+from labkit.studies.density_sweep import (COMPLETE_KIND, _stem, density_store, plan_density_cells, run_density_cell,
                                           run_density_sweep)
 from labkit.studies.engine import LocalExecutor, SweepFailed
 
@@ -104,17 +104,13 @@ def test_keys_change_with_a_setting_and_with_the_data_not_with_run_options(monke
     assert flipped[0].inputs["test"] == base[0].inputs["test"]
 
 
-def test_waves_never_run_two_cells_of_one_stem_at_once():
-    cells = plan_density_cells("mnist", ["complete", "incomplete"], ["square", "noise"], [14], [0, 1, 2], TINY)
-    waves = _waves(cells, done=set())
-    assert [len(w) for w in waves] == [3, 3, 3]
-    for wave in waves:
-        assert len({(c.coords["mode"], c.coords["missing_kind"]) for c in wave}) == len(wave)
-        assert len({c.coords["seed"] for c in wave}) == 1
-    # cells already done do not hold up the others: they go in the first wave
-    done = {cells[0].key}
-    waves = _waves(cells, done=done)
-    assert waves[0][0] is cells[0] and sum(len(w) for w in waves) == len(cells)
+def test_every_cell_of_a_grid_has_its_own_file_stem():
+    cells = plan_density_cells("mnist", ["complete", "incomplete"], ["square", "noise"], [14, 10], [0, 1, 2], TINY)
+    stems = [_stem(c) for c in cells]
+    assert len(set(stems)) == len(cells) == 18
+    # seed 0 keeps the committed names; other seeds add _s<seed>
+    assert {"mnist_complete", "mnist_incomplete", "mnist_incomplete_noise_h10", "mnist_complete_s2",
+            "mnist_incomplete_noise_h10_s1"} <= set(stems)
 
 
 # ---------------------------------------------------------------------------- running

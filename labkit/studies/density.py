@@ -20,7 +20,9 @@ mean (for ACFlow: of the mean of a few samples, :func:`score_holes`).
 - :func:`run_experiment` (one DMFA), :func:`run_mfa_baseline`, :func:`run_acflow_baseline`: train or
   load, score on the test set and write the CSV, JSON summary and figures of a result as one set
   (:func:`labkit.studies.engine.write_files`); :func:`result_stem` names them, and the JSON records
-  the digest of its CSV (:func:`csv_digest`).
+  the digest of its CSV (:func:`csv_digest`). A run holds a claim on its file stem
+  (:func:`own_files`) from start to end, so two processes never write the same checkpoint, partial
+  checkpoint or result files: the second is refused with :class:`FilesBusy`, naming the files.
 - :func:`density_table`: the Markdown table of every consistent result next to the authors' figures
   (:data:`AUTHORS_DENSITY`); a JSON that does not summarise the CSV beside it is reported and left
   out. :func:`measure_throughput`: training and inference speed.
@@ -29,6 +31,7 @@ mean (for ACFlow: of the mean of a few samples, :func:`score_holes`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -61,6 +64,8 @@ __all__ = [
     "config_checkpoint",
     "csv_digest",
     "result_stem",
+    "own_files",
+    "FilesBusy",
     "density_table",
     "score_holes",
     "run_experiment",
@@ -94,12 +99,42 @@ def csv_digest(source: os.PathLike | str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: int | None = None) -> str:
-    """File stem of a result: ``<dataset>_<mode>`` for the default hole, ``<dataset>_<mode>_h<hole>`` else."""
+def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: int | None = None,
+                seed: int = 0) -> str:
+    """File stem of a result: ``<dataset>_<mode>[_h<hole>][_s<seed>]``, the hole part only for other
+    than the default hole (half the image side), the seed part only for seeds other than 0 (the
+    committed files are seed 0's), so runs of other seeds never share files."""
     key = _dataset_key(dataset)
     if default_hole is None:
         default_hole = DATASET_SHAPES[key][1] // 2
-    return f"{key}_{mode}" if hole is None or hole == default_hole else f"{key}_{mode}_h{hole}"
+    stem = f"{key}_{mode}" if hole is None or hole == default_hole else f"{key}_{mode}_h{hole}"
+    return stem if seed == 0 else f"{stem}_s{_check_int(seed, 'seed', 0)}"
+
+
+class FilesBusy(RuntimeError):
+    """Another process holds the claim on a result's files (it is training or writing them)."""
+
+
+@contextlib.contextmanager
+def own_files(results_dir: str | os.PathLike, stem: str):
+    """Hold the claim on the files ``<results_dir>/<stem>*`` (the checkpoint, its partial checkpoint in
+    ``_scratch/``, the CSV, JSON and figures, and any ``<stem>-<digest8>`` file of other settings)
+    for the duration of the block.
+
+    The claim is an exclusive lock on ``<results_dir>/_scratch/claims/files-<stem>.lock``
+    (:func:`labkit.studies.store.claim`: dropped by the system when the process dies, so a crash
+    leaves no stale claim). Raises :class:`FilesBusy` naming the files and the lock when another
+    process holds it: two runs that would write the same files never run at once.
+    """
+    from labkit.studies.store import claim
+
+    out = Path(results_dir)
+    with claim(out / "files", f"files-{stem}") as mine:
+        if not mine:
+            raise FilesBusy(f"another process is writing {stem}.* in {out} (it holds "
+                            f"{out / '_scratch' / 'claims' / f'files-{stem}.lock'}); run this again when it has "
+                            "finished (a finished run is loaded, not retrained)")
+        yield
 
 
 @torch.no_grad()
@@ -324,9 +359,9 @@ def run_experiment(
     Training hides squares of the same side (and, in incomplete mode, the truly missing regions are
     squares of that side too unless ``missing_kind`` says otherwise).
 
-    Files, with ``stem = result_stem(dataset, mode, hole)`` (``<dataset>_incomplete_<kind>`` for
-    other missing-data kinds; ``<stem>-<digest8>`` when ``<stem>.pt`` holds a model trained with
-    other settings, see :func:`config_checkpoint`):
+    Files, with ``stem = result_stem(dataset, mode, hole, seed=seed)`` (``<dataset>_incomplete_<kind>``
+    for other missing-data kinds, ``_s<seed>`` added for seeds other than 0; ``<stem>-<digest8>`` when
+    ``<stem>.pt`` holds a model trained with other settings, see :func:`config_checkpoint`):
         ``<stem>.pt``            the trained model (``load_or_train`` format)
         ``_scratch/<stem>.partial.pt``  the resumable training checkpoint (with the optimizer's state)
         ``<stem>.csv``           per test image: ``nll``, ``sse``, ``n_missing``
@@ -336,26 +371,41 @@ def run_experiment(
         ``<stem>_curves.png``    the training curves (:func:`plot_history`)
     The last five are written as one set (:func:`labkit.studies.engine.write_files`): interrupted,
     the folder keeps the previous set or holds the new one, never a CSV of one run beside the JSON
-    of another.
+    of another. The run holds the claim on ``stem`` throughout (:func:`own_files`): while another
+    process runs on these files, it raises :class:`FilesBusy` before reading or writing any of them.
 
     Returns the setting dict (also written as ``<stem>.json``) with keys ``paths``, ``test_nll``,
     ``test_sse``, ``train_images_per_s``, ``infer_images_per_s``, ``history``...
     """
-    import matplotlib.pyplot as plt
-
-    from labkit.checkpoint import machine_description
-    from labkit.data import train_val_split
-    from labkit.studies.engine import write_files
-
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
     hole = H // 2 if hole is None else _check_int(hole, "hole", 1)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     # incomplete-data DMFAs of other missing-data kinds (the classification study trains one per
-    # mask kind) get their own files: <dataset>_incomplete_<kind>[_h<hole>]
-    stem = result_stem(key, mode if mode == "complete" or missing_kind == "square" else f"{mode}_{missing_kind}", hole)
+    # mask kind) get their own files: <dataset>_incomplete_<kind>[_h<hole>][_s<seed>]
+    stem = result_stem(key, mode if mode == "complete" or missing_kind == "square" else f"{mode}_{missing_kind}", hole,
+                       seed=seed)
+    with own_files(out, stem):
+        return _run_experiment(
+            key, mode, stem=stem, out=out, n_train=n_train, n_val=n_val, n_test=n_test, hole=hole, epochs=epochs,
+            batch_size=batch_size, lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
+            mse_warmup_epochs=mse_warmup_epochs, n_components=n_components, n_factors=n_factors,
+            missing_kind=missing_kind, seed=seed, profile=profile, n_figure=n_figure, device=device,
+            progress=progress, precision=precision)
 
+
+def _run_experiment(key: str, mode: str, *, stem: str, out: Path, n_train, n_val, n_test, hole: int, epochs,
+                    batch_size, lr, lr_milestones, lr_gamma, mse_warmup_epochs, n_components, n_factors,
+                    missing_kind, seed, profile, n_figure, device, progress, precision) -> dict:
+    """:func:`run_experiment` once its files are claimed (``stem``: the files it starts from)."""
+    import matplotlib.pyplot as plt
+
+    from labkit.checkpoint import machine_description
+    from labkit.data import train_val_split
+    from labkit.studies.engine import write_files
+
+    C, H, W = DATASET_SHAPES[key]
     train_set = _load_split(key, "train", n_train)
     images = train_set.images
     val_images = None
@@ -438,16 +488,28 @@ def run_mfa_baseline(
     set with :func:`labkit.studies.engine.write_files`, the JSON recording the CSV's digest).
 
     Files: ``<dataset>_mfa_K<K>_L<L>.pt`` (``-<digest8>`` added for a model of other settings, as in
-    :func:`load_or_fit_mfa`) and, per hole, ``<that stem>[_h<hole>].{csv,json,png}``.
+    :func:`load_or_fit_mfa`) and, per hole, ``<that stem>[_h<hole>].{csv,json,png}``; the run holds
+    the claim on ``<dataset>_mfa_K<K>_L<L>`` throughout (:func:`own_files`).
     """
-    from labkit.checkpoint import machine_description
-
     key = _dataset_key(dataset)
     C, H, W = DATASET_SHAPES[key]
     holes = _hole_sides(holes, H)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"mfa_K{n_components}_L{n_factors}"
+    with own_files(out, f"{key}_{name}"):
+        return _run_mfa_baseline(key, name, holes=holes, out=out, n_train=n_train, n_test=n_test,
+                                 n_components=n_components, n_factors=n_factors, iterations=iterations, seed=seed,
+                                 profile=profile, n_figure=n_figure, batch_size=batch_size, device=device,
+                                 progress=progress)
+
+
+def _run_mfa_baseline(key: str, name: str, *, holes: list[int], out: Path, n_train, n_test, n_components, n_factors,
+                      iterations, seed, profile, n_figure, batch_size, device, progress) -> list[dict]:
+    """:func:`run_mfa_baseline` once its files are claimed."""
+    from labkit.checkpoint import machine_description
+
+    C, H, W = DATASET_SHAPES[key]
     train_set = _load_split(key, "train", n_train)
     test_set = _load_split(key, "test", n_test)
     imputer, meta = load_or_fit_mfa(out / f"{key}_{name}.pt", train_set.images, n_components=n_components,

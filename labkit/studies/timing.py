@@ -602,8 +602,10 @@ def boxplots(df, path: str | os.PathLike | None = None, *, layers: Sequence[str]
     if title:
         grid.figure.suptitle(title, y=1.03)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        grid.figure.savefig(path, dpi=120, bbox_inches="tight")
+        from labkit.studies.engine import write_files
+
+        kind = Path(path).suffix.lstrip(".") or "png"
+        write_files({Path(path): lambda tmp: grid.figure.savefig(tmp, format=kind, dpi=120, bbox_inches="tight")})
     return grid
 
 
@@ -614,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Options: ``--profile`` (quick/cpu/paper: the ``04_timing`` section gives repeats, sizes,
     batch sizes), ``--repeats``, ``--sizes``, ``--batch-sizes``, ``--eager-repeats`` (0: skip
     the eager path), ``--backward``, ``--Ks``, ``--Ls``, ``--threads``, ``--device``,
-    ``--no-tune-malloc``, ``--out DIR`` (write forward.csv and the text table there).
+    ``--no-tune-malloc``, ``--out DIR`` (write forward.csv and the text table there, as one set:
+    :func:`labkit.studies.engine.write_files`); ``--markdown-from CSV`` reads a grid written
+    earlier whole, refusing (exit status 1, naming the file) one cut short or malformed.
     """
     p = argparse.ArgumentParser(prog="python -m labkit.studies.timing", description=main.__doc__.splitlines()[0])
     p.add_argument("--profile", default="quick")
@@ -634,9 +638,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="measure nothing: print the markdown table of a grid written earlier (forward.csv or timings.csv)")
     args = p.parse_args(argv)
     if args.markdown_from:
-        import pandas as pd
+        from labkit.checkpoint import TableFileError, read_whole_csv
 
-        print(markdown_ratios(pd.read_csv(args.markdown_from)))
+        try:       # a grid file cut short would give a table missing settings, silently
+            grid = read_whole_csv(args.markdown_from, required=("size", "batch", "layer", "seconds"))
+        except TableFileError as exc:
+            print(f"[timing] {exc}", file=sys.stderr, flush=True)
+            return 1
+        print(markdown_ratios(grid))
         return 0
 
     try:
@@ -677,10 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         import pandas as pd
 
+        from labkit.studies.engine import write_files
+
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        pd.concat(frames).to_csv(out / "forward.csv" if len(frames) == 1 else out / "timings.csv", index=False)
-        (out / "table.txt").write_text(format_table(table) + "\n")
+        # the measurements and their table as one set: interrupted, the folder keeps the old pair
+        write_files({out / ("forward.csv" if len(frames) == 1 else "timings.csv"): pd.concat(frames).to_csv(index=False),
+                     out / "table.txt": format_table(table) + "\n"})
         print(f"wrote {out}")
     return 0
 
