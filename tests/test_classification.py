@@ -379,3 +379,42 @@ def test_paired_markdown_and_marked_blocks(tmp_path):
     assert not replace_marked_block(doc, "x", md)        # unchanged: no write
     with pytest.raises(ValueError, match="lacks the markers"):
         replace_marked_block(doc, "y", md)
+
+
+def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
+    """The same sweep started twice splits its cells by claims. A cell the other copy still holds
+    at the end is tried once more (a dead copy releases its claims) and otherwise named as not
+    finished, with a non-zero exit (SweepIncomplete), never a quiet success."""
+    from contextlib import ExitStack
+
+    from labkit.studies.classification import plan_cells
+    from labkit.studies.engine import SweepIncomplete
+
+    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False)
+    grid = (["mnist"], ["square"], ["zero", "pc"], [0])
+    held = [c for c in plan_cells(*grid, cfg) if c.coords["method"] == "pc"][0]
+    store = clf.result_store(tmp_path)
+    calls = []
+    with ExitStack() as other:                                   # "the other copy", alive, never recording
+        assert other.enter_context(store.claim(held.key)) is True
+        with pytest.raises(SweepIncomplete, match="not finished") as info:
+            run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+    assert [o.cell.key for o in info.value.unfinished] == [held.key]
+    assert [c[2] for c in calls] == ["zero"]
+
+    class DiesMidway:                                            # the other copy dies before the end
+        def __init__(self):
+            self.stack = ExitStack()
+            assert self.stack.enter_context(store.claim(held.key)) is True
+
+        def __call__(self, cell, cfg):
+            if cell.key != held.key:
+                self.stack.close()                               # its claim goes with it
+            return _fake_runner(calls)(cell, cfg)
+
+    calls.clear()
+    cfg = SweepConfig(results_dir=str(tmp_path / "b"), n_train=60, n_test=20, progress=False)
+    store = clf.result_store(tmp_path / "b")
+    run_sweep(["mnist"], ["square"], ["pc", "zero"], [0], "t", config=cfg, _run_cell=DiesMidway(), progress=False)
+    assert [c[2] for c in calls] == ["zero", "pc"]               # pc: held when its turn came, run on the retry
+    assert set(clf.read_results(tmp_path / "b" / "accuracy.csv")["method"]) == {"zero", "pc"}

@@ -575,3 +575,23 @@ def test_notebook_03_smoke_run(tmp_path):
     assert sorted(df["front"]) == ["gt", "zero"] and list(df.columns) == WS.result_store(tmp_path / "wae").columns
     assert df[WS.METRIC_COLUMNS + WS.SKIMAGE_COLUMNS].notna().all().all()
     assert len(list((tmp_path / "wae" / "figures").glob("mnist-gt-s0-*-samples.png"))) == 1
+
+
+def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
+    """A cell the other copy of the same sweep still holds at the end is named as not finished
+    (SweepIncomplete, a non-zero exit in run_wae.py); once that copy is gone, a retry runs it."""
+    from contextlib import ExitStack
+
+    from labkit.studies.engine import SweepIncomplete
+
+    calls = []
+    cfg = _small_cfg(tmp_path)
+    held = [c for c in WS.plan_cells(["mnist"], ["pc", "zero"], [0], cfg) if c.coords["front"] == "pc"][0]
+    store = WS.result_store(tmp_path)
+    with ExitStack() as other:
+        assert other.enter_context(store.claim(held.key)) is True
+        with pytest.raises(SweepIncomplete, match="not finished"):
+            WS.run_sweep("mnist", ["pc", "zero"], [0], "t", config=cfg, cell_fn=_fake_cell(calls))
+    assert [c[1] for c in calls] == ["zero"]
+    WS.run_sweep("mnist", ["pc", "zero"], [0], "t", config=cfg, cell_fn=_fake_cell(calls))
+    assert [c[1] for c in calls] == ["zero", "pc"]

@@ -55,7 +55,8 @@ from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, ME
                                                   check_table_settings, paired_differences, paired_markdown,
                                                   pivot_table, plot_results, table_markdown, update_markdown_table)
 from labkit.studies.reporting import replace_marked_block  # noqa: F401  (re-exported for the scripts)
-from labkit.studies.engine import Cell, InputError, ResultStore, SweepFailed, run_cells
+from labkit.studies.engine import (Cell, InputError, ResultStore, SweepFailed, SweepIncomplete, held_unfinished,
+                                   retry_held, run_cells, unfinished_text)
 
 __all__ = [
     "ACCURACY_COLUMNS",
@@ -384,9 +385,15 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
         if not (wait and waiting) or (max_cells is not None and ran >= max_cells):
             break
         time.sleep(poll_seconds)
+    if max_cells is None or ran < max_cells:
+        outcomes = retry_held(outcomes, fn, store, executor=executor, log=log)
+    failed.update({o.cell.key: o for o in outcomes if o.status == "failed"})
+    unfinished = held_unfinished(outcomes)
+    if unfinished:
+        log(f"[classification] {unfinished_text(unfinished)}")
     df = store.read()
-    if failed and raise_on_failure:
-        raise SweepFailed(list(failed.values()))
+    if (failed or unfinished) and raise_on_failure:
+        raise SweepIncomplete(list(failed.values()), unfinished)
     return with_settings_columns(df[df["key"].isin({c.key for c in cells})])
 
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from labkit.studies import engine
-from labkit.studies.engine import Cell, CellOutcome, ResultStore, SweepFailed
+from labkit.studies.engine import Cell, CellOutcome, ResultStore, SweepFailed, SweepIncomplete
+from labkit.studies.engine import unfinished_text as _unfinished_text
 
 __all__ = ["COMPLETE_KIND", "COORDS", "METRICS", "SETTINGS", "SweepIncomplete", "density_store",
            "plan_density_cells", "run_density_cell", "run_density_sweep"]
@@ -315,30 +316,6 @@ def _adopt_earlier_rows(store: ResultStore, cells: Sequence[Cell], say: Callable
             "(data fingerprints with paths)")
         adopted += 1
     return adopted
-
-
-class SweepIncomplete(SweepFailed):
-    """A sweep that did not record every planned cell: ``failed`` (the cells that raised) and
-    ``unfinished`` (cells another process held, running them, and had not recorded by the end)."""
-
-    def __init__(self, failed: Sequence[CellOutcome], unfinished: Sequence[CellOutcome], resume: str = ""):
-        self.failed = list(failed)
-        self.unfinished = list(unfinished)
-        parts = []
-        if self.failed:
-            parts.append(f"{len(self.failed)} cell(s) failed:\n" +
-                         "\n".join(f"  - {o.cell.short()}: {o.error}" for o in self.failed))
-        if self.unfinished:
-            parts.append(_unfinished_text(self.unfinished, resume))
-        RuntimeError.__init__(self, "\n".join(parts))
-
-
-def _unfinished_text(unfinished: Sequence[CellOutcome], resume: str = "") -> str:
-    how = resume or "run the same sweep again"
-    return (f"{len(unfinished)} cell(s) not finished (another process held them and has not recorded them):\n"
-            + "\n".join(f"  - {o.cell.short()}: {o.error or 'held by another process'}" for o in unfinished)
-            + f"\n  If that process is still running, they will be recorded when it ends; if it died, {how}: "
-              "recorded cells are skipped and these run.")
 
 
 def run_density_sweep(dataset: str | Sequence[str], modes: Sequence[str], missing_kinds: Sequence[str],

@@ -43,7 +43,8 @@ from labkit.studies.store import (InvalidMetric, Problem, ResultFileError, Resul
 __all__ = [
     "canonical", "digest", "tensor_digest", "file_digest", "data_fingerprint", "input_fingerprint",
     "Cell", "ResultStore", "ResultFileError", "SettingsMismatch", "check_uniform", "settings_differences",
-    "write_files", "recover", "cached", "InputError", "CellOutcome", "SweepFailed", "LocalExecutor",
+    "write_files", "recover", "cached", "InputError", "CellOutcome", "SweepFailed", "SweepIncomplete",
+    "HELD_BY_OTHER", "retry_held", "held_unfinished", "unfinished_text", "LocalExecutor",
     "run_cells", "run_one", "locked", "Problem", "InvalidMetric",
 ]
 
@@ -119,6 +120,54 @@ def run_one(fn: Callable[[Cell], Mapping], cell: Cell) -> CellOutcome:
                        seconds=time.perf_counter() - start)
 
 
+#: the error of a cell that came back "waiting" because another process holds its claim
+HELD_BY_OTHER = "another process is running it"
+
+
+class SweepIncomplete(SweepFailed):
+    """A sweep that did not record every planned cell: ``failed`` (the cells that raised) and
+    ``unfinished`` (cells another process held, running them, and had not recorded by the end)."""
+
+    def __init__(self, failed: Sequence[CellOutcome], unfinished: Sequence[CellOutcome], resume: str = ""):
+        self.failed = list(failed)
+        self.unfinished = list(unfinished)
+        parts = []
+        if self.failed:
+            parts.append(f"{len(self.failed)} cell(s) failed:\n" +
+                         "\n".join(f"  - {o.cell.short()}: {o.error}" for o in self.failed))
+        if self.unfinished:
+            parts.append(unfinished_text(self.unfinished, resume))
+        RuntimeError.__init__(self, "\n".join(parts))
+
+
+def unfinished_text(unfinished: Sequence[CellOutcome], resume: str = "") -> str:
+    """What to tell the user about cells another process held and never recorded."""
+    how = resume or "run the same sweep again"
+    return (f"{len(unfinished)} cell(s) not finished (another process held them and has not recorded them):\n"
+            + "\n".join(f"  - {o.cell.short()}: {o.error or 'held by another process'}" for o in unfinished)
+            + f"\n  If that process is still running, they will be recorded when it ends; if it died, {how}: "
+              "recorded cells are skipped and these run.")
+
+
+def retry_held(outcomes: Sequence[CellOutcome], fn: Callable[[Cell], Mapping], store: "ResultStore", *,
+               executor: Any = None, log: Callable[[str], None] | None = None) -> list[CellOutcome]:
+    """Try once more the cells that came back "waiting" because another process held them (that
+    process may have died, releasing its claims); returns ``outcomes`` with those updated. Cells
+    still held stay "waiting": the caller reports them as unfinished (:class:`SweepIncomplete`)."""
+    held = [o.cell for o in outcomes if o.status == "waiting" and o.error == HELD_BY_OTHER]
+    if not held:
+        return list(outcomes)
+    (log or (lambda text: print(text, flush=True)))(
+        f"[sweep] {len(held)} cell(s) were held by another process: trying them once more")
+    again = {o.cell.key: o for o in run_cells(held, fn, store, executor=executor, raise_on_failure=False, log=log)}
+    return [again.get(o.cell.key, o) for o in outcomes]
+
+
+def held_unfinished(outcomes: Sequence[CellOutcome]) -> list[CellOutcome]:
+    """The outcomes still "waiting" on another process's claim."""
+    return [o for o in outcomes if o.status == "waiting" and o.error == HELD_BY_OTHER]
+
+
 def _claimed(executor: Any, fn: Callable[[Cell], Mapping], cells: Sequence[Cell],
              store: ResultStore) -> Iterator[CellOutcome]:
     """``executor.run`` one cell at a time, each under its claim: a cell another process holds
@@ -127,7 +176,7 @@ def _claimed(executor: Any, fn: Callable[[Cell], Mapping], cells: Sequence[Cell]
     for cell in cells:
         with store.claim(cell.key) as mine:
             if not mine:
-                yield CellOutcome(cell, "waiting", error="another process is running it")
+                yield CellOutcome(cell, "waiting", error=HELD_BY_OTHER)
             elif cell.key in store.done_keys():
                 yield CellOutcome(cell, "skipped")
             else:

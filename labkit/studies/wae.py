@@ -596,8 +596,14 @@ def run_sweep(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Seque
         if not waiting or not wait or (budget is not None and budget <= 0):
             break
         time.sleep(poll_seconds)
-    if failed:
-        raise SweepFailed(list(failed.values()))
+    if budget is None or budget > 0:
+        outcomes = engine.retry_held(outcomes, fn, store, executor=executor)
+    failed.update({o.cell.key: o for o in outcomes if o.status == "failed"})
+    unfinished = engine.held_unfinished(outcomes)
+    if unfinished:
+        print(f"[wae] {engine.unfinished_text(unfinished)}", flush=True)
+    if failed or unfinished:
+        raise engine.SweepIncomplete(list(failed.values()), unfinished)
     df = store.read()
     return df[df["key"].isin([c.key for c in cells])].reset_index(drop=True)
 
