@@ -231,7 +231,7 @@ class MFA:
         w = where.reshape(B, 1, -1).to(self.means.dtype)
         d = self.variances.reshape(B, K, -1)
         inv_d = w / d
-        A = self.factors.reshape(B, K, L, -1) * w.unsqueeze(1)
+        A = self.factors.reshape(B, K, L, w.shape[-1]) * w.unsqueeze(1)   # explicit N: L may be 0
         # M = I + A D^{-1} A^T (L x L): the only matrix ever factorised.
         M = torch.einsum("bkln,bkn,bkmn->bklm", A, inv_d, A)
         M = M + torch.eye(L, dtype=M.dtype, device=M.device)
@@ -424,7 +424,7 @@ class ClassicalMFA(torch.nn.Module):
         comp_lp, z, chol = full._posterior(x, obs)             # log N_k(x_o) (float64 sums), M⁻¹u, chol(M)
         K, L = full.n_components, full.n_factors
         xs = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        A_full = full.factors.reshape(B, K, L, -1)
+        A_full = full.factors.reshape(B, K, L, xs[0].numel())
         cmean = full.means.reshape(B, K, -1) + torch.einsum("bkl,bkln->bkn", z, A_full)
         # A L^{-T}: solve L Yᵀ = Aᵀ... i.e. Y = A L⁻ᵀ  <=>  Yᵀ = L⁻¹ A (rows are factors).
         cfac = torch.linalg.solve_triangular(chol, A_full, upper=False)              # (B,K,L,N) = L⁻¹ A

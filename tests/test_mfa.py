@@ -262,3 +262,23 @@ def test_non_finite_value_at_a_used_coordinate_is_refused():
         xb[1, 0, 3, 1] = bad                                 # outside: ignored
         assert torch.isfinite(mfa.log_prob(xb, where)).all()
         assert torch.isfinite(model.condition(xb, where).log_prob(x, ~where)).all()
+
+
+def test_no_factors_is_a_diagonal_gaussian_mixture():
+    """L = 0 (allowed by the docstring) once crashed on a reshape; it is a mixture of diagonal
+    Gaussians, checked against torch.distributions, and conditioning keeps its empty factors."""
+    g = torch.Generator().manual_seed(0)
+    B, K, C, H, W = 2, 3, 1, 4, 4
+    w = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64), 1)
+    m = torch.randn(B, K, C, H, W, generator=g, dtype=torch.float64)
+    d = torch.rand(B, K, C, H, W, generator=g, dtype=torch.float64) + 0.1
+    mfa = MFA(w, m, torch.zeros(B, K, 0, C, H, W, dtype=torch.float64), d)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    where = torch.rand(B, 1, H, W, generator=g) > 0.5
+    for b in range(B):
+        s = where[b, 0].reshape(-1)
+        comps = torch.stack([MultivariateNormal(m[b, k, 0].reshape(-1)[s], torch.diag(d[b, k, 0].reshape(-1)[s]))
+                             .log_prob(x[b, 0].reshape(-1)[s]) for k in range(K)])
+        assert float(mfa.log_prob(x, where)[b]) == pytest.approx(float(torch.logsumexp(torch.log(w[b]) + comps, 0)), rel=1e-10)
+    cond = ClassicalMFA(w[0], m[0], mfa.factors[0], d[0]).condition(x, where)
+    assert cond.factors.shape == (B, K, 0, C, H, W) and torch.isfinite(cond.log_prob(x, ~where)).all()
