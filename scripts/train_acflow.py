@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} was trained with these settings ({meta.get('epochs')} epochs, {meta.get('trained_at', '?')}): "
               "kept, nothing to train (delete it to retrain)")
         return 0
-    resume_key = {k: v for k, v in train_config.items() if k != "epochs"}
+    # the data enter by content (train_data_sha), never by the path in train_source: the same images
+    # reached through another clone or a symlink continue the same progress
+    resume_key = {k: v for k, v in train_config.items() if k not in ("epochs", "train_source")}
     # named after the settings but the epochs, so that a run with more epochs continues this one's progress
     partial = out.with_name(f"{requested.stem}.{digest(resume_key, 8)}.partial{out.suffix or '.pt'}")
     print(f"ACFlow on {args.dataset}: {len(train)} train images {tuple(images.shape[1:])}, "
