@@ -9,10 +9,10 @@ found, using CUDA_HOME=..." when ``torch.utils.cpp_extension`` is first imported
 ``torch.compile``, which MisConv's fast path uses, and by ``torch.utils.benchmark``, which the
 timing study uses) on a machine with a CUDA toolkit but no GPU. labkit builds no CUDA extension,
 so the notice says nothing about its results; the filter drops that one message of that one
-logger (:mod:`labkit.lab.kernel`, which notebooks run in, does the same) and nothing else.
+logger (:mod:`labkit._torch_notices`; the notebook kernel :mod:`labkit.lab.kernel` installs the same one) and nothing else.
 """
 from labkit.device import default_device, resolve_device
-from labkit.lab.kernel import quiet_cuda_home_notice as _quiet_cuda_home_notice
+from labkit._torch_notices import quiet_cuda_home_notice as _quiet_cuda_home_notice
 
 _quiet_cuda_home_notice()
 

@@ -79,6 +79,7 @@ from labkit import misconv, paths
 from labkit.checkpoint import machine_description
 from labkit.device import resolve_device
 from labkit.studies import timing
+from labkit.studies.store import write_table, write_text   # atomic: an interrupted run never leaves half a table
 
 dev = resolve_device(device)
 if threads:
@@ -88,7 +89,7 @@ if tune_malloc:
 out_dir = Path(results_dir) if results_dir else paths.results_dir("timing", profile)
 out_dir.mkdir(parents=True, exist_ok=True)
 machine = timing.machine_description(dev) | {"summary": machine_description()}
-(out_dir / "machine.json").write_text(json.dumps(machine, indent=1))
+write_text(out_dir / "machine.json", json.dumps(machine, indent=1))
 display(Markdown(f"**Machine:** {machine['summary']}; {machine['torch_threads']} torch thread(s); "
                  f"load average {machine['load_average_1_5_15']}; malloc tuned: {machine['malloc_tuned']}; "
                  f"MisConv may compile: {machine['misconv_compile']}. Results go to `{out_dir}`."))
@@ -101,11 +102,11 @@ layers = ["conv", "misconv"] + (["misconv_eager"] if eager_repeats else [])
 cases = timing.grid_cases(sizes, batch_sizes)
 forward = timing.forward_grid(cases, repeats, layers=layers, eager_repeats=eager_repeats, device=dev, seed=seed,
                               clock=clock, progress=True)
-forward.to_csv(out_dir / "forward.csv", index=False)
+write_table(forward, out_dir / "forward.csv", index=False)
 summary = timing.summarize(forward)
-summary.to_csv(out_dir / "forward_summary.csv", index=False)
+write_table(summary, out_dir / "forward_summary.csv", index=False)
 table = timing.ratio_table(forward)
-table.to_csv(out_dir / "forward_ratios.csv", index=False)
+write_table(table, out_dir / "forward_ratios.csv", index=False)
 clock_used = forward["clock"].iloc[0]
 print(f"clock: {clock_used}")
 print(timing.format_table(table))
@@ -118,7 +119,7 @@ print(timing.format_table(table))
 # %%
 if eager_repeats:
     eager = timing.ratio_table(forward, misconv="misconv_eager")
-    eager.to_csv(out_dir / "forward_ratios_eager.csv", index=False)
+    write_table(eager, out_dir / "forward_ratios_eager.csv", index=False)
     print("Eager path (the formula as written), against conv2d + ReLU measured alongside it:")
     print(timing.format_table(eager))
     speedup = eager.set_index(["size", "batch"]).misconv_median / table.set_index(["size", "batch"]).misconv_median
@@ -141,9 +142,9 @@ display(Image(filename=str(out_dir / "forward_boxplots.png")))
 # %%
 if backward:
     bwd = timing.backward_grid(cases, max(1, repeats // 2), device=dev, seed=seed, clock=clock, progress=True)
-    bwd.to_csv(out_dir / "backward.csv", index=False)
+    write_table(bwd, out_dir / "backward.csv", index=False)
     bwd_table = timing.ratio_table(bwd)
-    bwd_table.to_csv(out_dir / "backward_ratios.csv", index=False)
+    write_table(bwd_table, out_dir / "backward_ratios.csv", index=False)
     print("Forward + backward (the paper's columns are its forward-only figures, for scale):")
     print(timing.format_table(bwd_table))
 
@@ -159,9 +160,9 @@ if Ks and Ls:
     size, batch = component_cell
     comp = timing.component_sweep(size, batch, repeats, Ks=Ks, Ls=Ls, device=dev, seed=seed, clock=clock,
                                   progress=True)
-    comp.to_csv(out_dir / "components.csv", index=False)
+    write_table(comp, out_dir / "components.csv", index=False)
     comp_table = timing.ratio_table(comp)
-    comp_table.to_csv(out_dir / "components_ratios.csv", index=False)
+    write_table(comp_table, out_dir / "components_ratios.csv", index=False)
     print(timing.format_table(comp_table))
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for K, d in comp_table.groupby("K"):
@@ -188,11 +189,11 @@ e2e = None
 if end_to_end_datasets:
     e2e = timing.end_to_end(end_to_end_datasets, end_to_end_batch, end_to_end_repeats, device=dev, seed=seed,
                             clock=clock, progress=True)
-    e2e.to_csv(out_dir / "end_to_end.csv", index=False)
+    write_table(e2e, out_dir / "end_to_end.csv", index=False)
     per_image = (e2e.groupby(["dataset", "layer"], sort=False).per_image.median().unstack("layer") * 1e3)
     per_image["method / classifier"] = per_image["dmfa+misconv_classifier"] / per_image["classifier"]
     per_image["DMFA share of the method"] = per_image["dmfa"] / per_image["dmfa+misconv_classifier"]
-    per_image.to_csv(out_dir / "end_to_end_summary.csv")
+    write_table(per_image, out_dir / "end_to_end_summary.csv")
     display(Markdown("Milliseconds per image (medians):"))
     display(per_image.round(3))
 
@@ -223,5 +224,5 @@ if e2e is not None:
                      f"({r['method / classifier']:.1f}×; the DMFA is {100 * r['DMFA share of the method']:.0f}% of it).")
 lines.append("- First-call compile time per fused kernel (s): "
              + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in report.items()))
-(out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
 display(Markdown("\n".join(lines)))

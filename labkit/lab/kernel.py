@@ -13,26 +13,9 @@ dropped; every other torch warning still shows.
 """
 from __future__ import annotations
 
-import logging
+from labkit._torch_notices import CudaHomeNotice, quiet_cuda_home_notice
 
 __all__ = ["CudaHomeNotice", "quiet_cuda_home_notice"]
-
-
-class CudaHomeNotice(logging.Filter):
-    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." record; passes everything else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No CUDA runtime is found")
-
-
-def quiet_cuda_home_notice() -> None:
-    """Install :class:`CudaHomeNotice` on torch's ``torch.utils.cpp_extension`` logger (once).
-
-    Works before torch is imported: the logger object is created here and torch keeps its filters.
-    """
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if not any(isinstance(f, CudaHomeNotice) for f in logger.filters):
-        logger.addFilter(CudaHomeNotice())
 
 
 if __name__ == "__main__":

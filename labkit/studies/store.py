@@ -122,6 +122,16 @@ def _write_temp(final: Path, content: bytes | str | Callable[[Path], Any]) -> tu
 _JOURNAL = ".labkit-journal-"
 
 
+def write_table(df: Any, path: str | os.PathLike, **to_csv) -> Path:
+    """Write a DataFrame as CSV atomically (:func:`write_files`): a reader never sees half a table."""
+    return write_files({path: df.to_csv(**to_csv)})[0]
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (:func:`write_files`)."""
+    return write_files({path: text})[0]
+
+
 def write_files(files: Mapping[str | os.PathLike, bytes | str | Callable[[Path], Any]]) -> list[Path]:
     """Write several files of one folder as a set: killed at any instant, the folder ends with all
     the old files or all the new ones (after :func:`recover`, which every reader calls).
