@@ -418,3 +418,25 @@ def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
     run_sweep(["mnist"], ["square"], ["pc", "zero"], [0], "t", config=cfg, _run_cell=DiesMidway(), progress=False)
     assert [c[2] for c in calls] == ["zero", "pc"]               # pc: held when its turn came, run on the retry
     assert set(clf.read_results(tmp_path / "b" / "accuracy.csv")["method"]) == {"zero", "pc"}
+
+
+def test_a_data_set_that_cannot_be_loaded_fails_only_its_cells(tmp_path, monkeypatch):
+    """One unavailable data set in the grid fails its own cells, named; the others run (exit 1)."""
+    from labkit.studies.engine import SweepFailed
+
+    real = clf.load_cell_data
+
+    def load(dataset, *a, **k):
+        if dataset == "svhn":
+            raise FileNotFoundError("SVHN (train) not found: put train_32x32.mat in data/svhn")
+        return real(dataset, *a, **k)
+
+    monkeypatch.setattr(clf, "load_cell_data", load)
+    clf._PLAN_DATA.clear()
+    calls = []
+    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False)
+    with pytest.raises(SweepFailed, match=r"(?s)svhn/square/zero/s0.*train_32x32\.mat") as info:
+        run_sweep(["svhn", "mnist"], ["square"], ["zero"], [0], "t", config=cfg, _run_cell=_fake_runner(calls),
+                  progress=False)
+    assert [c[0] for c in calls] == ["mnist"]
+    assert [o.cell.coords["dataset"] for o in info.value.failed] == ["svhn"]

@@ -55,7 +55,7 @@ from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, ME
                                                   check_table_settings, paired_differences, paired_markdown,
                                                   pivot_table, plot_results, table_markdown, update_markdown_table)
 from labkit.studies.reporting import replace_marked_block  # noqa: F401  (re-exported for the scripts)
-from labkit.studies.engine import (Cell, InputError, ResultStore, SweepFailed, SweepIncomplete, held_unfinished,
+from labkit.studies.engine import (Cell, CellOutcome, InputError, ResultStore, SweepFailed, SweepIncomplete, held_unfinished,
                                    retry_held, run_cells, unfinished_text)
 
 __all__ = [
@@ -227,13 +227,20 @@ def plan_cells(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[
     """The grid as :class:`~labkit.studies.engine.Cell` s in run order (seeds outermost, so every
     method sees every mask at seed 0 first). Each cell's inputs are the content fingerprints of its
     images, labels and masks and of the checkpoints its method reads; a method whose checkpoint does
-    not exist yet gets ``inputs["unavailable"]`` (the sweep waits for it or leaves it)."""
+    not exist yet gets ``inputs["unavailable"]`` (the sweep waits for it or leaves it); the cells of a
+    data set that cannot be loaded get ``inputs["data_error"]`` (the sweep reports them failed)."""
     cfg = cfg or SweepConfig()
     cells = []
     for s in seeds:
         for d in datasets:
             for m in masks:
-                fp = _cell_fingerprints(d, m, int(s), cfg)
+                try:
+                    fp = _cell_fingerprints(d, m, int(s), cfg)
+                except OSError as exc:       # this data set cannot be loaded: its cells fail, the others run
+                    for meth in methods:
+                        cells.append(Cell("classification", {"dataset": d, "mask": m, "method": meth, "seed": int(s)},
+                                          cell_settings(cfg, meth), {"data_error": f"{type(exc).__name__}: {exc}"}))
+                    continue
                 data_inputs = {"train": fp["train"], "test": fp["test"], "masks": fp["masks"]}
                 for meth in methods:
                     why = method_available(meth, cfg, d, m)
@@ -374,6 +381,10 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
                     df = store.read(report=False)
                     on_record(with_settings_columns(df[df["key"].isin(keys)]))
 
+            for c in cells:
+                if "data_error" in c.inputs and c.key not in failed:
+                    failed[c.key] = CellOutcome(c, "failed", error=f"its data cannot be loaded: {c.inputs['data_error']}")
+                    log(f"[classification] failed {c.short()}: {failed[c.key].error}")
             outcomes = run_cells([c for c in cells if c.key not in failed], fn, store, executor=executor,
                                  max_cells=left, raise_on_failure=False, log=log,
                                  available=lambda c: c.inputs.get("unavailable"), on_outcome=recorded)
