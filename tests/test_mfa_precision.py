@@ -111,3 +111,20 @@ def test_log_weights_survive_batch_operations():
     assert torch.equal(joined.log_weights, c.log_weights)
     ref = -c.log_prob(x, missing)
     assert torch.equal(-joined.log_prob(x, missing), ref)
+
+
+@pytest.mark.parametrize("stem,name", [("mnist_complete", "mnist"), ("cifar10_complete", "cifar10")])
+def test_committed_dmfas_rescore_to_their_committed_scores(stem, name):
+    """The DMFA loss and scores share ``MFA.log_prob``: its new Mahalanobis form must leave the
+    committed DMFA numbers where they were (written by the former formula), within 0.01 nat."""
+    import pandas as pd
+
+    from labkit.models.dmfa import evaluate_dmfa, load_dmfa
+
+    x = _test_images(name, 200)
+    model, _ = load_dmfa(ROOT / "results/dmfa/cpu" / f"{stem}.pt", device="cpu")
+    missing = test_masks(x.shape[0], x.shape[2], x.shape[3], seed=0)
+    got = evaluate_dmfa(model, x, missing)
+    ref = pd.read_csv(ROOT / "results/dmfa/cpu" / f"{stem}.csv").iloc[: len(got)]
+    assert float((got["nll"] - ref["nll"]).abs().max()) < 0.01
+    assert float((got["sse"] - ref["sse"]).abs().max()) < 1e-3
