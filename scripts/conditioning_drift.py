@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(buf.getvalue())
     tmp.replace(out)
-    print(df.to_markdown(index=False, floatfmt=".2g") if hasattr(df, "to_markdown") else df.to_string(index=False))
+    print(df.to_string(index=False))
     print(f"written {out.relative_to(ROOT)}")
     return 0
 
