@@ -32,8 +32,11 @@ not launch-bound, i.e. where replaying its CUDA graph takes at least half the ti
 (``busy`` = triton_graph / triton ≥ 0.5: the GPU, not the launching, sets the time).
 
 Writes to ``--out``: ``timings.csv`` (every measured call), ``summary.csv`` (medians, ratios,
-targets), ``table.md``, ``machine.json``. Sections are skipped, and say so, once ``--budget-s`` has
-elapsed. Without CUDA (and without ``--dry-run``) it exits with status 2 and a message.
+targets), ``table.md``, ``machine.json``, rewritten after every section (a run cut short keeps
+what it measured). A layer that fails on its first call is left out of its setting and a section
+that fails is skipped, each with the error in the table's notes (exit status 1); sections are
+skipped, and say so, once ``--budget-s`` has elapsed. Without CUDA (and without ``--dry-run``) it
+exits with status 2 and a message.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository's labkit
@@ -104,6 +108,7 @@ class Runner:
         self.notes: list[str] = []
         self.t0 = time.perf_counter()
         self.warmup = 0 if args.dry_run else 3
+        self.failed = False
 
     def over_budget(self, section: str) -> bool:
         spent = time.perf_counter() - self.t0
@@ -114,9 +119,22 @@ class Runner:
         return False
 
     def measure(self, study: str, setting: dict, fns: dict, repeats: int, per_image: int | None = None):
-        """Time ``fns`` interleaved; one row per call."""
+        """Time ``fns`` interleaved; one row per call. A function that fails on its first call
+        (its first call is a warm-up) is left out, with the error in the notes."""
         t0 = time.perf_counter()
-        times = self.timing.interleaved(fns, repeats, warmup=self.warmup, device=self.device, clock="wall")
+        working = {}
+        for name, fn in fns.items():
+            try:
+                fn()
+                working[name] = fn
+            except Exception as exc:  # noqa: BLE001 - record it, measure the others
+                self.notes.append(f"{study} {setting}: {name} failed ({type(exc).__name__}: {exc})")
+                print(self.notes[-1], flush=True)
+                self.failed = True
+        if not working:
+            return
+        times = self.timing.interleaved(working, repeats, warmup=max(0, self.warmup - 1), device=self.device,
+                                        clock="wall")
         for layer, ts in times.items():
             self.rows += [dict(study=study, **setting, layer=layer, round=i, seconds=s,
                                per_image=(s / per_image if per_image else math.nan)) for i, s in enumerate(ts)]
@@ -337,8 +355,9 @@ def markdown(summary, header: list[str], notes: list[str]) -> str:
         for key, cell in d.groupby(["size", "channels", "batch"], sort=False):
             by = cell.set_index("layer")
             vals = [str(key[0]), str(key[1]), str(key[2])]
-            vals += [_fmt(by.loc[la, "median"] * 1e3) for la in present]
-            vals += [("**" + _fmt(by.loc[la, "ratio"], 2) + "**") if la == "triton" else _fmt(by.loc[la, "ratio"], 2)
+            get = lambda la, col: by.loc[la, col] if la in by.index else math.nan  # noqa: E731
+            vals += [_fmt(get(la, "median") * 1e3) for la in present]
+            vals += [("**" + _fmt(get(la, "ratio"), 2) + "**") if la == "triton" else _fmt(get(la, "ratio"), 2)
                      for la in present if la != "conv"]
             if with_targets:
                 t = by.loc["triton"] if "triton" in by.index else None
@@ -381,8 +400,6 @@ def main(argv=None) -> int:
         print("no CUDA device: this benchmark measures MisConv2d on a GPU. Run it on a machine with CUDA, "
               "or with --dry-run for a CPU smoke test.", file=sys.stderr)
         return 2
-    import pandas as pd
-
     from labkit import misconv
     from labkit import misconv_triton as MT
     from labkit.studies import timing
@@ -408,41 +425,56 @@ def main(argv=None) -> int:
         "tf32_convolutions": torch.backends.cudnn.allow_tf32, "dry_run": args.dry_run}
     print("machine:", json.dumps(machine), flush=True)
     runner = Runner(args, device)
-    sections = args.sections
-    if "forward" in sections and not runner.over_budget("forward"):
-        _grid_section(runner, "forward", grid, args.repeats, backward=False, graphs=True)
-    if "backward" in sections and not runner.over_budget("backward"):
-        _grid_section(runner, "backward", grid, args.backward_repeats, backward=True, graphs=False)
-    if "scale" in sections and not runner.over_budget("scale"):
-        _grid_section(runner, "scale", scale, args.scale_repeats, backward=False, graphs=True)
-    if "end_to_end" in sections and not runner.over_budget("end_to_end"):
-        _e2e_section(runner, DATASETS, args.e2e_batch, args.e2e_repeats)
-    if "training" in sections and not runner.over_budget("training"):
-        _training_section(runner, DATASETS, args.train_batch, args.train_repeats, 8 if args.dry_run else None)
-
-    raw = pd.DataFrame(runner.rows)
-    summary = summarize(raw, timing.paper_table())
-    wall = time.perf_counter() - runner.t0
+    plan = {"forward": lambda: _grid_section(runner, "forward", grid, args.repeats, backward=False, graphs=True),
+            "backward": lambda: _grid_section(runner, "backward", grid, args.backward_repeats, backward=True,
+                                              graphs=False),
+            "scale": lambda: _grid_section(runner, "scale", scale, args.scale_repeats, backward=False, graphs=True),
+            "end_to_end": lambda: _e2e_section(runner, DATASETS, args.e2e_batch, args.e2e_repeats),
+            "training": lambda: _training_section(runner, DATASETS, args.train_batch, args.train_repeats,
+                                                  8 if args.dry_run else None)}
     command = "python benchmarks/bench_misconv_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    failed = False
+    for name, run in plan.items():
+        if name not in args.sections or runner.over_budget(name):
+            continue
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - keep what was measured, say what broke
+            traceback.print_exc()
+            runner.notes.append(f"section {name} failed: {type(exc).__name__}: {exc}")
+            failed = True
+        # written after every section: a run stopped by a time limit keeps what it measured
+        _report(args, runner, machine, command, timing.paper_table(), final=False)
+    _report(args, runner, machine, command, timing.paper_table(), final=True)
+    return 1 if failed or runner.failed else 0
+
+
+def _report(args, runner: Runner, machine: dict, command: str, paper, final: bool) -> None:
+    import pandas as pd
+
+    wall = time.perf_counter() - runner.t0
     header = [f"## MisConv2d on {machine.get('gpu') or machine['device']}" + (" (dry run: CPU, interpreter, "
               "tiny settings; the figures mean nothing)" if args.dry_run else ""),
               "", f"`{command}` — {machine['time']}, torch {machine['torch']}, triton {machine['triton']}, "
               f"CUDA {machine['cuda']}, TF32 convolutions {machine['tf32_convolutions']}; elapsed time, "
               f"medians of interleaved rounds (forward {args.repeats}, backward {args.backward_repeats}, scale "
               f"{args.scale_repeats}, end to end {args.e2e_repeats}, training {args.train_repeats}); "
-              f"{wall:.0f} s in all."]
-    table = markdown(summary, header, runner.notes)
-    print("\n" + table)
+              f"{wall:.0f} s{' in all' if final else ' so far (incomplete)'}."]
+    raw = pd.DataFrame(runner.rows)
+    summary = summarize(raw, paper) if len(raw) else pd.DataFrame()
+    table = markdown(summary, header, runner.notes) if len(raw) else "\n".join(header + [""] + runner.notes) + "\n"
+    if final:
+        print("\n" + table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         raw.to_csv(out / "timings.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)
         (out / "table.md").write_text(table)
-        (out / "machine.json").write_text(json.dumps(machine | {"wall_seconds": round(wall, 1),
+        (out / "machine.json").write_text(json.dumps(machine | {"wall_seconds": round(wall, 1), "complete": final,
                                                                 "notes": runner.notes}, indent=1))
-        print(f"wrote {out}")
-    return 0
+        if final:
+            print(f"wrote {out}")
 
 
 if __name__ == "__main__":
