@@ -27,8 +27,10 @@ and the layer returns the mixture
 This module holds, in order: :func:`expected_relu` (the formula), :func:`misconv_reference` (the
 layer in a few plain ``conv2d`` calls; also the layer's *eager* path), the authors' published
 first layer as a labelled ablation (:func:`authors_expected_relu`, :func:`misconv_authors`), and
-the :class:`MisConv2d` module, which dispatches between them and the fused fast path of
-:mod:`labkit.misconv_fast` (same function, less work; the default, see :func:`set_fast_default`).
+the :class:`MisConv2d` module, which dispatches between them, the fused fast path of
+:mod:`labkit.misconv_fast` (same function, less work; the default on the CPU, see
+:func:`set_fast_default`) and the one-kernel GPU path of :mod:`labkit.misconv_triton` (the default
+on CUDA devices).
 ``W⊙W`` is computed from the weight on every call (never a separate parameter), so the weight
 receives gradient through both the mean and the variance.
 """
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from labkit import masks as _masks
 from labkit import misconv_fast as _fast
+from labkit import misconv_triton as _triton
 from labkit.mfa import MFA
 from labkit.misconv_fast import compile_enabled, compile_report, fast_default, misconv_fast, set_fast_default
 
@@ -238,9 +241,13 @@ class MisConv2d(torch.nn.Conv2d):
     dilation, bias, device, dtype), plus two keywords:
 
     - ``fast``: True for the windowed, fused path (:mod:`labkit.misconv_fast`), False for the
-      eager :func:`misconv_reference`, None (default) for :func:`fast_default` of the input's
-      device: the fast path on the CPU, the eager formula on a GPU (faster there), unless
-      :func:`set_fast_default` turned the fast path off. Both compute the same function.
+      eager :func:`misconv_reference`, ``"triton"`` for the one-kernel GPU path
+      (:mod:`labkit.misconv_triton`; CUDA inputs, or CPU ones under Triton's interpreter; a
+      ValueError names what it cannot run). None (default) picks per input device: the Triton
+      path on CUDA where triton is importable and the layer fits it (float32/float64, numeric
+      padding, ``C·kh·kw ≤ 128``), else :func:`fast_default` of the device (the windowed path on
+      the CPU, the eager formula on a GPU); :func:`set_fast_default` (False) turns both fast
+      paths off. All compute the same function.
     - ``variant``: ``"exact"`` (default) the expectation above; ``"authors"`` the authors'
       published layer (:func:`misconv_authors`), an ablation for reproducing their numbers, only
       for stride 1, dilation 1, an odd kernel and "same" padding (ValueError otherwise).
@@ -268,8 +275,8 @@ class MisConv2d(torch.nn.Conv2d):
             raise ValueError(
                 f"MisConv2d supports padding_mode='zeros' only, got {padding_mode!r}: other modes copy "
                 "missing pixels into the border, which breaks the independent-variance formula")
-        if fast is not None and not isinstance(fast, bool):
-            raise TypeError(f"fast must be True, False or None, got {fast!r}")
+        if fast is not None and not isinstance(fast, bool) and fast != "triton":
+            raise TypeError(f"fast must be True, False or None (or 'triton'), got {fast!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         super().__init__(*args, **kwargs)
@@ -279,7 +286,7 @@ class MisConv2d(torch.nn.Conv2d):
             _authors_padding(self.weight, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + ("" if self.fast is None else f", fast={self.fast}")
+        return (super().extra_repr() + ("" if self.fast is None else f", fast={self.fast!r}")
                 + ("" if self.variant == "exact" else f", variant={self.variant!r}"))
 
     def forward(self, x: Tensor, missing: Tensor | None = None, mfa: MFA | None = None) -> Tensor:
@@ -292,10 +299,17 @@ class MisConv2d(torch.nn.Conv2d):
         J = _check_inputs(x, missing, mfa, self.in_channels)
         if self.variant == "authors":
             return misconv_authors(x, missing, mfa, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        fast = fast_default(x.device) if self.fast is None else self.fast
+        fast = self.fast
+        if fast is None:
+            triton_ok = (_triton.triton_default(x.device)
+                         and _triton.unsupported(x.device, self.weight, self.padding) is None)
+            fast = "triton" if triton_ok else fast_default(x.device)
         # The fast kernels implement expected_relu's formula; a replaced expected_relu (a test
         # planting a bug, an experiment) must be honoured, so that case runs the reference.
-        if fast and expected_relu is _EXPECTED_RELU and not isinstance(self.padding, str):
+        if fast == "triton" and expected_relu is _EXPECTED_RELU:
+            return _triton.misconv_triton(x, missing, mfa, self.weight, self.bias, self.stride, self.padding,
+                                          self.dilation)
+        if fast is True and expected_relu is _EXPECTED_RELU and not isinstance(self.padding, str):
             return misconv_fast(x, missing, mfa, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if not bool(J.any()):
             # Nothing missing: the expectation is the plain layer; skip the (L+2)·K convolutions.
