@@ -243,11 +243,13 @@ class MisConv2d(torch.nn.Conv2d):
     - ``fast``: True for the windowed, fused path (:mod:`labkit.misconv_fast`), False for the
       eager :func:`misconv_reference`, ``"triton"`` for the one-kernel GPU path
       (:mod:`labkit.misconv_triton`; CUDA inputs, or CPU ones under Triton's interpreter; a
-      ValueError names what it cannot run). None (default) picks per input device: the Triton
-      path on CUDA where triton is importable and the layer fits it (float32/float64, numeric
-      padding, ``C·kh·kw ≤ 128``), else :func:`fast_default` of the device (the windowed path on
-      the CPU, the eager formula on a GPU); :func:`set_fast_default` (False) turns both fast
-      paths off. All compute the same function.
+      ValueError names what it cannot run). None (default) picks the fastest measured path per
+      input device: :func:`fast_default` of the device (the windowed path on the CPU, the eager
+      formula on a GPU), or the Triton path on CUDA once chosen
+      (``labkit.misconv_triton.set_triton_default(True)`` or ``LABKIT_MISCONV_TRITON=1``; it has
+      not been timed on a GPU yet) where the layer fits it (float32/float64, numeric padding,
+      ``C·kh·kw ≤ 128``); :func:`set_fast_default` (False) turns the fast paths off. All compute
+      the same function.
     - ``variant``: ``"exact"`` (default) the expectation above; ``"authors"`` the authors'
       published layer (:func:`misconv_authors`), an ablation for reproducing their numbers, only
       for stride 1, dilation 1, an odd kernel and "same" padding (ValueError otherwise).

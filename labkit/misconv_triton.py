@@ -121,12 +121,28 @@ def unsupported(device: torch.device | str, weight: Tensor, padding) -> str | No
     return None
 
 
+#: whether ``fast=None`` may take this path on CUDA; off until the GPU benchmark has measured it
+#: faster than the eager formula (the measured GPU default). ``LABKIT_MISCONV_TRITON=1`` or
+#: :func:`set_triton_default` turns it on.
+_PREFER = os.environ.get("LABKIT_MISCONV_TRITON", "0") == "1"
+
+
+def set_triton_default(prefer: bool) -> None:
+    """Let layers built with ``fast=None`` take this path on CUDA (True) or not (False, the default)."""
+    global _PREFER
+    if not isinstance(prefer, bool):
+        raise TypeError(f"prefer must be a bool, got {type(prefer).__name__}")
+    _PREFER = prefer
+
+
 def triton_default(device: torch.device | str | None) -> bool:
     """Whether layers built with ``fast=None`` take this path for inputs on ``device``: on CUDA
-    devices when triton is importable, unless :func:`labkit.misconv.set_fast_default` turned the
-    fast paths off. The designed default for GPUs, still to be confirmed by measurement on one
-    (docs/timing.md, "A fused GPU path")."""
-    if device is None or _IMPORT_ERROR is not None or not _fast.fast_default():
+    devices when triton is importable and the path was chosen (:func:`set_triton_default` or
+    ``LABKIT_MISCONV_TRITON=1``), unless :func:`labkit.misconv.set_fast_default` turned the fast
+    paths off. Off by default: ``fast=None`` takes the fastest *measured* path per device, and on
+    a GPU that is the eager formula until ``benchmarks/bench_misconv_gpu.py`` has measured this
+    one (docs/timing.md, "A fused GPU path")."""
+    if device is None or not _PREFER or _IMPORT_ERROR is not None or not _fast.fast_default():
         return False
     return torch.device(device).type == "cuda"
 

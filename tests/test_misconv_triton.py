@@ -321,8 +321,13 @@ def test_layer_dispatch(monkeypatch):
         assert calls == [1, 1]
 
 
-def test_default_is_the_gpu_path_only(monkeypatch):
+def test_default_is_opt_in_and_the_gpu_path_only(monkeypatch):
+    """Off until measured (fast=None takes the fastest measured path: the eager formula on a GPU);
+    once chosen, only for CUDA inputs."""
     assert MT.available() is True
+    monkeypatch.setattr(MT, "_PREFER", False)
+    assert MT.triton_default("cuda") is False
+    MT.set_triton_default(True)
     assert MT.triton_default("cuda") is True and MT.triton_default(torch.device("cuda", 1)) is True
     assert MT.triton_default("cpu") is False and MT.triton_default(None) is False
     try:
@@ -490,6 +495,7 @@ def test_compiled_kernels_on_cuda_equal_the_float64_formula(monkeypatch, cfg):
     """On a GPU: the compiled kernels (float32, TF32 off) against the float64 eager formula on the CPU,
     outputs and all gradients; and fast=None on a CUDA input takes this path."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(MT, "_PREFER", True)                  # fast=None takes it once chosen
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x, missing, mfa, weight, bias, s, p, d = _case(B=3, H=12, W=11, O=32, **cfg)
     leaves = _leaves(x, mfa, weight, bias)
