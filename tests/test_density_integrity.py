@@ -514,5 +514,7 @@ def test_a_data_set_that_cannot_be_loaded_fails_only_its_own_cells(tmp_path, mon
     rows = density_store(tmp_path).read()
     assert list(rows["dataset"]) == ["mnist"] and list(rows["test_nll"]) == [-10.0]
     # an error of the grid itself still stops it before anything runs
-    assert _script().main([*argv, "--lr=-1"]) == 2
-    assert "lr must be a positive number" in capsys.readouterr().out and len(calls) == 1
+    with pytest.raises(SystemExit) as stop:          # a usage error naming the value, before anything runs
+        _script().main([*argv, "--lr=-1"])
+    assert stop.value.code == 2
+    assert "parameter 'lr' of 01_dmfa must be a number > 0" in capsys.readouterr().err and len(calls) == 1

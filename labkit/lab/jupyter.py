@@ -43,12 +43,18 @@ def _prepend(path: Path, current: str | None) -> str:
 
 def environment(root: str | os.PathLike | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default ``os.environ``) with the lab's ``.jupyter`` first on Jupyter's search paths,
-    and ``LAB_ROOT`` (labkit's idea of the checkout, for the kernels) set to ``root``."""
+    ``LAB_ROOT`` (labkit's idea of the checkout, for the kernels) set to ``root``, and ``root``
+    first on ``PYTHONPATH`` with no entry holding another labkit
+    (:func:`labkit.lab.venv_check.pythonpath_first`): the kernels start in ``notebooks/`` and would
+    otherwise import the labkit of a checkout that ``PYTHONPATH`` names."""
+    from labkit.lab.venv_check import pythonpath_first
+
     root = Path(root if root is not None else paths.repo_root()).resolve()
     env = dict(os.environ if base is None else base)
     env["JUPYTER_CONFIG_PATH"] = _prepend(config_dir(root), env.get("JUPYTER_CONFIG_PATH"))
     env["JUPYTER_PATH"] = _prepend(config_dir(root), env.get("JUPYTER_PATH"))
     env["LAB_ROOT"] = str(root)
+    env["PYTHONPATH"] = pythonpath_first(root, env.get("PYTHONPATH"))
     return env
 
 

@@ -18,11 +18,22 @@ metadata keys in :data:`CELL_KEYS` (timings, papermill's bookkeeping, collapsed/
 state) and an empty ``tags`` list; the notebook metadata keys in :data:`NOTEBOOK_KEYS` (saved widget state, papermill's
 record, the kernel's ``language_info``). A notebook with nothing to remove is passed through byte
 for byte, so clean notebooks never show as modified.
+
+Safe to interrupt and safe on odd text: a stripped file is written to a temporary file beside it,
+flushed, then renamed over the original (an error or a kill leaves the original whole, never a
+truncated file), and the filter writes nothing to git until its whole output is encoded. A string
+holding a lone UTF-16 surrogate (JSON ``"\\ud800"``, which has no UTF-8 encoding) keeps its
+``\\uXXXX`` escape instead of failing the write. ``./lab`` marks the filter ``required``, so git
+refuses to stage a notebook when the filter cannot run (its Python gone) rather than storing the
+outputs.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["CELL_KEYS", "NOTEBOOK_KEYS", "strip_notebook", "strip_text", "strip_file"]
@@ -60,9 +71,41 @@ def strip_notebook(nb: dict) -> bool:
     return changed
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(nb: dict) -> str:
     # nbformat's own layout (nbformat.v4.nbjson): one-space indent, sorted keys, UTF-8 text, final newline
-    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False, separators=(",", ": ")) + "\n"
+    text = json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False, separators=(",", ": ")) + "\n"
+    # A lone surrogate can only sit inside a JSON string (json.loads pairs the valid ones into one
+    # character): write it back as the escape it was read from, which UTF-8 can carry.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file in the same folder and a rename: the file is
+    the old one or the new one, never a part, whatever happens meanwhile."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def strip_text(text: str) -> str:
@@ -79,7 +122,7 @@ def strip_file(path: str | Path) -> bool:
     new = strip_text(text)
     if new == text:
         return False
-    path.write_text(new, encoding="utf-8")
+    _write_atomic(path, _encode(new))    # encoded first: a failure leaves the file as it was
     return True
 
 
@@ -92,14 +135,15 @@ def main(argv: list[str]) -> int:
     if not data.strip():  # an empty file is not a notebook to parse; git may still hand it over
         sys.stdout.buffer.write(data)
         return 0
-    text = data.decode("utf-8")
     try:
-        out = strip_text(text)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        # git keeps the file as it is if the filter fails; say why instead of storing a traceback
+        out = _encode(strip_text(data.decode("utf-8")))
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeError are ValueErrors
+        # the filter is required: git refuses to stage the notebook, and says why through this line
         print(f"labstrip: not stripped ({exc})", file=sys.stderr)
         return 1
-    sys.stdout.buffer.write(out.encode("utf-8"))
+    # all of it encoded before the first byte goes out: git never receives a part
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
     return 0
 
 

