@@ -112,15 +112,7 @@ def plan(args):
     ``cfg.results_dir`` is the destination."""
     profile_params, params = checked_parameters(args.profile, args.param)
     name = Path(args.profile).stem
-    splits = []
-    for dataset in params.get("datasets") or [params.get("dataset", "mnist")]:
-        for split, key in (("train", "n_train"), ("test", "n_test")):
-            data = runplan.inspect_split(dataset, split, params.get(key))
-            splits.append(data)
-            if data.short_of:              # run with, and record, the images that exist
-                params[key] = runplan.effective_count(data)
-    for line in runplan.data_lines(splits):
-        print(f"[plan] {line}", flush=True)
+    splits = runplan.inspect_and_report(params, params.get("datasets"))
     given = {parse_override(t)[1] for t in args.param}
     overrides = {k: v for k, v in params.items()
                  if k in given or not runplan.same_value(profile_params.get(k), v)}

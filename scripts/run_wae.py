@@ -169,14 +169,7 @@ def plan(args):
             params[key] = value
             origins[key] = f"{flag} {value}"
     check_parameters(NOTEBOOK, params, spec, origins=origins)
-    splits = []
-    for split, key in (("train", "n_train"), ("test", "n_test")):
-        data = runplan.inspect_split(params["dataset"], split, params.get(key))
-        splits.append(data)
-        if data.short_of:                  # run with, and record, the images that exist
-            params[key] = runplan.effective_count(data)
-    for line in runplan.data_lines(splits):
-        print(f"[plan] {line}", flush=True)
+    splits = runplan.inspect_and_report(params)
     cfg = wae.WAEConfig(**{k: v for k, v in params.items() if k in fields})
     cfg.profile = name
     cfg.progress = not args.no_progress

