@@ -211,40 +211,11 @@ def _set_path(model, path) -> None:
 
 
 def _e2e_section(runner: Runner, datasets, batch: int, repeats: int):
-    from labkit.models.classifier import build_classifier
-    from labkit.models.dmfa import build_dmfa
-
-    dev = runner.device
     for name in datasets:
-        arch, size, C = runner.timing.E2E_DATASETS[name]
-        torch.manual_seed(0)
-        dmfa = build_dmfa(name).to(dev).eval()
-        clf_mis = build_classifier(arch, "dmfa_misconv_complete", in_channels=C, image_size=size).to(dev).eval()
-        clf_gt = build_classifier(arch, "gt", in_channels=C, image_size=size).to(dev).eval()
-        case = runner.timing.Case(size=size, batch=batch, channels=C)
-        x, missing, _ = runner.timing.make_inputs(case, device=dev, seed=0)
-        complete = torch.nan_to_num(x, nan=0.5)
-        none = torch.zeros_like(missing)
-
-        def classifier():
-            with torch.no_grad():
-                return clf_gt(complete, none, complete)
-
-        def dmfa_only():
-            with torch.no_grad():
-                return dmfa(x, missing)
-
-        def method(path):
-            def run():
-                _set_path(clf_mis, path)
-                with torch.no_grad():
-                    return clf_mis(x, missing, dmfa(x, missing))
-            return run
-
-        fns = {"classifier": classifier, "dmfa": dmfa_only, "method_triton": method("triton"),
-               "method_eager": method(False)}
-        runner.measure("end_to_end", dict(dataset=name, size=size, channels=C, batch=batch, K=1, L=4), fns, repeats,
-                       per_image=batch)
+        case, fns = runner.timing.end_to_end_fns(name, batch, runner.device, seed=0,
+                                                 paths={"method_triton": "triton", "method_eager": False})
+        runner.measure("end_to_end", dict(dataset=name, size=case.size, channels=case.channels, batch=batch, K=1, L=4),
+                       fns, repeats, per_image=batch)
 
 
 def _training_section(runner: Runner, datasets, batch: int, repeats: int, image_size: int | None = None):

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -422,6 +422,55 @@ def component_sweep(size: int, batch: int, repeats: int, *, Ks: Sequence[int] = 
 E2E_DATASETS = {"mnist": ("mnist", 28, 1), "svhn": ("svhn", 32, 3), "cifar10": ("cifar10", 32, 3), "celeba": ("svhn", 64, 3)}
 
 
+def end_to_end_fns(name: str, batch: int, device, *, seed: int = 0,
+                   paths: dict[str, Any] | None = None) -> tuple["Case", dict[str, Callable[[], Any]]]:
+    """The end-to-end timing setting of data set ``name`` (:data:`E2E_DATASETS`): freshly
+    initialised DMFA and classifiers, one batch of inputs with holes, and the callables to time —
+    ``"classifier"`` (complete images), ``"dmfa"`` (the DMFA alone) and, per entry of ``paths``
+    (label -> ``MisConv2d.fast`` value; default ``{"dmfa+misconv_classifier": None}``), the whole
+    method with its MisConv layers set to that path. Returns ``(case, {label: fn})``."""
+    try:
+        from labkit.models.classifier import build_classifier
+        from labkit.models.dmfa import build_dmfa
+    except ImportError as exc:  # pragma: no cover - both exist in this lab
+        raise ImportError(f"end-to-end timing needs labkit.models.dmfa and labkit.models.classifier: {exc}") from exc
+    from labkit.misconv import MisConv2d
+
+    if name not in E2E_DATASETS:
+        raise ValueError(f"unknown data set {name!r} for end_to_end; valid: {', '.join(E2E_DATASETS)}")
+    arch, size, C = E2E_DATASETS[name]
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    dmfa = build_dmfa(name).to(dev).eval()
+    clf_mis = build_classifier(arch, "dmfa_misconv_complete", in_channels=C, image_size=size).to(dev).eval()
+    clf_gt = build_classifier(arch, "gt", in_channels=C, image_size=size).to(dev).eval()
+    case = Case(size=size, batch=batch, channels=C)
+    x, missing, _ = make_inputs(case, device=dev, seed=seed)
+    complete = torch.nan_to_num(x, nan=0.5)
+    none = torch.zeros_like(missing)
+
+    def classifier():
+        with torch.no_grad():
+            return clf_gt(complete, none, complete)
+
+    def dmfa_only():
+        with torch.no_grad():
+            return dmfa(x, missing)
+
+    def method(path):
+        def run():
+            for module in clf_mis.modules():
+                if isinstance(module, MisConv2d):
+                    module.fast = path
+            with torch.no_grad():
+                return clf_mis(x, missing, dmfa(x, missing))
+        return run
+
+    fns = {"classifier": classifier, "dmfa": dmfa_only}
+    fns.update({label: method(path) for label, path in (paths or {"dmfa+misconv_classifier": None}).items()})
+    return case, fns
+
+
 def end_to_end(datasets: Sequence[str], batch: int, repeats: int, *, device=None, seed: int = 0, warmup: int = 2,
                num_threads: int | None = None, progress: bool = False, clock: str = "auto"):
     """Per image: DMFA forward + classifier with a MisConv front, against the same classifier
@@ -437,41 +486,11 @@ def end_to_end(datasets: Sequence[str], batch: int, repeats: int, *, device=None
     """
     import pandas as pd
 
-    try:
-        from labkit.models.classifier import build_classifier
-        from labkit.models.dmfa import build_dmfa
-    except ImportError as exc:  # pragma: no cover - both exist in this lab
-        raise ImportError(f"end-to-end timing needs labkit.models.dmfa and labkit.models.classifier: {exc}") from exc
-
     dev = resolve_device(device)
     rows = []
     for name in datasets:
-        if name not in E2E_DATASETS:
-            raise ValueError(f"unknown data set {name!r} for end_to_end; valid: {', '.join(E2E_DATASETS)}")
-        arch, size, C = E2E_DATASETS[name]
-        torch.manual_seed(seed)
-        dmfa = build_dmfa(name).to(dev).eval()
-        clf_mis = build_classifier(arch, "dmfa_misconv_complete", in_channels=C, image_size=size).to(dev).eval()
-        clf_gt = build_classifier(arch, "gt", in_channels=C, image_size=size).to(dev).eval()
-        case = Case(size=size, batch=batch, channels=C)
-        x, missing, _ = make_inputs(case, device=dev, seed=seed)
-        complete = torch.nan_to_num(x, nan=0.5)
-        none = torch.zeros_like(missing)
-
-        def classifier():
-            with torch.no_grad():
-                return clf_gt(complete, none, complete)
-
-        def dmfa_only():
-            with torch.no_grad():
-                return dmfa(x, missing)
-
-        def method():
-            with torch.no_grad():
-                return clf_mis(x, missing, dmfa(x, missing))
-
+        case, fns = end_to_end_fns(name, batch, dev, seed=seed)
         t0 = time.perf_counter()
-        fns = {"classifier": classifier, "dmfa": dmfa_only, "dmfa+misconv_classifier": method}
         times = interleaved(fns, repeats, warmup=warmup, num_threads=num_threads, device=dev, clock=clock)
         clock_name, _ = _clock(clock, dev, torch.get_num_threads() if num_threads is None else num_threads)
         for layer, ts in times.items():
