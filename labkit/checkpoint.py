@@ -266,6 +266,7 @@ def load_or_train(
     quiet: bool = False,
     config: Mapping[str, Any] | None = None,
     legacy: Mapping[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, dict]:
     """Return a trained model: load it from ``path`` if it exists, else train and save it.
 
@@ -284,6 +285,10 @@ def load_or_train(
             with an equal value; otherwise :class:`ConfigMismatchError` names the differences (pick
             another path, or delete the file to retrain). After training, ``config`` is merged into
             the saved meta. ``legacy``: values to assume for keys an older file lacks.
+        weights_dtype: store the floating-point weights in this dtype (e.g. ``torch.float16``,
+            half the file). The trained model is rounded to the stored values before it is returned,
+            so everything computed from it (its scores, the studies that load it) uses exactly the
+            weights in the file; the model keeps its own dtype.
 
     Returns:
         ``(model, meta)`` with the model in eval mode on ``device``.
@@ -341,6 +346,10 @@ def load_or_train(
     state = {
         k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
     }
+    if weights_dtype is not None:
+        state = {k: v.to(weights_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in state.items()}
+        model.load_state_dict(state)         # copies back in the model's dtype: exactly the stored values
     atomic_save({"model": state, "meta": meta}, path)
     # The final checkpoint supersedes a resumable run's progress file (see partial_path).
     partial_path(path).unlink(missing_ok=True)

@@ -70,7 +70,8 @@ from labkit.studies.executors import add_executor_arguments
 from labkit.studies.store import write_text
 
 from labkit.lab import runplan
-from labkit.lab.profiles import apply_overrides, check_parameters, parse_override, script_spec, study_parameters
+from labkit.lab.profiles import (Parameter, apply_overrides, check_parameters, parse_override, script_spec,
+                                 study_parameters)
 
 NOTEBOOK = "01_dmfa"
 #: parameters that pick which of the profile's runs to make, not how: changing them is no ad-hoc run
@@ -121,7 +122,8 @@ def run_grid(args, params: dict, out: Path, device, argv=None) -> int:
     holes = args.holes or [params["hole"]]
     seeds = args.seeds or [params["seed"]]
     settings = {k: params[k] for k in ("n_train", "n_val", "n_test", "epochs", "batch_size", "lr", "lr_milestones",
-                                       "lr_gamma", "mse_warmup_epochs", "n_components", "n_factors", "precision")
+                                       "lr_gamma", "mse_warmup_epochs", "n_components", "n_factors", "precision",
+                                       "weights_dtype")
                 if params.get(k) is not None}
     run = {"results_dir": out, "device": device, "profile": params["profile"], "progress": not args.no_progress}
     try:
@@ -163,7 +165,7 @@ def _single_run(args, params: dict, out: Path, device) -> dict:
         mse_warmup_epochs=params.get("mse_warmup_epochs", 0), n_components=params.get("n_components", 1),
         n_factors=params.get("n_factors", 4), missing_kind=args.missing_kind or "square", seed=params["seed"],
         profile=params["profile"], device=device, progress=not args.no_progress,
-        precision=params.get("precision", "32"),
+        precision=params.get("precision", "32"), weights_dtype=params.get("weights_dtype", "float32"),
     )
 
 
@@ -171,7 +173,8 @@ def plan(args):
     """Check every value, look at the data and choose the results folder, printing what was found
     (module docstring). Returns ``(params, destination, splits, changed)``."""
     profile_params = study_parameters(args.profile, NOTEBOOK)
-    spec = script_spec(NOTEBOOK)
+    # weights_dtype is the script's own setting (the notebook trains and loads float32 DMFAs)
+    spec = script_spec(NOTEBOOK, extra={"weights_dtype": Parameter("weights_dtype", '"float32"', "str")})
     params = apply_overrides(profile_params, args.param, where=f"the {args.profile} profile's {NOTEBOOK} section",
                              valid=set(spec) | set(profile_params))
     name = Path(args.profile).stem

@@ -518,3 +518,28 @@ def test_a_data_set_that_cannot_be_loaded_fails_only_its_own_cells(tmp_path, mon
         _script().main([*argv, "--lr=-1"])
     assert stop.value.code == 2
     assert "parameter 'lr' of 01_dmfa must be a number > 0" in capsys.readouterr().err and len(calls) == 1
+
+
+def test_a_float16_dmfa_is_scored_and_used_exactly_as_stored(tmp_path):
+    """weights_dtype="float16" halves the file; the returned model already holds the stored
+    (rounded) weights, a reload gives the same model bit for bit, and a float32 request never reuses
+    the float16 file (nor the other way round)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(24, 1, 28, 28, generator=g)
+    kw = dict(mode="complete", hole=14, epochs=1, batch_size=12, lr=1e-3, seed=0, device="cpu", quiet=True,
+              progress=False)
+    half, meta = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, weights_dtype="float16", **kw)
+    stored = torch.load(tmp_path / "m16.pt", map_location="cpu", weights_only=False)
+    floats = [v for v in stored["model"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    for name, value in half.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and torch.equal(value, stored["model"][name].float()), name
+    again, _ = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, weights_dtype="float16", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), again.state_dict().values()))
+    full, meta32 = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, **kw)
+    assert meta32["checkpoint_path"] != str(tmp_path / "m16.pt")          # float32: its own file
+    size16, size32 = (tmp_path / "m16.pt").stat().st_size, Path(meta32["checkpoint_path"]).stat().st_size
+    assert size16 < 0.55 * size32
+    with pytest.raises(ValueError, match="weights_dtype"):
+        density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", images=images, weights_dtype="bfloat16", **kw)

@@ -519,6 +519,8 @@ RULES: dict[str, Rule] = {
     "recon": _names_rule(lambda: ["mse", "bce"], "a reconstruction loss"),
     "select": _names_rule(lambda: ["best_val", "last"], "an epoch selection"),
     "clock": _names_rule(lambda: ["auto", "wall", "cpu"], "a clock"),
+    "weights_dtype": _names_rule(lambda: ["float32", "float16"], "a storage dtype for the weights"),
+    "dmfa_replicates": _POSITIVE,
     "device": _device_rule,
 }
 

@@ -348,10 +348,13 @@ def run_experiment(
     device=None,
     progress: bool = True,
     precision: str = "32",
+    weights_dtype: str = "float32",
 ) -> dict:
     """Train (or load) one DMFA and score it on the test set; write every artefact to ``results_dir``.
 
     ``precision``: of the DMFA's training (:func:`load_or_train_dmfa`; scoring is float32).
+    ``weights_dtype``: how the checkpoint stores the weights (``"float16"``: half the file; the model
+    is scored, and used by every study, exactly as stored; :func:`load_or_train_dmfa`).
 
     Data: the first ``n_train`` training images (``None``: all), of which ``n_val`` (a seeded random
     choice, :func:`labkit.data.train_val_split`) are held out for the validation curve; the first
@@ -392,12 +395,12 @@ def run_experiment(
             batch_size=batch_size, lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
             mse_warmup_epochs=mse_warmup_epochs, n_components=n_components, n_factors=n_factors,
             missing_kind=missing_kind, seed=seed, profile=profile, n_figure=n_figure, device=device,
-            progress=progress, precision=precision)
+            progress=progress, precision=precision, weights_dtype=weights_dtype)
 
 
 def _run_experiment(key: str, mode: str, *, stem: str, out: Path, n_train, n_val, n_test, hole: int, epochs,
                     batch_size, lr, lr_milestones, lr_gamma, mse_warmup_epochs, n_components, n_factors,
-                    missing_kind, seed, profile, n_figure, device, progress, precision) -> dict:
+                    missing_kind, seed, profile, n_figure, device, progress, precision, weights_dtype) -> dict:
     """:func:`run_experiment` once its files are claimed (``stem``: the files it starts from)."""
     import matplotlib.pyplot as plt
 
@@ -419,7 +422,7 @@ def _run_experiment(key: str, mode: str, *, stem: str, out: Path, n_train, n_val
         out / f"{stem}.pt", key, images=images, n_components=n_components, n_factors=n_factors, mode=mode,
         missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
-        val_images=val_images, device=device, progress=progress, precision=precision,
+        val_images=val_images, device=device, progress=progress, precision=precision, weights_dtype=weights_dtype,
         # the resumable per-epoch checkpoint (with Adam's state) stays in _scratch/ (git-ignored):
         # delete <stem>.pt and rerun with more epochs to extend a finished run
         partial=out / "_scratch" / f"{stem}.partial.pt", keep_partial=True,

@@ -145,6 +145,10 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
     return derived, dict(content)
 
 
+#: how DMFA weights may be stored (``load_or_train_dmfa(weights_dtype=...)``); None keeps the model's own
+WEIGHTS_DTYPES = {"float32": None, "float16": torch.float16}
+
+
 def load_or_train_dmfa(
     path: str | os.PathLike,
     dataset: str,
@@ -171,6 +175,7 @@ def load_or_train_dmfa(
     quiet: bool = False,
     meta: Mapping[str, Any] | None = None,
     precision: str = "32",
+    weights_dtype: str = "float32",
 ) -> tuple[DMFA, dict]:
     """Load the DMFA of these settings if it was trained before, else train it (resumably) and store it.
 
@@ -185,7 +190,11 @@ def load_or_train_dmfa(
     (:func:`portable_source`).
 
     ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``; :mod:`labkit.precision`)
-    applies to training and is part of the config (resolved for ``device``).
+    applies to training and is part of the config (resolved for ``device``). ``weights_dtype``
+    (``"float32"`` or ``"float16"``): how the weights are stored; a float16 file is half the size
+    (an MNIST DMFA: 14.9 MB instead of 29.8) and the model is rounded to it before anything is
+    computed from it, so its scores and every study use exactly the stored weights. Part of the
+    config (files from before it existed count as float32).
 
     The model is built by :func:`build_dmfa` with weights initialised from ``seed``; training goes
     through :func:`train_dmfa` with its per-epoch checkpoint at ``partial`` (default
@@ -220,9 +229,12 @@ def load_or_train_dmfa(
         "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma, "mse_warmup_epochs": mse_warmup_epochs,
         "seed": seed, "model": model0.config, "precision": resolve_precision(precision, resolve_device(device)),
         "train_data_sha": tensor_digest(images),
+        "weights_dtype": weights_dtype,
         **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {}),
     })
-    legacy = {"precision": "32", "train_data_sha": config["train_data_sha"]}
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    legacy = {"precision": "32", "train_data_sha": config["train_data_sha"], "weights_dtype": "float32"}
     chosen, check = config_checkpoint(path, config, legacy=legacy, quiet=False)
     if partial is None:
         partial = partial_path(chosen)
@@ -250,7 +262,7 @@ def load_or_train_dmfa(
         return _json(info)
 
     model, info = load_or_train(chosen, lambda: model0, train, device=device, quiet=quiet, config=check,
-                                legacy=legacy)
+                                legacy=legacy, weights_dtype=WEIGHTS_DTYPES[weights_dtype])
     if not keep_partial and chosen.exists():
         partial.unlink(missing_ok=True)
     info["checkpoint_path"] = str(chosen)

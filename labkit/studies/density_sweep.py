@@ -56,7 +56,7 @@ COMPLETE_KIND = "none"
 SETTINGS: dict[str, Any] = {
     "n_train": None, "n_val": 0, "n_test": None, "epochs": None, "batch_size": None, "lr": None,
     "lr_milestones": (), "lr_gamma": 1.0, "mse_warmup_epochs": 0, "n_components": 1, "n_factors": 4,
-    "precision": "32",
+    "precision": "32", "weights_dtype": "float32",
 }
 #: run_experiment's arguments that change where and how a cell runs, not its result
 RUN_OPTIONS = ("results_dir", "device", "profile", "n_figure", "progress")
@@ -160,6 +160,8 @@ def plan_density_cells(dataset: str | Sequence[str], modes: Sequence[str], missi
         "n_components": _check_int(p["n_components"], "n_components", 1),
         "n_factors": _check_int(p["n_factors"], "n_factors", 0),
         "precision": resolve_precision(p["precision"], resolve_device(p.get("device"))),
+        # in the key only when not the default, so the keys of float32 runs are those they always had
+        **({"weights_dtype": p["weights_dtype"]} if p.get("weights_dtype", "float32") != "float32" else {}),
     }
     planned = {key: _plan_data(key, holes, seeds, p, common) for key in datasets}
     cells = []
@@ -257,7 +259,7 @@ def run_density_cell(cell: Cell, params: Mapping[str, Any], *, device: Any = Non
         n_components=s["n_components"], n_factors=s["n_factors"], missing_kind=kind, seed=c["seed"],
         profile=p.get("profile"), n_figure=p.get("n_figure", 6),
         device=device if device is not None else p.get("device"), progress=p.get("progress", True),
-        precision=s["precision"],
+        precision=s["precision"], weights_dtype=s.get("weights_dtype", "float32"),
     )
     n_val = r.get("n_val") or 0                  # the checkpoint's meta says None when none is held out
     if r["n_test"] != s["n_test"] or r["n_train"] + n_val != s["n_train"]:
