@@ -148,3 +148,38 @@ def test_paired_comparison_refuses_foreign_predictions_and_duplicates():
         ps.paired_comparison(dup, "misconv", "mean")
     with pytest.raises(ValueError, match="no results for method 'knn'"):
         ps.paired_comparison(_frame(False), "knn", "mean")
+
+
+# ------------------------------------------------------------------ the paired table
+def test_paired_table_states_interval_p_and_verdict():
+    from labkit.studies.classification_tables import paired_markdown
+
+    md = paired_markdown(_frame(True), pairs=[("misconv", "mean")]).splitlines()
+    assert len(md) == 4
+    sq = md[2].split(" | ")
+    # +3.00, +2.00, +2.50 points: mean 2.50, sd 0.50, half-width t(0.975, 2) 4.303 × 0.5 / sqrt 3 = 1.24;
+    # t = 8.66 with 2 df: two-sided p = 1 - t / sqrt(t^2 + 2) = 0.013
+    assert sq[1:6] == ["square", "3", "+3.00, +2.00, +2.50", "+2.50 ± 1.24", "0.013"]
+    assert sq[6].startswith("[+") and sq[7] == f"{stats.binomtest(150, 150, 0.5).pvalue:.2g}"
+    assert sq[8] == "resolved |"
+    assert md[3].endswith("| – | – | no difference resolved |")          # one seed, no predictions
+    plain = paired_markdown(_frame(False), pairs=[("misconv", "mean")]).splitlines()
+    assert plain[2].split(" | ")[6:8] == ["–", "–"]
+
+
+def test_paired_table_of_the_committed_rows():
+    """The committed MNIST rows have no predictions: the table still gives intervals over seeds."""
+    from pathlib import Path
+
+    from labkit.studies.classification import read_results
+    from labkit.studies.classification_tables import paired_differences
+
+    csv = Path(__file__).resolve().parents[1] / "results" / "classification" / "cpu" / "accuracy.csv"
+    df = read_results(csv)
+    df = df[(df["dataset"] == "mnist") & (df["mask"] == "square") & (df["n_train"] == 10000)]
+    d = paired_differences(df, "dmfa_misconv_complete", "dmfa_mean_complete").loc[("mnist", "square")]
+    assert d["n"] == 3 and d["n_predictions"] == 0 and math.isnan(d["mcnemar_p"])
+    # the docs' -0.32 ± 0.15 (sd) over three seeds: half-width 4.303 × 0.15 / sqrt 3 = 0.37 points
+    assert 100 * d["mean"] == pytest.approx(-0.32, abs=0.005)
+    assert 100 * (d["ci_high"] - d["mean"]) == pytest.approx(4.303 * 100 * d["std"] / math.sqrt(3), rel=1e-3)
+    assert not d["resolved"]
