@@ -74,7 +74,7 @@ def write_report(out_dir, profile: str, df, readme=None, *, stem: str = "accurac
         out_dir / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds); "
                                  f"{settings_line(df)}\n\n" + table_markdown(df) + "\n",
         out_dir / f"{stem}_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
-                                        "(mean ± std over seeds)\n\n" + paired + "\n",
+                                        "(labkit.studies.paired_stats)\n\n" + paired + "\n",
         out_dir / f"{stem}.png": lambda p: fig.savefig(p, dpi=120, format="png"),
     })
     plt.close(fig)

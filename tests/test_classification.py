@@ -369,9 +369,12 @@ def test_paired_markdown_and_marked_blocks(tmp_path):
     df = pd.DataFrame([{"dataset": "mnist", "mask": m, "method": k, "seed": s, "accuracy": a} for m, k, s, a in rows])
     md = clf.paired_markdown(df)
     lines = md.splitlines()
-    assert lines[0] == "| method − other method | square | noise |"
-    assert len(lines) == 3                                   # only the pair with results
-    assert "+0.50 ± 2.12 (n=2)" in lines[2] and "+10.00 (n=1)" in lines[2]
+    assert lines[0].startswith("| method − other method | mask | seeds | per seed | mean ± 95 % CI over seeds (t) |")
+    assert len(lines) == 4                                   # only the pair with results: one row per mask
+    # square: +2 and -1 points; half-width t(0.975, 1) = 12.706 × sd 2.121 / sqrt 2 = 19.06; t = 0.333, p = 0.795
+    assert lines[2] == ("| `dmfa_misconv_complete` − `dmfa_mean_complete` | square | 2 | +2.00, -1.00 | +0.50 ± 19.06 | "
+                        "0.795 | – | – | no difference resolved |")
+    assert "| noise | 1 | +10.00 | +10.00 (one seed: no interval) |" in lines[3]
     doc = tmp_path / "README.md"
     doc.write_text("intro\n<!-- x:start -->\nold\n<!-- x:end -->\nrest\n")
     assert replace_marked_block(doc, "x", md)

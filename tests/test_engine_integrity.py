@@ -458,7 +458,8 @@ _IN_SETTINGS = {"epochs": ("zero", 2), "batch_size": ("zero", 12), "lr": ("zero"
                 "n_test": ("zero", 100), "val_fraction": ("zero", 0.2), "select": ("zero", "last"),
                 "precision": ("zero", "bf16-mixed"), "knn_fit": ("knn", 100), "knn_k": ("knn", (1, 2)),
                 "knn_val": ("knn", 50), "mfa_components": ("mfa_mean", 3), "mfa_factors": ("mfa_misconv", 2),
-                "mfa_iterations": ("mfa_mean", 5), "acflow_samples": ("acflow", 8), "impute_batch": ("acflow", 64)}
+                "mfa_iterations": ("mfa_mean", 5), "acflow_samples": ("acflow", 8), "impute_batch": ("acflow", 64),
+                "init": ("zero", "shared")}
 _IN_INPUTS = {"dmfa_complete", "dmfa_incomplete", "acflow"}
 _NEUTRAL = {"profile", "results_dir", "cache_dir", "device", "progress", "eval_batch"}
 

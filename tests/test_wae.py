@@ -121,7 +121,8 @@ def test_paper_and_cpu_profiles_train_as_the_authors_did():
         cfg = WS.WAEConfig(**{k: v for k, v in params.items() if k in WS.WAEConfig.__dataclass_fields__})
         cfg.check()
         assert cfg.training() == {"recipe": "authors", "optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01,
-                                  "recon": "mse"}
+                                  "recon": "mse", "step": "alternating", "recon_average": "all_pixels",
+                                  "gt_counted": "observed"}
 
 
 def test_recipe_settings_and_their_errors():
@@ -284,7 +285,7 @@ def test_train_step_rejects_bad_input():
 
 
 def _authors_reference_grads(model, x, missing, complete, *, generator_seed, disc_weight=0.01, lambda_adv=0.01):
-    """The gradients of the authors' recipe, taken by hand on a copy of ``model``: the discriminator's
+    """The gradients of the joint step (recipe "authors_joint"), taken by hand on a copy of ``model``: the discriminator's
     from ``disc_weight`` x its BCE only (codes detached); encoder's and decoder's from MSE over the
     observed pixels + ``lambda_adv`` x the fooling BCE, the discriminator held fixed."""
     import copy
@@ -306,10 +307,10 @@ def _authors_reference_grads(model, x, missing, complete, *, generator_seed, dis
     return d_grads, ae_grads
 
 
-def test_authors_recipe_one_adam_weighted_losses_and_mse():
+def test_authors_joint_recipe_one_adam_weighted_losses_and_mse():
     torch.manual_seed(0)
     model = _tiny()
-    opts = W.make_optimizers(model, lr=4e-4, lr_disc=None, recipe="authors")
+    opts = W.make_optimizers(model, lr=4e-4, lr_disc=None, recipe="authors_joint")
     assert list(opts) == ["all"] and opts["all"].param_groups[0]["lr"] == 4e-4
     ids = {id(p) for p in opts["all"].param_groups[0]["params"]}
     assert ids == {id(p) for p in model.parameters()}                  # encoder, decoder and discriminator

@@ -24,11 +24,20 @@ Sweep
 -----
 :func:`run_sweep` writes ``<results_dir>/accuracy.csv`` (columns ``ACCURACY_COLUMNS``) one row per
 finished cell (write to a temporary file, then rename), skips cells already there, and adds a
-JSON line per cell to ``runs.jsonl`` (batch size, lr, wall time, machine, per-epoch history),
-written with the row as one set. A cell whose training loss turns NaN or infinite fails (the epoch
+JSON line per cell to ``runs.jsonl`` (batch size, lr, wall time, machine, per-epoch history) and
+one to ``predictions.jsonl`` (the predicted label of every test image and whether it was right,
+bound to the cell key and the test data's fingerprint: :func:`encode_predictions`), written with
+the row as one set. Rows made before predictions were stored have none; the paired statistics
+(:mod:`labkit.studies.paired_stats`) use them where they exist. A cell whose training loss turns NaN or infinite fails (the epoch
 loop raises), and so does one whose metric is not a finite number (the store refuses it).
 Cells whose method is not available yet (no DMFA/ACFlow checkpoint) are skipped, or waited for
 with ``wait=True``. Order: every method on every mask for seed 0 before any later seed.
+
+Initialisation (``SweepConfig.init``): ``"method"`` (the committed cells' scheme) draws each cell's
+weights from a seed mixed from (dataset, mask, method, seed), so two methods of one seed start
+from different weights; ``"shared"`` gives every cell of one (dataset, seed) the same weights in
+every layer whose shapes agree across methods (all layers except the ``mask`` front's first
+convolution, which has an extra input channel): :func:`init_classifier`.
 
 Reports: :func:`imputation_quality` (diagnostics of the imputers), :func:`pivot_table`,
 :func:`paired_differences`, :func:`table_markdown`, :func:`paired_markdown`,
@@ -85,6 +94,12 @@ __all__ = [
     "result_store",
     "cell_settings",
     "ACCURACY_COORDS",
+    "INIT_SCHEMES",
+    "init_classifier",
+    "predict",
+    "encode_predictions",
+    "decode_predictions",
+    "with_predictions",
 ]
 
 # ============================================================================ settings
@@ -103,6 +118,7 @@ class SweepConfig(ImputerConfig):
     select: str = "best_val"                  # "best_val" (epoch with the best validation accuracy) | "last"
     precision: str = "32"                     # "32" | "bf16-mixed" | "16-mixed" | "auto" (labkit.precision)
     eval_batch: int = 500
+    init: str = "method"                      # "method" | "shared" (INIT_SCHEMES, init_classifier)
     results_dir: str | None = None            # default results/classification/<profile>
 
     def results_path(self) -> Path:
@@ -148,7 +164,18 @@ def sweep_config(profile: str = "quick", **overrides) -> tuple[dict, SweepConfig
         if params.get(k, 0) is None:
             params[k] = paper[i]
     cfg = SweepConfig(profile=str(name), **params)
+    _check_init(cfg.init)
     return grid, cfg
+
+
+#: the initialisation schemes (module docstring); "method" is the committed cells' and stays out of
+#: their keys, so that they are still found
+INIT_SCHEMES = ("method", "shared")
+
+
+def _check_init(init) -> None:
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INIT_SCHEMES))}, got {init!r}")
 
 
 def sweep_config_from(namespace: dict, profile: str | None = None) -> tuple[dict, SweepConfig]:
@@ -173,17 +200,94 @@ def result_store(results_dir: str | os.PathLike) -> ResultStore:
     """The classification results of a folder: ``accuracy.csv`` (validated rows) + ``runs.jsonl``."""
     results_dir = Path(results_dir)
     return ResultStore(results_dir / "accuracy.csv", coords=ACCURACY_COORDS, metrics=ACCURACY_METRICS,
-                       optional=ACCURACY_OPTIONAL, details=results_dir / "runs.jsonl")
+                       optional=ACCURACY_OPTIONAL, details=results_dir / "runs.jsonl",
+                       attachments={"predictions": results_dir / "predictions.jsonl"})
 
 
 def read_results(path: str | os.PathLike):
     """The validated rows of an accuracy CSV (a folder or the CSV itself) as a DataFrame, with the
-    settings every table needs (``n_train``, ``n_test``, ``epochs``, ``precision``) as columns."""
+    settings every table needs (``n_train``, ``n_test``, ``epochs``, ``precision``) as columns and
+    the per-image ``correct`` flags where the cell stored its predictions (:func:`with_predictions`)."""
     path = Path(path)
     store = result_store(path if path.suffix != ".csv" else path.parent)
     if path.suffix == ".csv":
         store.path = path
-    return with_settings_columns(store.read())
+    return with_predictions(with_settings_columns(store.read()), store)
+
+
+# ============================================================================ per-image predictions
+#: characters of the predicted labels (one per test image): labels 0-35
+_LABEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+PREDICTIONS_FORMAT = "labels-base36/correct-packbits-hex"
+
+
+def encode_predictions(predicted: torch.Tensor, correct: torch.Tensor, test_fingerprint: dict) -> dict:
+    """The predictions record of a cell: ``predicted (n_test,)`` integer labels (0-35) and ``correct
+    (n_test,)`` booleans, as text (one character per label; the flags as packed bits in hex), with
+    the fingerprint of the test data they belong to. Written to ``predictions.jsonl`` under the
+    cell key by the store (an attachment, in the same set as the row)."""
+    import numpy as np
+
+    predicted = torch.as_tensor(predicted).reshape(-1)
+    correct = torch.as_tensor(correct).reshape(-1)
+    if predicted.dtype.is_floating_point or predicted.dtype == torch.bool:
+        raise TypeError(f"predicted labels must be integers, got {predicted.dtype}")
+    if correct.dtype != torch.bool or correct.shape != predicted.shape:
+        raise ValueError(f"correct must be booleans of predicted's shape {tuple(predicted.shape)}, got "
+                         f"{correct.dtype} {tuple(correct.shape)}")
+    if len(predicted) and (int(predicted.min()) < 0 or int(predicted.max()) >= len(_LABEL_CHARS)):
+        raise ValueError(f"predicted labels must lie in 0..{len(_LABEL_CHARS) - 1}, got "
+                         f"{int(predicted.min())}..{int(predicted.max())}")
+    n = int(test_fingerprint.get("n", -1))
+    if n != len(predicted):
+        raise ValueError(f"{len(predicted)} predictions for a test set of {n} images")
+    return {"format": PREDICTIONS_FORMAT, "test": dict(test_fingerprint), "n": n,
+            "predicted": "".join(_LABEL_CHARS[int(v)] for v in predicted.tolist()),
+            "correct": np.packbits(correct.numpy().astype(np.uint8)).tobytes().hex()}
+
+
+def decode_predictions(record: dict, row) -> tuple["Any", "Any"]:
+    """``(predicted (n,) int8, correct (n,) bool)`` NumPy arrays of a predictions record, after
+    checking that it belongs to ``row`` (a result row: ``key``, ``inputs`` JSON, ``accuracy``): the
+    same key, the same test data fingerprint, as many images, and the row's accuracy. Raises
+    ``ValueError`` naming what differs."""
+    import json
+
+    import numpy as np
+
+    key = row["key"]
+    if record.get("key") != key:
+        raise ValueError(f"predictions record of key {record.get('key')} offered for row {key}")
+    if record.get("format") != PREDICTIONS_FORMAT:
+        raise ValueError(f"predictions of {key}: unknown format {record.get('format')!r}")
+    inputs = json.loads(row["inputs"]) if isinstance(row["inputs"], str) else dict(row["inputs"])
+    if record.get("test") != inputs.get("test"):
+        raise ValueError(f"predictions of {key} were made on other test data ({record.get('test')}) than its row's "
+                         f"({inputs.get('test')})")
+    n = int(record["n"])
+    text = record["predicted"]
+    if len(text) != n:
+        raise ValueError(f"predictions of {key}: {len(text)} labels for {n} test images")
+    predicted = np.frombuffer(text.encode(), dtype=np.uint8)
+    predicted = np.where(predicted >= ord("a"), predicted - ord("a") + 10, predicted - ord("0")).astype(np.int8)
+    bits = np.frombuffer(bytes.fromhex(record["correct"]), dtype=np.uint8)
+    if len(bits) != (n + 7) // 8:
+        raise ValueError(f"predictions of {key}: {len(bits) * 8} correctness bits for {n} test images")
+    correct = np.unpackbits(bits)[:n].astype(bool)
+    acc = float(row["accuracy"])
+    if abs(correct.mean() - acc) > 5.5e-6:        # the row's accuracy is rounded to 5 decimals
+        raise ValueError(f"predictions of {key} give accuracy {correct.mean():.6f}, its row {acc}: not the same run")
+    return predicted, correct
+
+
+def with_predictions(df, store: ResultStore):
+    """``df`` (rows of ``store``) with a ``correct`` column: each row's per-image correctness flags
+    (:func:`decode_predictions`) where its cell stored predictions, else None."""
+    records = store.read_attachments("predictions") if "predictions" in store.attachments else {}
+    df = df.copy()
+    df["correct"] = [decode_predictions(records[r["key"]], r)[1] if r["key"] in records else None
+                     for r in df.to_dict("records")] if len(df) else []
+    return df
 
 
 def with_settings_columns(df, names: Sequence[str] = ("n_train", "n_test", "epochs", "precision")):
@@ -203,9 +307,12 @@ def cell_settings(cfg: SweepConfig, method: str) -> dict:
 
     # "auto" is resolved: a bf16 cell and a float32 cell must never share a key
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    _check_init(cfg.init)
+    # the committed cells were drawn with the "method" scheme and have no "init" in their keys
+    init = {} if cfg.init == "method" else {"init": cfg.init}
     return {"n_train": cfg.n_train, "n_test": cfg.n_test, "val_fraction": cfg.val_fraction, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select, "precision": precision,
-            **METHODS[method].settings(cfg)}
+            **init, **METHODS[method].settings(cfg)}
 
 
 _PLAN_DATA: dict = {}
@@ -251,6 +358,63 @@ def plan_cells(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[
 
 
 # ============================================================================ one cell / the sweep
+def init_classifier(arch: str, method: str, dataset: str, mask: str, seed: int, *, in_channels: int,
+                    image_size: int, init: str = "method"):
+    """The untrained classifier of a cell, and the layers whose weights are the method's own draw.
+
+    ``init="method"``: all weights drawn after ``torch.manual_seed`` of a seed mixed from (dataset,
+    mask, method, seed): two methods of one seed start from different weights (the committed cells).
+    ``init="shared"``: the same draw, then every layer whose parameters have the same names and
+    shapes as those of a reference classifier (a plain-convolution front, drawn from a seed mixed
+    from (dataset, seed) only) takes the reference's weights. Every front is a 3×3 convolution of
+    the same default initialisation, so all layers agree except the ``mask`` front's first
+    convolution (an extra input channel changes its shape and its fan-in, hence its weights' range):
+    that one stays the method's own draw.
+
+    Returns ``(model, own)``: ``own`` names the layers not taken from the reference (``[]`` for
+    "shared" except with the mask front; every layer with parameters for "method").
+    """
+    _check_init(init)
+    torch.manual_seed(_stable_seed("init", dataset, mask, method, seed))
+    model = build_classifier(arch, method, in_channels=in_channels, image_size=image_size)
+    layers = [name for name, mod in model.named_modules() if any(True for _ in mod.parameters(recurse=False))]
+    if init == "method":
+        return model, layers
+    torch.manual_seed(_stable_seed("init-shared", dataset, seed))
+    reference = dict(build_classifier(arch, "zero", in_channels=in_channels, image_size=image_size).named_modules())
+    own = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            mine = dict(mod.named_parameters(recurse=False))
+            if not mine:
+                continue
+            ref = dict(reference[name].named_parameters(recurse=False)) if name in reference else {}
+            if set(mine) == set(ref) and all(mine[k].shape == ref[k].shape for k in mine):
+                for k, p in mine.items():
+                    p.copy_(ref[k])
+            else:
+                own.append(name)
+    return model, own
+
+
+def predict(model, images: torch.Tensor, missing: torch.Tensor, aux, *, batch_size: int = 500) -> torch.Tensor:
+    """Predicted labels ``(n,)`` (int64, CPU) of ``images (n, C, H, W)`` with ``missing`` pixels (bool
+    ``(n, 1|C, H, W)``; NaN is put there), in eval mode without gradients: the computation of
+    :func:`labkit.models.classifier.evaluate_accuracy`, keeping each image's answer."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            b = torch.arange(s, min(s + batch_size, len(images)))
+            x, j = images[b].to(dev), missing[b].to(dev)
+            x = _with_nan(x, j.expand_as(x))
+            out.append(model(x, j, aux.get(b, x, j)).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
     """Train and test one cell; returns ``{"metrics", "details"}`` (the driver records them).
 
@@ -276,9 +440,10 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
                              f"({cell.inputs[part]} vs {fp[part]}): another data source or mask generator")
     aux_train, aux_test, info = METHODS[method].prepare(data, cfg)
     t_prep = time.perf_counter() - t0
-    torch.manual_seed(_stable_seed("init", dataset, mask, method, seed))
     C, H, _ = data.train_images.shape[1:]
-    model = build_classifier(data.arch, method, in_channels=C, image_size=H).to(dev)
+    model, own_layers = init_classifier(data.arch, method, dataset, mask, seed, in_channels=C, image_size=H,
+                                        init=cfg.init)
+    model = model.to(dev)
     run_config = {"cell": cell.key, "n_train": len(data.fit_idx), "n_val": len(data.val_idx),
                   "n_test": len(data.test_images), "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select}
     ckpt = cfg.cache_path() / "runs" / cfg.profile / f"{dataset}-{mask}-{method}-s{seed}-{cell.key[:12]}.partial.pt"
@@ -288,8 +453,9 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
                                     progress=cfg.progress, config=run_config, eval_batch=cfg.eval_batch,
                                     precision=cfg.precision, keep_last_state=True)
     t_train = time.perf_counter() - t1
-    acc = evaluate_accuracy(model, data.test_images, data.test_labels, data.test_missing, aux_test,
-                            batch_size=cfg.eval_batch)
+    predicted = predict(model, data.test_images, data.test_missing, aux_test, batch_size=cfg.eval_batch)
+    correct = predicted == data.test_labels.reshape(-1).cpu()
+    acc = int(correct.sum()) / max(1, len(correct))       # as evaluate_accuracy counts it
     last_state = sel.pop("last_state", None)
     acc_last = acc
     if last_state is not None:     # the selected epoch was not the last: test the last one too
@@ -307,7 +473,11 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
                "device": str(dev), "profile": cfg.profile, "data": data.sources,
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
-               **info}
+               "init": cfg.init, **info,
+               # an attachment of the store: written to predictions.jsonl with the row, not to runs.jsonl
+               "predictions": encode_predictions(predicted, correct, fp["test"])}
+    if cfg.init != "method":
+        details["init_own_layers"] = own_layers
     ckpt.unlink(missing_ok=True)
     return {"metrics": metrics, "details": details}
 
@@ -405,7 +575,7 @@ def run_sweep(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[s
     df = store.read()
     if (failed or unfinished) and raise_on_failure:
         raise SweepIncomplete(list(failed.values()), unfinished)
-    return with_settings_columns(df[df["key"].isin({c.key for c in cells})])
+    return with_predictions(with_settings_columns(df[df["key"].isin({c.key for c in cells})]), store)
 
 
 # ============================================================================ diagnostics

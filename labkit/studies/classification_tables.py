@@ -1,5 +1,5 @@
 """Tables and figures of the classification study: Table-1 pivots beside the paper's numbers,
-per-seed paired differences, the dot chart. Every function refuses to combine rows made with
+per-seed paired differences with their statistics (:mod:`labkit.studies.paired_stats`), the dot chart. Every function refuses to combine rows made with
 different settings (:func:`check_table_settings`)."""
 from __future__ import annotations
 
@@ -129,29 +129,32 @@ def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None, last
     return pd.DataFrame(rows).set_index("method")
 
 
-def paired_differences(df, method: str, baseline: str):
-    """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask).
+def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n_boot: int = 10000):
+    """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask), with its statistics.
 
-    Cells with the same seed share their masks, initialisation and batch order, so the per-seed
-    difference removes most of the noise that separate means carry. Returns a DataFrame indexed by
-    (dataset, mask) with ``mean``, ``std`` (over seeds; NaN for one seed), ``n`` and ``seeds`` (the
-    per-seed differences, seed order); only seeds where both methods finished count.
+    Cells with the same seed share their masks and batch order (and, with ``init="shared"``, their
+    initial weights), so the per-seed difference removes noise that separate means carry. Returns a
+    DataFrame indexed by (dataset, mask) with ``mean``, ``std`` (over seeds; NaN for one seed), ``n``,
+    ``seeds`` (the per-seed differences, seed order), ``seed_ids``, the t-based ``level`` interval
+    over seeds ``ci_low``/``ci_high`` and its two-sided t-test ``p``, ``resolved`` (the interval
+    excludes 0), and where every compared cell stored its per-image predictions (a ``correct``
+    column, :func:`labkit.studies.classification.with_predictions`) the bootstrap over images ×
+    seeds ``boot_low``/``boot_high`` and McNemar's exact test pooled over seeds ``mcnemar_p``
+    (:mod:`labkit.studies.paired_stats`). Only seeds where both methods finished count.
     """
     import pandas as pd
 
+    from labkit.studies.paired_stats import paired_comparison
+
     check_table_settings(df[df["method"].isin([method, baseline])])
-    for m in (method, baseline):
-        if m not in set(df["method"]):
-            raise ValueError(f"no results for method {m!r}; have {sorted(set(df['method']))}")
-    a = df[df["method"] == method].set_index(["dataset", "mask", "seed"])["accuracy"]
-    b = df[df["method"] == baseline].set_index(["dataset", "mask", "seed"])["accuracy"]
-    d = (a - b).dropna().sort_index()
-    rows = []
-    for (ds, mk), grp in d.groupby(level=["dataset", "mask"]):
-        rows.append({"dataset": ds, "mask": mk, "mean": float(grp.mean()),
-                     "std": float(grp.std(ddof=1)) if len(grp) > 1 else float("nan"), "n": int(len(grp)),
-                     "seeds": [round(float(v), 4) for v in grp]})
-    return pd.DataFrame(rows, columns=["dataset", "mask", "mean", "std", "n", "seeds"]).set_index(["dataset", "mask"])
+    cmp = paired_comparison(df, method, baseline, level=level, n_boot=n_boot)
+    out = pd.DataFrame({"mean": cmp["mean"], "std": cmp["sd"], "n": cmp["n"],
+                        "seeds": [[round(v, 4) for v in d] for d in cmp["differences"]],
+                        "seed_ids": cmp["seeds"], "ci_low": cmp["ci_low"], "ci_high": cmp["ci_high"],
+                        "p": cmp["t_p"], "resolved": cmp["resolved"], "n_predictions": cmp["n_predictions"],
+                        "boot_low": cmp["boot_low"], "boot_high": cmp["boot_high"], "mcnemar_p": cmp["mcnemar_p"]},
+                       index=cmp.index)
+    return out
 
 
 def table_markdown(df, **kw) -> str:
@@ -209,26 +212,50 @@ PAIRS = [("dmfa_misconv_complete", "dmfa_mean_complete"), ("dmfa_misconv_incompl
          ("dmfa_authors_incomplete", "dmfa_misconv_incomplete")]
 
 
-def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS) -> str:
-    """:func:`paired_differences` for ``pairs`` as a Markdown table: one row per pair, one column per
-    mask, cells "mean ± std (n)" in accuracy *points* (×100). Pairs lacking results are left out."""
-    masks = [m for m in MASK_ORDER if m in set(df["mask"])]
-    lines = ["| method − other method | " + " | ".join(masks) + " |", "|---" * (len(masks) + 1) + "|"]
+def _points(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def _p_text(p: float) -> str:
+    if p != p:
+        return "–"
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95) -> str:
+    """:func:`paired_differences` for ``pairs`` as a Markdown table, in accuracy *points* (×100): one
+    row per (pair, mask) with the seeds' differences, their mean ± the half-width of the t-based
+    ``level`` interval over seeds and its t-test p, the bootstrap interval over images × seeds and
+    McNemar's pooled exact p where per-image predictions exist ("–" where they do not), and
+    "no difference resolved" where the interval over seeds holds 0. Pairs lacking results are left
+    out; the data set is named when the frame holds more than one."""
+    masks = [m for m in MASK_ORDER if m in set(df["mask"])] + sorted(set(df["mask"]) - set(MASK_ORDER))
+    several = "dataset" in df.columns and df["dataset"].nunique() > 1
+    pct = f"{100 * level:g} %"
+    lines = [f"| method − other method | {'data set | ' if several else ''}mask | seeds | per seed | "
+             f"mean ± {pct} CI over seeds (t) | p (t-test) | {pct} CI, bootstrap over images × seeds | "
+             "McNemar p (pooled over seeds) | verdict |",
+             "|---" * (9 + several) + "|"]
     have = set(df["method"])
     for a, b in pairs:
         if not {a, b} <= have:
             continue
-        d = paired_differences(df, a, b)
-        cells = []
-        for mk in masks:
-            rows = d[d.index.get_level_values("mask") == mk]
-            if rows.empty:
-                cells.append("")
-                continue
-            r = rows.iloc[0]
-            sd = "" if r["n"] < 2 else f" ± {100 * r['std']:.2f}"
-            cells.append(f"{100 * r['mean']:+.2f}{sd} (n={int(r['n'])})")
-        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+        d = paired_differences(df, a, b, level=level)
+        rows = sorted(d.iterrows(), key=lambda kv: (kv[0][0], masks.index(kv[0][1]) if kv[0][1] in masks else 99))
+        for (ds, mk), r in rows:
+            n = int(r["n"])
+            per_seed = ", ".join(_points(v) for v in r["seeds"])
+            if n >= 2:
+                mean = f"{_points(r['mean'])} ± {100 * (r['ci_high'] - r['mean']):.2f}"
+                verdict = "resolved" if r["resolved"] else "no difference resolved"
+            else:
+                mean = f"{_points(r['mean'])} (one seed: no interval)"
+                verdict = "no difference resolved"
+            boot = (f"[{_points(r['boot_low'])}, {_points(r['boot_high'])}]" if r["boot_low"] == r["boot_low"]
+                    else "–")
+            lead = f"| `{a}` − `{b}` | " + (f"{ds} | " if several else "")
+            lines.append(f"{lead}{mk} | {n} | {per_seed} | {mean} | {_p_text(r['p'])} | {boot} | "
+                         f"{_p_text(r['mcnemar_p'])} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
   metrics. Rows are validated on read (a truncated or malformed row is reported with file and line
   and is not a result); two rows with one key are an error naming the file; writes are atomic and
   locked, so sweeps may run side by side. A metric that is not a finite number is refused when
-  recorded (:class:`InvalidMetric`), and a row and its details record are written as one set.
+  recorded (:class:`InvalidMetric`), and a row, its details record and its attachments (e.g. per-image
+  predictions) are written as one set.
 - :func:`write_files`: several files of one folder (CSV, JSON, figure) written as a set: killed at
   any instant, the folder ends with the old set or the new one (readers call :func:`recover`).
   Writers hold a lock on their temporaries; recovery removes only those of dead writers.
@@ -278,11 +279,16 @@ class ResultStore:
             run's details); the row and its record are written as one set (:func:`write_files`).
         int_coords: coordinates read back as integers (the others stay strings: a precision "32"
             must not come back as the number 32).
+        attachments: ``{field: JSONL file beside path}``: a details entry named ``field`` (a dict,
+            e.g. a cell's per-image predictions) is taken out of the details record and appended to
+            its own file as ``{"key": cell key, **entry}``, in the same set as the row (read back
+            with :meth:`read_attachments`). Keeps bulky per-cell data out of the details file.
     """
 
     def __init__(self, path: str | os.PathLike, *, coords: Sequence[str], metrics: Sequence[str],
                  optional: Sequence[str] = (), details: str | os.PathLike | None = None,
-                 int_coords: Sequence[str] = ("seed",)):
+                 int_coords: Sequence[str] = ("seed",),
+                 attachments: Mapping[str, str | os.PathLike] | None = None):
         self.path = Path(path)
         self.coords = list(coords)
         self.metrics = list(metrics)
@@ -291,6 +297,11 @@ class ResultStore:
         if self.details is not None and self.details.parent.resolve() != self.path.parent.resolve():
             raise ValueError(f"details file {self.details} must lie beside the results file {self.path}: "
                              "a row and its details are written as one set, in one folder")
+        self.attachments = {str(k): Path(v) for k, v in (attachments or {}).items()}
+        for field, file in self.attachments.items():
+            if file.parent.resolve() != self.path.parent.resolve():
+                raise ValueError(f"attachment file {file} ({field!r}) must lie beside the results file {self.path}: "
+                                 "a row and its attachments are written as one set, in one folder")
         self.int_coords = [c for c in int_coords if c in self.coords]
         self.columns = ["key", *self.coords, *self.metrics, *self.optional, "settings", "inputs", "origin"]
         self.problems: list[Problem] = []
@@ -437,7 +448,8 @@ class ResultStore:
         Under the lock, the table (valid rows kept, malformed ones dropped: they were reported on
         read) and the details file with the new record appended are written as one set
         (:func:`write_files`): killed at any instant, the folder holds neither or both, so a row
-        never lacks its details. Raises :class:`InvalidMetric` (nothing written) for a metric that
+        never lacks its details. The store's attachments found in ``details`` go to their own
+        files in the same set. Raises :class:`InvalidMetric` (nothing written) for a metric that
         is not a finite number.
         """
         row = self.row_for(cell, metrics, origin=origin)
@@ -452,15 +464,47 @@ class ResultStore:
                 writer.writerow({c: _cell_text(r[c]) for c in self.columns})
             writer.writerow({c: _cell_text(row[c]) for c in self.columns})
             files: dict[Path, str | bytes] = {self.path: buf.getvalue()}
+            details = dict(details) if details is not None else None
+            for field, file in self.attachments.items():
+                entry = details.pop(field, None) if details is not None else None
+                if entry is None:
+                    continue
+                if not isinstance(entry, Mapping):
+                    raise TypeError(f"attachment {field!r} of {cell.short()} must be a dict, got {type(entry).__name__}")
+                files[file] = _appended(file, json.dumps({**canonical(entry), "key": cell.key}, sort_keys=True))
             if self.details is not None and details is not None:
                 line = json.dumps({"key": cell.key, "study": cell.study, "coords": canonical(cell.coords),
-                                   **canonical(details)}, sort_keys=True) + "\n"
-                old = self.details.read_bytes() if self.details.exists() else b""
-                if old and not old.endswith(b"\n"):     # a torn last line stays a line of its own
-                    old += b"\n"
-                files[self.details] = old + line.encode()
+                                   **canonical(details)}, sort_keys=True)
+                files[self.details] = _appended(self.details, line)
             write_files(files)
         return True
+
+    def read_attachments(self, field: str) -> dict[str, dict]:
+        """The records of attachment ``field`` by cell key (``{}`` before any was written).
+
+        Raises ``ValueError`` naming the file and line for a line that is not a JSON object with a
+        ``key``, and for two different records under one key (one cell, one record).
+        """
+        if field not in self.attachments:
+            raise ValueError(f"{self.path}: no attachment {field!r} (have {sorted(self.attachments)})")
+        file = self.attachments[field]
+        recover(file.parent)
+        if not file.exists():
+            return {}
+        out: dict[str, dict] = {}
+        for number, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{file}, line {number}: not JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+                raise ValueError(f"{file}, line {number}: not a record with a cell key")
+            if rec["key"] in out and out[rec["key"]] != rec:
+                raise ValueError(f"{file}, line {number}: a second, different record for key {rec['key']}")
+            out[rec["key"]] = rec
+        return out
 
     def read_details(self, *, report: bool = True) -> list[dict]:
         """The JSONL records (malformed lines skipped, with a message naming file and line when ``report``)."""
@@ -476,6 +520,14 @@ class ResultStore:
                 if report:
                     print(f"[results] ignoring {self.details}, line {number}: not JSON ({exc.msg})", flush=True)
         return [d for d in out if isinstance(d, dict)]
+
+
+def _appended(path: Path, line: str) -> bytes:
+    """The bytes of ``path`` (none if absent) with ``line`` added as a line of its own."""
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):     # a torn last line stays a line of its own
+        old += b"\n"
+    return old + line.encode() + b"\n"
 
 
 def _check_number(cell: Cell, name: str, value: Any) -> None:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from labkit import paths
 from labkit.device import resolve_device
-from labkit.models.wae import WAE, make_optimizers, recipe_settings, train_step
+from labkit.models.wae import WAE, make_optimizers, recipe_procedure, recipe_settings, train_step
 from labkit.studies import engine
 from labkit.studies.cells import _stable_seed, fingerprint_cell, load_cell_data
 from labkit.studies.engine import Cell, InputError, ResultStore, SweepFailed
@@ -72,6 +72,8 @@ __all__ = [
     "feature_network",
     "front_available",
     "load_examples",
+    "migrate_renamed_recipes",
+    "RENAMED_RECIPES",
     "plan_cell",
     "plan_cells",
     "plot_front_grid",
@@ -138,9 +140,11 @@ class WAEConfig:
 
     ``n_train``/``n_test``: first images of each split (``None``: all). ``mask``: the missing-data
     kind of train and test images (``"square"``: side H/2, 14×14 on MNIST). ``recipe``: ``"authors"``
-    (one Adam for the three networks, discriminator loss weight 0.01, λ = 0.01, MSE reconstruction)
-    or ``"supplement"`` (two Adams, ``lr_disc`` for the discriminator, λ = 1, BCE); see
-    :data:`labkit.models.wae.RECIPES`. ``lambda_adv``/``recon``/``lr_disc``: ``None`` = the
+    (their training loop: one Adam for the three networks, per batch a discriminator step then an
+    autoencoder step, discriminator loss weight 0.01, λ = 0.01, MSE averaged over all pixels),
+    ``"authors_joint"`` (the same optimiser and weights in one joint step, MSE per observed pixel:
+    the committed ``cpu`` rows) or ``"supplement"`` (two Adams, ``lr_disc`` for the discriminator,
+    λ = 1, BCE); see :data:`labkit.models.wae.RECIPES`. ``lambda_adv``/``recon``/``lr_disc``: ``None`` = the
     recipe's value. ``precision``: of the WAE's training (:mod:`labkit.precision`).
     ``feature_epochs``/``feature_n_train``: the classifier whose penultimate features the Fréchet
     distances use (trained on complete images), unless ``feature_checkpoint`` names a trained one.
@@ -431,8 +435,9 @@ def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True)
     Training: the first ``cfg.n_train`` training images, each with its fixed mask
     (:func:`labkit.studies.cells.cell_masks`, shared with the classification study), NaN at missing
     pixels; the reconstruction loss counts observed pixels only, except for the ground-truth front
-    (complete images in, all pixels counted). The recipe (``cfg.recipe``) chooses the optimizers
-    and losses (:data:`labkit.models.wae.RECIPES`). Resumable: :func:`labkit.training.fit`
+    (complete images in, all pixels counted; in the ``"authors"`` recipe its loss too counts the
+    observed pixels only, as in their code). The recipe (``cfg.recipe``) chooses the optimizers,
+    the step and the losses (:data:`labkit.models.wae.RECIPES`). Resumable: :func:`labkit.training.fit`
     checkpoints every epoch to ``<scratch>/checkpoints/<stem>.partial.pt`` (:func:`cell_stem`: the
     key is in the name). ``features``: the feature map of the Fréchet distances (default:
     :func:`feature_network`'s penultimate layer).
@@ -468,8 +473,11 @@ def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True)
         raise ValueError(f"{dataset} images have shape {tuple(data.train_images.shape[1:])} but the WAE expects "
                          f"{model.image_shape}")
     training = cfg.training()
+    procedure = recipe_procedure(cfg.recipe)
     optimizers = make_optimizers(model, cfg.lr, training.get("lr_disc"), recipe=cfg.recipe)
-    gt = front == "gt"
+    # the ceiling: complete images in and, unless the recipe counts observed pixels for every front
+    # (the authors' loop does), every pixel in the loss
+    gt_all = front == "gt" and procedure["gt_counted"] == "all"
     n = len(data.train_images)
     # the partial checkpoint belongs to this cell only: resuming it under another key is refused by fit
     run_config = {"cell": cell.key, "architecture": model.architecture}
@@ -484,13 +492,14 @@ def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True)
         x, j = data.train_images[idx].to(dev), data.train_missing[idx].to(dev)
         x_in = _with_nan(x, j)
         aux = aux_train.get(idx, x_in, j)
-        if gt:   # the ceiling: complete images in, every pixel in the loss
+        if gt_all:
             target, counted = x, torch.ones_like(j)
-        else:    # incomplete images: the loss never sees a missing pixel
+        else:    # the loss never sees a missing pixel
             target, counted = x_in, ~j
         return train_step(model, optimizers, x_in, j, aux, target=target, counted=counted, generator=g,
                           lambda_adv=training["lambda_adv"], recon=training["recon"],
-                          disc_weight=training["disc_weight"], precision=precision, scaler=scaler)
+                          disc_weight=training["disc_weight"], precision=precision, scaler=scaler,
+                          step=procedure["step"], recon_average=procedure["recon_average"])
 
     stem = cell_stem(cell)
     ckpt = cfg.scratch_path() / "checkpoints" / f"{stem}.partial.pt"
@@ -606,6 +615,105 @@ def run_sweep(datasets: Sequence[str] | str, fronts: Sequence[str], seeds: Seque
         raise engine.SweepIncomplete(list(failed.values()), unfinished)
     df = store.read()
     return df[df["key"].isin([c.key for c in cells])].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- the joint step's rename
+#: recipe names rows may carry from before a rename -> (their name now, the marker of the new
+#: recipe's settings that such rows lack): the joint step was called "authors" until the authors'
+#: alternating step took the name
+RENAMED_RECIPES = {"authors": ("authors_joint", "step")}
+
+
+def migrate_renamed_recipes(results_dir: str | Path, *, dry_run: bool = False) -> list[tuple[str, str]]:
+    """Rename the recipe of rows made under its old name (:data:`RENAMED_RECIPES`), with their keys.
+
+    A row of ``<results_dir>/metrics.csv`` whose settings say recipe "authors" without a ``step``
+    was made with the joint step (now ``"authors_joint"``): its settings get the new name and its key
+    is recomputed from coordinates, new settings and inputs (the key of the same cell planned with
+    ``recipe="authors_joint"``). Its ``runs.jsonl`` record gets the new key and settings and a
+    ``recipe_renamed`` note; its figures ``figures/<stem>-*.png`` and working files
+    ``_scratch/models/<stem>.pt`` (:func:`cell_stem`) move to the new stem. The CSV and the JSONL
+    are written as one set. Every other row and line stays byte for byte. A row whose stored key
+    is not the digest of its stored coordinates, settings and inputs is refused (``ValueError``):
+    its key cannot be carried over. Returns ``[(old key, new key), ...]`` (nothing written with
+    ``dry_run``); a second run finds nothing to do.
+    """
+    import csv
+    import io
+    import json
+
+    from labkit.checkpoint import atomic_save, load_checkpoint
+
+    store = result_store(results_dir)
+    folder = store.path.parent
+    if not store.path.exists():
+        return []
+    with engine.locked(store.path):
+        engine.recover(folder)
+        text = store.path.read_text(encoding="utf-8")
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames != store.columns:
+            raise ValueError(f"{store.path}: header {reader.fieldnames} is not the WAE study's {store.columns}")
+        rows = list(reader)
+        renames: dict[str, tuple[str, dict, dict]] = {}
+        for row in rows:
+            settings = json.loads(row["settings"])
+            old_name = settings.get("recipe")
+            if old_name not in RENAMED_RECIPES or RENAMED_RECIPES[old_name][1] in settings:
+                continue
+            coords = {"dataset": row["dataset"], "front": row["front"], "seed": int(row["seed"])}
+            inputs = json.loads(row["inputs"])
+            if Cell("wae", coords, settings, inputs).key != row["key"]:
+                raise ValueError(f"{store.path}: row {row['key']} ({coords}) has a key that is not the digest of its "
+                                 "stored coordinates, settings and inputs: it cannot be renamed safely")
+            new_settings = {**settings, "recipe": RENAMED_RECIPES[old_name][0]}
+            new_key = Cell("wae", coords, new_settings, inputs).key
+            renames[row["key"]] = (new_key, new_settings, coords)
+            row["key"], row["settings"] = new_key, _settings_json(new_settings)
+        if not renames or dry_run:
+            return [(old, new) for old, (new, _, _) in renames.items()]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=store.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        files = {store.path: out.getvalue()}
+        if store.details is not None and store.details.exists():
+            lines = store.details.read_text(encoding="utf-8").splitlines(keepends=True)
+            for i, line in enumerate(lines):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(rec, dict) or rec.get("key") not in renames:
+                    continue
+                new_key, new_settings, _ = renames[rec["key"]]
+                rec.update(key=new_key, recipe_renamed={"from": rec.get("settings", {}).get("recipe", "authors"),
+                                                        "to": new_settings["recipe"], "old_key": rec["key"]})
+                if "settings" in rec:
+                    rec["settings"] = engine.canonical(new_settings)
+                lines[i] = json.dumps(rec, sort_keys=True) + ("\n" if line.endswith("\n") else "")
+            files[store.details] = "".join(lines)
+        engine.write_files(files)
+    for old_key, (new_key, new_settings, coords) in renames.items():
+        stem = f"{coords['dataset']}-{coords['front']}-s{coords['seed']}"
+        for what in ("reconstruction", "samples"):
+            old_fig = folder / "figures" / f"{stem}-{old_key[:8]}-{what}.png"
+            if old_fig.exists():
+                old_fig.replace(folder / "figures" / f"{stem}-{new_key[:8]}-{what}.png")
+        old_model = folder / "_scratch" / "models" / f"{stem}-{old_key[:8]}.pt"
+        if old_model.exists():
+            stored = load_checkpoint(old_model, map_location="cpu")
+            stored.update(key=new_key, settings=engine.canonical(new_settings))
+            atomic_save(stored, folder / "_scratch" / "models" / f"{stem}-{new_key[:8]}.pt")
+            old_model.unlink()
+    return [(old, new) for old, (new, _, _) in renames.items()]
+
+
+def _settings_json(obj: Any) -> str:
+    """``obj`` as the canonical JSON the store writes in its ``settings``/``inputs`` columns."""
+    from labkit.studies.engine_keys import _dumps
+
+    return _dumps(obj)
 
 
 def load_examples(cell: Cell, cfg: WAEConfig) -> dict[str, Tensor] | None:

@@ -1,0 +1,185 @@
+"""Paired statistics (labkit.studies.paired_stats) against scipy and hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from labkit.studies import paired_stats as ps
+
+
+# ------------------------------------------------------------------ t interval over seeds
+def test_t_interval_against_scipy_and_by_hand():
+    d = [0.012, -0.004, 0.020, 0.007]
+    r = ps.t_interval(d)
+    n, mean, sd = 4, np.mean(d), np.std(d, ddof=1)
+    assert r["n"] == 4 and r["mean"] == pytest.approx(mean) and r["sd"] == pytest.approx(sd)
+    assert r["half_width"] == pytest.approx(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    assert (r["low"], r["high"]) == pytest.approx(stats.t.interval(0.95, n - 1, loc=mean, scale=sd / math.sqrt(n)))
+    assert r["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+    # by hand, three seeds: t_{0.975, 2} = 4.302653; d = 1, 2, 3 -> sd 1, half-width 4.302653 / sqrt 3
+    h = ps.t_interval([1.0, 2.0, 3.0])
+    assert h["half_width"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    # t = 2 / (1 / sqrt 3) = 3.4641 with 2 df: two-sided p = 0.07418
+    assert h["p"] == pytest.approx(0.074180, abs=2e-6)
+    assert ps.t_interval([1.0, 2.0, 3.0], level=0.9)["half_width"] == pytest.approx(
+        stats.t.ppf(0.95, 2) / math.sqrt(3))
+
+
+def test_t_interval_edges_and_refusals():
+    one = ps.t_interval([0.01])
+    assert one["n"] == 1 and one["mean"] == 0.01 and math.isnan(one["half_width"]) and math.isnan(one["p"])
+    same = ps.t_interval([0.02, 0.02, 0.02])
+    assert same["half_width"] == 0 and same["p"] == 0.0
+    assert ps.t_interval([0.0, 0.0])["p"] == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        ps.t_interval([])
+    with pytest.raises(ValueError, match="not a finite number"):
+        ps.t_interval([0.1, float("nan")])
+    with pytest.raises(ValueError, match="level"):
+        ps.t_interval([0.1, 0.2], level=95)
+    assert ps.covers_zero(-0.1, 0.2) and not ps.covers_zero(0.01, 0.2) and ps.covers_zero(float("nan"), 1.0)
+
+
+# ------------------------------------------------------------------ McNemar
+def _flags(n_ab: int, n_ba: int, n_both: int, n_neither: int):
+    a = [True] * n_ab + [False] * n_ba + [True] * n_both + [False] * n_neither
+    b = [False] * n_ab + [True] * n_ba + [True] * n_both + [False] * n_neither
+    return np.array(a), np.array(b)
+
+
+@pytest.mark.parametrize("n_ab,n_ba", [(1, 5), (5, 1), (0, 0), (0, 7), (12, 30), (300, 251), (40, 40)])
+def test_mcnemar_exact_against_binomtest(n_ab, n_ba):
+    a, b = _flags(n_ab, n_ba, 50, 9)
+    r = ps.mcnemar_exact(a, b)
+    assert (r["n_ab"], r["n_ba"]) == (n_ab, n_ba)
+    want = 1.0 if n_ab + n_ba == 0 else stats.binomtest(n_ab, n_ab + n_ba, 0.5, alternative="two-sided").pvalue
+    assert r["p"] == pytest.approx(want, rel=1e-9)
+
+
+def test_mcnemar_by_hand_and_pooled():
+    # 1 vs 5 discordant: P(X <= 1) = (1 + 6) / 64, two-sided 14/64
+    assert ps.mcnemar_exact(*_flags(1, 5, 3, 3))["p"] == pytest.approx(14 / 64)
+    # pooled over two seeds = one binomial test on the summed counts (3 vs 9)
+    pooled = ps.mcnemar_pooled([_flags(1, 5, 3, 3), _flags(2, 4, 0, 1)])
+    assert (pooled["n_ab"], pooled["n_ba"]) == (3, 9)
+    assert pooled["p"] == pytest.approx(stats.binomtest(3, 12, 0.5).pvalue)
+    with pytest.raises(ValueError, match="same test images"):
+        ps.mcnemar_exact(np.ones(3, bool), np.ones(4, bool))
+    with pytest.raises(ValueError, match="booleans"):
+        ps.mcnemar_exact(np.array([0.5, 1.0]), np.array([1.0, 0.0]))
+
+
+# ------------------------------------------------------------------ bootstrap over images x seeds
+def test_bootstrap_one_seed_matches_the_binomial_spread():
+    """One seed: only the image-level draw is left; the difference of a multinomial's two counts
+    over n has standard deviation sqrt((p+ + p- - (p+ - p-)^2) / n). The 95 % percentile interval
+    of a near-normal statistic is mean ± 1.96 of it."""
+    a, b = _flags(400, 300, 8000, 1300)         # n = 10,000
+    r = ps.bootstrap_interval([(a, b)], n_boot=20000, seed=1)
+    n, pp, pm = 10000, 0.04, 0.03
+    sd = math.sqrt((pp + pm - (pp - pm) ** 2) / n)
+    assert r["mean"] == pytest.approx(0.01)
+    assert r["low"] == pytest.approx(0.01 - 1.96 * sd, abs=0.1 * sd)
+    assert r["high"] == pytest.approx(0.01 + 1.96 * sd, abs=0.1 * sd)
+
+
+def test_bootstrap_resamples_seeds_too_and_is_seeded():
+    """Seeds whose differences disagree widely: the interval must span the seed spread (an
+    image-only bootstrap would give a narrow interval around the mean)."""
+    seeds = [_flags(600, 100, 9000, 300), _flags(100, 600, 9000, 300), _flags(350, 350, 9000, 300)]
+    r = ps.bootstrap_interval(seeds, n_boot=4000, seed=3)
+    assert r["mean"] == pytest.approx(0.0, abs=1e-12)
+    # the per-seed differences are +5, -5, 0 points: resampling 3 seeds reaches about ±3.3 points
+    assert r["low"] < -0.025 and r["high"] > 0.025
+    assert r == ps.bootstrap_interval(seeds, n_boot=4000, seed=3)
+    with pytest.raises(ValueError, match="n_boot"):
+        ps.bootstrap_interval(seeds, n_boot=10)
+
+
+# ------------------------------------------------------------------ on a results frame
+def _frame(with_predictions: bool):
+    rng = np.random.default_rng(0)
+    rows = []
+    truth = rng.random(2000) < 0.9
+    for seed, shift in ((0, 60), (1, 40), (2, 50)):
+        a, b = truth.copy(), truth.copy()
+        a[:shift], b[:shift] = True, False          # `shift` images only a gets right; the rest tied
+        for meth, c in (("misconv", a), ("mean", b)):
+            rows.append({"dataset": "mnist", "mask": "square", "method": meth, "seed": seed,
+                         "accuracy": round(float(c.mean()), 5), "correct": c if with_predictions else None})
+    rows.append({"dataset": "mnist", "mask": "noise", "method": "misconv", "seed": 0, "accuracy": 0.8,
+                 "correct": None})
+    rows.append({"dataset": "mnist", "mask": "noise", "method": "mean", "seed": 0, "accuracy": 0.7, "correct": None})
+    return pd.DataFrame(rows)
+
+
+def test_paired_comparison_with_and_without_predictions():
+    for with_pred in (False, True):
+        out = ps.paired_comparison(_frame(with_pred), "misconv", "mean", n_boot=2000)
+        sq = out.loc[("mnist", "square")]
+        diffs = np.array(sq["differences"])
+        assert sq["n"] == 3 and sq["seeds"] == [0, 1, 2]
+        t = ps.t_interval(diffs)
+        assert (sq["ci_low"], sq["ci_high"], sq["t_p"]) == pytest.approx((t["low"], t["high"], t["p"]))
+        assert bool(sq["resolved"]) and t["low"] > 0
+        no = out.loc[("mnist", "noise")]
+        assert no["n"] == 1 and not no["resolved"] and math.isnan(no["ci_low"])
+        if with_pred:
+            assert sq["n_predictions"] == 3 and sq["boot_low"] < sq["mean"] < sq["boot_high"]
+            assert (sq["mcnemar_n_ab"], sq["mcnemar_n_ba"]) == (150, 0)
+            assert sq["mcnemar_p"] == pytest.approx(stats.binomtest(150, 150, 0.5).pvalue)
+            assert sq["mcnemar_p_per_seed"] == pytest.approx([2 * 0.5 ** k for k in (60, 40, 50)])
+        else:
+            assert sq["n_predictions"] == 0 and math.isnan(sq["boot_low"]) and math.isnan(sq["mcnemar_p"])
+
+
+def test_paired_comparison_refuses_foreign_predictions_and_duplicates():
+    df = _frame(True)
+    i = df.index[(df["method"] == "mean") & (df["seed"] == 1)][0]
+    df.at[i, "accuracy"] = df.at[i, "accuracy"] + 0.01
+    with pytest.raises(ValueError, match="not of this run"):
+        ps.paired_comparison(df, "misconv", "mean", n_boot=200)
+    dup = pd.concat([_frame(False), _frame(False).iloc[[0]]])
+    with pytest.raises(ValueError, match="two rows"):
+        ps.paired_comparison(dup, "misconv", "mean")
+    with pytest.raises(ValueError, match="no results for method 'knn'"):
+        ps.paired_comparison(_frame(False), "knn", "mean")
+
+
+# ------------------------------------------------------------------ the paired table
+def test_paired_table_states_interval_p_and_verdict():
+    from labkit.studies.classification_tables import paired_markdown
+
+    md = paired_markdown(_frame(True), pairs=[("misconv", "mean")]).splitlines()
+    assert len(md) == 4
+    sq = md[2].split(" | ")
+    # +3.00, +2.00, +2.50 points: mean 2.50, sd 0.50, half-width t(0.975, 2) 4.303 × 0.5 / sqrt 3 = 1.24;
+    # t = 8.66 with 2 df: two-sided p = 1 - t / sqrt(t^2 + 2) = 0.013
+    assert sq[1:6] == ["square", "3", "+3.00, +2.00, +2.50", "+2.50 ± 1.24", "0.013"]
+    assert sq[6].startswith("[+") and sq[7] == f"{stats.binomtest(150, 150, 0.5).pvalue:.2g}"
+    assert sq[8] == "resolved |"
+    assert md[3].endswith("| – | – | no difference resolved |")          # one seed, no predictions
+    plain = paired_markdown(_frame(False), pairs=[("misconv", "mean")]).splitlines()
+    assert plain[2].split(" | ")[6:8] == ["–", "–"]
+
+
+def test_paired_table_of_the_committed_rows():
+    """The committed MNIST rows have no predictions: the table still gives intervals over seeds."""
+    from pathlib import Path
+
+    from labkit.studies.classification import read_results
+    from labkit.studies.classification_tables import paired_differences
+
+    csv = Path(__file__).resolve().parents[1] / "results" / "classification" / "cpu" / "accuracy.csv"
+    df = read_results(csv)
+    df = df[(df["dataset"] == "mnist") & (df["mask"] == "square") & (df["n_train"] == 10000)]
+    d = paired_differences(df, "dmfa_misconv_complete", "dmfa_mean_complete").loc[("mnist", "square")]
+    assert d["n"] == 3 and d["n_predictions"] == 0 and math.isnan(d["mcnemar_p"])
+    # the docs' -0.32 ± 0.15 (sd) over three seeds: half-width 4.303 × 0.15 / sqrt 3 = 0.37 points
+    assert 100 * d["mean"] == pytest.approx(-0.32, abs=0.005)
+    assert 100 * (d["ci_high"] - d["mean"]) == pytest.approx(4.303 * 100 * d["std"] / math.sqrt(3), rel=1e-3)
+    assert not d["resolved"]
