@@ -443,3 +443,26 @@ def test_a_data_set_that_cannot_be_loaded_fails_only_its_cells(tmp_path, monkeyp
                   progress=False)
     assert [c[0] for c in calls] == ["mnist"]
     assert [o.cell.coords["dataset"] for o in info.value.failed] == ["svhn"]
+
+
+def test_dmfa_replicates_give_square_cells_their_seed_groups_dmfa(tmp_path):
+    """dmfa_replicates=3: square-mask cells of seed s read DMFA seed s % 3 (the original file for 0,
+    "_s1"/"_s2" for the others); other mask kinds keep their one DMFA; the default (1) is the
+    original file for every seed, as the committed cells had it."""
+    from labkit.studies.imputers import ImputerConfig
+
+    t = str(tmp_path / "{dataset}_incomplete{mask_suffix}{replicate}.pt")
+    one, three = ImputerConfig(), ImputerConfig(dmfa_replicates=3)
+    names = [three.resolve(t, "mnist", "square", s).name for s in range(10)]
+    assert names == ["mnist_incomplete.pt", "mnist_incomplete_s1.pt", "mnist_incomplete_s2.pt"] * 3 + \
+        ["mnist_incomplete.pt"]
+    assert {three.resolve(t, "mnist", "noise", s).name for s in range(10)} == {"mnist_incomplete_noise.pt"}
+    assert {one.resolve(t, "mnist", "square", s).name for s in range(10)} == {"mnist_incomplete.pt"}
+    for r in ("", "_s1", "_s2"):
+        (tmp_path / f"mnist_complete{r}.pt").write_bytes(r.encode() or b"0")
+    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False, dmfa_replicates=3,
+                      dmfa_complete=str(tmp_path / "{dataset}_complete{replicate}.pt"))
+    cells = clf.plan_cells(["mnist"], ["square", "noise"], ["dmfa_mean_complete"], [0, 1, 3], cfg)
+    sha = {(c.coords["mask"], c.coords["seed"]): c.inputs["dmfa"]["sha"] for c in cells}
+    assert sha[("square", 0)] == sha[("square", 3)] != sha[("square", 1)]
+    assert sha[("noise", 0)] == sha[("noise", 1)] == sha[("noise", 3)] == sha[("square", 0)]

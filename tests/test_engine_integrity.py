@@ -460,7 +460,7 @@ _IN_SETTINGS = {"epochs": ("zero", 2), "batch_size": ("zero", 12), "lr": ("zero"
                 "knn_val": ("knn", 50), "mfa_components": ("mfa_mean", 3), "mfa_factors": ("mfa_misconv", 2),
                 "mfa_iterations": ("mfa_mean", 5), "acflow_samples": ("acflow", 8), "impute_batch": ("acflow", 64),
                 "init": ("zero", "shared")}
-_IN_INPUTS = {"dmfa_complete", "dmfa_incomplete", "acflow"}
+_IN_INPUTS = {"dmfa_complete", "dmfa_incomplete", "acflow", "dmfa_replicates"}   # the DMFA file read, by content
 _NEUTRAL = {"profile", "results_dir", "cache_dir", "device", "progress", "eval_batch"}
 
 

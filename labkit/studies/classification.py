@@ -350,8 +350,8 @@ def plan_cells(datasets: Sequence[str], masks: Sequence[str], methods: Sequence[
                     continue
                 data_inputs = {"train": fp["train"], "test": fp["test"], "masks": fp["masks"]}
                 for meth in methods:
-                    why = method_available(meth, cfg, d, m)
-                    extra = {"unavailable": why} if why else METHODS[meth].inputs(cfg, d, m)
+                    why = method_available(meth, cfg, d, m, int(s))
+                    extra = {"unavailable": why} if why else METHODS[meth].inputs(cfg, d, m, int(s))
                     cells.append(Cell("classification", {"dataset": d, "mask": m, "method": meth, "seed": int(s)},
                                       cell_settings(cfg, meth), {**data_inputs, **extra}))
     return cells
@@ -426,7 +426,7 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
     dataset, mask, method, seed = (cell.coords[k] for k in ACCURACY_COORDS)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    why = method_available(method, cfg, dataset, mask)
+    why = method_available(method, cfg, dataset, mask, seed)
     if why:
         raise RuntimeError(f"method {method!r} cannot run: {why}")
     dev = resolve_device(cfg.device)
@@ -598,7 +598,7 @@ def imputation_quality(dataset: str, mask: str, seed: int, methods: Sequence[str
     x = _with_nan(x_true, J)
     rows = []
     for name in methods:
-        if method_available(name, cfg, dataset, mask):
+        if method_available(name, cfg, dataset, mask, seed):
             continue
         _, aux_test, _ = METHODS[name].prepare(data, cfg)
         rec = {"method": name}

@@ -159,10 +159,11 @@ class ImputerConfig:
     mfa_components: int = 10
     mfa_factors: int = 4
     mfa_iterations: int = 30
-    dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete.pt"      # {dataset} is filled in
-    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"   # one per mask kind
+    dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete{replicate}.pt"      # {dataset} is filled in
+    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}{replicate}.pt"   # one per mask kind
     acflow: str | None = "results/acflow/acflow_{dataset}.pt"
     acflow_samples: int = 4
+    dmfa_replicates: int = 1                  # independently trained DMFAs per kind, for square masks (see resolve)
     impute_batch: int = 256                   # ACFlow's sampling noise depends on it (see ACFLOW_IMPUTE_BATCH)
     cache_dir: str | None = None              # default data/cache/classification
     device: Any = None
@@ -171,14 +172,22 @@ class ImputerConfig:
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else paths.cache_dir("classification")
 
-    def resolve(self, path: str | None, dataset: str = "mnist", mask: str | None = None) -> Path | None:
+    def resolve(self, path: str | None, dataset: str = "mnist", mask: str | None = None,
+                seed: int = 0) -> Path | None:
         """A checkpoint path template made concrete: ``{dataset}`` is the data set's name and
         ``{mask_suffix}`` is ``""`` for square masks (or no mask) and ``"_<kind>"`` otherwise, so the
-        incomplete-data DMFA of each mask kind can be its own file (trained on that kind's missing data)."""
+        incomplete-data DMFA of each mask kind can be its own file (trained on that kind's missing data).
+
+        ``{replicate}`` picks one of ``dmfa_replicates`` independently trained DMFAs: on square masks
+        the cell of seed ``s`` uses replicate ``r = s % dmfa_replicates``, the file of DMFA seed ``r``
+        (``""`` for r = 0, the original file; ``"_s<r>"`` otherwise, as ``scripts/train_dmfa.py
+        --seeds`` names them). Other mask kinds keep replicate 0: one DMFA of their kind was trained."""
         if not path:
             return None
         suffix = "" if mask in (None, "square") else f"_{mask}"
-        return paths.repo_path(str(path).replace("{dataset}", dataset).replace("{mask_suffix}", suffix))
+        r = int(seed) % int(self.dmfa_replicates) if mask in (None, "square") else 0
+        return paths.repo_path(str(path).replace("{dataset}", dataset).replace("{mask_suffix}", suffix)
+                               .replace("{replicate}", f"_s{r}" if r else ""))
 
 
 # ============================================================================ methods
@@ -189,10 +198,10 @@ class Method:
     name: str
     front: type[Front]
     prepare: Callable[[CellData, ImputerConfig], tuple[AuxSource, AuxSource, dict]]
-    needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None: None)
+    needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None, seed=0: None)
     description: str = ""
     settings: Callable[[ImputerConfig], dict] = field(default=lambda cfg: {})
-    inputs: Callable[..., dict] = field(default=lambda cfg, dataset="mnist", mask=None: {})
+    inputs: Callable[..., dict] = field(default=lambda cfg, dataset="mnist", mask=None, seed=0: {})
 
 
 def _no_aux(data, cfg):
@@ -343,13 +352,14 @@ def _load_input(loader, path: Path, role: str, device):
                          "(scripts/train_dmfa.py, scripts/train_acflow.py)") from exc
 
 
-def _dmfa_path(cfg: ImputerConfig, variant: str, dataset: str = "mnist", mask: str | None = None) -> Path | None:
-    return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask)
+def _dmfa_path(cfg: ImputerConfig, variant: str, dataset: str = "mnist", mask: str | None = None,
+               seed: int = 0) -> Path | None:
+    return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask, seed)
 
 
 def _dmfa_needs(variant: str):
-    def needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
-        p = _dmfa_path(cfg, variant, dataset, mask)
+    def needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
+        p = _dmfa_path(cfg, variant, dataset, mask, seed)
         if p is None:
             return f"no {variant}-data DMFA checkpoint configured"
         if not p.is_file():
@@ -362,7 +372,7 @@ def _dmfa_mfas(data: CellData, cfg: ImputerConfig, variant: str) -> dict:
     """Per-image DMFA outputs for train and test (fields stored float16), cached."""
     from labkit.models.dmfa import load_dmfa, predict_mfa
 
-    path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+    path = _dmfa_path(cfg, variant, data.dataset, data.mask, data.seed)
     key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}",
            "checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint"), "v": 2}
 
@@ -389,7 +399,7 @@ def _prepare_dmfa_mean(variant: str):
             w = f["weights"].float()
             mean = torch.einsum("bk,bkchw->bchw", w / w.sum(1, keepdim=True), f["means"].float())
             out.append(TensorAux(torch.where(missing.expand_as(images), mean, images)))
-        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask, data.seed)
         return out[0], out[1], {"dmfa": str(path), "dmfa_checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint")}
     return prepare
 
@@ -397,13 +407,13 @@ def _prepare_dmfa_mean(variant: str):
 def _prepare_dmfa_misconv(variant: str):
     def prepare(data, cfg):
         v = _dmfa_mfas(data, cfg, variant)
-        path = _dmfa_path(cfg, variant, data.dataset, data.mask)
+        path = _dmfa_path(cfg, variant, data.dataset, data.mask, data.seed)
         return MFAAux(v["train"]), MFAAux(v["test"]), {"dmfa": str(path), "dmfa_checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint")}
     return prepare
 
 
 # ---------------------------------------------------------------------------- ACFlow
-def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
+def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
     p = cfg.resolve(cfg.acflow, dataset)
     if p is None:
         return "no ACFlow checkpoint configured"
@@ -467,12 +477,12 @@ def _mfa_settings(cfg: ImputerConfig) -> dict:
 
 
 def _dmfa_inputs(variant: str):
-    def inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> dict:
-        return {"dmfa": _checkpoint_id(_dmfa_path(cfg, variant, dataset, mask), f"{variant}-data DMFA checkpoint")}
+    def inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
+        return {"dmfa": _checkpoint_id(_dmfa_path(cfg, variant, dataset, mask, seed), f"{variant}-data DMFA checkpoint")}
     return inputs
 
 
-def _acflow_inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> dict:
+def _acflow_inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
     return {"acflow": _checkpoint_id(cfg.resolve(cfg.acflow, dataset), "ACFlow checkpoint")}
 
 
@@ -510,9 +520,10 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_available(name: str, cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None) -> str | None:
-    """``None`` if method ``name`` can run now on ``dataset`` with ``mask``-kind missing data, else why
-    not (e.g. its checkpoint does not exist yet)."""
+def method_available(name: str, cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None,
+                     seed: int = 0) -> str | None:
+    """``None`` if method ``name`` can run now on ``dataset`` with ``mask``-kind missing data (and the
+    DMFA replicate of ``seed``), else why not (e.g. its checkpoint does not exist yet)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name].needs(cfg, dataset, mask)
+    return METHODS[name].needs(cfg, dataset, mask, seed)
