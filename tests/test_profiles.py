@@ -66,8 +66,8 @@ def test_profiles_name_the_same_notebooks_with_the_same_parameters():
 def test_profile_sizes_grow_from_quick_to_paper():
     quick, cpu, paper = (load_profile(n) for n in PROFILES)
     for nb in ("01_dmfa", "02_classification", "03_wae"):
-        assert quick[nb]["epochs"] == 1 and quick[nb]["n_train"] <= 1000  # minutes on 2 cores
         assert cpu[nb]["n_train"] == 10000  # all offline MNIST training images
+        assert quick[nb]["epochs"] == 1 and quick[nb]["n_train"] <= 6000  # about a minute per study on 2 cores
         assert paper[nb]["n_train"] is None  # the whole split
     # the paper's protocol (supplementary, section 1)
     assert (paper["01_dmfa"]["epochs"], paper["01_dmfa"]["batch_size"], paper["01_dmfa"]["lr"]) == (20, 48, 4e-5)
