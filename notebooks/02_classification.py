@@ -65,6 +65,8 @@ dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"  # per
 acflow = "results/acflow/acflow_{dataset}.pt"                  # frozen ACFlow (scripts/train_acflow.py)
 results_dir = None     # default: results/classification/<profile>
 precision = "auto"     # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto"
+init = "method"        # "shared": cells of one seed start from the same weights (layers of equal shape)
+dmfa_replicates = 1    # square masks: seed s reads DMFA replicate s % dmfa_replicates ({replicate} in the paths)
 committed: Optional[str] = "cpu"   # the profile whose committed results are shown beside this run's (None: none)
 
 # %%

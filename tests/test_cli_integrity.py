@@ -354,7 +354,7 @@ def test_the_sweep_script_prints_its_plan_before_any_cell_trains(scratch, monkey
     ("run_classification", "val_fraction=1", "'val_fraction' of 02_classification must be a number >= 0 and < 1"),
     ("run_wae", "fronts=[zero,gtt]", "item 'gtt': expected a front"),
     ("run_wae", "recipe=autors", "must be a WAE recipe: one of 'authors', 'authors_joint', 'supplement' (did you mean 'authors'?)"),
-    ("train_dmfa", "n_val=1.5", "parameter 'n_val' of 01_dmfa must be an integer (default 50), got float 1.5"),
+    ("train_dmfa", "n_val=1.5", "parameter 'n_val' of 01_dmfa must be an integer"),
     ("train_dmfa", "lr=-1", "parameter 'lr' of 01_dmfa must be a number > 0, got -1"),
 ])
 def test_scripts_check_every_p_value_naming_the_key(script, value, message, scratch, monkeypatch, capsys):

@@ -95,7 +95,7 @@ def test_section_overrides_defaults(tmp_path):
 
 
 def test_unknown_profile_and_notebook_list_what_exists():
-    with pytest.raises(ValueError, match=r"unknown profile 'fast': profiles in .* are cpu, paper, quick"):
+    with pytest.raises(ValueError, match=r"unknown profile 'fast': profiles in .* are cpu, cpu10, paper, quick"):
         load_profile("fast")
     with pytest.raises(ValueError, match=r"profile 'quick' has no section for notebook '09_x'; its notebook "
                                          r"sections are: 00_misconv_tour, 01_dmfa, "):
@@ -293,3 +293,31 @@ def test_apply_overrides_sets_values_in_order_and_names_a_misspelt_key():
         {"epochs": 5, "lr": 1e-3, "results_dir": "/tmp/x"}
     with pytest.raises(ValueError, match="must look like key=value"):
         apply_overrides(params, ["epochs"], where="w")
+
+
+def test_a_profile_can_extend_another(tmp_path):
+    """'extends: base' takes every section of base and puts the file's parameters on top; a loop
+    or a profile extending itself is refused, naming it."""
+    (tmp_path / "base.yaml").write_text("defaults: {device: auto, seed: 0}\n02_classification: {epochs: 5, lr: 0.001}\n"
+                                        "03_wae: {epochs: 2}\n")
+    (tmp_path / "child.yaml").write_text("extends: base\n02_classification: {epochs: 9, seeds: [0, 1]}\n")
+    child = load_profile("child", directory=tmp_path)
+    assert child["02_classification"] == {"epochs": 9, "lr": 0.001, "seeds": [0, 1]}
+    assert child["03_wae"] == {"epochs": 2} and child["defaults"] == {"device": "auto", "seed": 0}
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ValueError, match="loop"):
+        load_profile("a", directory=tmp_path)
+    (tmp_path / "me.yaml").write_text("extends: me\n")
+    with pytest.raises(ValueError, match="'extends' must name another profile"):
+        load_profile("me", directory=tmp_path)
+
+
+def test_the_cpu10_profile_is_the_cpu_profile_with_ten_seeds():
+    cpu, cpu10 = load_profile("cpu"), load_profile("cpu10")
+    assert set(cpu) == set(cpu10)
+    assert all(cpu10[s] == cpu[s] for s in cpu if s != "02_classification")
+    a, b = cpu["02_classification"], cpu10["02_classification"]
+    assert b["seeds"] == list(range(10)) and b["init"] == "shared" and b["dmfa_replicates"] == 3
+    assert all(b[k] == a[k] for k in ("n_train", "n_test", "epochs", "batch_size", "lr", "precision", "val_fraction"))
+    assert "{replicate}" in b["dmfa_complete"] and "{replicate}" in b["dmfa_incomplete"]

@@ -14,6 +14,7 @@ injects them into the notebook's ``parameters`` cell with papermill.
 from __future__ import annotations
 
 import ast
+import contextvars
 import dataclasses
 import difflib
 import logging
@@ -113,7 +114,21 @@ def load_profile(
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"profile file {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    base_name = data.pop("extends", None)
     profile: dict[str, dict[str, Any]] = {}
+    if base_name is not None:
+        # "extends: cpu": every section of that profile, with this file's parameters on top (a study
+        # setting of its own, e.g. more seeds, without copying the rest)
+        if not isinstance(base_name, str) or _profile_name(base_name) == _profile_name(path):
+            raise ValueError(f"profile file {str(path)!r}: 'extends' must name another profile, got {base_name!r}")
+        chain = _EXTENDING.get() + (str(path),)
+        if len(chain) > 8:
+            raise ValueError(f"profiles extend each other in a loop: {' -> '.join(chain)}")
+        token = _EXTENDING.set(chain)
+        try:
+            profile = {k: dict(v) for k, v in load_profile(base_name, directory=path.parent).items()}
+        finally:
+            _EXTENDING.reset(token)
     for section, params in data.items():
         if params is None:
             params = {}
@@ -128,11 +143,15 @@ def load_profile(
                     f"profile file {str(path)!r}: parameter {key!r} in section {section!r} is not a "
                     "valid Python identifier"
                 )
-        profile[str(section)] = dict(params)
+        profile[str(section)] = {**profile.get(str(section), {}), **params}
     profile.setdefault("defaults", {})
     if notebook is not None:
         return notebook_parameters(profile, notebook, name=_profile_name(name))
     return profile
+
+
+#: the profile files being read through ``extends`` (to refuse a loop)
+_EXTENDING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("profiles_extending", default=())
 
 
 def _profile_name(name: str | os.PathLike) -> str:
