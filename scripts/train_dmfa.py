@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--acflow", action="store_true",
                    help="score the profile's trained ACFlow (scripts/train_acflow.py) on the same holes instead")
     p.add_argument("--table", metavar="MARKDOWN", help="only (re)write the density table into this file")
+    p.add_argument("--redraw-figures", nargs="+", metavar="STEM",
+                   help="only draw these runs' inpainting figures (<stem>.png) again from their own model and "
+                        "setting, leaving their scores as recorded (after a change of the figure's code)")
     p.add_argument("--throughput", action="store_true",
                    help="only measure training/inference images/s with 1 and 2 threads -> <results>/throughput.json")
     p.add_argument("--no-progress", action="store_true")
@@ -269,6 +272,12 @@ def main(argv=None) -> int:
             p.error(f"give --{single.replace('_', '-')} or --{many.replace('_', '-')}, not both")
     if args.hole is not None and args.holes and not other_step:
         p.error("give --hole or --holes, not both")
+
+    if args.redraw_figures:
+        folder = Path(args.results_dir) if args.results_dir else paths.results_dir("dmfa", Path(args.profile).stem)
+        for stem in args.redraw_figures:
+            print(f"[train_dmfa] redrawn {density.redraw_figure(folder, stem, device=args.device or 'cpu')}", flush=True)
+        return 0
 
     try:     # a malformed, unknown or out-of-range value is a usage error naming the key, not a traceback
         params, dest, splits, changed = plan(args)

@@ -543,3 +543,20 @@ def test_a_float16_dmfa_is_scored_and_used_exactly_as_stored(tmp_path):
     assert size16 < 0.55 * size32
     with pytest.raises(ValueError, match="weights_dtype"):
         density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", images=images, weights_dtype="bfloat16", **kw)
+
+
+def test_a_figure_is_redrawn_from_the_runs_own_model_and_setting(tmp_path):
+    """redraw_figure draws the same picture the run drew (same model, test images, holes and
+    samples) and touches nothing else: the scores stay as recorded."""
+    if not (paths.shared_datasets_dir() / "mnist").is_dir():
+        pytest.skip("no offline MNIST copy")
+    r = density.run_experiment("mnist", "complete", results_dir=tmp_path, n_train=24, n_val=0, n_test=12, hole=14,
+                               epochs=1, batch_size=12, lr=1e-3, n_figure=4, device="cpu", progress=False)
+    stem = Path(r["paths"]["figure"]).stem
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    (tmp_path / f"{stem}.png").unlink()
+    density.redraw_figure(tmp_path, stem, n_figure=4, device="cpu")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+    with pytest.raises(FileNotFoundError, match="no run of stem"):
+        density.redraw_figure(tmp_path, "nothing_here")

@@ -682,3 +682,36 @@ def measure_throughput(dataset: str = "mnist", *, threads: Sequence[int] = (1, 2
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def redraw_figure(results_dir: str | os.PathLike, stem: str, *, n_figure: int = 6, device=None) -> Path:
+    """Draw ``<stem>.png`` again from the run's own files: its model ``<stem>.pt`` and the setting
+    in ``<stem>.json`` (data set, hole, seed, mode), on the same first ``n_figure`` test images and
+    holes the run scored. Nothing else is touched (the scores in its CSV/JSON stay as recorded), so a
+    change of the figure's code reaches committed results without re-scoring them. Returns the
+    figure's path (written atomically)."""
+    import json
+
+    from labkit.models.dmfa import load_dmfa
+    from labkit.studies.engine import write_files
+
+    out = Path(results_dir)
+    setting_file = out / f"{stem}.json"
+    if not setting_file.is_file():
+        raise FileNotFoundError(f"{setting_file} does not exist: no run of stem {stem!r} in {out}")
+    s = json.loads(setting_file.read_text(encoding="utf-8"))
+    if s.get("model_kind") != "dmfa":
+        raise ValueError(f"{setting_file} is a {s.get('model_kind')!r} run, not a DMFA's")
+    key, hole, seed = s["dataset"], int(s["hole"]), int(s.get("seed", 0))
+    C, H, W = DATASET_SHAPES[key]
+    model, _ = load_dmfa(out / f"{stem}.pt", device=device, input_role="DMFA checkpoint of the figure")
+    test_set = _load_split(key, "test", n_figure)
+    missing = test_masks(s.get("n_test", len(test_set)), H, W, side=hole, seed=seed)[:n_figure]
+    fig = plot_inpainting(model, test_set.images[:n_figure], missing, seed=seed, device=device,
+                          title=f"DMFA ({s['mode']}-data training) on {key} test images, {hole}x{hole} holes")
+    path = out / f"{stem}.png"
+    write_files({path: _figure_writer(fig)})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
