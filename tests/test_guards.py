@@ -284,8 +284,14 @@ class _StubWAE(nn.Module):
     def forward(self, x, missing, aux=None):
         return (self.scale * torch.where(missing.expand_as(x), torch.full((), 0.5), x) + 0.1).clamp(0, 1)
 
+    def prior_sample(self, n, *, generator=None):
+        return torch.rand(n, self.h * self.w, generator=generator)
+
+    def decode(self, z):
+        return (z ** 3).reshape(-1, 1, self.h, self.w)
+
     def sample(self, n, generator=None):
-        return torch.rand(n, 1, self.h, self.w, generator=generator) ** 3
+        return self.decode(self.prior_sample(n, generator=generator))
 
 
 def test_fd_samples_compares_prior_samples_with_the_complete_images():
