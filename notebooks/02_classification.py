@@ -206,7 +206,6 @@ df[["dataset", "mask", "method", "seed", "accuracy", "accuracy_last", "epochs", 
 
 # %%
 display(Markdown(clf.table_markdown(df)))
-print(clf.pivot_table(df).to_string())
 
 # %%
 fig = clf.plot_results(df, out_dir / "accuracy.png", title=f"{dataset} test accuracy, profile {cfg.profile}")
@@ -215,9 +214,11 @@ plt.show()
 # %% [markdown]
 # ## What does the variance add? Paired differences
 #
-# Cells with the same seed share their masks, initialisation and batch order, so MisConv minus
-# mean imputation *from the same density*, seed by seed, is a much sharper comparison than two
-# separate means: it isolates what passing the variance to the first layer buys. The last pairs
+# Cells with the same seed share their masks and batch order (and, with `init = "shared"`, their
+# initial weights), so MisConv minus mean imputation *from the same density*, seed by seed, is a
+# sharper comparison than two separate means: it isolates what passing the variance to the first
+# layer buys. Each pair comes with a 95 % interval over seeds and a p-value; where the interval
+# covers 0 the table says "no difference resolved" (one seed gives no interval). The last pairs
 # compare the authors' published layer (`dmfa_authors_*`, an ablation) with the exact one.
 
 # %%
