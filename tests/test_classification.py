@@ -339,8 +339,9 @@ def test_notebook_02_smoke(tmp_path):
     assert sorted(df["method"]) == ["pc", "zero"] and (df["n_test"] == 100).all()
     assert (tmp_path / "res" / "accuracy.png").exists()
     nb = nbformat.read(out, as_version=4)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "paper square" in text
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    shown = "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert "paper square" in shown                       # Table 1, shown once, as Markdown
 
 
 def test_paired_differences_by_hand():
