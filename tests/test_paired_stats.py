@@ -183,3 +183,27 @@ def test_paired_table_of_the_committed_rows():
     assert 100 * d["mean"] == pytest.approx(-0.32, abs=0.005)
     assert 100 * (d["ci_high"] - d["mean"]) == pytest.approx(4.303 * 100 * d["std"] / math.sqrt(3), rel=1e-3)
     assert not d["resolved"]
+
+
+def test_one_seed_verdict_speaks_of_its_images_only():
+    """With one seed there is no interval over seeds; a bootstrap over that seed's images that
+    excludes 0 is reported as such (this training run only), never as a resolved difference."""
+    import numpy as np
+    import pandas as pd
+
+    from labkit.studies.classification_tables import paired_markdown
+
+    n = 400
+    a = np.zeros(n, dtype=bool)
+    a[:360] = True                                   # 0.90
+    b = np.zeros(n, dtype=bool)
+    b[:300] = True                                   # 0.75: a clear gap on these images
+    rows = [{"dataset": "mnist", "mask": "square", "method": m, "seed": 0, "accuracy": c.mean(), "correct": c,
+             "n_train": 10, "n_test": n, "epochs": 1, "precision": "32"}
+            for m, c in (("dmfa_misconv_complete", a), ("dmfa_mean_complete", b))]
+    md = paired_markdown(pd.DataFrame(rows))
+    line = [r for r in md.splitlines() if "dmfa_misconv_complete` − `dmfa_mean_complete" in r][0]
+    assert line.endswith("| this seed only: resolved over its test images |")
+    same = [dict(r, correct=a, accuracy=a.mean()) for r in rows]
+    line = [r for r in paired_markdown(pd.DataFrame(same)).splitlines() if "dmfa_mean_complete` |" in r][0]
+    assert line.endswith("| no difference resolved |")

@@ -250,7 +250,14 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
                 verdict = "resolved" if r["resolved"] else "no difference resolved"
             else:
                 mean = f"{_points(r['mean'])} (one seed: no interval)"
-                verdict = "no difference resolved"
+                # one seed says nothing about other seeds; its images can still resolve a difference
+                # for this one training run (the bootstrap over its images), and the verdict says which
+                from labkit.studies.paired_stats import covers_zero
+
+                have_boot = r["boot_low"] == r["boot_low"]
+                verdict = ("this seed only: resolved over its test images"
+                           if have_boot and not covers_zero(r["boot_low"], r["boot_high"])
+                           else "no difference resolved")
             boot = (f"[{_points(r['boot_low'])}, {_points(r['boot_high'])}]" if r["boot_low"] == r["boot_low"]
                     else "–")
             lead = f"| `{a}` − `{b}` | " + (f"{ds} | " if several else "")
