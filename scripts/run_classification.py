@@ -124,17 +124,11 @@ def plan(args):
     committed = paths.results_dir("classification", name)
     match = runplan.match_cells(cells, result_store(committed))
     changed = runplan.changed_settings(profile_params, params)
-    dest = runplan.choose_destination(committed, paths.results_dir("classification", runplan.ADHOC), name,
-                                      changed=changed, profile_params=profile_params, match=match,
-                                      data_label="+".join(sorted({s.label for s in splits})), explicit=explicit,
-                                      into_committed=args.into_committed)
-    if args.readme and dest.adhoc:
-        raise ValueError(f"--readme {args.readme}: an ad-hoc run ({'; '.join(dest.reasons)}) never rewrites a "
-                         f"committed file; its tables go to {dest.path}. Drop --readme, or pass --into-committed "
-                         "to grow the committed results on purpose")
+    dest = runplan.sweep_destination("classification", name, committed, splits=splits,
+                                     writes=("--readme", args.readme, ""), changed=changed,
+                                     profile_params=profile_params, match=match, explicit=explicit,
+                                     into_committed=args.into_committed)
     cfg.results_dir = str(dest.path)
-    print(f"[plan] data: {match.text}", flush=True)
-    print(f"[plan] {dest.line()}", flush=True)
     store = result_store(dest.path)
     sweep = runplan.plan_sweep("classification", cells, store, cost_from=[result_store(committed)], group="method")
     print(f"[plan] {sweep.line()}", flush=True)

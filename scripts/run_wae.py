@@ -179,17 +179,10 @@ def plan(args):
     committed = paths.results_dir("wae", name)
     match = runplan.match_cells(cells, wae.result_store(committed))
     changed = runplan.changed_settings(profile_params, params)
-    dest = runplan.choose_destination(committed, paths.results_dir("wae", runplan.ADHOC), name, changed=changed,
-                                      profile_params=profile_params, match=match,
-                                      data_label="+".join(sorted({s.label for s in splits})),
-                                      explicit=params.get("results_dir"), into_committed=args.into_committed)
-    if args.doc and dest.adhoc:
-        raise ValueError(f"--doc {args.doc}: an ad-hoc run ({'; '.join(dest.reasons)}) never rewrites a committed "
-                         f"file; its table goes to {dest.path / 'table.md'}. Drop --doc, or pass --into-committed "
-                         "to grow the committed results on purpose")
+    dest = runplan.sweep_destination("wae", name, committed, splits=splits, writes=("--doc", args.doc, "table.md"),
+                                     changed=changed, profile_params=profile_params, match=match,
+                                     explicit=params.get("results_dir"), into_committed=args.into_committed)
     cfg.results_dir = str(dest.path)
-    print(f"[plan] data: {match.text}", flush=True)
-    print(f"[plan] {dest.line()}", flush=True)
     sweep = runplan.plan_sweep("wae", cells, wae.result_store(dest.path), cost_from=[wae.result_store(committed)],
                                group="front")
     print(f"[plan] {sweep.line()}", flush=True)

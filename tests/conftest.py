@@ -44,3 +44,12 @@ def pytest_report_header(config):
 
     reason = skip_reason()
     return f"browser tests: {'Chromium at ' + str(find_chromium()) if reason is None else 'will skip, ' + reason}"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: two OpenMP threads on a busy 2-core machine spin-wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -41,13 +41,7 @@ TINY_ARGS = ["--n-train", "24", "--n-val", "0", "--n-test", "8", "--epochs", "1"
              "-p", "n_factors=1", "--device", "cpu", "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two OpenMP threads on a busy 2-core machine spin-wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _script(name: str = "train_dmfa"):

@@ -25,13 +25,7 @@ TINY = dict(n_train=40, n_val=0, n_test=20, epochs=1, batch_size=20, lr=1e-3, n_
             progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two OpenMP threads on a busy 2-core machine spin-wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _script():

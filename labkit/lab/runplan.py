@@ -299,6 +299,27 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
 
 
+def sweep_destination(study: str, profile: str, committed: str | os.PathLike, *, splits: Iterable[SplitData],
+                      writes: tuple[str, Any, str] | None = None, say=lambda line: print(line, flush=True),
+                      **choose) -> Destination:
+    """:func:`choose_destination` for a sweep script, with what every sweep script does around it:
+    the ad-hoc folder of ``study``, the data label of ``splits``, the refusal, when the run is ad
+    hoc, of a committed file named by ``writes`` = ``(flag, value, name of the ad-hoc table file or
+    "")``, and the two plan lines (data, destination)."""
+    from labkit import paths
+
+    dest = choose_destination(committed, paths.results_dir(study, ADHOC), profile,
+                              data_label="+".join(sorted({s.label for s in splits})), **choose)
+    if writes is not None and writes[1] and dest.adhoc:
+        flag, value, table = writes
+        raise ValueError(f"{flag} {value}: an ad-hoc run ({'; '.join(dest.reasons)}) never rewrites a committed "
+                         f"file; its tables go to {dest.path / table if table else dest.path}. Drop {flag}, or "
+                         "pass --into-committed to grow the committed results on purpose")
+    say(f"[plan] data: {choose['match'].text}")
+    say(f"[plan] {dest.line()}")
+    return dest
+
+
 def choose_destination(committed: str | os.PathLike, adhoc_root: str | os.PathLike, profile: str, *,
                        changed: Mapping[str, Any], profile_params: Mapping[str, Any], match: DataMatch,
                        data_label: str | None = None, explicit: str | os.PathLike | None = None,
