@@ -169,6 +169,10 @@ class MFA:
                 raise ValueError("MFA log_weights contains NaN or +inf")
             if not bool((torch.logsumexp(lw, dim=1).abs() <= (1e-8 if lw.dtype == torch.float64 else 1e-4) * K).all()):
                 raise ValueError("MFA log_weights must satisfy logsumexp over K = 0 for every sample")
+            # weights is derived from log_weights (from_log_weights); two disagreeing copies would make
+            # log_prob and the mixture mean describe different mixtures
+            if not torch.allclose(torch.exp(lw), self.weights, rtol=1e-5, atol=1e-12):
+                raise ValueError("MFA weights must equal exp(log_weights); build it with MFA.from_log_weights")
         tol = 1e-8 if self.weights.dtype == torch.float64 else 1e-4
         sums = self.weights.sum(dim=1)
         if not bool(((sums - 1).abs() <= tol * K).all()):

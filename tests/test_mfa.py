@@ -282,3 +282,11 @@ def test_no_factors_is_a_diagonal_gaussian_mixture():
         assert float(mfa.log_prob(x, where)[b]) == pytest.approx(float(torch.logsumexp(torch.log(w[b]) + comps, 0)), rel=1e-10)
     cond = ClassicalMFA(w[0], m[0], mfa.factors[0], d[0]).condition(x, where)
     assert cond.factors.shape == (B, K, 0, C, H, W) and torch.isfinite(cond.log_prob(x, ~where)).all()
+
+
+def test_log_weights_must_agree_with_weights():
+    mfa = random_mfa(B=2, K=3, L=1, C=1, H=3, W=3)
+    lw = torch.log(mfa.weights)
+    assert torch.equal(MFA.from_log_weights(lw, mfa.means, mfa.factors, mfa.variances).weights, torch.exp(lw))
+    with pytest.raises(ValueError, match="exp\\(log_weights\\)"):
+        MFA(mfa.weights.flip(1), mfa.means, mfa.factors, mfa.variances, log_weights=lw)
