@@ -560,8 +560,15 @@ def test_lab_makes_the_filter_required_so_git_refuses_when_it_cannot_run(lab):  
     assert ok.returncode == 0, ok.stderr
     staged = subprocess.run(git + ["show", ":notebooks/00_x.ipynb"], capture_output=True, text=True).stdout
     assert json.loads(staged)["cells"][0]["outputs"] == []
+    # checking a stored notebook out again goes through the same required filter (its smudge side)
+    subprocess.run(git + ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    (lab.root / "notebooks" / "00_x.ipynb").unlink()
+    back = subprocess.run(git + ["checkout", "--", "notebooks/00_x.ipynb"], capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    assert json.loads((lab.root / "notebooks" / "00_x.ipynb").read_text())["cells"][0]["outputs"] == []
     # the virtualenv's Python gone: git refuses instead of storing the outputs
     subprocess.run(git + ["rm", "-q", "--cached", "notebooks/00_x.ipynb"], check=True)
+    (lab.root / "notebooks" / "00_x.ipynb").write_text(_notebook_with_outputs())
     shutil.rmtree(lab.venv_dir)
     refused = subprocess.run(git + ["add", "notebooks/00_x.ipynb"], capture_output=True, text=True)
     assert refused.returncode != 0 and "labstrip" in refused.stderr
