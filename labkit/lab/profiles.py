@@ -472,9 +472,9 @@ def _mask_kinds() -> list[str]:
 
 
 def _datasets() -> list[str]:
-    from labkit.data import _ALIASES
+    from labkit.data import DATASET_ALIASES
 
-    return sorted(_ALIASES)
+    return sorted(DATASET_ALIASES)
 
 
 def _precisions() -> list[str]:
