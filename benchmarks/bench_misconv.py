@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from labkit import misconv
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary
 from labkit.studies import timing
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if not args.no_tune_malloc:
         timing.tune_malloc()
     t0 = time.time()
-    machine = timing.machine_description(args.device) | {"summary": machine_description()}
+    machine = timing.machine_description(args.device) | {"summary": machine_summary()}
     print("machine:", json.dumps(machine), flush=True)
     layers = ["conv", "misconv"] + (["misconv_eager"] if args.eager_repeats > 0 else [])
 

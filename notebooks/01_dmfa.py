@@ -84,7 +84,7 @@ from IPython.display import Image, Markdown, display
 
 import labkit
 from labkit import paths
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary as machine_description
 from labkit.studies import density
 
 if threads:

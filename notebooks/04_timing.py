@@ -76,7 +76,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 from labkit import misconv, paths
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary as machine_description
 from labkit.device import resolve_device
 from labkit.studies import timing
 from labkit.studies.store import write_table, write_text   # atomic: an interrupted run never leaves half a table

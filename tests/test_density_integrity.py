@@ -239,7 +239,7 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
     symlink; the CIFAR-10 DMFAs record the content hash, so their data path is not compared."""
     from labkit.data import load_dataset, train_val_split
     from labkit.lab.profiles import notebook_parameters
-    from labkit.models.acflow import load_acflow
+    from labkit.models.acflow_training import load_acflow
 
     if not (paths.shared_datasets_dir() / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("the offline MNIST copy the committed checkpoints were trained on is not on this machine")

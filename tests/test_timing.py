@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import labkit.misconv_fast as MF
 from labkit.studies import timing
 
 
@@ -122,9 +123,7 @@ def test_tune_malloc_and_machine_description():
 @pytest.fixture
 def no_compile(monkeypatch):
     """The timing machinery does not need Inductor; the fast kernels run eagerly (seconds saved)."""
-    import labkit.misconv as M
-
-    monkeypatch.setattr(M, "_COMPILE", False)
+    monkeypatch.setattr(MF, "_COMPILE", False)
 
 
 def test_forward_grid_measures_misconv_and_checks_layers(no_compile):

@@ -31,7 +31,7 @@ __all__ = ["CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "Ti
            "WAEConfig", "config_class"]
 
 _POSITIVE, _NATURAL = at_least(1), at_least(0)
-_DATASET = choices(lambda: sorted(set(data._ALIASES.values())), "a data set")
+_DATASET = choices(lambda: list(data.DATASET_ALIASES), "a data set")
 _PRECISION = choices(PRECISIONS, "a precision name (quote it: precision='\"32\"')")
 #: WAE front names beside the methods' names (``misconv``: MisConv over the complete-data DMFA)
 FRONT_ALIASES = {"dmfa_mean": "dmfa_mean_complete", "misconv": "dmfa_misconv_complete"}

@@ -47,8 +47,10 @@ from torch import Tensor
 
 from labkit import masks as _masks
 from labkit.device import resolve_device
-from labkit.models.acflow import ACFlow, _check_positive_int
-from labkit.models.dmfa import DATASET_SHAPES, _check_int, _dataset_key, build_dmfa, evaluate_dmfa, test_masks
+from labkit.checks import check_int
+from labkit.data import canonical_dataset
+from labkit.models.acflow import ACFlow
+from labkit.models.dmfa import DATASET_SHAPES, build_dmfa, evaluate_dmfa, test_masks
 from labkit.models.dmfa_training import dmfa_loss
 # the checkpoint side lives in density_checkpoints; re-exported so that ``density.load_or_train_dmfa`` keeps working
 from labkit.studies.density_checkpoints import (_json, checkpoint_megabytes, config_checkpoint, load_or_fit_mfa,
@@ -104,11 +106,11 @@ def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: 
     """File stem of a result: ``<dataset>_<mode>[_h<hole>][_s<seed>]``, the hole part only for other
     than the default hole (half the image side), the seed part only for seeds other than 0 (the
     committed files are seed 0's), so runs of other seeds never share files."""
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     if default_hole is None:
         default_hole = DATASET_SHAPES[key][1] // 2
     stem = f"{key}_{mode}" if hole is None or hole == default_hole else f"{key}_{mode}_h{hole}"
-    return stem if seed == 0 else f"{stem}_s{_check_int(seed, 'seed', 0)}"
+    return stem if seed == 0 else f"{stem}_s{check_int(seed, 'seed', 0)}"
 
 
 class FilesBusy(RuntimeError):
@@ -172,8 +174,8 @@ def score_holes(
         raise TypeError("images and missing must be torch.Tensors")
     if images.shape[0] != missing.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} and missing {tuple(missing.shape)} differ in N")
-    _check_positive_int("n_samples", n_samples)
-    _check_positive_int("batch_size", batch_size)
+    check_int(n_samples, "n_samples")
+    check_int(batch_size, "batch_size")
     dev = model._param().device
     was_training = model.training
     model.eval()
@@ -239,7 +241,7 @@ def density_table(results_dir: str | os.PathLike, dataset: str = "mnist") -> str
     count: the JSON records the digest of the CSV it summarises (``csv_digest``); a pair whose
     digest is missing or differs is left out, printed and listed under the table (never merged).
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     pairs, left_out = _read_summaries(Path(results_dir), key)
     rows = []
     for csv, s, df in pairs:
@@ -294,7 +296,7 @@ def _timed_evaluate(model, images, missing, *, batch_size, device):
 
 def _hole_sides(holes: Sequence[int | None], height: int) -> list[int]:
     """The hole sides to score, ``None`` read as the default ``height // 2`` (as :func:`run_experiment`)."""
-    return [height // 2 if h is None else _check_int(h, "hole", 1) for h in holes]
+    return [height // 2 if h is None else check_int(h, "hole", 1) for h in holes]
 
 
 def _load_split(dataset: str, split: str, limit: int | None):
@@ -380,9 +382,9 @@ def run_experiment(
     Returns the setting dict (also written as ``<stem>.json``) with keys ``paths``, ``test_nll``,
     ``test_sse``, ``train_images_per_s``, ``infer_images_per_s``, ``history``...
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     C, H, W = DATASET_SHAPES[key]
-    hole = H // 2 if hole is None else _check_int(hole, "hole", 1)
+    hole = H // 2 if hole is None else check_int(hole, "hole", 1)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     # incomplete-data DMFAs of other missing-data kinds (the classification study trains one per
@@ -404,7 +406,7 @@ def _run_experiment(key: str, mode: str, *, stem: str, out: Path, n_train, n_val
     """:func:`run_experiment` once its files are claimed (``stem``: the files it starts from)."""
     import matplotlib.pyplot as plt
 
-    from labkit.checkpoint import machine_description
+    from labkit.machine import machine_summary
     from labkit.data import train_val_split
     from labkit.studies.engine import write_files
 
@@ -449,7 +451,7 @@ def _run_experiment(key: str, mode: str, *, stem: str, out: Path, n_train, n_val
         "n_components": n_components, "n_factors": n_factors,
         "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
         "test_nll_sem": float(df["nll"].std() / math.sqrt(len(df))) if len(df) > 1 else None,
-        "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+        "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
         "infer_threads": torch.get_num_threads(),
         "checkpoint_mb": checkpoint_megabytes(paths["model"]),
         "final_val_nll": history[-1].get("val_nll") if history else None,
@@ -494,7 +496,7 @@ def run_mfa_baseline(
     :func:`load_or_fit_mfa`) and, per hole, ``<that stem>[_h<hole>].{csv,json,png}``; the run holds
     the claim on ``<dataset>_mfa_K<K>_L<L>`` throughout (:func:`own_files`).
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     C, H, W = DATASET_SHAPES[key]
     holes = _hole_sides(holes, H)
     out = Path(results_dir)
@@ -510,7 +512,7 @@ def run_mfa_baseline(
 def _run_mfa_baseline(key: str, name: str, *, holes: list[int], out: Path, n_train, n_test, n_components, n_factors,
                       iterations, seed, profile, n_figure, batch_size, device, progress) -> list[dict]:
     """:func:`run_mfa_baseline` once its files are claimed."""
-    from labkit.checkpoint import machine_description
+    from labkit.machine import machine_summary
 
     C, H, W = DATASET_SHAPES[key]
     train_set = _load_split(key, "train", n_train)
@@ -532,7 +534,7 @@ def _run_mfa_baseline(key: str, name: str, *, holes: list[int], out: Path, n_tra
             "model_kind": "mfa", "dataset": key, "mode": "complete", "hole": hole, "profile": profile,
             "n_test": len(test_set), "test_source": test_set.source, **meta,
             "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
-            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
             "infer_threads": torch.get_num_threads(),
             "checkpoint_mb": checkpoint_megabytes(model_path), "csv_digest": csv_digest(csv_text),
         })
@@ -583,11 +585,11 @@ def run_acflow_baseline(
     input: a missing one raises ``FileNotFoundError`` naming the script that trains it, an
     unreadable one a :class:`labkit.checkpoint.CheckpointError` saying it is an input.
     """
-    from labkit.checkpoint import machine_description
-    from labkit.models.acflow import bits_per_dim, load_acflow
+    from labkit.machine import machine_summary
+    from labkit.models.acflow_training import bits_per_dim, load_acflow
     from labkit.studies.engine import file_digest
 
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     C, H, W = DATASET_SHAPES[key]
     holes = _hole_sides(holes, H)
     checkpoint = Path(checkpoint)
@@ -622,7 +624,7 @@ def run_acflow_baseline(
             "n_test": len(test_set), "test_source": test_set.source,
             "test_nll": float(df["nll"].mean()), "test_nll_dequantized": float(df["nll_dequantized"].mean()),
             "test_bits_per_dim": float(bits_per_dim(per_pixel)), "test_sse": float(df["sse"].mean()),
-            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
             "infer_threads": torch.get_num_threads(), "csv_digest": csv_digest(csv_text),
         })
         results.append(_write_result_set(out, stem, csv_text, setting, fig))
@@ -639,7 +641,7 @@ def measure_throughput(dataset: str = "mnist", *, threads: Sequence[int] = (1, 2
     scores of ``infer_images`` images (:func:`evaluate_dmfa`). Timings are wall clock: on a machine
     shared with other jobs they measure what this machine delivered at that moment.
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     C, H, W = DATASET_SHAPES[key]
     device = resolve_device(device)
     before = torch.get_num_threads()

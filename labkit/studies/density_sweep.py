@@ -133,11 +133,12 @@ def plan_density_cells(dataset: str | Sequence[str], modes: Sequence[str], missi
     """
     from labkit.device import resolve_device
     from labkit.masks import MASK_KINDS
-    from labkit.models.dmfa import _check_int, _dataset_key
+    from labkit.checks import check_int
+    from labkit.data import canonical_dataset
     from labkit.precision import resolve_precision
 
     p = _check_params(params)
-    datasets = [_dataset_key(d) for d in _unique(dataset, "dataset")]
+    datasets = [canonical_dataset(d) for d in _unique(dataset, "dataset")]
     modes = _unique(modes, "modes")
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -147,18 +148,18 @@ def plan_density_cells(dataset: str | Sequence[str], modes: Sequence[str], missi
     if bad:
         raise ValueError(f"unknown missing kind(s) {bad}; valid: {', '.join(MASK_KINDS)}")
     holes = _unique(holes, "holes")
-    seeds = [_check_int(s, "seed", 0) for s in _unique(seeds, "seeds")]
-    n_val = _check_int(p["n_val"], "n_val", 0)
+    seeds = [check_int(s, "seed", 0) for s in _unique(seeds, "seeds")]
+    n_val = check_int(p["n_val"], "n_val", 0)
     lr, lr_gamma = float(p["lr"]), float(p["lr_gamma"])
     if not lr > 0:
         raise ValueError(f"lr must be a positive number, got {p['lr']!r}")
     common = {
-        "n_val": n_val, "epochs": _check_int(p["epochs"], "epochs", 0),
-        "batch_size": _check_int(p["batch_size"], "batch_size", 1),
-        "lr": lr, "lr_milestones": sorted(_check_int(m, "lr_milestones entries", 1) for m in p["lr_milestones"]),
-        "lr_gamma": lr_gamma, "mse_warmup_epochs": _check_int(p["mse_warmup_epochs"], "mse_warmup_epochs", 0),
-        "n_components": _check_int(p["n_components"], "n_components", 1),
-        "n_factors": _check_int(p["n_factors"], "n_factors", 0),
+        "n_val": n_val, "epochs": check_int(p["epochs"], "epochs", 0),
+        "batch_size": check_int(p["batch_size"], "batch_size", 1),
+        "lr": lr, "lr_milestones": sorted(check_int(m, "lr_milestones entries", 1) for m in p["lr_milestones"]),
+        "lr_gamma": lr_gamma, "mse_warmup_epochs": check_int(p["mse_warmup_epochs"], "mse_warmup_epochs", 0),
+        "n_components": check_int(p["n_components"], "n_components", 1),
+        "n_factors": check_int(p["n_factors"], "n_factors", 0),
         "precision": resolve_precision(p["precision"], resolve_device(p.get("device"))),
         # in the key only when not the default, so the keys of float32 runs are those they always had
         **({"weights_dtype": p["weights_dtype"]} if p.get("weights_dtype", "float32") != "float32" else {}),

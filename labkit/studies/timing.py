@@ -26,15 +26,14 @@ On this project's CPU machine glibc returns freed large buffers to the OS and ev
 pays page faults (about 2.5 µs per 4 KiB page): a 28x28 conv+ReLU then takes 1.9 ms instead of
 0.2 ms. :func:`tune_malloc` (``mallopt``: no mmap, no trimming) makes freed memory reusable, the
 way PyTorch's CUDA caching allocator does on a GPU; the studies call it unless told not to, and
-:func:`machine_description` records whether it is on.
+:func:`labkit.machine.machine_description` records whether it is on (both live in
+:mod:`labkit.machine`).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,8 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import benchmark
 
+from labkit.checkpoint import TableFileError, read_whole_csv
 from labkit.device import resolve_device
+from labkit.machine import machine_description, malloc_tuned, tune_malloc
+from labkit.masks import square
 from labkit.mfa import MFA
+from labkit.misconv import MisConv2d, compile_report
+from labkit.models.classifier import build_classifier
+from labkit.models.dmfa import build_dmfa
 
 __all__ = [
     "PAPER_TABLE2",
@@ -99,7 +104,6 @@ class Case:
     """One setting: images ``(batch, channels, size, size)`` with a missing square of side ``hole``
     (default size // 2) per image, a layer of ``filters`` ``kernel``x``kernel`` filters (padding
     ``kernel // 2``) and an MFA with ``K`` components of ``L`` factors."""
-
     size: int
     batch: int
     channels: int | None = None
@@ -134,8 +138,6 @@ def make_inputs(case: Case, *, device=None, dtype=torch.float32, seed: int = 0) 
     them), ``missing`` bool ``(B, 1, S, S)``, and an :class:`MFA` with uniform weights, means in
     [0, 1), factors of scale 0.1 and variances in [0.01, 0.11). Timing does not depend on the values.
     """
-    from labkit.masks import square
-
     dev = resolve_device(device)
     g = torch.Generator().manual_seed(seed)
     B, C, S, K, L = case.batch, case.channels, case.size, case.K, case.L
@@ -150,71 +152,6 @@ def make_inputs(case: Case, *, device=None, dtype=torch.float32, seed: int = 0) 
         validate=False,
     )
     return x.to(dev), missing.to(dev), mfa.to(dev)
-
-
-# ------------------------------------------------------------------------------------- machine
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in the process (glibc ``mallopt``: M_MMAP_MAX = 0, M_TRIM_THRESHOLD and
-    M_TOP_PAD large), so new tensors reuse pages instead of faulting fresh ones. Returns whether it
-    applied (False off glibc). Irreversible for the process; harmless apart from a larger RSS."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1
-        ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-        ok &= libc.mallopt(M_TOP_PAD, 64 << 20) == 1
-    except (OSError, AttributeError):
-        return False
-    _MALLOC_TUNED = bool(ok)
-    return _MALLOC_TUNED
-
-
-def malloc_tuned() -> bool:
-    """Whether :func:`tune_malloc` has been applied in this process."""
-    return _MALLOC_TUNED
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device=None) -> dict[str, Any]:
-    """Where figures come from: CPU model and cores, GPU, torch version, threads, load average,
-    whether MisConv may use torch.compile and whether :func:`tune_malloc` is on."""
-    from labkit import misconv
-
-    dev = resolve_device(device)
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    return {
-        "device": str(dev),
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "",
-        "cpu": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_1_5_15": tuple(round(v, 2) for v in load),
-        "misconv_compile": misconv.compile_enabled(),
-        "malloc_tuned": malloc_tuned(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 # ------------------------------------------------------------------------------------- timing core
@@ -286,7 +223,6 @@ def _measure(timer: benchmark.Timer, number: int) -> float:
 
 
 def _layers(case: Case, device, dtype, seed):
-    from labkit.misconv import MisConv2d
 
     torch.manual_seed(seed)
     layer = MisConv2d(case.channels, case.filters, case.kernel, padding=case.kernel // 2, device=device, dtype=dtype)
@@ -429,13 +365,6 @@ def end_to_end_fns(name: str, batch: int, device, *, seed: int = 0,
     ``"classifier"`` (complete images), ``"dmfa"`` (the DMFA alone) and, per entry of ``paths``
     (label -> ``MisConv2d.fast`` value; default ``{"dmfa+misconv_classifier": None}``), the whole
     method with its MisConv layers set to that path. Returns ``(case, {label: fn})``."""
-    try:
-        from labkit.models.classifier import build_classifier
-        from labkit.models.dmfa import build_dmfa
-    except ImportError as exc:  # pragma: no cover - both exist in this lab
-        raise ImportError(f"end-to-end timing needs labkit.models.dmfa and labkit.models.classifier: {exc}") from exc
-    from labkit.misconv import MisConv2d
-
     if name not in E2E_DATASETS:
         raise ValueError(f"unknown data set {name!r} for end_to_end; valid: {', '.join(E2E_DATASETS)}")
     arch, size, C = E2E_DATASETS[name]
@@ -481,8 +410,6 @@ def end_to_end(datasets: Sequence[str], batch: int, repeats: int, *, device=None
     uses the SVHN one at 64 pixels). Layers in the result: ``"classifier"`` (complete images),
     ``"dmfa"`` (DMFA alone), ``"dmfa+misconv_classifier"`` (the whole method). ``seconds`` is per
     batch; ``per_image`` = seconds / batch.
-
-    Raises ImportError (with the module's name) when labkit.models.dmfa or labkit.models.classifier is missing.
     """
     import pandas as pd
 
@@ -657,7 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="measure nothing: print the markdown table of a grid written earlier (forward.csv or timings.csv)")
     args = p.parse_args(argv)
     if args.markdown_from:
-        from labkit.checkpoint import TableFileError, read_whole_csv
 
         try:       # a grid file cut short would give a table missing settings, silently
             grid = read_whole_csv(args.markdown_from, required=("size", "batch", "layer", "seconds"))
@@ -667,10 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_ratios(grid))
         return 0
 
-    try:
-        from labkit.lab.profiles import load_profile
-    except ImportError:  # before labkit/lab/ existed
-        from labkit.profiles import load_profile
+    # the CLI reads the lab's profiles; a local import: labkit.lab sits above the studies
+    from labkit.lab.profiles import load_profile
 
     params = load_profile(args.profile, "04_timing")
     repeats = args.repeats or int(params.get("repeats", 20))
@@ -701,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                progress=True, clock=args.clock)
         print(f"\nComponents (I={sizes[0]}, B={batches[0]})\n" + format_table(ratio_table(comp)))
         frames.append(comp)
-    print("\nmisconv compile seconds:", __import__("labkit.misconv", fromlist=["compile_report"]).compile_report())
+    print("\nmisconv compile seconds:", compile_report())
     if args.out:
         import pandas as pd
 
