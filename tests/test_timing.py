@@ -1,4 +1,5 @@
-"""labkit.studies.timing: the measuring core, the tables against the paper, the CLI and notebook 04."""
+"""labkit.studies.timing: the measuring core, the tables against the paper, the study of a TimingConfig,
+the CLI and notebook 04."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from labkit.studies import timing
+from labkit.studies.configs import TimingConfig
 
 
 def test_paper_table_holds_supplementary_table_2():
@@ -144,6 +146,36 @@ def test_cli_prints_the_table(capsys, no_compile):
                         "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "Forward pass, conv2d+ReLU vs MisConv" in out and "machine:" in out
+
+
+def test_run_and_write_report_follow_the_config(tmp_path, no_compile):
+    """A tiny config: every grid it asks for is measured, written where results_path says, and
+    reported; the end-to-end grid is skipped when no data set is named."""
+    cfg = TimingConfig(sizes=[8], batch_sizes=[2], repeats=2, eager_repeats=1, threads=1, Ks=[1, 2], Ls=[1],
+                       component_cell=[8, 2], end_to_end_datasets=[], device="cpu", results_dir=str(tmp_path))
+    assert timing.results_path(cfg) == tmp_path
+    assert timing.results_path(cfg.replace(results_dir=None)).parts[-2:] == ("timing", "quick")
+    results = timing.run(cfg, progress=False)
+    assert set(results) == {"machine", "forward", "backward", "components"}
+    assert results["machine"].iloc[0]["torch_threads"] == 1
+    fwd = pd.read_csv(tmp_path / "forward.csv")
+    assert fwd.groupby(["group", "layer"]).size().to_dict() == {
+        ("fast", "conv"): 2, ("fast", "misconv"): 2, ("eager", "conv"): 1, ("eager", "misconv_eager"): 1}
+    assert len(pd.read_csv(tmp_path / "backward.csv").query("layer == 'misconv'")) == 1     # repeats // 2
+    assert sorted(set(results["components"].K)) == [1, 2]
+    written = timing.write_report(cfg, results)
+    names = {p.name for p in written}
+    assert {"forward_ratios.csv", "forward_ratios_eager.csv", "backward_ratios.csv", "components_ratios.csv",
+            "forward_boxplots.png", "components.png", "summary.md"} <= names and "end_to_end_summary.csv" not in names
+    assert (pd.read_csv(tmp_path / "components_ratios.csv").floor == [3, 6]).all()
+    assert "Forward, fast path" in (tmp_path / "summary.md").read_text()
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- timing-cpu:start -->\nold\n<!-- timing-cpu:end -->\nafter\n")
+    assert doc in timing.write_report(cfg, results, doc=doc)
+    text = doc.read_text()
+    assert "old" not in text and "| I | C | B | conv2d+ReLU" in text and text.endswith("after\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        timing.write_report(cfg, results, doc=doc, marker="timing-cuda")
 
 
 @pytest.mark.slow
