@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(study, "plan"):       # a study without cells (timing): run it whole
         if args.results:
             cfg = cfg.replace(results_dir=args.results)
-        results = study.run(cfg, progress=not args.no_progress) if not args.table_only else None
+        results = study.read_results(cfg) if args.table_only else study.run(cfg, progress=not args.no_progress)
         for path in study.write_report(cfg, results, doc=args.doc, marker=args.marker):
             print(f"{tag} wrote {path}", flush=True)
         return 0

@@ -243,8 +243,10 @@ class TimingConfig(StudyConfig):
     backward: bool = setting(True, "also time forward + backward")
     component_cell: list[int] = setting([28, 16], "image size and batch of the K / L sweep",
                                         rule=list_of(_POSITIVE, "integers >= 1 (image size, batch)", length=2))
-    Ks: list[int] = setting([1, 2], "components K swept", rule=list_of(_POSITIVE, "integers >= 1"))
-    Ls: list[int] = setting([1, 4], "factors L swept", rule=list_of(_POSITIVE, "integers >= 1"))
+    Ks: list[int] = setting([1, 2], "components K swept ([]: no K / L sweep)",
+                            rule=list_of(_POSITIVE, "integers >= 1", nonempty=False))
+    Ls: list[int] = setting([1, 4], "factors L swept ([]: no K / L sweep)",
+                            rule=list_of(_POSITIVE, "integers >= 1", nonempty=False))
     end_to_end_datasets: list[str] = setting(["mnist"], "data sets of the end-to-end timing ([]: skip)",
                                              rule=list_of(_DATASET, "data set names", nonempty=False))
     end_to_end_batch: int = setting(16, "end-to-end batch size", rule=_POSITIVE)
