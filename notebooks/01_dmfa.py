@@ -84,7 +84,7 @@ from IPython.display import Image, Markdown, display
 
 import labkit
 from labkit import paths
-from labkit.machine import machine_summary as machine_description
+from labkit.machine import machine_summary
 from labkit.studies import density
 
 if threads:
@@ -92,7 +92,7 @@ if threads:
 dev = labkit.resolve_device(device)
 out_dir = Path(results_dir) if results_dir else paths.results_dir("dmfa", profile)
 out_dir.mkdir(parents=True, exist_ok=True)
-print(f"device {dev}, {torch.get_num_threads()} threads on {machine_description()}")
+print(f"device {dev}, {torch.get_num_threads()} threads on {machine_summary()}")
 print(f"results -> {out_dir.resolve()}")
 
 # %% [markdown]
