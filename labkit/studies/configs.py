@@ -23,8 +23,9 @@ from typing import Any
 from labkit.config import StudyConfig, at_least, choices, fraction, list_of, positive_number, setting
 from labkit import data
 from labkit.masks import MASK_KINDS
-from labkit.models.wae import RECIPES
-from labkit.precision import PRECISIONS
+from labkit.device import resolve_device
+from labkit.models.wae import RECIPES, recipe_settings
+from labkit.precision import PRECISIONS, resolve_precision
 from labkit.studies.imputers import METHODS
 
 __all__ = ["CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "TimingConfig", "TourConfig",
@@ -220,6 +221,23 @@ class WAEConfig(StudyConfig):
     cache_dir: str | None = setting(None, "imputers' cache (None: the classification study's)", key=False)
     results_dir: str | None = setting(None, "where results go (None: results/wae/<profile>)", key=False)
     committed: str | None = setting("cpu", _COMMITTED_DOC, key=False)
+
+    def check(self) -> list[str]:
+        """The recipe's overrides must fit the recipe (``lr_disc`` only with two optimizers, ``recon``
+        mse | bce) and the precision must run on the device (``16-mixed``: CUDA only)."""
+        problems = []
+        # a value its own rule refuses is reported once, by its rule
+        if not any(self.value_problem(k, getattr(self, k)) for k in ("recipe", "lambda_adv", "recon", "lr_disc")):
+            try:
+                recipe_settings(self.recipe, lambda_adv=self.lambda_adv, recon=self.recon, lr_disc=self.lr_disc)
+            except ValueError as exc:
+                problems.append(f"{self.SECTION}: {exc}")
+        if not self.value_problem("precision", self.precision) and _device(self.device) is None:
+            try:
+                resolve_precision(self.precision, resolve_device(self.device))
+            except ValueError as exc:
+                problems.append(f"{self.SECTION}: {exc}")
+        return problems
 
 
 @dataclass(frozen=True)
