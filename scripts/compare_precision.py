@@ -41,11 +41,11 @@ MODELS = ("dmfa", "zero", "misconv")
 
 def _cell_fn(cell: Cell, *, device: str) -> dict:
     from labkit.data import load_dataset
-    from labkit.studies.cells import _stable_seed
+    from labkit.studies.cells import stable_seed
 
     s = cell.settings
     model, precision, seed = cell.coords["model"], cell.coords["precision"], cell.coords["seed"]
-    torch.manual_seed(_stable_seed("precision-comparison", model, seed))
+    torch.manual_seed(stable_seed("precision-comparison", model, seed))
     if model == "dmfa":
         from labkit.models.dmfa import build_dmfa, evaluate_dmfa, test_masks
         from labkit.models.dmfa_training import train_dmfa

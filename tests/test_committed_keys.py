@@ -69,12 +69,9 @@ def _plan_classification(profile: str):
 
 
 def _plan_wae(profile: str):
-    from labkit.lab.profiles import load_profile
     from labkit.studies import wae
 
-    params = load_profile(profile, "03_wae")
-    cfg = wae.config_from_parameters(params)
-    return wae.plan_cells(params["dataset"], params["fronts"], params["seeds"], cfg)
+    return wae.plan(wae.WAEConfig.build(profile))
 
 
 def _plan_density(profile: str):

@@ -255,7 +255,7 @@ def _tiny_feature_classifier():
 
 
 def test_fd_features_are_the_input_of_the_last_linear_layer():
-    from labkit.studies.wae_features import _feature_map, classifier_features
+    from labkit.studies.wae_features import classifier_features, feature_map
 
     model = _tiny_feature_classifier()
     images = torch.rand(7, 1, 12, 12, generator=gen(3))
@@ -268,7 +268,7 @@ def test_fd_features_are_the_input_of_the_last_linear_layer():
         hook.remove()
     (penultimate,) = seen
     assert penultimate.shape == (7, model.body[-1].in_features) and logits.shape == (7, 10)
-    for got in (classifier_features(model, images, batch_size=3), _feature_map(model, 4)(images)):
+    for got in (classifier_features(model, images, batch_size=3), feature_map(model, 4)(images)):
         assert got.shape == penultimate.shape
         torch.testing.assert_close(got, penultimate)
 

@@ -50,6 +50,7 @@ def test_study_defaults_follow_lab_root(clean_env, tmp_path):
     from labkit import data
     from labkit.studies import draw_app
     from labkit.studies import classification as clf
+    from labkit.studies import wae
     from labkit.studies.configs import ClassificationConfig
     from labkit.studies.imputers import imputer_settings
     from labkit.studies.wae import WAEConfig
@@ -60,7 +61,7 @@ def test_study_defaults_follow_lab_root(clean_env, tmp_path):
     assert clf.results_path(ClassificationConfig(profile="p")) == root / "results" / "classification" / "p"
     assert cfg.cache_path() == root / "data" / "cache" / "classification"
     assert cfg.resolve("results/dmfa/{dataset}{mask_suffix}.pt", "svhn", "noise") == root / "results/dmfa/svhn_noise.pt"
-    assert WAEConfig(profile="p").results_path() == root / "results" / "wae" / "p"
+    assert wae.results_path(WAEConfig(profile="p")) == root / "results" / "wae" / "p"
     assert imputer_settings(WAEConfig(profile="p")).cache_path() == cfg.cache_path()
     assert draw_app.draw_dir() == root / "results" / "draw" == draw_app.DRAW_DIR
     assert draw_app.REPO_ROOT == root

@@ -145,4 +145,3 @@ def with_nan(x: Tensor, missing: Tensor) -> Tensor:
 
 
 #: the former private names, for the modules that still import them
-_stable_seed, _with_nan = stable_seed, with_nan
