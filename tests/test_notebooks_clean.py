@@ -23,6 +23,7 @@ from labkit import paths
 from labkit.lab import nbstrip
 from labkit.lab import run_notebooks as rn
 from labkit.lab.profiles import available_profiles, notebook_parameters
+from labkit.studies.configs import CONFIGS
 
 REPO_ROOT = paths.repo_root()
 NOTEBOOKS = rn.list_notebooks()
@@ -44,8 +45,9 @@ def test_notebook_is_clean_and_paired(notebook):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=IDS)
 def test_notebook_has_a_section_in_every_profile(notebook):
     for profile in available_profiles():
-        params = notebook_parameters(profile, notebook.stem)  # raises, naming the profile, if absent
-        assert params["profile"] == profile and "device" in params
+        params = notebook_parameters(profile, notebook.stem)
+        assert params["profile"] == profile
+        CONFIGS[notebook.stem].build(profile)       # every setting of the section fits the study's config
 
 
 def test_no_orphan_twins():
@@ -348,7 +350,7 @@ def test_lab_notebook_rejects_a_typo_at_once(capsys):
     assert ("unknown parameter 'n_imagez' for 00_misconv_tour; did you mean 'n_images'?"
             in capsys.readouterr().err)
     assert rn.main(["--only", "00", "-p", "n_images=abc", "--list"]) == 2
-    assert "parameter 'n_images' of 00_misconv_tour must be an integer" in capsys.readouterr().err
+    assert "setting 'n_images' of 00_misconv_tour must be an integer" in capsys.readouterr().err
 
 
 def test_select_patterns():
