@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from labkit import misconv
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary
 from labkit.studies import timing
+from labkit.studies.configs import TimingConfig
 
 
 def _lines(title: str, fast: pd.DataFrame, eager: pd.DataFrame | None) -> list[str]:
@@ -67,19 +67,25 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for bench_*.csv and bench.txt (default: print only)")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    if not args.no_tune_malloc:
-        timing.tune_malloc()
+    # the flags as the timing study's settings (checked there); the grids are the study's functions
+    cfg = TimingConfig.build(None, dict(repeats=args.repeats, eager_repeats=args.eager_repeats, sizes=args.sizes,
+                                        batch_sizes=args.batch_sizes, Ks=args.Ks, Ls=args.Ls,
+                                        component_cell=args.sweep_cell, threads=args.threads, clock=args.clock,
+                                        device=args.device or "auto", tune_malloc=not args.no_tune_malloc,
+                                        end_to_end_datasets=args.end_to_end, end_to_end_batch=args.e2e_batch,
+                                        end_to_end_repeats=args.e2e_repeats), origin="bench_misconv.py's flags")
+    device = timing.prepare(cfg)
     t0 = time.time()
-    machine = timing.machine_description(args.device) | {"summary": machine_description()}
+    machine = timing.machine_description(device) | {"summary": machine_summary()}
     print("machine:", json.dumps(machine), flush=True)
-    layers = ["conv", "misconv"] + (["misconv_eager"] if args.eager_repeats > 0 else [])
+    layers = timing.measured_layers(cfg)
+    common = dict(device=device, clock=cfg.clock, progress=True)
 
-    grid = timing.forward_grid(timing.grid_cases(args.sizes, args.batch_sizes), args.repeats, layers=layers,
-                               eager_repeats=args.eager_repeats, device=args.device, clock=args.clock, progress=True)
-    size, batch = args.sweep_cell
-    comp = timing.component_sweep(size, batch, args.repeats, Ks=args.Ks, Ls=args.Ls, layers=layers,
-                                  eager_repeats=args.eager_repeats, device=args.device, clock=args.clock, progress=True)
+    grid = timing.forward_grid(timing.grid_cases(cfg.sizes, cfg.batch_sizes), cfg.repeats, layers=layers,
+                               eager_repeats=cfg.eager_repeats, **common)
+    size, batch = cfg.component_cell
+    comp = timing.component_sweep(size, batch, cfg.repeats, Ks=cfg.Ks, Ls=cfg.Ls, layers=layers,
+                                  eager_repeats=cfg.eager_repeats, **common)
     clock = grid["clock"].iloc[0]
     text = [f"MisConv2d vs conv2d+ReLU, one forward pass, medians over interleaved rounds ({clock} time, "
             f"{args.threads} thread(s); fast: {args.repeats} rounds, eager: {args.eager_repeats})",
@@ -92,21 +98,17 @@ def main(argv=None) -> int:
     text += _lines(f"Components (I={size}, C={timing.channels_for(size)}, B={batch})", timing.ratio_table(comp), eager_c)
     extra = {}
     if args.backward_repeats > 0:
-        bwd = timing.backward_grid(timing.grid_cases(args.sizes, args.batch_sizes), args.backward_repeats,
-                                   device=args.device, clock=args.clock, progress=True)
+        bwd = timing.backward_grid(timing.grid_cases(cfg.sizes, cfg.batch_sizes), args.backward_repeats, **common)
         extra["backward.csv"] = bwd
         text += ["", f"Forward + backward (weight and bias gradients), {args.backward_repeats} rounds",
                  timing.format_table(timing.ratio_table(bwd))]
     if args.end_to_end:
-        e2e = timing.end_to_end(args.end_to_end, args.e2e_batch, args.e2e_repeats, device=args.device,
-                                clock=args.clock, progress=True)
+        e2e = timing.end_to_end(cfg.end_to_end_datasets, cfg.end_to_end_batch, cfg.end_to_end_repeats, **common)
         extra["end_to_end.csv"] = e2e
-        per = e2e.groupby(["dataset", "layer"], sort=False).per_image.median().unstack("layer") * 1e3
-        per["method / classifier"] = per["dmfa+misconv_classifier"] / per["classifier"]
-        per["DMFA share"] = per["dmfa"] / per["dmfa+misconv_classifier"]
+        per = timing.per_image_table(e2e).rename(columns={"DMFA share of the method": "DMFA share"})
         text += ["", f"End to end, eval mode, no gradients, batch {args.e2e_batch}, {args.e2e_repeats} rounds: "
                  "ms per image (medians)", per.round(3).to_string()]
-    load_after = timing.machine_description(args.device)["load_average_1_5_15"]
+    load_after = timing.machine_description(device)["load_average_1_5_15"]
     text += ["", f"load average after: {load_after}; wall time of the benchmark: {time.time() - t0:.0f} s",
              "compile seconds (first call of each fused kernel): "
              + ", ".join(f"{k}={v:.1f}" if v is not None else f"{k}=failed" for k, v in misconv.compile_report().items())]

@@ -371,13 +371,13 @@ def main(argv=None) -> int:
         print("no CUDA device: this benchmark measures MisConv2d on a GPU. Run it on a machine with CUDA, "
               "or with --dry-run for a CPU smoke test.", file=sys.stderr)
         return 2
-    from labkit import misconv
+    from labkit import misconv_fast
     from labkit import misconv_triton as MT
     from labkit.studies import timing
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
-        misconv._COMPILE = False              # the fast path uncompiled: no minutes of torch.compile
+        misconv_fast._COMPILE = False         # the fast path uncompiled: no minutes of torch.compile
         torch.set_num_threads(1)
         args.repeats = args.backward_repeats = args.scale_repeats = 2
         args.e2e_repeats = args.train_repeats = 1

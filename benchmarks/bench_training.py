@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import precision as P
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary
 from labkit.device import resolve_device
 from labkit.mfa import MFA
 
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     times = measure(configs, rounds=args.rounds, warmup=args.warmup, device=device, clock=args.clock)
     scale = args.threads if (args.clock == "cpu" and device.type == "cpu") else 1
 
-    machine = machine_description()
+    machine = machine_summary()
     try:
         load = ",".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:

@@ -7,7 +7,7 @@
   (naming the path) for an unreadable one, instead of torch's bare unpickling error.
 - :func:`load_or_train` is what a notebook cell calls: the first run trains and saves
   ``{"model": state_dict, "meta": {...}}``; later runs load it and say where it came from.
-- :func:`machine_description` records which machine produced a result.
+- ``meta['machine']`` records which machine produced a result (:func:`labkit.machine.machine_summary`).
 - :func:`read_whole_csv` is the reading side of atomic writes for tables that scripts merge into:
   a CSV cut short or malformed is refused with an error naming the file and line
   (:class:`TableFileError`), never read as the rows that happen to be there.
@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from labkit.device import resolve_device
+from labkit.machine import machine_summary
 
 __all__ = [
     "CheckpointError",
@@ -40,7 +40,6 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "load_or_train",
-    "machine_description",
     "partial_path",
     "read_whole_csv",
     "TableFileError",
@@ -213,34 +212,6 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.partial{path.suffix or '.pt'}")
 
 
-def machine_description() -> str:
-    """One line saying where a result was computed: CPU model, cores, torch version, GPU if any.
-
-    Example: ``"AMD EPYC (2 cores), torch 2.14.1, CUDA: NVIDIA H100 80GB HBM3"``.
-    """
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 0
-    parts = [f"{cpu} ({cores} cores)", f"torch {torch.__version__}"]
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        parts.append("CUDA: " + ", ".join(names))
-    else:
-        parts.append("no CUDA")
-    return ", ".join(parts)
-
-
 def _json_check(meta: Any, what: str) -> dict:
     if not isinstance(meta, Mapping):
         raise TypeError(f"{what} must be a dict of JSON-able values, got {type(meta).__name__}")
@@ -275,7 +246,8 @@ def load_or_train(
         build: ``() -> nn.Module``, builds the untrained architecture (called in both cases).
         train: ``(model) -> meta``, trains the model in place (already on ``device``) and returns a
             JSON-able dict describing the setting (data, sizes, epochs, seed, ...). ``machine``
-            (:func:`machine_description`), ``trained_at`` and ``train_seconds`` are added when absent.
+            (:func:`labkit.machine.machine_summary`), ``trained_at`` and ``train_seconds`` are
+            added when absent.
             To survive interruptions, it can run :func:`labkit.training.fit` with
             ``checkpoint=partial_path(path)``; that file is deleted once ``path`` is saved.
         device: where the model lives (``None``/``"auto"``: CUDA if available).
@@ -339,7 +311,7 @@ def load_or_train(
     meta = _json_check(meta, "train(model) return value (meta)")
     if config is not None:
         meta = {**meta, **_json_check(config, "config")}
-    meta.setdefault("machine", machine_description())
+    meta.setdefault("machine", machine_summary())
     meta.setdefault("trained_at", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     meta.setdefault("train_seconds", round(seconds, 1))
     # Store tensors on the CPU so the file opens anywhere; load_checkpoint maps them back.

@@ -53,13 +53,15 @@ import torch
 from labkit import paths
 from labkit.device import resolve_device
 
-__all__ = ["DATASETS", "ImageSet", "load_dataset", "read_idx", "train_val_split",
-           "default_root", "shared_datasets_dir"]
+__all__ = ["DATASETS", "DATASET_ALIASES", "ImageSet", "canonical_dataset", "load_dataset", "read_idx",
+           "train_val_split", "default_root", "shared_datasets_dir"]
 
+#: the data sets' names: what :func:`canonical_dataset` returns
 DATASETS = ("mnist", "fashion-mnist", "svhn", "cifar10", "celeba")
-_ALIASES = {"fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-            "cifar10": "cifar10", "cifar-10": "cifar10", "mnist": "mnist", "svhn": "svhn",
-            "celeba": "celeba"}
+#: every accepted spelling (lower case, "-" not "_") -> its name in :data:`DATASETS`
+DATASET_ALIASES = {"fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+                   "cifar10": "cifar10", "cifar-10": "cifar10", "mnist": "mnist", "svhn": "svhn",
+                   "celeba": "celeba"}
 _SPLITS = {"mnist": ("train", "test"), "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"),
            "svhn": ("train", "test", "extra"), "celeba": ("train", "valid", "test")}
 _TV_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}          # torchvision's folder names
@@ -530,6 +532,15 @@ def _where_to_put(name: str, split: str, root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- public entry points
+def canonical_dataset(name: str) -> str:
+    """The name in :data:`DATASETS` of the data set ``name`` (case-insensitive, ``_`` read as ``-``,
+    aliases such as ``"fmnist"`` or ``"CIFAR-10"``); ValueError naming the valid names otherwise."""
+    key = name.lower().replace("_", "-") if isinstance(name, str) else None
+    if key not in DATASET_ALIASES:
+        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+    return DATASET_ALIASES[key]
+
+
 def load_dataset(name: str, split: str = "train", *, root=None, download: bool = True,
                  limit: int | None = None, quiet: bool = False) -> ImageSet:
     """Load a data set as an :class:`ImageSet` (images ``(N, C, H, W)`` float32 in [0, 1], labels int64).
@@ -540,9 +551,7 @@ def load_dataset(name: str, split: str = "train", *, root=None, download: bool =
     limit: keep only the first ``limit`` images (deterministic). quiet: print nothing.
     See the module docstring for where files are looked for; ``source`` records which was used.
     """
-    if not isinstance(name, str) or name.lower().replace("_", "-") not in _ALIASES:
-        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
-    key = _ALIASES[name.lower().replace("_", "-")]
+    key = canonical_dataset(name)
     split = split.lower() if isinstance(split, str) else split
     if split == "val" and key == "celeba":
         split = "valid"

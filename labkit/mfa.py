@@ -2,7 +2,7 @@ r"""Mixtures of factor analyzers (MFA) over images: the density of missing pixel
 
 Papers: M. Przewięźlikowski, M. Śmieja, Ł. Struski, *Estimating conditional density of missing
 values using deep Gaussian mixture model*, ICONIP 2020, https://arxiv.org/abs/2010.02183 (the DMFA:
-a network that predicts, per image, an MFA of its missing pixels; :mod:`labkit.dmfa`), used by
+a network that predicts, per image, an MFA of its missing pixels; :mod:`labkit.models.dmfa`), used by
 *MisConv: Convolutional Neural Networks for Missing Data*, https://arxiv.org/abs/2110.14010
 (:mod:`labkit.misconv`). The model itself is Ghahramani & Hinton's mixture of factor analyzers
 (1996); its training by EM is :func:`fit_mfa`.
@@ -108,7 +108,7 @@ class MFA:
 
     def __post_init__(self) -> None:
         if self.validate:
-            self._check()
+            self.check()
 
     @classmethod
     def from_log_weights(cls, log_weights: Tensor, means: Tensor, factors: Tensor, variances: Tensor,
@@ -129,7 +129,9 @@ class MFA:
         return MFA(fn(w), fn(m), fn(a), fn(d), validate=False, log_weights=None if lw is None else fn(lw))
 
     # ------------------------------------------------------------------ validation
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise TypeError or ValueError unless the fields are float tensors of one MFA's shapes
+        (run on construction unless ``validate=False``)."""
         fields = {"weights": self.weights, "means": self.means, "factors": self.factors, "variances": self.variances}
         for name, t in fields.items():
             if not isinstance(t, Tensor):

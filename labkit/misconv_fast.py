@@ -40,8 +40,7 @@ is logged once (logger ``labkit.misconv``). The fast path's backward is first or
 
 Entry point: :func:`misconv_fast`. Switches: :func:`set_fast_default` / :func:`fast_default`
 (which path layers built with ``fast=None`` take), :func:`compile_enabled`, :func:`compile_report`.
-``labkit.misconv`` re-exports them and forwards reads and writes of this module's private names
-(``labkit.misconv._COMPILE = False`` switches compilation off here).
+``labkit.misconv`` re-exports them.
 """
 from __future__ import annotations
 

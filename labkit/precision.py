@@ -49,6 +49,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "device_has_native_bf16",
     "float32_region",
+    "recording",
     "grad_scaler",
     "resolve_precision",
     "to_float32",
@@ -168,7 +169,7 @@ def _record(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _recording() -> Iterator[set[str]]:
+def recording() -> Iterator[set[str]]:
     """Collect the resolved precisions :func:`autocast` was entered with inside the block."""
     stack = getattr(_local, "stack", None)
     if stack is None:

@@ -288,7 +288,7 @@ def fit(
                    leave=True, dynamic_ncols=True)
         try:
             for batch in bar:
-                with _precision._recording() as entered:
+                with _precision.recording() as entered:
                     metrics = step(batch, epoch, g_step)
                 _check_entered(entered, precision, first=(epoch == start_epoch and n_batches == 0))
                 n_batches += 1

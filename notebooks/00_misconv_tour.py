@@ -66,10 +66,12 @@ from labkit.data import load_dataset
 from labkit.lab.notices import offline_banner, shown_source
 from labkit.mfa import fit_mfa
 from labkit.misconv import MisConv2d, expected_relu, misconv_reference
+from labkit.studies.configs import TourConfig
 
-dev = labkit.resolve_device(device)
-torch.manual_seed(seed)
-out_dir = paths.results_dir("tour", profile)     # stable names: ./lab figures copies them to docs/
+cfg = TourConfig.from_namespace(globals())
+dev = labkit.resolve_device(cfg.device)
+torch.manual_seed(cfg.seed)
+out_dir = paths.results_dir("tour", cfg.profile)     # stable names: ./lab figures copies them to docs/
 out_dir.mkdir(parents=True, exist_ok=True)
 print(f"device: {dev}; figures -> {out_dir}")
 
@@ -111,21 +113,21 @@ def hide(images, missing):
 # under a mask mean nothing: the lab puts NaN there, so that a leak would show.
 
 # %%
-test = load_dataset("mnist", "test", limit=max(n_images, 64), quiet=True)
+test = load_dataset("mnist", "test", limit=max(cfg.n_images, 64), quiet=True)
 print(shown_source(test))    # folders relative to the repository
 banner = offline_banner(test)
 if banner:
     display(Markdown(banner))
 
 # %%
-x = test.images[:n_images]                                  # (n, 1, 28, 28) in [0, 1]
-gen = torch.Generator().manual_seed(seed)
+x = test.images[:cfg.n_images]                                  # (n, 1, 28, 28) in [0, 1]
+gen = torch.Generator().manual_seed(cfg.seed)
 table1 = getattr(masks, "DEFAULT_MASK_KINDS", ("square", "trapezoid", "noise"))
-kinds = {k: masks.make_masks(k, n_images, 28, 28, generator=gen, device="cpu") for k in table1}
+kinds = {k: masks.make_masks(k, cfg.n_images, 28, 28, generator=gen, device="cpu") for k in table1}
 for kind, m in kinds.items():
     print(f"{kind:10s} {m.float().mean():6.1%} of the pixels missing")
 
-fig, axes = plt.subplots(1 + len(kinds), n_images, figsize=(1.3 * n_images + 1.4, 1.35 * (1 + len(kinds))),
+fig, axes = plt.subplots(1 + len(kinds), cfg.n_images, figsize=(1.3 * cfg.n_images + 1.4, 1.35 * (1 + len(kinds))),
                          layout="constrained")
 im = show_row(axes[0], x, "image")
 for row, (kind, m) in enumerate(kinds.items(), start=1):
@@ -153,13 +155,14 @@ plt.show()
 # and look at it. Check: the EM log-likelihood must increase.
 
 # %%
-train = load_dataset("mnist", "train", limit=n_fit, quiet=True)
-model, history = fit_mfa(train.images, mfa_components, mfa_factors, iterations=15, seed=seed, progress=False)
+train = load_dataset("mnist", "train", limit=cfg.n_fit, quiet=True)
+model, history = fit_mfa(train.images, cfg.mfa_components, cfg.mfa_factors, iterations=15, seed=cfg.seed,
+                         progress=False)
 print(f"EM on {len(train)} digits: mean log-likelihood {history[0]:.1f} -> {history[-1]:.1f} nats/image")
 assert history[-1] > history[0]
 
-K, L = mfa_components, mfa_factors
-samples = model.as_mfa(1).sample(generator=torch.Generator().manual_seed(seed), n=4 * K)[:, 0]
+K, L = cfg.mfa_components, cfg.mfa_factors
+samples = model.as_mfa(1).sample(generator=torch.Generator().manual_seed(cfg.seed), n=4 * K)[:, 0]
 lim = model.factors.abs().max().item()                      # one colour scale for every factor
 fig, axes = plt.subplots(K, L + 5, figsize=(1.2 * (L + 5) + 2.2, 1.3 * K + 0.9), squeeze=False,
                          layout="constrained")
@@ -197,10 +200,10 @@ missing = kinds["square"]
 cond = model.condition(hide(x, missing), ~missing)
 obs_factors = cond.factors[(~missing)[:, None, None].expand_as(cond.factors)]   # (B, K, L, 1, H, W) at observed pixels
 assert torch.allclose(cond.mean()[~missing], x[~missing]) and (obs_factors == 0).all()
-cs = cond.sample(generator=torch.Generator().manual_seed(seed + 1), n=3)      # (3, n, 1, 28, 28)
+cs = cond.sample(generator=torch.Generator().manual_seed(cfg.seed + 1), n=3)      # (3, n, 1, 28, 28)
 fill = lambda z: torch.where(missing, z, x).clamp(0, 1)                       # noqa: E731
 std = torch.where(missing, cond.variance().sqrt(), torch.zeros_like(x))       # 0 where observed
-fig, axes = plt.subplots(6, n_images, figsize=(1.3 * n_images + 2.2, 8.4), layout="constrained")
+fig, axes = plt.subplots(6, cfg.n_images, figsize=(1.3 * cfg.n_images + 2.2, 8.4), layout="constrained")
 show_row(axes[0], hide(x, missing), "input")
 show_row(axes[1], fill(cond.mean()), "conditional\nmean")
 for i in range(3):
@@ -236,12 +239,12 @@ print(inspect.getsource(expected_relu))
 mus = torch.tensor([-1.0, 0.0, 0.5], dtype=torch.float64)
 sig = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 exact = expected_relu(mus, sig ** 2)
-g = torch.Generator().manual_seed(seed)
-draws = mus + sig * torch.randn(mc_samples, 3, generator=g, dtype=torch.float64)
-ns = np.unique(np.logspace(1, np.log10(mc_samples), 30).astype(int))
+g = torch.Generator().manual_seed(cfg.seed)
+draws = mus + sig * torch.randn(cfg.mc_samples, 3, generator=g, dtype=torch.float64)
+ns = np.unique(np.logspace(1, np.log10(cfg.mc_samples), 30).astype(int))
 running = torch.cumsum(torch.relu(draws), 0)[torch.as_tensor(ns) - 1] / torch.as_tensor(ns, dtype=torch.float64)[:, None]
 err = (running - exact).abs().numpy()
-se = (torch.relu(draws).std(0) / mc_samples ** 0.5)
+se = (torch.relu(draws).std(0) / cfg.mc_samples ** 0.5)
 assert ((running[-1] - exact).abs() < 5 * se).all(), "Monte Carlo disagrees with the formula"
 
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
@@ -257,7 +260,7 @@ a2.set(xlabel="Monte Carlo samples n", ylabel="|MC − exact|", title="Monte Car
 a2.legend(fontsize=8)
 fig.savefig(out_dir / "expected_relu.png", dpi=120)
 plt.show()
-print("exact:", exact.numpy().round(5), " MC with", mc_samples, "samples:", running[-1].numpy().round(5),
+print("exact:", exact.numpy().round(5), " MC with", cfg.mc_samples, "samples:", running[-1].numpy().round(5),
       " (standard errors", se.numpy().round(5), ")")
 
 # %% [markdown]
@@ -295,7 +298,7 @@ print(inspect.getsource(misconv_reference))
 # values never reach the output, and check that with nothing missing the layer is conv+ReLU exactly.
 
 # %%
-torch.manual_seed(seed)
+torch.manual_seed(cfg.seed)
 layer = MisConv2d(1, 8, 3, padding=1).double()
 xd, md = x.double(), missing
 cond64 = cond.to(torch.float64)
@@ -320,8 +323,8 @@ print("nothing missing -> MisConv2d == conv+ReLU exactly:", same)
 
 # %%
 with torch.no_grad():
-    g = torch.Generator().manual_seed(seed)
-    sizes = np.unique(np.logspace(0, np.log10(max(mc_samples // 10, 10)), 12).astype(int))
+    g = torch.Generator().manual_seed(cfg.seed)
+    sizes = np.unique(np.logspace(0, np.log10(max(cfg.mc_samples // 10, 10)), 12).astype(int))
     total, done, errs = torch.zeros_like(exact_maps), 0, []
     for n in sizes:
         while done < n:

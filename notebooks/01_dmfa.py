@@ -86,7 +86,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 import labkit
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary
 from labkit.studies import density
 from labkit.studies.configs import DensityConfig
 
@@ -95,7 +95,7 @@ if cfg.threads:
     torch.set_num_threads(cfg.threads)
 dev = labkit.resolve_device(cfg.device)
 out_dir = density.results_path(cfg)
-print(f"device {dev}, {torch.get_num_threads()} threads on {machine_description()}")
+print(f"device {dev}, {torch.get_num_threads()} threads on {machine_summary()}")
 print(f"results -> {out_dir.resolve()}")
 
 # %% [markdown]

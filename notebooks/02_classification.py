@@ -74,7 +74,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary as machine_description
 from labkit.device import resolve_device
 from labkit.studies import classification as clf
 from labkit.studies.imputers import method_available

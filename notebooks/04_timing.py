@@ -67,48 +67,27 @@ end_to_end_repeats = 3
 results_dir = None        # default: results/timing/<profile>
 
 # %%
-import json
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import pandas as pd
-import torch
 from IPython.display import Image, Markdown, display
 
-from labkit import misconv, paths
-from labkit.checkpoint import machine_description
-from labkit.device import resolve_device
 from labkit.studies import timing
-from labkit.studies.store import write_table, write_text   # atomic: an interrupted run never leaves half a table
+from labkit.studies.configs import TimingConfig
 
-dev = resolve_device(device)
-if threads:
-    torch.set_num_threads(int(threads))
-if tune_malloc:
-    timing.tune_malloc()
-out_dir = Path(results_dir) if results_dir else paths.results_dir("timing", profile)
-out_dir.mkdir(parents=True, exist_ok=True)
-machine = timing.machine_description(dev) | {"summary": machine_description()}
-write_text(out_dir / "machine.json", json.dumps(machine, indent=1))
+cfg = TimingConfig.from_namespace(globals())
+results = timing.run(cfg)                       # every grid of the config, rows written as they finish
+written = timing.write_report(cfg, results)     # tables, figures and summary.md beside them
+out_dir = timing.results_path(cfg)
+tables = timing.report_tables(results)
+machine = results["machine"].iloc[0]
 display(Markdown(f"**Machine:** {machine['summary']}; {machine['torch_threads']} torch thread(s); "
                  f"load average {machine['load_average_1_5_15']}; malloc tuned: {machine['malloc_tuned']}; "
-                 f"MisConv may compile: {machine['misconv_compile']}. Results go to `{out_dir}`."))
+                 f"MisConv may compile: {machine['misconv_compile']}. Results in `{out_dir}`."))
 
 # %% [markdown]
 # ## 1. The paper's grid: one forward pass
 
 # %%
-layers = ["conv", "misconv"] + (["misconv_eager"] if eager_repeats else [])
-cases = timing.grid_cases(sizes, batch_sizes)
-forward = timing.forward_grid(cases, repeats, layers=layers, eager_repeats=eager_repeats, device=dev, seed=seed,
-                              clock=clock, progress=True)
-write_table(forward, out_dir / "forward.csv", index=False)
-summary = timing.summarize(forward)
-write_table(summary, out_dir / "forward_summary.csv", index=False)
-table = timing.ratio_table(forward)
-write_table(table, out_dir / "forward_ratios.csv", index=False)
-clock_used = forward["clock"].iloc[0]
-print(f"clock: {clock_used}")
+table = tables["forward_ratios"]
+print(f"clock: {results['forward']['clock'].iloc[0]}")
 print(timing.format_table(table))
 
 # %% [markdown]
@@ -117,9 +96,8 @@ print(timing.format_table(table))
 # above the `(L+2)·K` convolutions a direct implementation needs), and the paper's GPU figures.
 
 # %%
-if eager_repeats:
-    eager = timing.ratio_table(forward, misconv="misconv_eager")
-    write_table(eager, out_dir / "forward_ratios_eager.csv", index=False)
+if "forward_ratios_eager" in tables:
+    eager = tables["forward_ratios_eager"]
     print("Eager path (the formula as written), against conv2d + ReLU measured alongside it:")
     print(timing.format_table(eager))
     speedup = eager.set_index(["size", "batch"]).misconv_median / table.set_index(["size", "batch"]).misconv_median
@@ -127,9 +105,6 @@ if eager_repeats:
                      + ", ".join(f"I={s} B={b}: {v:.1f}×" for (s, b), v in speedup.items())))
 
 # %%
-grid = timing.boxplots(forward, out_dir / "forward_boxplots.png", layers=layers,
-                       title=f"One forward pass ({clock_used} time, {machine['torch_threads']} thread(s))")
-plt.close(grid.figure)
 display(Image(filename=str(out_dir / "forward_boxplots.png")))
 
 # %% [markdown]
@@ -140,13 +115,9 @@ display(Image(filename=str(out_dir / "forward_boxplots.png")))
 # kernel by hand (`∂E/∂μ = Φ(t)`, `∂E/∂σ² = φ(t)/(2σ)`).
 
 # %%
-if backward:
-    bwd = timing.backward_grid(cases, max(1, repeats // 2), device=dev, seed=seed, clock=clock, progress=True)
-    write_table(bwd, out_dir / "backward.csv", index=False)
-    bwd_table = timing.ratio_table(bwd)
-    write_table(bwd_table, out_dir / "backward_ratios.csv", index=False)
+if "backward_ratios" in tables:
     print("Forward + backward (the paper's columns are its forward-only figures, for scale):")
-    print(timing.format_table(bwd_table))
+    print(timing.format_table(tables["backward_ratios"]))
 
 # %% [markdown]
 # ## 3. Mixture components K and factors L
@@ -155,26 +126,9 @@ if backward:
 # not the growth. Below: the ratio to conv2d + ReLU against that count.
 
 # %%
-comp = None
-if Ks and Ls:
-    size, batch = component_cell
-    comp = timing.component_sweep(size, batch, repeats, Ks=Ks, Ls=Ls, device=dev, seed=seed, clock=clock,
-                                  progress=True)
-    write_table(comp, out_dir / "components.csv", index=False)
-    comp_table = timing.ratio_table(comp)
-    write_table(comp_table, out_dir / "components_ratios.csv", index=False)
-    print(timing.format_table(comp_table))
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for K, d in comp_table.groupby("K"):
-        ax.plot(d.L, d.ratio, "o-", label=f"MisConv, K={K}")
-        ax.plot(d.L, d.floor, ":", color=ax.lines[-1].get_color(), label=f"(L+2)·K, K={K}")
-    ax.set_xlabel("factors L")
-    ax.set_ylabel("time / conv2d+ReLU")
-    ax.set_title(f"I={size}, B={batch}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "components.png", dpi=120)
-    plt.show()
+if "components_ratios" in tables:
+    print(timing.format_table(tables["components_ratios"]))
+    display(Image(filename=str(out_dir / "components.png")))
 
 # %% [markdown]
 # ## 4. End to end, per image
@@ -185,44 +139,12 @@ if Ks and Ls:
 # gradients.
 
 # %%
-e2e = None
-if end_to_end_datasets:
-    e2e = timing.end_to_end(end_to_end_datasets, end_to_end_batch, end_to_end_repeats, device=dev, seed=seed,
-                            clock=clock, progress=True)
-    write_table(e2e, out_dir / "end_to_end.csv", index=False)
-    per_image = (e2e.groupby(["dataset", "layer"], sort=False).per_image.median().unstack("layer") * 1e3)
-    per_image["method / classifier"] = per_image["dmfa+misconv_classifier"] / per_image["classifier"]
-    per_image["DMFA share of the method"] = per_image["dmfa"] / per_image["dmfa+misconv_classifier"]
-    write_table(per_image, out_dir / "end_to_end_summary.csv")
+if "end_to_end_summary" in tables:
     display(Markdown("Milliseconds per image (medians):"))
-    display(per_image.round(3))
+    display(tables["end_to_end_summary"].round(3))
 
 # %% [markdown]
 # ## 5. Summary
 
 # %%
-report = misconv.compile_report()
-worst = table.loc[table.ratio.idxmax()]
-lines = [
-    f"- Forward, fast path: MisConv / conv2d+ReLU from {table.ratio.min():.2f}× to {table.ratio.max():.2f}× "
-    f"({clock_used} time; worst at I={int(worst['size'])}, B={int(worst['batch'])}); target 1.25·(L+2)·K = "
-    f"{table.target.iloc[0]:.1f}×: {'met' if (table.ratio <= table.target).all() else 'NOT met'} in every cell.",
-]
-paper = table.dropna(subset=["paper_ratio"])
-if len(paper):
-    below = int((paper.ratio <= paper.paper_ratio).sum())
-    lines.append(f"- At or below the paper's GPU ratio in {below} of {len(paper)} cells "
-                 f"(paper: {paper.paper_ratio.min():.2f}× to {paper.paper_ratio.max():.2f}×).")
-if eager_repeats:
-    lines.append(f"- Eager path: {eager.ratio.min():.1f}× to {eager.ratio.max():.1f}× conv2d+ReLU.")
-if backward:
-    lines.append(f"- Forward + backward: {bwd_table.ratio.min():.2f}× to {bwd_table.ratio.max():.2f}×.")
-if e2e is not None:
-    for name, r in per_image.iterrows():
-        lines.append(f"- End to end ({name}): {r['dmfa+misconv_classifier']:.3f} ms per image against "
-                     f"{r['classifier']:.3f} ms for the classifier on complete images "
-                     f"({r['method / classifier']:.1f}×; the DMFA is {100 * r['DMFA share of the method']:.0f}% of it).")
-lines.append("- First-call compile time per fused kernel (s): "
-             + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in report.items()))
-write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
-display(Markdown("\n".join(lines)))
+display(Markdown((out_dir / "summary.md").read_text()))

@@ -36,7 +36,7 @@
 #
 # The panels are recomputed after every stroke (tens of milliseconds on a CPU). The models come
 # from the checkpoints under `results/` ("load if it exists, otherwise train",
-# `labkit.studies.draw_app.load_draw_models`): the DMFA of the DMFA study (`results/dmfa/...`) and
+# `labkit.studies.draw_models.load_draw_models`): the DMFA of the DMFA study (`results/dmfa/...`) and
 # three small classifiers in `results/draw/`, so the notebook opens in seconds. Without them it
 # trains them first (a few minutes on a CPU).
 #
@@ -67,20 +67,17 @@ import time
 import torch
 from IPython.display import Image, Markdown, display
 
-import labkit
-from labkit.data import load_dataset
 from labkit.lab.notices import offline_banner, shown_source
 from labkit.studies import draw, draw_app
+from labkit.studies.configs import DrawConfig
 
-dev = labkit.resolve_device(device)
+cfg = DrawConfig.from_namespace(globals())
 started = time.perf_counter()
-models = draw_app.load_draw_models(dataset, dmfa_checkpoint=dmfa_checkpoint, out_dir=out_dir, n_train=n_train,
-                                   epochs=epochs, dmfa_n_train=dmfa_n_train, dmfa_epochs=dmfa_epochs, seed=seed,
-                                   device=dev)
-test = load_dataset(dataset, "test", limit=n_images, quiet=True)
-print(models.summary())
+app = draw_app.open_app(cfg)        # the models ("load if it exists, otherwise train") and the test images
+test = app.data
+print(app.models.summary())
 print(f"data: {shown_source(test)}")   # folders relative to the repository
-print(f"models ready in {time.perf_counter() - started:.1f} s on {dev}")
+print(f"models ready in {time.perf_counter() - started:.1f} s on {app.images.device}")
 banner = offline_banner(test)
 if banner:
     display(Markdown(banner))
@@ -89,9 +86,6 @@ if banner:
 # ## The app
 
 # %%
-app = draw_app.build_app(test.images.to(dev), test.labels, dmfa=models.dmfa, classifiers=models.predictors(),
-                         complete=models.complete, scale=scale, brush=brush, n_samples=n_samples, seed=seed,
-                         index=image_index)
 display(app.widget)
 
 # %% [markdown]

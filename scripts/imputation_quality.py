@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.checkpoint import machine_description
+from labkit.machine import machine_summary
 from labkit.masks import ink_hidden
 from labkit.studies.cells import load_cell_data
 from labkit.studies.classification import imputation_quality, sweep_config
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     table = pd.concat(frames, ignore_index=True)
     table.insert(len(table.columns), "seed", args.seed)
     table.insert(len(table.columns), "n_test_images", args.n)
-    run = {"command": " ".join(sys.argv), "machine": machine_description(), "seconds": round(time.time() - started, 1)}
+    run = {"command": " ".join(sys.argv), "machine": machine_summary(), "seconds": round(time.time() - started, 1)}
     try:
         table, coverage_df, effect = write_results(cfg.results_path(), table, pd.DataFrame(coverage),
                                                    pd.DataFrame(variance_effect), run)

@@ -15,7 +15,7 @@ Progress lives in ``<--out stem>.<digest8>.partial.pt`` (a labkit.training.fit c
 every epoch, named after the settings other than the epochs): rerunning the same command resumes
 an interrupted run, and a run with a larger ``--epochs`` continues from the progress of the same
 settings when it is still there. When the run reaches ``--epochs`` the trained model is written
-as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.models.acflow.load_acflow``);
+as ``{"model": state_dict, "meta": {...}}`` (load it with ``labkit.models.acflow_training.load_acflow``);
 ``meta`` records the setting (``meta["train_config"]``), per-epoch history, throughput and the machine.
 
 Validation: the first ``--n-val`` MNIST *test* images with fixed mixed masks (square / trapezoid /
@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-from labkit.checkpoint import atomic_save, machine_description
+from labkit.checkpoint import atomic_save
 from labkit.data import load_dataset
 from labkit.device import resolve_device
-from labkit.models.acflow import ACFlow, load_acflow, study_mask_fn, train_acflow
+from labkit.machine import machine_summary
+from labkit.models.acflow import ACFlow
+from labkit.models.acflow_training import load_acflow, study_mask_fn, train_acflow
 from labkit.precision import PRECISIONS, resolve_precision
 from labkit.studies.density import config_checkpoint
 from labkit.studies.engine import digest, tensor_digest
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "history": history,
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
         "train_seconds_total": sum(seconds),
-        "machine": machine_description(),
+        "machine": machine_summary(),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

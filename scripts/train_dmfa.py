@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     if args.throughput:
         import json
 
-        from labkit.checkpoint import machine_description
+        from labkit.machine import machine_summary
 
         rows = density.measure_throughput(params["dataset"], threads=(1, 2), batch_size=params["batch_size"],
                                           device=device)
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
             print(f"{r['threads']} thread(s): training {r['train_images_per_s']:.0f} images/s, "
                   f"inference {r['infer_images_per_s']:.0f} images/s")
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "throughput.json", json.dumps({"machine": machine_description(), "rows": rows}, indent=1))
+        write_text(out / "throughput.json", json.dumps({"machine": machine_summary(), "rows": rows}, indent=1))
         return 0
     if args.table:
         print(write_table(Path(args.table), out, params["dataset"]))

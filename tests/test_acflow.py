@@ -7,17 +7,8 @@ import math
 import pytest
 import torch
 
-from labkit.models.acflow import (
-    ACFlow,
-    AffineCoupling,
-    bits_per_dim,
-    evaluate_nll,
-    load_acflow,
-    squeeze2d,
-    study_mask_fn,
-    train_acflow,
-    unsqueeze2d,
-)
+from labkit.models.acflow import ACFlow, AffineCoupling, squeeze2d, unsqueeze2d
+from labkit.models.acflow_training import bits_per_dim, evaluate_nll, load_acflow, study_mask_fn, train_acflow
 
 F64 = torch.float64
 

@@ -240,7 +240,7 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
     symlink; the CIFAR-10 DMFAs record the content hash, so their data path is not compared."""
     from labkit.data import load_dataset, train_val_split
     from labkit.lab.profiles import notebook_parameters
-    from labkit.models.acflow import load_acflow
+    from labkit.models.acflow_training import load_acflow
 
     if not (paths.shared_datasets_dir() / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("the offline MNIST copy the committed checkpoints were trained on is not on this machine")
@@ -409,31 +409,21 @@ def _timings(seconds: float) -> pd.DataFrame:
                          for r in range(3) for layer in ("conv", "misconv")])
 
 
-def test_timing_writes_its_grid_and_table_as_one_set_and_refuses_a_cut_grid(tmp_path, monkeypatch, capsys):
-    grids = iter([_timings(1e-3), _timings(2e-3)])
-    monkeypatch.setattr(timing, "forward_grid", lambda *a, **k: next(grids))
-    args = ["--profile", "quick", "--no-tune-malloc", "--device", "cpu", "--out", str(tmp_path)]
-    assert timing.main(args) == 0
-    before = {n: (tmp_path / n).read_bytes() for n in ("forward.csv", "table.txt")}
-    assert "3.00" in before["table.txt"].decode()
-    real, calls = store._write_temp, []
+def test_timing_reads_back_whole_grids_and_refuses_a_cut_one(tmp_path, monkeypatch):
+    from labkit.checkpoint import TableFileError
+    from labkit.studies.configs import TimingConfig
 
-    def dying(final, content):
-        calls.append(final)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed between two files")
-        return real(final, content)
-
-    monkeypatch.setattr(store, "_write_temp", dying)
-    with pytest.raises(KeyboardInterrupt):
-        timing.main(args)
-    monkeypatch.setattr(store, "_write_temp", real)
-    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    monkeypatch.setattr(timing, "forward_grid", lambda *a, **k: _timings(1e-3))
+    cfg = TimingConfig(results_dir=str(tmp_path), backward=False, Ks=[], Ls=[], end_to_end_datasets=[],
+                       tune_malloc=False, device="cpu")
+    measured = timing.run(cfg, progress=False)
+    again = timing.read_results(cfg)
+    assert again["forward"].equals(measured["forward"]) and set(again) == {"forward", "machine"}
+    assert "3.00" in timing.markdown_ratios(again["forward"])
     cut = tmp_path / "forward.csv"
-    cut.write_bytes(before["forward.csv"][:-9])
-    capsys.readouterr()
-    assert timing.main(["--markdown-from", str(cut)]) == 1
-    assert f"{cut} ends in the middle of a line" in capsys.readouterr().err
+    cut.write_bytes(cut.read_bytes()[:-9])
+    with pytest.raises(TableFileError, match="ends in the middle of a line"):
+        timing.read_results(cfg)
 
 
 # ============================================================================ 4. unfinished and unavailable cells

@@ -144,7 +144,7 @@ def test_bad_inputs_raise_with_the_argument_named():
         model(x, miss[:1])
     with pytest.raises(TypeError, match="x must be a floating-point"):
         model(x.long(), miss)
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(ValueError, match="unknown data set 'imagenet'; valid names: mnist, fashion-mnist"):
         build_dmfa("imagenet")
     with pytest.raises(ValueError, match="n_components must be >= 1"):
         build_dmfa("mnist", n_components=0)

@@ -18,10 +18,11 @@ import torch
 
 from labkit.masks import make_masks
 from labkit.mfa import MFA
-from labkit.studies import draw, draw_app
-from labkit.studies.draw import (Panels, apply_stroke, compute_panels, format_probabilities, overlay_rgb,
-                                 panel_images, png_bytes, preset_mask, probability_bars_html, stroke_mask,
-                                 stroke_radius)
+from labkit.studies import draw, draw_app, draw_html
+from labkit.studies.configs import DrawConfig
+from labkit.studies.draw import (Panels, apply_stroke, compute_panels, format_probabilities, overlay_rgb, preset_mask,
+                                 stroke_mask, stroke_radius)
+from labkit.studies.draw_html import panel_images, png_bytes, probability_bars_html
 from labkit.studies.draw_app import COMPLETE, MISCONV, ZERO, build_app, training_masks
 
 
@@ -450,19 +451,19 @@ def test_probability_bars_html_have_an_axis_and_a_true_label_legend():
 
 
 def test_colorbar_html_names_the_quantity_and_spans_the_scale():
-    bar = draw.colorbar_html("magma", 0.0, 0.3, "std (pixel-value units)")
+    bar = draw_html.colorbar_html("magma", 0.0, 0.3, "std (pixel-value units)")
     tick = lambda html: re.findall(r"class='cbar-tick'[^>]*>([^<]*)<", html)  # noqa: E731
     assert tick(bar) == ["0", "0.15", "0.3"]
     assert "std (pixel-value units)" in bar and "linear-gradient" in bar
-    assert tick(draw.colorbar_html("gray", 0, 1, "v", ticks=5)) == ["0", "0.25", "0.5", "0.75", "1"]
-    assert tick(draw.colorbar_html("magma", 0, 0.2837, "v")) == ["0", "0.14", "0.28"]
+    assert tick(draw_html.colorbar_html("gray", 0, 1, "v", ticks=5)) == ["0", "0.25", "0.5", "0.75", "1"]
+    assert tick(draw_html.colorbar_html("magma", 0, 0.2837, "v")) == ["0", "0.14", "0.28"]
     # the gradient runs through the colour map: black at 0 and white at 1 for "gray"
-    stops = re.findall(r"rgb\((\d+), (\d+), (\d+)\) (\d+)%", draw.colorbar_html("gray", 0, 1, "v"))
+    stops = re.findall(r"rgb\((\d+), (\d+), (\d+)\) (\d+)%", draw_html.colorbar_html("gray", 0, 1, "v"))
     assert stops[0] == ("0", "0", "0", "0") and stops[-1] == ("255", "255", "255", "100")
     with pytest.raises(ValueError, match="need finite vmin < vmax"):
-        draw.colorbar_html("gray", 1.0, 1.0, "v")
+        draw_html.colorbar_html("gray", 1.0, 1.0, "v")
     with pytest.raises(ValueError, match="cmap must be the name of a matplotlib colour map"):
-        draw.colorbar_html("nope", 0.0, 1.0, "v")
+        draw_html.colorbar_html("nope", 0.0, 1.0, "v")
 
 
 # ----------------------------------------------------------------------------- the app, headless
@@ -641,6 +642,20 @@ def notebook_model_overrides(tmp_path_factory) -> dict:
     with eager_misconv():
         draw_app.load_draw_models("mnist", n_test=100, device="cpu", quiet=True, **over)
     return over
+
+
+def test_open_app_builds_the_app_of_a_config(tmp_path_factory):
+    """notebook 05's one call: the config's models, its first n_images test images, its canvas, brush,
+    samples and first image."""
+    over = notebook_model_overrides(tmp_path_factory)
+    cfg = DrawConfig(device="cpu", n_images=5, image_index=3, scale=4, brush=2.0, n_samples=2, **over)
+    with eager_misconv():
+        app = draw_app.open_app(cfg, quiet=True)
+    assert (app.index, app.scale, app.brush, app.images.shape[0]) == (3, 4, 2.0, 5)
+    assert app.data.labels.shape == (5,) and torch.equal(app.labels, app.data.labels)
+    assert set(app.classifiers) == {MISCONV, ZERO, COMPLETE} and app.complete == (COMPLETE,)
+    assert app.models.dmfa is app.dmfa and app.models.meta["dmfa"]["path"]
+    assert app.panels.samples.shape[0] == 2 and app.panels.n_missing == 0
 
 
 @pytest.mark.slow

@@ -454,7 +454,7 @@ def test_wae_train_step_under_bf16_mixed():
 
 
 def test_train_acflow_under_bf16_mixed(tmp_path):
-    from labkit.models.acflow import train_acflow
+    from labkit.models.acflow_training import train_acflow
 
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)

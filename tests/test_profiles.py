@@ -41,7 +41,6 @@ def test_the_three_profiles_exist():
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_loads_with_valid_keys(name):
     profile = load_profile(name)
-    assert profile["defaults"]["device"] == "auto" and profile["defaults"]["seed"] == 0
     for section, params in profile.items():
         for key in params:
             assert key.isidentifier(), f"{name}.yaml [{section}] {key!r} is not a Python identifier"
@@ -54,35 +53,45 @@ def test_profile_loads_with_valid_keys(name):
             )
 
 
-def test_profiles_name_the_same_notebooks_with_the_same_parameters():
-    sections = {name: load_profile(name) for name in PROFILES}
-    for name, profile in sections.items():
+def test_profiles_name_every_notebook_and_hold_only_what_differs_from_the_defaults():
+    from labkit.studies.configs import CONFIGS
+
+    for name in PROFILES:
+        profile = load_profile(name)
         assert set(profile) - {"defaults"} == set(NOTEBOOKS), f"{name}.yaml"
-    for notebook in NOTEBOOKS:
-        keys = {name: sorted(profile[notebook]) for name, profile in sections.items()}
-        assert keys["quick"] == keys["cpu"] == keys["paper"], f"{notebook}: parameters differ between profiles: {keys}"
+        for notebook in NOTEBOOKS:
+            defaults = CONFIGS[notebook].defaults()
+            same = [k for k, v in (profile[notebook] or {}).items() if k in defaults and v == defaults[k]
+                    and k not in ("dataset", "mode", "modes", "seed", "seeds")]
+            assert not same, f"{name}.yaml [{notebook}] repeats the defaults of {same}: drop them"
 
 
 def test_profile_sizes_grow_from_quick_to_paper():
-    quick, cpu, paper = (load_profile(n) for n in PROFILES)
-    for nb in ("01_dmfa", "02_classification", "03_wae"):
-        assert cpu[nb]["n_train"] == 10000  # all offline MNIST training images
-        assert quick[nb]["epochs"] == 1 and quick[nb]["n_train"] <= 6000  # about a minute per study on 2 cores
-        assert paper[nb]["n_train"] is None  # the whole split
+    from labkit.studies.configs import ClassificationConfig, DensityConfig, TimingConfig, TourConfig, WAEConfig
+
+    for cls in (DensityConfig, ClassificationConfig, WAEConfig):
+        quick, cpu, paper = (cls.build(n) for n in PROFILES)
+        assert cpu.n_train == 10000  # all offline MNIST training images
+        assert quick.epochs == 1 and quick.n_train <= 6000  # about a minute per study on 2 cores
+        assert paper.n_train is None  # the whole split
     # the paper's protocol (supplementary, section 1)
-    assert (paper["01_dmfa"]["epochs"], paper["01_dmfa"]["batch_size"], paper["01_dmfa"]["lr"]) == (20, 48, 4e-5)
-    clf = paper["02_classification"]
-    assert (clf["epochs"], clf["batch_size"], clf["lr"], clf["seeds"]) == (10, 24, 1e-3, [0, 1, 2])
-    assert (paper["03_wae"]["epochs"], paper["03_wae"]["batch_size"], len(paper["03_wae"]["seeds"])) == (20, 128, 3)
-    assert paper["04_timing"]["repeats"] == 5000
+    dmfa = DensityConfig.build("paper")
+    assert (dmfa.epochs, dmfa.batch_size, dmfa.lr) == (20, 48, 4e-5)
+    clf = ClassificationConfig.build("paper")
+    assert (clf.epochs, clf.batch_size, clf.lr, clf.seeds) == (10, 24, 1e-3, [0, 1, 2])
+    wae = WAEConfig.build("paper")
+    assert (wae.epochs, wae.batch_size, len(wae.seeds)) == (20, 128, 3)
+    assert TimingConfig.build("paper").repeats == 5000
     for name in PROFILES:
-        assert load_profile(name)["00_misconv_tour"] == {"n_images": 8, "mc_samples": 20000}
+        tour = TourConfig.build(name)
+        assert (tour.n_images, tour.mc_samples) == (8, 20000)
 
 
 def test_notebook_parameters_merge_defaults_under_the_section():
+    params = notebook_parameters("cpu", "01_dmfa")
+    assert params["profile"] == "cpu" and params["epochs"] == 20
+    assert notebook_parameters("quick", "01_dmfa") == {"profile": "quick"}     # quick: the defaults
     params = notebook_parameters("quick", "01_dmfa")
-    assert params["profile"] == "quick" and params["device"] == "auto"
-    assert params["epochs"] == 1
     assert notebook_parameters("quick", "notebooks/01_dmfa.ipynb") == params
     assert load_profile("quick", "01_dmfa") == params  # the ARCHITECTURE.md form
 
@@ -97,9 +106,7 @@ def test_section_overrides_defaults(tmp_path):
 def test_unknown_profile_and_notebook_list_what_exists():
     with pytest.raises(ValueError, match=r"unknown profile 'fast': profiles in .* are cpu, cpu10, paper, quick"):
         load_profile("fast")
-    with pytest.raises(ValueError, match=r"profile 'quick' has no section for notebook '09_x'; its notebook "
-                                         r"sections are: 00_misconv_tour, 01_dmfa, "):
-        notebook_parameters("quick", "09_x")
+    assert notebook_parameters("quick", "09_x") == {"profile": "quick"}     # a notebook of one's own: its defaults
     with pytest.raises(ValueError, match="profile file 'nope.yaml' does not exist"):
         load_profile("nope.yaml")
 
@@ -107,13 +114,13 @@ def test_unknown_profile_and_notebook_list_what_exists():
 def test_malformed_profiles_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("defaults: {device: auto}\n01_dmfa: {n-train: 5}\n")
-    with pytest.raises(ValueError, match=r"parameter 'n-train' in section '01_dmfa' is not a valid Python identifier"):
+    with pytest.raises(ValueError, match=r"setting 'n-train' in section '01_dmfa' is not a valid Python identifier"):
         load_profile(str(bad))
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="must be a mapping of sections, got list"):
         load_profile(str(bad))
     bad.write_text("01_dmfa: [1, 2]\n")
-    with pytest.raises(ValueError, match="section '01_dmfa' must be a mapping of parameters, got list"):
+    with pytest.raises(ValueError, match="section '01_dmfa' must be a mapping of settings, got list"):
         load_profile(str(bad))
     bad.write_text("01_dmfa: {a: [1\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
@@ -172,7 +179,8 @@ def test_papermill_infers_every_assignment_of_every_parameters_cell(inferred):
                     if isinstance(t, ast.Name)}
         # papermill's own entry point, as ./lab run's papermill sees the notebook
         assert set(papermill.inspect_notebook(str(nb))) == assigned == set(inferred[nb.stem]), nb.stem
-        assert {"profile", "device", "seed"} <= assigned, nb.stem
+        # a study with a grid of seeds has ``seeds`` and no single ``seed``
+        assert {"profile", "device"} <= assigned and assigned & {"seed", "seeds"}, nb.stem
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -186,7 +194,7 @@ def test_every_profile_key_is_a_notebook_parameter_of_a_fitting_type(name, infer
             assert spec[key].accepts(value), (
                 f"{name}.yaml: {stem}.{key} = {value!r} does not fit {spec[key].expected()} "
                 f"(default {spec[key].source})")
-    assert profile_problems(name, inferred) == []
+    assert profile_problems(name) == []
 
 
 def test_profile_problems_names_unknown_keys_and_bad_types(tmp_path, inferred):
@@ -194,10 +202,10 @@ def test_profile_problems_names_unknown_keys_and_bad_types(tmp_path, inferred):
     path.write_text("defaults: {device: auto, seed: 0}\n"
                     "00_misconv_tour: {n_imagez: 8, mc_samples: many}\n"
                     "07_nope: {}\n")
-    problems = profile_problems(str(path), {"00_misconv_tour": inferred["00_misconv_tour"]})
+    problems = profile_problems(str(path), ["00_misconv_tour"])
     text = "\n".join(problems)
-    assert "unknown parameter 'n_imagez' for 00_misconv_tour; did you mean 'n_images'? (set by profile typo)" in text
-    assert "parameter 'mc_samples' of 00_misconv_tour must be an integer (default 20000), got str 'many'" in text
+    assert "unknown setting 'n_imagez' for 00_misconv_tour (set by profile typo); did you mean 'n_images'?" in text
+    assert "setting 'mc_samples' of 00_misconv_tour must be an integer, got str 'many' (set by profile typo)" in text
     assert "section '07_nope' names no notebook" in text
     assert len(problems) == 3
 
@@ -226,15 +234,20 @@ def test_types_follow_the_default_and_the_annotation():
 
 
 def test_check_parameters_suggests_close_names_and_names_the_origin():
-    spec = {"n_images": Parameter("n_images", "8"), "mc_samples": Parameter("mc_samples", "20000")}
+    # a study notebook: checked against its config (names, types, ranges)
     with pytest.raises(ValueError) as err:
-        check_parameters("00_misconv_tour", {"n_imagez": 3, "mc_samples": "x"}, spec,
+        check_parameters("00_misconv_tour", {"n_imagez": 3, "mc_samples": "x", "n_fit": 0},
                          origins={"n_imagez": "-p n_imagez=3"})
     lines = str(err.value).splitlines()
-    assert lines[0] == "unknown parameter 'n_imagez' for 00_misconv_tour; did you mean 'n_images'? (set by -p n_imagez=3)"
-    assert lines[1] == "parameter 'mc_samples' of 00_misconv_tour must be an integer (default 20000), got str 'x'"
+    assert lines[0] == "unknown setting 'n_imagez' for 00_misconv_tour (set by -p n_imagez=3); did you mean 'n_images'?"
+    assert lines[1] == "setting 'mc_samples' of 00_misconv_tour must be an integer, got str 'x'"
+    assert lines[2] == "setting 'n_fit' of 00_misconv_tour must be an integer >= 1, got 0"
+    # a notebook of one's own, without a config: against its parameters cell
+    spec = {"n_images": Parameter("n_images", "8"), "mc_samples": Parameter("mc_samples", "20000")}
     with pytest.raises(ValueError, match=r"unknown parameter 'zzz' for nb; its parameters are: mc_samples, n_images"):
         check_parameters("nb", {"zzz": 1}, spec)
+    with pytest.raises(ValueError, match=r"parameter 'mc_samples' of nb must be an integer \(default 20000\), got str 'x'"):
+        check_parameters("nb", {"mc_samples": "x"}, spec)
     check_parameters("nb", {"n_images": 3, "mc_samples": 10}, spec)  # fine: no error
 
 
@@ -278,23 +291,6 @@ def test_a_quoted_override_stays_a_string():
     assert parse_override("n=3")[2] == 3 and parse_override("x=None")[2] is None
 
 
-def test_apply_overrides_sets_values_in_order_and_names_a_misspelt_key():
-    from labkit.lab.profiles import apply_overrides
-
-    params = {"epochs": 5, "lr": 1e-3}
-    out = apply_overrides(params, ["epochs=2", "lr=4e-5", "epochs=3"], where="the toy section")
-    assert out == {"epochs": 3, "lr": 4e-5} and params == {"epochs": 5, "lr": 1e-3}   # a copy
-    with pytest.raises(ValueError, match=r"-p epoch=2: 'epoch' is not a key of the toy section \(did you mean epochs\?\)"):
-        apply_overrides(params, ["epoch=2"], where="the toy section")
-    with pytest.raises(ValueError, match=r"'zzz' is not a key of here \(keys: epochs, lr\)"):
-        apply_overrides(params, ["zzz=1"], where="here")
-    # keys beyond the section's (a config's other fields) when given
-    assert apply_overrides(params, ["results_dir=/tmp/x"], where="w", valid={"epochs", "lr", "results_dir"}) == \
-        {"epochs": 5, "lr": 1e-3, "results_dir": "/tmp/x"}
-    with pytest.raises(ValueError, match="must look like key=value"):
-        apply_overrides(params, ["epochs"], where="w")
-
-
 def test_a_profile_can_extend_another(tmp_path):
     """'extends: base' takes every section of base and puts the file's parameters on top; a loop
     or a profile extending itself is refused, naming it."""
@@ -317,7 +313,10 @@ def test_the_cpu10_profile_is_the_cpu_profile_with_ten_seeds():
     cpu, cpu10 = load_profile("cpu"), load_profile("cpu10")
     assert set(cpu) == set(cpu10)
     assert all(cpu10[s] == cpu[s] for s in cpu if s != "02_classification")
-    a, b = cpu["02_classification"], cpu10["02_classification"]
-    assert b["seeds"] == list(range(10)) and b["init"] == "shared" and b["dmfa_replicates"] == 3
-    assert all(b[k] == a[k] for k in ("n_train", "n_test", "epochs", "batch_size", "lr", "precision", "val_fraction"))
-    assert "{replicate}" in b["dmfa_complete"] and "{replicate}" in b["dmfa_incomplete"]
+    from labkit.studies.configs import ClassificationConfig
+
+    a, b = ClassificationConfig.build("cpu"), ClassificationConfig.build("cpu10")
+    assert b.seeds == list(range(10)) and b.init == "shared" and b.dmfa_replicates == 3
+    assert all(getattr(b, k) == getattr(a, k)
+               for k in ("n_train", "n_test", "epochs", "batch_size", "lr", "precision", "val_fraction"))
+    assert "{replicate}" in b.dmfa_complete and "{replicate}" in b.dmfa_incomplete

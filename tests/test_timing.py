@@ -1,4 +1,5 @@
-"""labkit.studies.timing: the measuring core, the tables against the paper, the CLI and notebook 04."""
+"""labkit.studies.timing: the measuring core, the tables against the paper, the study of a TimingConfig,
+the CLI and notebook 04."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+import labkit.misconv_fast as MF
 from labkit.studies import timing
+from labkit.studies.configs import TimingConfig
 
 
 def test_paper_table_holds_supplementary_table_2():
@@ -96,10 +99,7 @@ def test_markdown_ratios_from_a_saved_grid(tmp_path, capsys):
     fast = _synthetic([1e-3, 2e-3, 3e-3], [4e-3, 10e-3, 6e-3])
     eager = _synthetic([1e-3], [8e-3]).replace({"misconv": "misconv_eager"}).assign(group="eager")
     bwd = _synthetic([4e-3, 4e-3], [12e-3, 12e-3]).assign(study="backward")
-    path = tmp_path / "timings.csv"
-    pd.concat([fast, eager, bwd]).to_csv(path, index=False)
-    assert timing.main(["--markdown-from", str(path)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = timing.markdown_ratios(pd.concat([fast, eager, bwd])).strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("| I | C | B | conv2d+ReLU")
     assert lines[2] == "| 28 | 1 | 16 | 2.000 | 6.000 | 8.000 | **3.00** | 8.00 | 3.00 | 5.75 |"
     only_fast = timing.markdown_ratios(fast).splitlines()[2]
@@ -122,9 +122,7 @@ def test_tune_malloc_and_machine_description():
 @pytest.fixture
 def no_compile(monkeypatch):
     """The timing machinery does not need Inductor; the fast kernels run eagerly (seconds saved)."""
-    import labkit.misconv as M
-
-    monkeypatch.setattr(M, "_COMPILE", False)
+    monkeypatch.setattr(MF, "_COMPILE", False)
 
 
 def test_forward_grid_measures_misconv_and_checks_layers(no_compile):
@@ -139,11 +137,48 @@ def test_forward_grid_measures_misconv_and_checks_layers(no_compile):
     assert len(timing.ratio_table(df)) == 1 and len(timing.ratio_table(df, misconv="misconv_eager")) == 1
 
 
-def test_cli_prints_the_table(capsys, no_compile):
-    assert timing.main(["--profile", "quick", "--repeats", "2", "--sizes", "8", "--batch-sizes", "2",
-                        "--threads", "1"]) == 0
+def test_the_shell_command_runs_the_study_and_redoes_its_tables(tmp_path, capsys, no_compile):
+    from labkit.lab import study_cli
+
+    argv = ["timing", "--results", str(tmp_path), "-p", "repeats=2", "-p", "sizes=[8]", "-p", "batch_sizes=[2]",
+            "-p", "eager_repeats=0", "-p", "backward=false", "-p", "Ks=[]", "-p", "end_to_end_datasets=[]",
+            "-p", "device=cpu", "--no-progress"]
+    assert study_cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "Forward pass, conv2d+ReLU vs MisConv" in out and "machine:" in out
+    assert f"wrote {tmp_path / 'forward_ratios.csv'}" in out and (tmp_path / "forward.csv").is_file()
+    (tmp_path / "forward_ratios.csv").unlink()
+    assert study_cli.main(argv + ["--table-only"]) == 0          # from the rows on disk, measuring nothing
+    assert (tmp_path / "forward_ratios.csv").is_file()
+
+
+def test_run_and_write_report_follow_the_config(tmp_path, no_compile):
+    """A tiny config: every grid it asks for is measured, written where results_path says, and
+    reported; the end-to-end grid is skipped when no data set is named."""
+    cfg = TimingConfig(sizes=[8], batch_sizes=[2], repeats=2, eager_repeats=1, threads=1, Ks=[1, 2], Ls=[1],
+                       component_cell=[8, 2], end_to_end_datasets=[], device="cpu", results_dir=str(tmp_path))
+    assert timing.results_path(cfg) == tmp_path
+    assert timing.results_path(cfg.replace(results_dir=None)).parts[-2:] == ("timing", "quick")
+    results = timing.run(cfg, progress=False)
+    assert set(results) == {"machine", "forward", "backward", "components"}
+    assert results["machine"].iloc[0]["torch_threads"] == 1
+    fwd = pd.read_csv(tmp_path / "forward.csv")
+    assert fwd.groupby(["group", "layer"]).size().to_dict() == {
+        ("fast", "conv"): 2, ("fast", "misconv"): 2, ("eager", "conv"): 1, ("eager", "misconv_eager"): 1}
+    assert len(pd.read_csv(tmp_path / "backward.csv").query("layer == 'misconv'")) == 1     # repeats // 2
+    assert sorted(set(results["components"].K)) == [1, 2]
+    written = timing.write_report(cfg, results)
+    names = {p.name for p in written}
+    assert {"forward_ratios.csv", "forward_ratios_eager.csv", "backward_ratios.csv", "components_ratios.csv",
+            "forward_boxplots.png", "components.png", "summary.md"} <= names and "end_to_end_summary.csv" not in names
+    assert (pd.read_csv(tmp_path / "components_ratios.csv").floor == [3, 6]).all()
+    assert "Forward, fast path" in (tmp_path / "summary.md").read_text()
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- timing-cpu:start -->\nold\n<!-- timing-cpu:end -->\nafter\n")
+    assert doc in timing.write_report(cfg, results, doc=doc)
+    text = doc.read_text()
+    assert "old" not in text and "| I | C | B | conv2d+ReLU" in text and text.endswith("after\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        timing.write_report(cfg, results, doc=doc, marker="timing-cuda")
 
 
 @pytest.mark.slow

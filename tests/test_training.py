@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from labkit import checkpoint as ckpt
-from labkit.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_or_train, machine_description
+from labkit.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_or_train
+from labkit.machine import machine_summary
 from labkit.training import CheckpointMismatchError, epoch_seeds, fit
 
 N, BATCH, EPOCHS = 40, 8, 4  # 5 batches per epoch
@@ -332,7 +333,7 @@ def test_load_or_train_trains_once_then_loads(tmp_path, capsys):
     model1, meta1 = load_or_train(path, build, train, device="cpu")
     assert trained == [1] and not model1.training
     assert "trained and saved" in capsys.readouterr().out
-    assert meta1["machine"] == machine_description() and meta1["sizes"] == [3, 3]
+    assert meta1["machine"] == machine_summary() and meta1["sizes"] == [3, 3]
 
     model2, meta2 = load_or_train(path, build, train, device="cpu")
     assert trained == [1], "second call must load, not train"
@@ -381,7 +382,7 @@ def test_load_or_train_with_resumable_fit(tmp_path):
     assert path.exists() and not ckpt.partial_path(path).exists()
 
 
-def test_partial_path_and_machine_description():
+def test_partial_path_and_machine_summary():
     assert ckpt.partial_path("results/x/dmfa.pt").as_posix() == "results/x/dmfa.partial.pt"
-    desc = machine_description()
+    desc = machine_summary()
     assert f"torch {torch.__version__}" in desc and "cores" in desc

@@ -12,7 +12,7 @@ Every ``notebooks/NN_*.ipynb`` runs in order with the profile's parameters (see
 :mod:`labkit.lab.profiles`) plus ``profile`` and ``device``. Before anything runs, every key (from
 the profile or ``-p``) is checked against the notebook's ``parameters`` cell as papermill infers
 it: an unknown name is an error naming the closest valid ones, a value whose type does not fit
-the default, or that is out of range or not an allowed name (:data:`labkit.lab.profiles.RULES`),
+the study's config, or that is out of range or not an allowed name (:mod:`labkit.studies.configs`),
 is an error naming the parameter, and so is a profile section that names no notebook. A plain
 ``-p key=value`` goes to the selected notebooks that have ``key`` (an error if none has it);
 ``-p NN_name.key=value`` to that one.

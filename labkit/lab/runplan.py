@@ -509,9 +509,12 @@ class NotebookPlan:
 def committed_dmfa_labels(folder: str | os.PathLike, dataset: str) -> set[str]:
     """The :func:`source_label` s of the training data of the density study's committed results of
     ``dataset`` (the ``data_source`` of the ``<stem>.json`` files in ``folder``)."""
-    from labkit.data import _ALIASES
+    from labkit.data import canonical_dataset
 
-    want = _ALIASES.get(str(dataset).lower().replace("_", "-"), dataset)
+    try:
+        want = canonical_dataset(dataset)
+    except ValueError:
+        want = dataset
     folder = Path(folder)
     labels = set()
     for path in folder.glob("*.json") if folder.is_dir() else ():

@@ -65,9 +65,8 @@ after one epoch the held-out NLL on mixed square/trapezoid/noise masks was 2.17 
 pixel. So about 10 epochs fit in an hour even on a busy machine. Bigger models (``hidden=64,
 n_blocks=2``) are for a GPU.
 
-Training and evaluation (:func:`train_acflow`, :func:`load_acflow`, :func:`evaluate_nll`,
-:func:`bits_per_dim`, :func:`study_mask_fn`) live in :mod:`labkit.models.acflow_training` and are
-re-exported here.
+Training and evaluation (``train_acflow``, ``load_acflow``, ``evaluate_nll``, ``bits_per_dim``,
+``study_mask_fn``) live in :mod:`labkit.models.acflow_training`, which imports this module.
 
 Shapes: ``x`` (B, C, H, W) float in [0, 1]; ``missing`` bool (B, 1, H, W) or (B, C, H, W).
 """
@@ -80,20 +79,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from labkit.checks import check_int
 from labkit.precision import to_float32
-# the training side lives in acflow_training; re-exported so that ``acflow.train_acflow`` keeps working
-from labkit.models.acflow_training import bits_per_dim, evaluate_nll, load_acflow, study_mask_fn, train_acflow
 
 __all__ = [
     "ACFlow",
     "AffineCoupling",
     "squeeze2d",
     "unsqueeze2d",
-    "bits_per_dim",
-    "evaluate_nll",
-    "study_mask_fn",
-    "train_acflow",
-    "load_acflow",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -246,14 +239,6 @@ class _Squeeze(nn.Module):
 # the model
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 class ACFlow(nn.Module):
     """Arbitrary-conditional RealNVP flow over the missing pixels (see the module docstring).
 
@@ -288,8 +273,8 @@ class ACFlow(nn.Module):
         super().__init__()
         for name, value in (("channels", channels), ("height", height), ("width", width),
                             ("hidden", hidden), ("n_scales", n_scales), ("n_couplings", n_couplings)):
-            _check_positive_int(name, value)
-        _check_positive_int("n_blocks", n_blocks, minimum=0)
+            check_int(value, name)
+        check_int(n_blocks, "n_blocks", 0)
         factor = 2 ** (n_scales - 1)
         if height % factor or width % factor:
             raise ValueError(
@@ -518,7 +503,7 @@ class ACFlow(nn.Module):
         (clamped). ``x`` at missing pixels may hold anything, NaN included. ``temperature`` scales
         the base noise (z ~ N(0, T²I)); T < 1 gives smoother, more typical fills.
         """
-        _check_positive_int("n_samples", n_samples)
+        check_int(n_samples, "n_samples")
         if not isinstance(temperature, (int, float)) or not temperature >= 0.0:
             raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
         x, missing = self._check(x, missing, values_at_missing=False)

@@ -1,8 +1,7 @@
 r"""Training and evaluation of the ACFlow imputer (:class:`labkit.models.acflow.ACFlow`): the NLL per
 missing pixel over a data set (:func:`evaluate_nll`, :func:`bits_per_dim`), the study's mixed mask
 distribution (:func:`study_mask_fn`), the resumable trainer (:func:`train_acflow`) and the loader
-of trained files (:func:`load_acflow`). Every public name here is re-exported by
-:mod:`labkit.models.acflow`.
+of trained files (:func:`load_acflow`).
 
 Shapes: ``images`` (N, C, H, W) float in [0, 1]; ``missing`` bool (N, 1 or C, H, W), True = missing.
 """
@@ -12,18 +11,18 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from labkit.checkpoint import CheckpointError, load_checkpoint
+from labkit.checks import check_int
 from labkit.device import resolve_device
+from labkit.masks import MASK_KINDS, make_masks
+from labkit.models.acflow import ACFlow
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
-
-# labkit.models.acflow imports this module to re-export it, so the model is imported inside the
-# functions that need it (never at import time: no import cycle)
-if TYPE_CHECKING:
-    from labkit.models.acflow import ACFlow
+from labkit.training import fit
 
 __all__ = [
     "bits_per_dim",
@@ -63,13 +62,11 @@ def evaluate_nll(
         ``{"nll_per_missing_pixel": nats, "bits_per_dim": ..., "n_missing": total count}``:
         total NLL / total missing pixels (images with more missing pixels weigh more).
     """
-    from labkit.models.acflow import _check_positive_int
-
     if not isinstance(images, Tensor) or not isinstance(missing, Tensor):
         raise TypeError("images and missing must be torch.Tensors")
     if images.shape[0] != missing.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} and missing {tuple(missing.shape)} differ in N")
-    _check_positive_int("batch_size", batch_size)
+    check_int(batch_size, "batch_size")
     dev = model._param().device
     was_training = model.training
     model.eval()
@@ -101,14 +98,11 @@ def study_mask_fn(
     the conditionals the studies ask for. Masks are made on the generator's device. It is
     :func:`train_acflow`'s default mask distribution, hence its place beside the trainer.
     """
-    from labkit.masks import MASK_KINDS, make_masks
-    from labkit.models.acflow import _check_positive_int
-
     kinds = tuple(kinds)
     if not kinds or any(k not in MASK_KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {MASK_KINDS}, got {kinds!r}")
-    _check_positive_int("height", height)
-    _check_positive_int("width", width)
+    check_int(height, "height")
+    check_int(width, "width")
 
     def mask_fn(n: int, generator: torch.Generator | None = None) -> Tensor:
         dev = generator.device if generator is not None else torch.device("cpu")
@@ -181,9 +175,6 @@ def train_acflow(
         ``lr``, ``batches``, ``seconds`` (epoch incl. validation), ``train_seconds`` and
         ``images_per_second`` (optimisation steps only) and the validation metrics.
     """
-    from labkit.models.acflow import ACFlow, _check_positive_int
-    from labkit.training import fit
-
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be a float tensor (N, C, H, W), got "
                          f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
@@ -192,11 +183,11 @@ def train_acflow(
     lo, hi = images.min().item(), images.max().item()
     if not (0.0 <= lo and hi <= 1.0):
         raise ValueError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    _check_positive_int("batch_size", batch_size)
+    check_int(batch_size, "batch_size")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive float, got {lr!r}")
     if max_batches is not None:
-        _check_positive_int("max_batches", max_batches)
+        check_int(max_batches, "max_batches")
     if (val_images is None) != (val_missing is None):
         raise ValueError("give both val_images and val_missing, or neither")
     n, c, h, w = images.shape
@@ -314,9 +305,6 @@ def load_acflow(path: str | Path, device: str | torch.device | None = None, *,
     both naming the path and saying that it is an input to restore or retrain
     (``scripts/train_acflow.py``).
     """
-    from labkit.checkpoint import CheckpointError, load_checkpoint
-    from labkit.models.acflow import ACFlow
-
     device = resolve_device(device)
     hint = "it is an input of this step: restore it, or retrain it with scripts/train_acflow.py"
     stored = load_checkpoint(path, map_location=device, input_role=input_role)

@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from labkit import masks as _masks
+from labkit.checks import check_images, check_int
+from labkit.data import canonical_dataset
 from labkit.device import resolve_device
 from labkit.mfa import MFA, ClassicalMFA
 from labkit.precision import to_float32
@@ -80,28 +81,6 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
     "celeba": (3, 64, 64),
 }
-_ALIASES = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-            "fmnist": "fashion-mnist", "svhn": "svhn", "cifar10": "cifar10", "cifar-10": "cifar10",
-            "celeba": "celeba"}
-
-
-def _dataset_key(dataset: str) -> str:
-    if not isinstance(dataset, str):
-        raise TypeError(f"dataset must be a string, got {type(dataset).__name__}")
-    key = dataset.lower().replace("_", "-")
-    if key not in _ALIASES:
-        raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASET_SHAPES)}")
-    return _ALIASES[key]
-
-
-def _check_int(value, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-    return int(value)
-
-
 # ============================================================================ models
 class DMFA(nn.Module):
     """Base class: ``forward(x, missing) -> MFA`` with the parameterisation of the module docstring.
@@ -121,10 +100,10 @@ class DMFA(nn.Module):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        C, H, W = (_check_int(v, "image_shape entries", 1) for v in image_shape)
+        C, H, W = (check_int(v, "image_shape entries", 1) for v in image_shape)
         self.image_shape = (C, H, W)
-        self.n_components = _check_int(n_components, "n_components", 1)
-        self.n_factors = _check_int(n_factors, "n_factors", 0)
+        self.n_components = check_int(n_components, "n_components", 1)
+        self.n_factors = check_int(n_factors, "n_factors", 0)
         if factor_scale is None:
             factor_scale = 0.25 if C == 1 else 0.1
         if not (isinstance(factor_scale, (int, float)) and factor_scale > 0):
@@ -330,7 +309,7 @@ def build_dmfa(dataset: str, *, n_components: int = 1, n_factors: int = 4, facto
     ``"svhn"``, ``"cifar10"``: :class:`FullyConvDMFA` (small) for 3x32x32;
     ``"celeba"``: :class:`FullyConvDMFA` (large, about twice as deep) for 3x64x64.
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     shape = DATASET_SHAPES[key]
     kw = dict(n_components=n_components, n_factors=n_factors, factor_scale=factor_scale, min_variance=min_variance)
     if key in ("mnist", "fashion-mnist"):
@@ -361,7 +340,7 @@ class ClassicalMFAImputer(nn.Module):
         missing = _masks.check_mask(missing, name="missing", like=x)
         out = self.mfa.condition(x, ~missing)
         if validate:
-            out._check()
+            out.check()
         return out
 
 
@@ -404,18 +383,6 @@ test_masks.__test__ = False  # not a pytest test despite its name
 
 
 # ============================================================================ inference
-def _check_images(images: Any, name: str, shape: tuple[int, int, int] | None = None) -> Tensor:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
-    if images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
-    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"{name} must have images of shape {tuple(shape)} for this model, got {tuple(images.shape)}")
-    return images
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -426,9 +393,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _batched(model: nn.Module, images: Tensor, missing: Tensor, batch_size: int, device, fn, progress=False,
              desc="DMFA"):
-    images = _check_images(images, "images")
+    images = check_images(images, "images")
     missing = _masks.check_mask(missing, name="missing", like=images)
-    _check_int(batch_size, "batch_size", 1)
+    check_int(batch_size, "batch_size", 1)
     device = resolve_device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from labkit import masks as _masks
+from labkit.checks import check_images, check_int
 from labkit.device import resolve_device
 from labkit.mfa import MFA
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
-from labkit.models.dmfa import DMFA, _check_images, _check_int, evaluate_dmfa, incomplete_masks, test_masks
+from labkit.models.dmfa import DMFA, evaluate_dmfa, incomplete_masks, test_masks
 
 __all__ = ["DMFARecipe", "WEIGHTS_DTYPES", "dmfa_loss", "train_dmfa"]
 
@@ -88,8 +89,8 @@ class DMFARecipe:
 
         for name, least in (("epochs", 0), ("batch_size", 1), ("mse_warmup_epochs", 0), ("n_components", 1),
                             ("n_factors", 0)):
-            put(name, _check_int(getattr(self, name), name, least))
-        put("lr_milestones", tuple(sorted(_check_int(m, "lr_milestones entries", 1) for m in self.lr_milestones)))
+            put(name, check_int(getattr(self, name), name, least))
+        put("lr_milestones", tuple(sorted(check_int(m, "lr_milestones entries", 1) for m in self.lr_milestones)))
         for name in ("lr", "lr_gamma"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -194,7 +195,7 @@ def train_dmfa(
 
     if not isinstance(model, DMFA):
         raise TypeError(f"model must be a DMFA, got {type(model).__name__}")
-    images = _check_images(images, "images", model.image_shape)
+    images = check_images(images, "images", model.image_shape)
     if mode not in ("complete", "incomplete"):
         raise ValueError(f"mode must be 'complete' or 'incomplete', got {mode!r}")
     if not isinstance(recipe, DMFARecipe):
@@ -203,11 +204,11 @@ def train_dmfa(
     grad_clip, channels_last = recipe.grad_clip, recipe.channels_last
     N, C, H, W = images.shape
     if hole is not None:
-        _check_int(hole, "hole", 1)
+        check_int(hole, "hole", 1)
         if hole > min(H, W):
             raise ValueError(f"hole must be <= {min(H, W)} for {H}x{W} images, got {hole}")
     hidden_hole = hidden_hole if hidden_hole is not None else (hole if hole is not None else H // 2)
-    _check_int(hidden_hole, "hidden_hole", 1)
+    check_int(hidden_hole, "hidden_hole", 1)
     if hidden_hole > min(H, W):
         raise ValueError(f"hidden_hole must be <= {min(H, W)} for {H}x{W} images, got {hidden_hole}")
     device = resolve_device(device)
@@ -228,7 +229,7 @@ def train_dmfa(
     elif missing is not None:
         raise ValueError("missing is only used with mode='incomplete' (complete-data training has none)")
     if val_images is not None:
-        val_images = _check_images(val_images, "val_images", model.image_shape)
+        val_images = check_images(val_images, "val_images", model.image_shape)
         if val_missing is None:
             val_missing = test_masks(len(val_images), H, W, side=hidden_hole, seed=seed, device=val_images.device)
         _masks.check_mask(val_missing, name="val_missing", like=val_images)

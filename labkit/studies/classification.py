@@ -421,7 +421,7 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
     Loads the cell's data itself (so it can run in another process or on another machine) and
     refuses to run when what it loaded is not what the plan fingerprinted.
     """
-    from labkit.checkpoint import machine_description
+    from labkit.machine import machine_summary
 
     dataset, mask, method, seed = (cell.coords[k] for k in ACCURACY_COORDS)
     if method not in METHODS:
@@ -469,7 +469,7 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
                "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "select": cfg.select,
                "precision": cfg.precision, **sel,
                "prepare_seconds": round(t_prep, 1), "train_seconds": round(t_train, 1),
-               "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine_description(),
+               "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine_summary(),
                "device": str(dev), "profile": cfg.profile, "data": data.sources,
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history],

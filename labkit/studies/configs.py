@@ -31,7 +31,7 @@ __all__ = ["CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "Ti
            "WAEConfig", "config_class"]
 
 _POSITIVE, _NATURAL = at_least(1), at_least(0)
-_DATASET = choices(lambda: sorted(set(data._ALIASES.values())), "a data set")
+_DATASET = choices(lambda: list(data.DATASET_ALIASES), "a data set")
 _PRECISION = choices(PRECISIONS, "a precision name (quote it: precision='\"32\"')")
 #: WAE front names beside the methods' names (``misconv``: MisConv over the complete-data DMFA)
 FRONT_ALIASES = {"dmfa_mean": "dmfa_mean_complete", "misconv": "dmfa_misconv_complete"}
@@ -258,8 +258,10 @@ class TimingConfig(StudyConfig):
     backward: bool = setting(True, "also time forward + backward")
     component_cell: list[int] = setting([28, 16], "image size and batch of the K / L sweep",
                                         rule=list_of(_POSITIVE, "integers >= 1 (image size, batch)", length=2))
-    Ks: list[int] = setting([1, 2], "components K swept", rule=list_of(_POSITIVE, "integers >= 1"))
-    Ls: list[int] = setting([1, 4], "factors L swept", rule=list_of(_POSITIVE, "integers >= 1"))
+    Ks: list[int] = setting([1, 2], "components K swept ([]: no K / L sweep)",
+                            rule=list_of(_POSITIVE, "integers >= 1", nonempty=False))
+    Ls: list[int] = setting([1, 4], "factors L swept ([]: no K / L sweep)",
+                            rule=list_of(_POSITIVE, "integers >= 1", nonempty=False))
     end_to_end_datasets: list[str] = setting(["mnist"], "data sets of the end-to-end timing ([]: skip)",
                                              rule=list_of(_DATASET, "data set names", nonempty=False))
     end_to_end_batch: int = setting(16, "end-to-end batch size", rule=_POSITIVE)

@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 
 from labkit import masks as _masks
 from labkit import paths as _paths
-from labkit.checkpoint import machine_description
+from labkit.checks import check_int
+from labkit.data import canonical_dataset
 from labkit.device import resolve_device
+from labkit.machine import machine_summary
 from labkit.models.acflow import ACFlow
 from labkit.models.acflow_training import bits_per_dim, load_acflow
-from labkit.models.dmfa import DATASET_SHAPES, _check_int, _dataset_key, build_dmfa, evaluate_dmfa, test_masks
+from labkit.models.dmfa import DATASET_SHAPES, build_dmfa, evaluate_dmfa, test_masks
 from labkit.models.dmfa_training import dmfa_loss
 from labkit.studies.configs import DensityConfig
 from labkit.studies.density_checkpoints import checkpoint_megabytes, jsonable, load_or_fit_mfa
@@ -79,8 +81,8 @@ def score_holes(
         raise TypeError("images and missing must be torch.Tensors")
     if images.shape[0] != missing.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} and missing {tuple(missing.shape)} differ in N")
-    _check_int(n_samples, "n_samples", 1)
-    _check_int(batch_size, "batch_size", 1)
+    check_int(n_samples, "n_samples", 1)
+    check_int(batch_size, "batch_size", 1)
     dev = model._param().device
     was_training = model.training
     model.eval()
@@ -117,7 +119,7 @@ def run_mfa_baseline(cfg: DensityConfig, *, holes: Sequence[int | None] | None =
     ``<that stem>[_h<hole>].{csv,json,png}``; the run holds the claim on ``<dataset>_mfa_K<K>_L<L>``
     throughout (:func:`~labkit.studies.density_experiment.own_files`).
     """
-    key = _dataset_key(cfg.dataset)
+    key = canonical_dataset(cfg.dataset)
     C, H, W = DATASET_SHAPES[key]
     sides = hole_sides(cfg.holes if holes is None else holes, H)
     out = results_path(cfg)
@@ -153,7 +155,7 @@ def _run_mfa_baseline(cfg: DensityConfig, key: str, name: str, *, holes: list[in
             "model_kind": "mfa", "dataset": key, "mode": "complete", "hole": hole, "profile": cfg.profile,
             "n_test": len(test_set), "test_source": test_set.source, **meta,
             "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
-            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
             "infer_threads": torch.get_num_threads(),
             "checkpoint_mb": checkpoint_megabytes(model_path), "csv_digest": csv_digest(text),
         })
@@ -192,7 +194,7 @@ def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | N
     missing one raises ``FileNotFoundError`` naming the script that trains it, an unreadable one a
     :class:`labkit.checkpoint.CheckpointError` saying it is an input.
     """
-    key = _dataset_key(cfg.dataset)
+    key = canonical_dataset(cfg.dataset)
     C, H, W = DATASET_SHAPES[key]
     holes = hole_sides(cfg.holes if holes is None else holes, H)
     seed = cfg.seeds[0] if seed is None else seed
@@ -234,7 +236,7 @@ def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | N
             "n_test": len(test_set), "test_source": test_set.source,
             "test_nll": float(df["nll"].mean()), "test_nll_dequantized": float(df["nll_dequantized"].mean()),
             "test_bits_per_dim": float(bits_per_dim(per_pixel)), "test_sse": float(df["sse"].mean()),
-            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+            "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
             "infer_threads": torch.get_num_threads(), "csv_digest": csv_digest(text),
         })
         results.append(_write_result_set(out, stem, text, setting, fig))
@@ -251,7 +253,7 @@ def measure_throughput(dataset: str = "mnist", *, threads: Sequence[int] = (1, 2
     scores of ``infer_images`` images (:func:`evaluate_dmfa`). Timings are wall clock: on a machine
     shared with other jobs they measure what this machine delivered at that moment.
     """
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     C, H, W = DATASET_SHAPES[key]
     device = resolve_device(device)
     before = torch.get_num_threads()

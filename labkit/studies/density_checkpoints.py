@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from labkit.checks import check_images
+from labkit.data import canonical_dataset
 from labkit.device import resolve_device
 from labkit.mfa import ClassicalMFA
-from labkit.models.dmfa import (DMFA, ClassicalMFAImputer, _check_images, _dataset_key, _derived_seed,
-                                build_dmfa)
+from labkit.models.dmfa import DMFA, ClassicalMFAImputer, _derived_seed, build_dmfa
 from labkit.models.dmfa_training import WEIGHTS_DTYPES, DMFARecipe, train_dmfa
 
 __all__ = [
@@ -202,9 +203,9 @@ def load_or_train_dmfa(
     from labkit.precision import resolve_precision
     from labkit.studies.engine import tensor_digest
 
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     path = Path(path)
-    images = _check_images(images, "images")
+    images = check_images(images, "images")
 
     def build():
         with torch.random.fork_rng(devices=[]):
@@ -280,7 +281,7 @@ def load_or_fit_mfa(
     from labkit.mfa import fit_mfa
     from labkit.studies.engine import tensor_digest
 
-    images = _check_images(images, "images")
+    images = check_images(images, "images")
     shape = tuple(images.shape[1:])
     config = jsonable({"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
                     "iterations": iterations, "seed": seed, "train_data_sha": tensor_digest(images),

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from labkit import paths as _paths
-from labkit.checkpoint import machine_description
-from labkit.data import load_dataset, train_val_split
-from labkit.models.dmfa import DATASET_SHAPES, _check_int, _dataset_key, evaluate_dmfa, load_dmfa, test_masks
+from labkit.checks import check_int
+from labkit.data import canonical_dataset, load_dataset, train_val_split
+from labkit.machine import machine_summary
+from labkit.models.dmfa import DATASET_SHAPES, evaluate_dmfa, load_dmfa, test_masks
 from labkit.models.dmfa_training import DMFARecipe
 from labkit.studies.configs import DensityConfig
 from labkit.studies.density_checkpoints import checkpoint_megabytes, jsonable, load_or_train_dmfa
@@ -75,11 +76,11 @@ def result_stem(dataset: str, mode: str, hole: int | None = None, default_hole: 
     """File stem of a result: ``<dataset>_<mode>[_h<hole>][_s<seed>]``, the hole part only for other
     than the default hole (half the image side), the seed part only for seeds other than 0 (the
     committed files are seed 0's), so runs of other seeds never share files."""
-    key = _dataset_key(dataset)
+    key = canonical_dataset(dataset)
     if default_hole is None:
         default_hole = DATASET_SHAPES[key][1] // 2
     stem = f"{key}_{mode}" if hole is None or hole == default_hole else f"{key}_{mode}_h{hole}"
-    return stem if seed == 0 else f"{stem}_s{_check_int(seed, 'seed', 0)}"
+    return stem if seed == 0 else f"{stem}_s{check_int(seed, 'seed', 0)}"
 
 
 class FilesBusy(RuntimeError):
@@ -116,7 +117,7 @@ def timed_evaluate(model, images, missing, *, batch_size, device):
 
 def hole_sides(holes: Sequence[int | None], height: int) -> list[int]:
     """The hole sides to score, ``None`` read as the default ``height // 2`` (as :func:`run_experiment`)."""
-    return [height // 2 if h is None else _check_int(h, "hole", 1) for h in holes]
+    return [height // 2 if h is None else check_int(h, "hole", 1) for h in holes]
 
 
 def load_split(dataset: str, split: str, limit: int | None):
@@ -168,9 +169,9 @@ def run_experiment(cfg: DensityConfig, *, mode: str, missing_kind: str = "square
     Returns the setting dict (also written as ``<stem>.json``) with keys ``paths``, ``test_nll``,
     ``test_sse``, ``train_images_per_s``, ``infer_images_per_s``, ``history``...
     """
-    key = _dataset_key(cfg.dataset)
+    key = canonical_dataset(cfg.dataset)
     C, H, W = DATASET_SHAPES[key]
-    hole = H // 2 if hole is None else _check_int(hole, "hole", 1)
+    hole = H // 2 if hole is None else check_int(hole, "hole", 1)
     out = results_path(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # incomplete-data DMFAs of other missing-data kinds (the classification study trains one per
@@ -228,7 +229,7 @@ def _run_experiment(cfg: DensityConfig, key: str, mode: str, *, stem: str, out: 
         "n_components": recipe.n_components, "n_factors": recipe.n_factors,
         "test_nll": float(df["nll"].mean()), "test_sse": float(df["sse"].mean()),
         "test_nll_sem": float(df["nll"].std() / math.sqrt(len(df))) if len(df) > 1 else None,
-        "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_description(),
+        "infer_images_per_s": len(test_set) / seconds, "infer_machine": machine_summary(),
         "infer_threads": torch.get_num_threads(),
         "checkpoint_mb": checkpoint_megabytes(paths["model"]),
         "final_val_nll": history[-1].get("val_nll") if history else None,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from labkit.models.dmfa import _check_images, predict_mfa
+from labkit.checks import check_images
+from labkit.models.dmfa import predict_mfa
 
 __all__ = ["plot_inpainting", "plot_acflow_inpainting", "plot_history"]
 
@@ -46,7 +47,7 @@ def plot_inpainting(model: nn.Module, images: Tensor, missing: Tensor, *, n_samp
         the channels' std) and one for the factor columns (all factor panels on one symmetric
         scale), right of them. Factor panels show the mean over the channels.
     """
-    images = _check_images(images, "images")
+    images = check_images(images, "images")
     mfa = predict_mfa(model, images, missing, batch_size=len(images), device=device)
     g = torch.Generator(device=mfa.means.device).manual_seed(seed)
     samples = mfa.sample(generator=g, n=n_samples).cpu()                     # (S, n, C, H, W)
@@ -150,7 +151,7 @@ def plot_acflow_inpainting(model, images: Tensor, missing: Tensor, *, n_samples:
     """One row per image: original, masked input, the mean of 16 samples, ``n_samples`` samples and
     the per-pixel standard deviation of the 16 samples (an ACFlow has no closed-form moments)."""
     dev = next(model.parameters()).device
-    x = _check_images(images, "images").to(dev)
+    x = check_images(images, "images").to(dev)
     miss = missing.to(dev).expand_as(x)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -39,8 +39,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from labkit.data import canonical_dataset
 from labkit.device import resolve_device
-from labkit.models.dmfa import DATASET_SHAPES, _dataset_key, test_masks
+from labkit.models.dmfa import DATASET_SHAPES, test_masks
 from labkit.precision import resolve_precision
 from labkit.studies import density_experiment as experiment
 from labkit.studies import engine
@@ -113,7 +114,7 @@ def plan_density_cells(cfg: DensityConfig) -> list[Cell]:
     below its image count, a hole larger than its images), is no error of the plan: its cells get
     ``inputs["unavailable"]`` (why), and :func:`run_density_cell` fails them with that reason.
     """
-    key = _dataset_key(cfg.dataset)
+    key = canonical_dataset(cfg.dataset)
     common = cell_settings(cfg)
     settings, inputs, masks, sides = _plan_data(key, cfg, common)
     cells = []

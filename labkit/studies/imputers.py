@@ -441,7 +441,7 @@ def prepare_acflow(data: CellData, cfg: ImputerConfig):
     The noise is drawn ``cfg.impute_batch`` images at a time from one generator per split, so the
     values depend on ``impute_batch``: it is part of the keys unless it is :data:`ACFLOW_IMPUTE_BATCH`.
     """
-    from labkit.models.acflow import load_acflow
+    from labkit.models.acflow_training import load_acflow
 
     path = cfg.resolve(cfg.acflow, data.dataset)
     key = {**data.key("train"), "test": data.key("test"), "method": "acflow",

@@ -446,7 +446,8 @@ def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True)
     tensors ``<scratch>/models/<stem>.pt`` and, with ``figures``, ``figures/<stem>-reconstruction.png``
     and ``figures/<stem>-samples.png`` (one set, :func:`labkit.studies.engine.write_files`).
     """
-    from labkit.checkpoint import atomic_save, machine_description
+    from labkit.checkpoint import atomic_save
+    from labkit.machine import machine_summary
     from labkit.training import fit
     from labkit.precision import grad_scaler, resolve_precision
 
@@ -520,7 +521,7 @@ def run_cell(cell: Cell, cfg: WAEConfig, *, features=None, figures: bool = True)
     ckpt.unlink(missing_ok=True)
     details = {"settings": engine.canonical(cell.settings), "prepare_seconds": round(t_prep, 1),
                "train_seconds": round(t_train, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
-               "machine": machine_description(), "device": str(dev), "profile": cfg.profile, "data": data.sources,
+               "machine": machine_summary(), "device": str(dev), "profile": cfg.profile, "data": data.sources,
                "fd": FD_NAME, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                "history": [{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items()}
                            for h in history], **info}
