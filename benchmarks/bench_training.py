@@ -76,7 +76,7 @@ def _attr(name: str, *modules: str):
 
 _DMFA = ("labkit.models.dmfa", "labkit.models.dmfa_training", "labkit.dmfa")
 _CLASSIFIER = ("labkit.models.classifier", "labkit.studies.classification", "labkit.classifier")
-_WAE = ("labkit.models.wae", "labkit.wae")
+_WAE = ("labkit.models.wae", "labkit.models.wae_training", "labkit.wae")
 _ACFLOW = ("labkit.models.acflow", "labkit.acflow")
 _MASKS = ("labkit.masks", "labkit.data.masks")
 

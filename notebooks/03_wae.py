@@ -60,8 +60,7 @@
 from typing import Optional  # the annotations below mark the parameters that also take None
 
 profile = "quick"
-device = "auto"
-seed = 0
+device = "auto"             # auto (CUDA when available, else the CPU), cpu, cuda, cuda:1
 dataset = "mnist"
 fronts = ["gt", "zero", "misconv"]   # names of labkit.studies.imputers.METHODS (aliases: misconv, dmfa_mean)
 seeds = [0]
@@ -75,12 +74,27 @@ recon: Optional[str] = None         # reconstruction loss mse | bce (None: the r
 precision = "auto"          # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto" (labkit.precision)
 n_train: Optional[int] = 2000  # first images of the training split (None: all)
 n_test: Optional[int] = 200    # first images of the test split (None: all)
+mask = "square"             # missing-data kind of train and test images (square: side H/2)
 feature_epochs = 1          # epochs of the feature classifier for the Fréchet distances
-dmfa_complete = "results/dmfa/cpu/{dataset}_complete.pt"   # frozen DMFA (notebook 01), relative to the repo
-dmfa_incomplete = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"
+feature_n_train: Optional[int] = None     # its training images (None: n_train)
+feature_checkpoint: Optional[str] = None  # a trained feature classifier instead of training one
+eval_batch = 500            # evaluation batch size
+n_figure = 8                # images in the reconstruction and sample figures
+dmfa_complete: Optional[str] = "results/dmfa/cpu/{dataset}_complete.pt"   # frozen DMFA (notebook 01), relative to the repo
+dmfa_incomplete: Optional[str] = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt"
+acflow: Optional[str] = "results/acflow/acflow_{dataset}.pt"   # ACFlow checkpoint (front acflow)
+knn_fit: Optional[int] = 5000  # k-NN front: incomplete training images the KNNImputer is fitted on
+knn_k = [1, 3, 5, 10]       # k-NN front: candidate numbers of neighbours
+knn_val = 500               # k-NN front: validation images used to choose k
+mfa_components = 4          # MFA fronts: classical MFA components K
+mfa_factors = 4             # MFA fronts: factors L
+mfa_iterations = 30         # MFA fronts: EM iterations
+acflow_samples = 4          # ACFlow front: the mean of this many samples
+impute_batch = 256          # ACFlow imputation batch (its sampling noise depends on it)
 wait = False                # wait for DMFA checkpoints that do not exist yet
-threads = None              # torch CPU threads (None: torch's default)
-results_dir = None          # default: results/wae/<profile>
+threads: Optional[int] = None       # torch CPU threads (None: torch's default)
+cache_dir: Optional[str] = None     # imputers' cache (None: the classification study's)
+results_dir: Optional[str] = None   # where results go (None: results/wae/<profile>)
 committed: Optional[str] = "cpu"   # the profile whose committed results are shown beside this run's (None: none)
 
 # %%
@@ -90,18 +104,18 @@ from IPython.display import Markdown, display
 
 import labkit
 from labkit.studies import wae
+from labkit.studies.configs import WAEConfig
 
-if threads:
-    torch.set_num_threads(int(threads))
-dev = labkit.resolve_device(device)
-cfg = wae.config_from_parameters(globals())   # the parameters cell above, handed over as one set
-out_dir = cfg.results_path()
-fronts = [wae.canonical_front(f) for f in fronts]
+cfg = WAEConfig.from_namespace(globals())   # the parameters cell above, checked, as one frozen config
+if cfg.threads:
+    torch.set_num_threads(cfg.threads)
+dev = labkit.resolve_device(cfg.device)
+out_dir = wae.results_path(cfg)
 print(f"device: {dev}; torch threads: {torch.get_num_threads()}; results -> {out_dir.resolve()}")
-print(f"recipe {recipe}: {cfg.training()}")
-for f in fronts:
-    why = wae.front_available(f, cfg, dataset)
-    print(f"  {f:24s} {'ready' if why is None else 'NOT READY: ' + why}")
+print(f"recipe {cfg.recipe}: {wae.training_settings(cfg)}")
+for f in cfg.fronts:
+    why = wae.front_available(f, cfg)
+    print(f"  {wae.canonical_front(f):24s} {'ready' if why is None else 'NOT READY: ' + why}")
 
 # %% [markdown]
 # ## 1. The feature network of the Fréchet distances
@@ -111,7 +125,7 @@ for f in fronts:
 # Its test accuracy says how meaningful its features are.
 
 # %%
-feature_net, feature_meta = wae.feature_network(dataset, cfg)
+feature_net, feature_meta = wae.feature_network(cfg.dataset, cfg)
 print({k: feature_meta[k] for k in ("n_train", "epochs", "test_accuracy", "features") if k in feature_meta})
 
 # %%
@@ -119,7 +133,7 @@ print({k: feature_meta[k] for k in ("n_train", "epochs", "test_accuracy", "featu
 from labkit.data import load_dataset
 from labkit.lab.notices import offline_banner
 
-banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+banner = offline_banner(load_dataset(cfg.dataset, "test", limit=cfg.n_test, quiet=True))
 if banner:
     display(Markdown(banner))
 
@@ -135,8 +149,8 @@ if banner:
 # (or are waited for with `wait=True`); a failing cell is reported and the others run.
 
 # %%
-cells = wae.plan_cells(dataset, fronts, seeds, cfg)
-df = wae.run_sweep(dataset, fronts, seeds, profile, config=cfg, wait=wait)
+cells = wae.plan(cfg)
+df = wae.run(cfg)
 df.drop(columns=["settings", "inputs"])
 
 # %% [markdown]
@@ -150,9 +164,9 @@ df.drop(columns=["settings", "inputs"])
 # them with the scikit-image columns, and mostly for the ordering of the fronts.
 
 # %%
-display(Markdown(wae.table_markdown(df, [c.key for c in cells], dataset=dataset)))
-fig = wae.plot_metrics(df[df["dataset"] == dataset], out_dir / "figures" / f"{dataset}-metrics.png",
-                       title=f"WAE on incomplete {dataset} ({profile} profile, recipe {recipe})")
+display(Markdown(wae.table_markdown(df, [c.key for c in cells], dataset=cfg.dataset)))
+fig = wae.plot_metrics(df[df["dataset"] == cfg.dataset], out_dir / "figures" / f"{cfg.dataset}-metrics.png",
+                       title=f"WAE on incomplete {cfg.dataset} ({cfg.profile} profile, recipe {cfg.recipe})")
 plt.show()
 
 # %% [markdown]
@@ -163,15 +177,15 @@ plt.show()
 # though no training image ever showed the model what lies under its square.
 
 # %%
-shown = seeds[0]
+shown = cfg.seeds[0]
 examples = {c.coords["front"]: wae.load_examples(c, cfg) for c in cells if c.coords["seed"] == shown}
 examples = {f: e for f, e in examples.items() if e is not None}
 if examples:
-    fig = wae.plot_front_grid(examples, what="reconstruction", title=f"{dataset}, seed {shown}: reconstructions",
-                              path=out_dir / "figures" / f"{dataset}-fronts-s{shown}-reconstruction.png")
+    fig = wae.plot_front_grid(examples, what="reconstruction", title=f"{cfg.dataset}, seed {shown}: reconstructions",
+                              path=out_dir / "figures" / f"{cfg.dataset}-fronts-s{shown}-reconstruction.png")
     plt.show()
-    fig = wae.plot_front_grid(examples, what="samples", title=f"{dataset}, seed {shown}: decoded prior samples",
-                              path=out_dir / "figures" / f"{dataset}-fronts-s{shown}-samples.png")
+    fig = wae.plot_front_grid(examples, what="samples", title=f"{cfg.dataset}, seed {shown}: decoded prior samples",
+                              path=out_dir / "figures" / f"{cfg.dataset}-fronts-s{shown}-samples.png")
     plt.show()
 else:
     print("no finished cell to show yet")
@@ -186,7 +200,7 @@ else:
 # %%
 from labkit.studies.reporting import committed_results
 
-view = committed_results("03_wae", globals(), setting=committed,
+view = committed_results("03_wae", globals(), setting=cfg.committed,
                          note="Even there the prior samples are strokes more than digits (the authors trained "
                               "20 epochs on 60,000 images).")
 if view is not None:

@@ -54,10 +54,10 @@ def _check_masks_unchanged(old_masks, dataset: str, old_kind: str, new_kind: str
                            n_test: int, height: int, width: int) -> None:
     import torch
 
-    from labkit.studies.cells import SEED_WORD, _stable_seed, cell_masks
+    from labkit.studies.cells import SEED_WORD, stable_seed, cell_masks
 
     for split, n in (("train", n_train), ("test", n_test)):
-        g = torch.Generator().manual_seed(_stable_seed("masks", dataset, split, old_kind, int(seed)))
+        g = torch.Generator().manual_seed(stable_seed("masks", dataset, split, old_kind, int(seed)))
         then = old_masks.make_masks(old_kind, n, height, width, generator=g, device="cpu")
         now = cell_masks(dataset, split, new_kind, seed, n, height, width)
         if SEED_WORD.get(new_kind, new_kind) != old_kind or not torch.equal(then, now):
@@ -175,7 +175,7 @@ def _wae_config(rec: dict, profile: str, results_dir: Path):
         recon=rec["recon"], n_train=rec["n_train"], n_test=rec["n_test"], mask=rec["mask"],
         feature_epochs=feat["epochs"], feature_n_train=None if feat["n_train"] == rec["n_train"] else feat["n_train"],
         dmfa_complete=params.get("dmfa_complete"), dmfa_incomplete=params.get("dmfa_incomplete"),
-        acflow=params.get("acflow", wae.WAEConfig.acflow), results_dir=str(results_dir), progress=False)
+        acflow=params.get("acflow", wae.WAEConfig.acflow), results_dir=str(results_dir))
 
 
 def _checkpoint_unchanged_since(path: Path, finished_at: str) -> None:
@@ -200,6 +200,7 @@ def _checkpoint_unchanged_since(path: Path, finished_at: str) -> None:
 def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
     import csv
 
+    from labkit.models.wae import WAE
     from labkit.studies import wae
     from labkit.studies.cells import load_cell_data
     from labkit.studies.engine import canonical, write_files
@@ -237,7 +238,7 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
             s = cell.settings
             recorded = {k: rec[k] for k in ("epochs", "batch_size", "lr", "lr_disc", "lambda_adv", "recon", "n_train",
                                             "n_test", "mask")}
-            built = wae.WAE(front, s["architecture"], device="cpu").architecture
+            built = WAE(front, s["architecture"], device="cpu").architecture
             if canonical(rec["architecture"]) != canonical(built):
                 raise SystemExit(f"{cell_id}: the run's WAE layers {rec['architecture']} are not today's {built}")
             recorded["feature_epochs"], recorded["feature_n"] = rec["feature_net"]["epochs"], rec["feature_net"]["n_train"]
@@ -249,7 +250,7 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
                 raise SystemExit(f"{cell_id}: recorded settings {recorded} differ from the planned cell's {planned}")
             if "dmfa" in cell.inputs:
                 path = Path(rec["dmfa"])
-                now = _dmfa_path(cfg.imputer_config(), "complete" if front.endswith("_complete") else "incomplete",
+                now = _dmfa_path(wae.imputer_config(cfg), "complete" if front.endswith("_complete") else "incomplete",
                                  dataset, cfg.mask)
                 if path.name != now.name:
                     raise SystemExit(f"{cell_id}: the run read {path.name}, the planned cell reads {now.name}")

@@ -15,9 +15,10 @@ from labkit.models import classifier as models_clf
 from labkit.models.classifier import build_classifier, train_classifier
 from labkit.studies import classification as clf
 from labkit.studies import imputers
-from labkit.studies.cells import CellData, _with_nan, cell_masks
-from labkit.studies.classification import ACCURACY_COLUMNS, SweepConfig, pivot_table, run_sweep, table_markdown
-from labkit.studies.imputers import METHODS
+from labkit.studies.cells import CellData, cell_masks, with_nan
+from labkit.studies.classification import ACCURACY_COLUMNS, pivot_table, table_markdown
+from labkit.studies.configs import ClassificationConfig
+from labkit.studies.imputers import METHODS, imputer_settings
 from labkit.studies.reporting import replace_marked_block
 
 
@@ -73,7 +74,7 @@ def test_mfa_aux_sources_give_batches_of_mfas():
     model, _ = fit_mfa(d.train_images, 2, 2, iterations=3, progress=False)
     src = imputers.ConditionedMFAAux(model)
     b = torch.tensor([0, 3, 5])
-    x = _with_nan(d.train_images[b], d.train_missing[b])
+    x = with_nan(d.train_images[b], d.train_missing[b])
     mfa = src.get(b, x, d.train_missing[b])
     assert mfa.batch_size == 3 and torch.isfinite(mfa.means).all()
     # conditional means equal x at observed pixels
@@ -89,7 +90,7 @@ def test_mfa_aux_sources_give_batches_of_mfas():
 
 def test_knn_imputation_uses_only_observed_training_values(tmp_path):
     d = _tiny_data(n=60, mask="noise")
-    cfg = SweepConfig(cache_dir=str(tmp_path), knn_k=(1, 3), knn_val=8, knn_fit=40, progress=False)
+    cfg = _imputer(cache_dir=str(tmp_path), knn_k=[1, 3], knn_val=8, knn_fit=40)
     tr, te, info = imputers.prepare_knn(d, cfg)
     assert info["knn_k"] in (1, 3) and set(info["knn_val_sse_per_image"]) == {1, 3}
     assert tr.images.shape == d.train_images.shape and torch.isfinite(tr.images.float()).all()
@@ -113,7 +114,7 @@ def test_knn_imputation_uses_only_observed_training_values(tmp_path):
 
 def test_mfa_mean_imputation_keeps_observed_pixels(tmp_path):
     d = _tiny_data()
-    cfg = SweepConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3, progress=False)
+    cfg = _imputer(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3)
     tr, te, _ = imputers.prepare_mfa_mean(d, cfg)
     obs = ~d.test_missing.expand_as(d.test_images)
     torch.testing.assert_close(te.images.float()[obs], d.test_images[obs], atol=1e-3, rtol=0)
@@ -134,13 +135,13 @@ def test_dmfa_preparers_with_a_checkpoint(tmp_path):
     miss = cell_masks("mnist", "train", "square", 0, 12, 28, 28)
     d = CellData("mnist", "square", 0, imgs[:8], torch.zeros(8, dtype=torch.long), miss[:8], torch.arange(6),
                  torch.arange(6, 8), imgs[8:], torch.zeros(4, dtype=torch.long), miss[8:])
-    cfg = SweepConfig(cache_dir=str(tmp_path / "cache"), dmfa_complete=str(tmp_path / "{dataset}_complete.pt"),
-                      impute_batch=5, progress=False)
+    cfg = _imputer(cache_dir=str(tmp_path / "cache"), dmfa_complete=str(tmp_path / "{dataset}_complete.pt"),
+                   impute_batch=5)
     assert imputers.method_available("dmfa_misconv_complete", cfg) is None
     assert "does not exist" in imputers.method_available("dmfa_misconv_incomplete",
-                                                         SweepConfig(dmfa_incomplete=str(tmp_path / "nope.pt")))
+                                                         _imputer(dmfa_incomplete=str(tmp_path / "nope.pt")))
     # one incomplete-data DMFA per mask kind: {mask_suffix} is "" for squares, "_<kind>" otherwise
-    per_kind = SweepConfig(dmfa_incomplete=str(tmp_path / "{dataset}_incomplete{mask_suffix}.pt"))
+    per_kind = _imputer(dmfa_incomplete=str(tmp_path / "{dataset}_incomplete{mask_suffix}.pt"))
     atomic_save({"model": model.state_dict(), "meta": {"model": model.config}}, tmp_path / "mnist_incomplete_noise.pt")
     assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist", "trapezoid") == tmp_path / "mnist_incomplete_trapezoid.pt"
     assert per_kind.resolve(per_kind.dmfa_incomplete, "mnist") == tmp_path / "mnist_incomplete.pt"
@@ -158,6 +159,17 @@ def test_dmfa_preparers_with_a_checkpoint(tmp_path):
     torch.testing.assert_close(tem.images[1:3][m], ref.mean()[m], atol=2e-3, rtol=2e-3)
 
 
+def _imputer(**settings) -> imputers.ImputerSettings:
+    """The preparers' settings of a classification config with ``settings`` (on the CPU, quiet)."""
+    return imputer_settings(ClassificationConfig(device="cpu", **settings), progress=False)
+
+
+def _config(tmp_path, masks=("square",), methods=("zero",), seeds=(0,), **settings) -> ClassificationConfig:
+    """A small sweep's config writing into ``tmp_path``."""
+    return ClassificationConfig(profile="t", results_dir=str(tmp_path), masks=list(masks), methods=list(methods),
+                                seeds=list(seeds), **{"n_train": 60, "n_test": 20, **settings})
+
+
 def _fake_runner(calls):
     def run(cell, cfg):
         dataset, mask, method, seed = (cell.coords[k] for k in ("dataset", "mask", "method", "seed"))
@@ -168,15 +180,15 @@ def _fake_runner(calls):
 
 def test_sweep_skips_finished_cells_and_orders_seeds_outermost(tmp_path):
     calls = []
-    kw = dict(config=SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False),
-              _run_cell=_fake_runner(calls), progress=False)
-    df = run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", max_cells=3, **kw)
+    cfg = _config(tmp_path, ["square", "noise"], ["zero", "pc"], [0, 1])
+    kw = dict(_run_cell=_fake_runner(calls), progress=False)
+    df = clf.run(cfg, max_cells=3, **kw)
     assert len(df) == 3 and len(calls) == 3
     assert calls == [("mnist", "square", "zero", 0), ("mnist", "square", "pc", 0), ("mnist", "noise", "zero", 0)]
-    df = run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", **kw)   # "after a kill"
+    df = clf.run(cfg, **kw)   # "after a kill"
     assert len(calls) == 8 and len(set(calls)) == 8 and len(df) == 8
     assert list(df.columns)[:len(ACCURACY_COLUMNS)] == ACCURACY_COLUMNS
-    run_sweep(["mnist"], ["square", "noise"], ["zero", "pc"], [0, 1], "t", **kw)
+    clf.run(cfg, **kw)
     assert len(calls) == 8  # nothing recomputed
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
 
@@ -184,22 +196,22 @@ def test_sweep_skips_finished_cells_and_orders_seeds_outermost(tmp_path):
 def test_sweep_runs_unavailable_methods_when_their_checkpoint_appears(tmp_path):
     calls = []
     ck = tmp_path / "dmfa_{dataset}.pt"
-    cfg = SweepConfig(results_dir=str(tmp_path), dmfa_complete=str(ck), n_train=60, n_test=20, progress=False)
-    grid = (["mnist"], ["square"], ["zero", "dmfa_misconv_complete"], [0, 1])
-    run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+    cfg = _config(tmp_path, ["square"], ["zero", "dmfa_misconv_complete"], [0, 1], dmfa_complete=str(ck))
+    clf.run(cfg, _run_cell=_fake_runner(calls), progress=False)
     assert [c[2] for c in calls] == ["zero", "zero"]
     (tmp_path / "dmfa_mnist.pt").write_bytes(b"x")
-    run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+    clf.run(cfg, _run_cell=_fake_runner(calls), progress=False)
     assert [c[2:] for c in calls[2:]] == [("dmfa_misconv_complete", 0), ("dmfa_misconv_complete", 1)]
 
 
 def test_sweep_rejects_unknown_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'misconv'"):
-        run_sweep(["mnist"], ["square"], ["misconv"], [0], "t", results_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown mask kind 'circle'"):
-        run_sweep(["mnist"], ["circle"], ["zero"], [0], "t", results_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown sweep setting 'epoch'"):
-        run_sweep(["mnist"], ["square"], ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
+    with pytest.raises(ValueError, match="(?s)methods.*item 'misconv'"):
+        _config(tmp_path, methods=["misconv"])
+    with pytest.raises(ValueError, match="(?s)masks.*item 'circle'"):
+        _config(tmp_path, masks=["circle"])
+    with pytest.raises(ValueError, match="unknown setting 'epoch'.*did you mean 'epochs'"):
+        _config(tmp_path).replace(epoch=3)
+    assert not (tmp_path / "accuracy.csv").exists()
 
 
 class _Stop(Exception):
@@ -241,11 +253,12 @@ def test_real_cell_end_to_end_tiny(tmp_path, monkeypatch):
     """A real (tiny) cell: NaN at missing pixels everywhere, a CSV row and a runs.jsonl record."""
     d = _tiny_data()
     monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: d)
-    cfg = SweepConfig(results_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), epochs=1, batch_size=8,
-                      mfa_components=2, mfa_factors=2, mfa_iterations=2, progress=False)
+    cfg = _config(tmp_path, methods=["zero", "mfa_misconv"], cache_dir=str(tmp_path / "c"), epochs=1, batch_size=8,
+                  mfa_components=2, mfa_factors=2, mfa_iterations=2, device="cpu")
     monkeypatch.setattr(clf, "build_classifier", lambda arch, m, **k: build_classifier(arch, m, in_channels=1,
                                                                                         image_size=12))
-    df = run_sweep(["mnist"], ["square"], ["zero", "mfa_misconv"], [0], "t", config=cfg, progress=False)
+    clf._PLAN_DATA.clear()                  # the plan's fingerprints: of the tiny data too
+    df = clf.run(cfg, progress=False)
     assert set(df["method"]) == {"zero", "mfa_misconv"}
     assert ((df["accuracy"] >= 0) & (df["accuracy"] <= 1)).all()
     assert ((df["accuracy_last"] >= 0) & (df["accuracy_last"] <= 1)).all()
@@ -300,10 +313,10 @@ def test_update_markdown_table_replaces_only_between_markers(tmp_path):
 def test_imputation_quality_reports_errors_and_nll(tmp_path, monkeypatch):
     d = _tiny_data()
     monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: d)
-    cfg = SweepConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3, progress=False,
-                      dmfa_complete=str(tmp_path / "no_such_dmfa.pt"))
+    cfg = ClassificationConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3,
+                               dmfa_complete=str(tmp_path / "no_such_dmfa.pt"), device="cpu")
     q = clf.imputation_quality("mnist", "square", 0, ["zero", "mfa_mean", "mfa_misconv", "dmfa_mean_complete"],
-                               cfg, n=10)
+                               cfg, n=10, progress=False)
     assert list(q.index) == ["zero", "mfa_mean", "mfa_misconv"]   # the DMFA has no checkpoint here
     hole = d.test_missing[:10].expand_as(d.test_images[:10])
     zero_sse = float((d.test_images[:10] ** 2)[hole].sum() / 10)
@@ -313,13 +326,20 @@ def test_imputation_quality_reports_errors_and_nll(tmp_path, monkeypatch):
     assert np.isfinite(q.loc["mfa_misconv", "nll"]) and q.loc["mfa_misconv", "pred_std"] > 0
 
 
-def test_sweep_config_reads_the_profile_and_rejects_unknown_keys():
-    grid, cfg = clf.sweep_config("quick")
-    assert grid["datasets"] == ["mnist"] and cfg.profile == "quick" and cfg.epochs >= 1
-    grid, cfg = clf.sweep_config("quick", epochs=None, masks=["noise"])
-    assert cfg.epochs == 10 and grid["masks"] == ["noise"]
-    with pytest.raises(ValueError, match="unknown 02_classification parameter"):
-        clf.sweep_config("quick", epochz=3)
+def test_none_hyperparameters_are_the_papers_for_the_data_set(tmp_path):
+    cfg = ClassificationConfig.build("quick", {"epochs": None, "masks": ["noise"]})
+    assert cfg.epochs is None and clf.effective(cfg).epochs == 10 and clf.effective(cfg).batch_size == 24
+    cifar = clf.effective(cfg.replace(dataset="cifar10", batch_size=None, lr=None))
+    assert (cifar.epochs, cifar.batch_size, cifar.lr) == (35, 64, 1e-4)
+    assert clf.effective(cfg.replace(epochs=3)).epochs == 3                    # a value given stays
+    # the keys carry the paper's values, so None and the values written out are the same cells
+    assert clf.cell_settings(cfg, "zero") == clf.cell_settings(cfg.replace(epochs=10), "zero")
+    calls = []
+    clf.run(_config(tmp_path, epochs=None), _run_cell=lambda cell, cfg: calls.append(cfg.epochs) or
+            {"metrics": {"accuracy": 0.5}}, progress=False)
+    assert calls == [10] and list(clf.read_results(tmp_path)["epochs"]) == [10]
+    with pytest.raises(ValueError, match="unknown setting 'epochz'"):
+        ClassificationConfig.build("quick", {"epochz": 3})
 
 
 @pytest.mark.slow
@@ -391,18 +411,16 @@ def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
     finished, with a non-zero exit (SweepIncomplete), never a quiet success."""
     from contextlib import ExitStack
 
-    from labkit.studies.classification import plan_cells
     from labkit.studies.engine import SweepIncomplete
 
-    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False)
-    grid = (["mnist"], ["square"], ["zero", "pc"], [0])
-    held = [c for c in plan_cells(*grid, cfg) if c.coords["method"] == "pc"][0]
+    cfg = _config(tmp_path, methods=["zero", "pc"])
+    held = [c for c in clf.plan(cfg) if c.coords["method"] == "pc"][0]
     store = clf.result_store(tmp_path)
     calls = []
     with ExitStack() as other:                                   # "the other copy", alive, never recording
         assert other.enter_context(store.claim(held.key)) is True
         with pytest.raises(SweepIncomplete, match="not finished") as info:
-            run_sweep(*grid, "t", config=cfg, _run_cell=_fake_runner(calls), progress=False)
+            clf.run(cfg, _run_cell=_fake_runner(calls), progress=False)
     assert [o.cell.key for o in info.value.unfinished] == [held.key]
     assert [c[2] for c in calls] == ["zero"]
 
@@ -417,15 +435,16 @@ def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
             return _fake_runner(calls)(cell, cfg)
 
     calls.clear()
-    cfg = SweepConfig(results_dir=str(tmp_path / "b"), n_train=60, n_test=20, progress=False)
+    cfg = _config(tmp_path / "b", methods=["pc", "zero"])
     store = clf.result_store(tmp_path / "b")
-    run_sweep(["mnist"], ["square"], ["pc", "zero"], [0], "t", config=cfg, _run_cell=DiesMidway(), progress=False)
+    clf.run(cfg, _run_cell=DiesMidway(), progress=False)
     assert [c[2] for c in calls] == ["zero", "pc"]               # pc: held when its turn came, run on the retry
     assert set(clf.read_results(tmp_path / "b" / "accuracy.csv")["method"]) == {"zero", "pc"}
 
 
-def test_a_data_set_that_cannot_be_loaded_fails_only_its_cells(tmp_path, monkeypatch):
-    """One unavailable data set in the grid fails its own cells, named; the others run (exit 1)."""
+def test_a_data_set_that_cannot_be_loaded_fails_its_cells_by_name(tmp_path, monkeypatch):
+    """A data set that cannot be loaded fails its cells, named, when the sweep ends (exit 1), not
+    with a traceback while planning; another data set's sweep into the same folder runs."""
     from labkit.studies.engine import SweepFailed
 
     real = clf.load_cell_data
@@ -438,22 +457,20 @@ def test_a_data_set_that_cannot_be_loaded_fails_only_its_cells(tmp_path, monkeyp
     monkeypatch.setattr(clf, "load_cell_data", load)
     clf._PLAN_DATA.clear()
     calls = []
-    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False)
-    with pytest.raises(SweepFailed, match=r"(?s)svhn/square/zero/s0.*train_32x32\.mat") as info:
-        run_sweep(["svhn", "mnist"], ["square"], ["zero"], [0], "t", config=cfg, _run_cell=_fake_runner(calls),
-                  progress=False)
+    with pytest.raises(SweepFailed, match=r"(?s)svhn/square/zero/s0.*train_32x32\.mat.*svhn/square/pc/s0") as info:
+        clf.run(_config(tmp_path, methods=["zero", "pc"], dataset="svhn"), _run_cell=_fake_runner(calls),
+                progress=False)
+    assert calls == [] and [o.cell.coords["method"] for o in info.value.failed] == ["zero", "pc"]
+    clf.run(_config(tmp_path), _run_cell=_fake_runner(calls), progress=False)
     assert [c[0] for c in calls] == ["mnist"]
-    assert [o.cell.coords["dataset"] for o in info.value.failed] == ["svhn"]
 
 
 def test_dmfa_replicates_give_square_cells_their_seed_groups_dmfa(tmp_path):
     """dmfa_replicates=3: square-mask cells of seed s read DMFA seed s % 3 (the original file for 0,
     "_s1"/"_s2" for the others); other mask kinds keep their one DMFA; the default (1) is the
     original file for every seed, as the committed cells had it."""
-    from labkit.studies.imputers import ImputerConfig
-
     t = str(tmp_path / "{dataset}_incomplete{mask_suffix}{replicate}.pt")
-    one, three = ImputerConfig(), ImputerConfig(dmfa_replicates=3)
+    one, three = _imputer(), _imputer(dmfa_replicates=3)
     names = [three.resolve(t, "mnist", "square", s).name for s in range(10)]
     assert names == ["mnist_incomplete.pt", "mnist_incomplete_s1.pt", "mnist_incomplete_s2.pt"] * 3 + \
         ["mnist_incomplete.pt"]
@@ -461,9 +478,27 @@ def test_dmfa_replicates_give_square_cells_their_seed_groups_dmfa(tmp_path):
     assert {one.resolve(t, "mnist", "square", s).name for s in range(10)} == {"mnist_incomplete.pt"}
     for r in ("", "_s1", "_s2"):
         (tmp_path / f"mnist_complete{r}.pt").write_bytes(r.encode() or b"0")
-    cfg = SweepConfig(results_dir=str(tmp_path), n_train=60, n_test=20, progress=False, dmfa_replicates=3,
-                      dmfa_complete=str(tmp_path / "{dataset}_complete{replicate}.pt"))
-    cells = clf.plan_cells(["mnist"], ["square", "noise"], ["dmfa_mean_complete"], [0, 1, 3], cfg)
+    cfg = _config(tmp_path, ["square", "noise"], ["dmfa_mean_complete"], [0, 1, 3], dmfa_replicates=3,
+                  dmfa_complete=str(tmp_path / "{dataset}_complete{replicate}.pt"))
+    cells = clf.plan(cfg)
     sha = {(c.coords["mask"], c.coords["seed"]): c.inputs["dmfa"]["sha"] for c in cells}
     assert sha[("square", 0)] == sha[("square", 3)] != sha[("square", 1)]
     assert sha[("noise", 0)] == sha[("noise", 1)] == sha[("noise", 3)] == sha[("square", 0)]
+
+
+def test_write_report_writes_the_tables_the_figure_and_the_marked_blocks(tmp_path):
+    cfg = _config(tmp_path, methods=["dmfa_misconv_complete", "dmfa_mean_complete"], seeds=[0, 1],
+                  dmfa_complete=str(tmp_path / "dmfa.pt"))
+    (tmp_path / "dmfa.pt").write_bytes(b"a stand-in: the fake runner never reads it")
+    calls = []
+    clf.run(cfg, _run_cell=_fake_runner(calls), progress=False)
+    rows = clf.read_rows(cfg, clf.plan(cfg))
+    assert len(rows) == 4 and clf.write_report(cfg, rows.iloc[:0]) == []
+    doc = tmp_path / "doc.md"
+    doc.write_text("x\n<!-- clf-table:start -->\n<!-- clf-table:end -->\n<!-- clf-paired:start -->\n"
+                   "<!-- clf-paired:end -->\n")
+    written = clf.write_report(cfg, rows, doc=doc, marker="clf", stem="acc")
+    assert [p.name for p in written] == ["acc.md", "acc_paired.md", "acc.png", "doc.md"]
+    assert all(p.is_file() for p in written) and written[0].parent == tmp_path
+    text = doc.read_text()
+    assert "| dmfa_misconv_complete |" in text and "`dmfa_misconv_complete` − `dmfa_mean_complete`" in text

@@ -11,7 +11,8 @@ import torch
 from labkit.models.classifier import build_classifier, evaluate_accuracy
 from labkit.studies import classification as clf
 from labkit.studies import store as store_mod
-from labkit.studies.cells import _stable_seed
+from labkit.studies.cells import stable_seed
+from labkit.studies.configs import ClassificationConfig
 from labkit.studies.engine import Cell
 from labkit.studies.imputers import AuxSource
 
@@ -120,19 +121,17 @@ def test_shared_init_shares_every_layer_of_agreeing_shape():
 
 def test_method_init_is_the_committed_draw_and_stays_out_of_the_key():
     model, own = clf.init_classifier("mnist", "pc", "mnist", "square", 2, in_channels=1, image_size=28)
-    torch.manual_seed(_stable_seed("init", "mnist", "square", "pc", 2))
+    torch.manual_seed(stable_seed("init", "mnist", "square", "pc", 2))
     legacy = build_classifier("mnist", "pc", in_channels=1, image_size=28)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), legacy.state_dict().values()))
     assert "front.conv" in own and len(own) > 5
     zero, _ = clf.init_classifier("mnist", "zero", "mnist", "square", 2, in_channels=1, image_size=28)
     assert not torch.equal(zero.body[-1].weight, model.body[-1].weight)     # the methods' draws differ
-    cfg = clf.SweepConfig()
+    cfg = ClassificationConfig()
     assert "init" not in clf.cell_settings(cfg, "zero")
-    cfg.init = "shared"
-    assert clf.cell_settings(cfg, "zero")["init"] == "shared"
-    cfg.init = "same"
-    with pytest.raises(ValueError, match="init must be one of"):
-        clf.cell_settings(cfg, "zero")
+    assert clf.cell_settings(cfg.replace(init="shared"), "zero")["init"] == "shared"
+    with pytest.raises(ValueError, match="init.*must be an initialisation scheme"):
+        cfg.replace(init="same")
     with pytest.raises(ValueError, match="init must be one of"):
         clf.init_classifier("mnist", "zero", "mnist", "square", 0, in_channels=1, image_size=28, init="same")
 
@@ -157,8 +156,9 @@ def _tiny_cell_data(dataset, mask, seed, n_train=None, n_test=None, val_fraction
 def test_real_cell_stores_predictions_that_give_its_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(clf, "load_cell_data", _tiny_cell_data)
     clf._PLAN_DATA.clear()
-    cfg = clf.SweepConfig(results_dir=str(tmp_path), n_train=64, n_test=30, epochs=1, progress=False, init="shared")
-    df = clf.run_sweep(["mnist"], ["square"], ["zero", "gt"], [0], "t", config=cfg, progress=False)
+    cfg = ClassificationConfig(profile="t", results_dir=str(tmp_path), masks=["square"], methods=["zero", "gt"],
+                               seeds=[0], n_train=64, n_test=30, epochs=1, init="shared", device="cpu")
+    df = clf.run(cfg, progress=False)
     assert len(df) == 2
     for _, r in df.iterrows():
         assert r["correct"] is not None and len(r["correct"]) == 30

@@ -63,18 +63,15 @@ def test_each_committed_row_is_filed_under_the_digest_of_its_own_columns(relpath
 # ------------------------------------------------------------------ today's planners, one per study
 def _plan_classification(profile: str):
     from labkit.studies import classification as clf
+    from labkit.studies.configs import ClassificationConfig
 
-    grid, cfg = clf.sweep_config(profile)
-    return clf.plan_cells(grid["datasets"], grid["masks"], grid["methods"], grid["seeds"], cfg)
+    return clf.plan(ClassificationConfig.build(profile))
 
 
 def _plan_wae(profile: str):
-    from labkit.lab.profiles import load_profile
     from labkit.studies import wae
 
-    params = load_profile(profile, "03_wae")
-    cfg = wae.config_from_parameters(params)
-    return wae.plan_cells(params["dataset"], params["fronts"], params["seeds"], cfg)
+    return wae.plan(wae.WAEConfig.build(profile))
 
 
 def _plan_density(profile: str):

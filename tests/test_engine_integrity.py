@@ -75,10 +75,12 @@ def _other_rows(data: CellData, k: int = 5, keep: int = 0) -> CellData:
 def test_knn_cache_is_keyed_by_the_rows_it_is_fitted_on(tmp_path):
     """Another val_fraction with the same knn_fit (same count) fits k-NN on other rows: the cache
     must not hand back the first imputations."""
-    from labkit.studies.imputers import ImputerConfig, prepare_knn
+    from labkit.studies.configs import ClassificationConfig
+    from labkit.studies.imputers import imputer_settings, prepare_knn
 
     def cfg(cache):
-        return ImputerConfig(knn_fit=12, knn_k=(1,), knn_val=4, cache_dir=str(cache), progress=False, device="cpu")
+        return imputer_settings(ClassificationConfig(knn_fit=12, knn_k=[1], knn_val=4, cache_dir=str(cache),
+                                                     device="cpu"), progress=False)
 
     c = _cell_data(val_fraction=0.3)
     # another val_fraction (what a user changes); other rows to fit on, the same validation rows
@@ -95,11 +97,12 @@ def test_knn_cache_is_keyed_by_the_rows_it_is_fitted_on(tmp_path):
 def test_mfa_caches_are_keyed_by_the_rows_and_the_fitted_model(tmp_path):
     """The classical MFA (fitted on the classifier's training rows) and its mean imputations are
     recomputed when val_fraction moves rows out of the fit, never reused."""
-    from labkit.studies.imputers import ImputerConfig, classical_mfa, prepare_mfa_mean
+    from labkit.studies.configs import ClassificationConfig
+    from labkit.studies.imputers import classical_mfa, imputer_settings, prepare_mfa_mean
 
     def cfg(cache):
-        return ImputerConfig(mfa_components=2, mfa_factors=1, mfa_iterations=3, cache_dir=str(cache),
-                             progress=False, device="cpu")
+        return imputer_settings(ClassificationConfig(mfa_components=2, mfa_factors=1, mfa_iterations=3,
+                                                     cache_dir=str(cache), device="cpu"), progress=False)
 
     a = _cell_data(val_fraction=0.25)
     b = _other_rows(a)                          # the same number of rows to fit on, other rows
@@ -373,10 +376,11 @@ def test_details_must_lie_beside_the_table(tmp_path):
 # ============================================================================ 6. settings outside the key
 def test_acflow_impute_batch_is_in_the_keys_unless_it_is_the_committed_one(monkeypatch):
     from labkit.studies import imputers
-    from labkit.studies.classification import SweepConfig, cell_settings
+    from labkit.studies.classification import cell_settings
+    from labkit.studies.configs import ClassificationConfig
 
-    assert "impute_batch" not in cell_settings(SweepConfig(precision="32"), "acflow")
-    assert cell_settings(SweepConfig(precision="32", impute_batch=64), "acflow")["impute_batch"] == 64
+    assert "impute_batch" not in cell_settings(ClassificationConfig(precision="32"), "acflow")
+    assert cell_settings(ClassificationConfig(precision="32", impute_batch=64), "acflow")["impute_batch"] == 64
     keys = {}
 
     def cached(folder, name, key, compute, progress=True):      # the cache key ACFlow's imputations get
@@ -387,7 +391,8 @@ def test_acflow_impute_batch_is_in_the_keys_unless_it_is_the_committed_one(monke
     monkeypatch.setattr(imputers, "cached", cached)
     data = _cell_data()
     for batch in (256, 64):
-        imputers.prepare_acflow(data, imputers.ImputerConfig(impute_batch=batch, progress=False, device="cpu"))
+        icfg = imputers.imputer_settings(ClassificationConfig(impute_batch=batch, device="cpu"), progress=False)
+        imputers.prepare_acflow(data, icfg)
     assert set(keys) == {"default", 64} and keys["default"] != keys[64]
 
 
@@ -452,27 +457,31 @@ def test_classification_eval_batch_does_not_change_the_accuracy():
 
 
 # ============================================================================ 7. the key holds what changes the result
-#: SweepConfig fields and where they enter a classification cell's key: its settings (for the
-#: methods listed), its inputs (as a content fingerprint of the file), or nowhere (they change no result)
+#: ClassificationConfig fields and where they enter a classification cell's key: its settings (for the
+#: methods listed), its inputs (as a content fingerprint of the file), its coordinates (the grid), or
+#: nowhere (they change no result)
 _IN_SETTINGS = {"epochs": ("zero", 2), "batch_size": ("zero", 12), "lr": ("zero", 3e-4), "n_train": ("zero", 300),
                 "n_test": ("zero", 100), "val_fraction": ("zero", 0.2), "select": ("zero", "last"),
-                "precision": ("zero", "bf16-mixed"), "knn_fit": ("knn", 100), "knn_k": ("knn", (1, 2)),
+                "precision": ("zero", "bf16-mixed"), "knn_fit": ("knn", 100), "knn_k": ("knn", [1, 2]),
                 "knn_val": ("knn", 50), "mfa_components": ("mfa_mean", 3), "mfa_factors": ("mfa_misconv", 2),
                 "mfa_iterations": ("mfa_mean", 5), "acflow_samples": ("acflow", 8), "impute_batch": ("acflow", 64),
                 "init": ("zero", "shared")}
 _IN_INPUTS = {"dmfa_complete", "dmfa_incomplete", "acflow", "dmfa_replicates"}   # the DMFA file read, by content
-_NEUTRAL = {"profile", "results_dir", "cache_dir", "device", "progress", "eval_batch"}
+_COORDS = {"dataset", "masks", "methods", "seeds"}
+_NEUTRAL = {"profile", "results_dir", "cache_dir", "device", "eval_batch", "committed"}
 
 
 def test_every_classification_setting_that_changes_a_result_changes_the_key():
-    from labkit.studies.classification import SweepConfig, cell_settings
+    from labkit.studies.classification import cell_settings
+    from labkit.studies.configs import ClassificationConfig
 
-    fields = set(SweepConfig.__dataclass_fields__)
-    assert set(_IN_SETTINGS) | _IN_INPUTS | _NEUTRAL == fields, \
-        f"classify the new SweepConfig field(s) {sorted(fields - set(_IN_SETTINGS) - _IN_INPUTS - _NEUTRAL)}"
-    base = SweepConfig(precision="32", device="cpu")
+    fields = set(ClassificationConfig.names())
+    known = set(_IN_SETTINGS) | _IN_INPUTS | _COORDS | _NEUTRAL
+    assert known == fields, f"classify the new ClassificationConfig field(s) {sorted(fields - known)}"
+    assert _NEUTRAL - {"device"} == set(fields) - set(ClassificationConfig.key_fields())   # as the config says
+    base = ClassificationConfig(precision="32", device="cpu")
     for name, (method, value) in _IN_SETTINGS.items():
-        other = SweepConfig(**{"precision": "32", "device": "cpu", name: value})
+        other = base.replace(**{name: value})
         a, b = cell_settings(base, method), cell_settings(other, method)
         assert a != b, f"{name} changes the result of {method} but not its key"
         coords = {"dataset": "mnist", "mask": "square", "method": method, "seed": 0}
@@ -481,14 +490,15 @@ def test_every_classification_setting_that_changes_a_result_changes_the_key():
 
 def test_auto_precision_is_resolved_in_the_key():
     from labkit.precision import resolve_precision
-    from labkit.studies.classification import SweepConfig, cell_settings
+    from labkit.studies.classification import cell_settings
+    from labkit.studies.configs import ClassificationConfig
     from labkit.studies.wae import WAEConfig, plan_cell
 
     resolved = resolve_precision("auto", torch.device("cpu"))
     assert resolved != "auto"
-    auto = cell_settings(SweepConfig(precision="auto", device="cpu"), "zero")
+    auto = cell_settings(ClassificationConfig(precision="auto", device="cpu"), "zero")
     assert auto["precision"] == resolved
-    assert auto == cell_settings(SweepConfig(precision=resolved, device="cpu"), "zero")
+    assert auto == cell_settings(ClassificationConfig(precision=resolved, device="cpu"), "zero")
     data = _cell_data(n=8, h=28, w=28, n_test=4)
     wae_cell = plan_cell("mnist", "zero", 0, WAEConfig(precision="auto", device="cpu", feature_n_train=None,
                                                        n_train=8, n_test=4), data=data)
@@ -553,11 +563,12 @@ def test_committed_classification_cells_are_planned_with_their_keys(tmp_path, mo
     """The cpu profile's cells planned today (settings, data, masks and checkpoint fingerprints)
     have the keys of the committed rows: the sweep finds them done."""
     from labkit.studies import classification as clf
+    from labkit.studies.configs import ClassificationConfig
 
     monkeypatch.setenv("LABKIT_DATA", str(tmp_path))     # the offline copy, as the committed sweep read
-    grid, cfg = clf.sweep_config("cpu")
+    cfg = ClassificationConfig.build("cpu")
     done = {row["key"] for row in _committed("classification/cpu", "accuracy.csv")}
-    cells = clf.plan_cells(["mnist"], ["square"], grid["methods"], [0], cfg) \
-        + clf.plan_cells(["mnist"], ["noise"], ["knn", "acflow", "dmfa_misconv_incomplete"], [2], cfg)
+    cells = clf.plan(cfg.replace(masks=["square"], seeds=[0])) \
+        + clf.plan(cfg.replace(masks=["noise"], methods=["knn", "acflow", "dmfa_misconv_incomplete"], seeds=[2]))
     missing = [c.short() for c in cells if c.key not in done]
     assert not missing, f"committed rows no longer found by their cells: {missing}"

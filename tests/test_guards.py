@@ -256,7 +256,7 @@ def _tiny_feature_classifier():
 
 
 def test_fd_features_are_the_input_of_the_last_linear_layer():
-    from labkit.studies.wae_features import _feature_map, classifier_features
+    from labkit.studies.wae_features import classifier_features, feature_map
 
     model = _tiny_feature_classifier()
     images = torch.rand(7, 1, 12, 12, generator=gen(3))
@@ -269,7 +269,7 @@ def test_fd_features_are_the_input_of_the_last_linear_layer():
         hook.remove()
     (penultimate,) = seen
     assert penultimate.shape == (7, model.body[-1].in_features) and logits.shape == (7, 10)
-    for got in (classifier_features(model, images, batch_size=3), _feature_map(model, 4)(images)):
+    for got in (classifier_features(model, images, batch_size=3), feature_map(model, 4)(images)):
         assert got.shape == penultimate.shape
         torch.testing.assert_close(got, penultimate)
 
@@ -332,6 +332,7 @@ def test_classifier_validation_and_test_evaluation_run_in_float32_under_bf16_tra
     from labkit.models.classifier import build_classifier
     from labkit.studies import classification as clf
     from labkit.studies.cells import CellData, cell_masks
+    from labkit.studies.configs import ClassificationConfig
 
     g = gen(0)
     n, n_test, S = 24, 10, 12
@@ -351,9 +352,11 @@ def test_classifier_validation_and_test_evaluation_run_in_float32_under_bf16_tra
 
     monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: data)
     monkeypatch.setattr(clf, "build_classifier", build)
-    cfg = clf.SweepConfig(results_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), epochs=1, batch_size=8,
-                          progress=False, precision="bf16-mixed", select="best_val", device="cpu")
-    clf.run_sweep(["mnist"], ["square"], ["zero"], [0], "t", config=cfg, progress=False)
+    cfg = ClassificationConfig(profile="t", results_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), masks=["square"],
+                               methods=["zero"], seeds=[0], epochs=1, batch_size=8, precision="bf16-mixed",
+                               select="best_val", device="cpu")
+    clf._PLAN_DATA.clear()
+    clf.run(cfg, progress=False)
     train = [r for r in log if r[0]]
     evals = [r for r in log if not r[0]]
     # training really ran under bf16 autocast (else this test could not tell anything apart) ...

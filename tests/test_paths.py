@@ -49,17 +49,20 @@ def test_study_defaults_follow_lab_root(clean_env, tmp_path):
     """The studies read their default folders from labkit.paths when asked, not at import."""
     from labkit import data
     from labkit.studies import draw_app
-    from labkit.studies.classification import SweepConfig
+    from labkit.studies import classification as clf
+    from labkit.studies import wae
+    from labkit.studies.configs import ClassificationConfig
+    from labkit.studies.imputers import imputer_settings
     from labkit.studies.wae import WAEConfig
 
     clean_env.setenv("LAB_ROOT", str(tmp_path))
     root = tmp_path.resolve()
-    cfg = SweepConfig(profile="p")
-    assert cfg.results_path() == root / "results" / "classification" / "p"
+    cfg = imputer_settings(ClassificationConfig(profile="p"))
+    assert clf.results_path(ClassificationConfig(profile="p")) == root / "results" / "classification" / "p"
     assert cfg.cache_path() == root / "data" / "cache" / "classification"
     assert cfg.resolve("results/dmfa/{dataset}{mask_suffix}.pt", "svhn", "noise") == root / "results/dmfa/svhn_noise.pt"
-    assert WAEConfig(profile="p").results_path() == root / "results" / "wae" / "p"
-    assert WAEConfig(profile="p").imputer_config().cache_path() == cfg.cache_path()
+    assert wae.results_path(WAEConfig(profile="p")) == root / "results" / "wae" / "p"
+    assert imputer_settings(WAEConfig(profile="p")).cache_path() == cfg.cache_path()
     assert draw_app.draw_dir() == root / "results" / "draw" == draw_app.DRAW_DIR
     assert draw_app.REPO_ROOT == root
     assert draw_app.classifier_path(draw_app.ZERO).parent == root / "results" / "draw"

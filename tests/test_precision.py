@@ -427,12 +427,13 @@ def test_train_classifier_under_bf16_mixed_keeps_misconv_float32(tmp_path):
 
 def test_wae_train_step_under_bf16_mixed():
     from labkit.models import wae as W
+    from labkit.models import wae_training as WT
 
     torch.manual_seed(0)
     model = W.WAE("zero", "mnist", architecture={"encoder": ["conv4", "down", "conv4", "lin3"],
                                                  "decoder": ["lin784", "up", "conv4", "conv1"],
                                                  "discriminator": ["lin8", "lin8", "lin1"]}, device="cpu")
-    opts = W.make_optimizers(model, lr=1e-3, lr_disc=1e-3)
+    opts = WT.make_optimizers(model, lr=1e-3, lr_disc=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     enc_out, dec_out = set(), set()
     _dtypes_of(model.encoder, enc_out)
@@ -441,15 +442,15 @@ def test_wae_train_step_under_bf16_mixed():
     missing = torch.zeros(6, 1, 28, 28, dtype=torch.bool)
     missing[:, :, 7:21, 7:21] = True
     for _ in range(2):
-        out = W.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(4), precision=BF16)
+        out = WT.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(4), precision=BF16)
         assert all(math.isfinite(v) for v in out.values())
     assert enc_out == {torch.bfloat16} and dec_out == {torch.bfloat16}
     assert all(p.dtype == torch.float32 and not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
     # the losses are float32 even when computed from bfloat16 outputs inside autocast
     with P.autocast(BF16, "cpu"):
         logits = model.decoder(model.encode(x, missing))
-        rec = W.reconstruction_loss(logits, x, ~missing)
-        adv = W.encoder_adversarial_loss(model.discriminator, model.encode(x, missing))
+        rec = WT.reconstruction_loss(logits, x, ~missing)
+        adv = WT.encoder_adversarial_loss(model.discriminator, model.encode(x, missing))
     assert logits.dtype == torch.bfloat16 and rec.dtype == torch.float32 and adv.dtype == torch.float32
 
 

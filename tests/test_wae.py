@@ -1,10 +1,9 @@
-"""labkit.models.wae (architectures, losses, the two optimisation steps) and labkit.studies.wae (the
-sweep's bookkeeping, notebook 03)."""
+"""labkit.models.wae and wae_training (architectures, losses, the optimisation steps) and
+labkit.studies.wae (the sweep's bookkeeping, its report, notebook 03)."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from labkit.mfa import MFA
 from labkit.models import wae as W
+from labkit.models import wae_training as WT
 from labkit.studies import wae as WS
 from labkit.studies.engine import InputError, SettingsMismatch, SweepFailed
 
@@ -117,10 +117,8 @@ def test_paper_and_cpu_profiles_train_as_the_authors_did():
     assert (c["recipe"], c["n_train"], c["epochs"], c["seeds"]) == ("authors", 10000, 5, [0, 1, 2])
     assert c["fronts"] == ["gt", "zero", "pc", "dmfa_mean_incomplete", "dmfa_misconv_incomplete"]
     for profile in ("paper", "cpu", "quick"):                 # every profile's section makes a valid config
-        params = notebook_parameters(profile, "03_wae")
-        cfg = WS.WAEConfig(**{k: v for k, v in params.items() if k in WS.WAEConfig.__dataclass_fields__})
-        cfg.check()
-        assert cfg.training() == {"recipe": "authors", "optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01,
+        cfg = WS.WAEConfig.build(profile)
+        assert WS.training_settings(cfg) == {"recipe": "authors", "optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01,
                                   "recon": "mse", "step": "alternating", "recon_average": "all_pixels",
                                   "gt_counted": "observed"}
 
@@ -135,8 +133,11 @@ def test_recipe_settings_and_their_errors():
         W.recipe_settings("paper")
     with pytest.raises(ValueError, match="recon must be"):
         W.recipe_settings("authors", recon="l1")
-    with pytest.raises(ValueError, match="lr_disc=0.0002 has no meaning"):
-        WS.WAEConfig(lr_disc=2e-4).check()
+    with pytest.raises(ValueError, match="lr_disc=0.0002 has no meaning"):   # refused when the config is made
+        WS.WAEConfig(lr_disc=2e-4)
+    assert WS.WAEConfig(recipe="supplement", lr_disc=2e-4).lr_disc == 2e-4
+    with pytest.raises(ValueError, match="16-mixed.*needs a CUDA device"):
+        WS.WAEConfig(precision="16-mixed", device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -173,12 +174,12 @@ def test_reconstruction_loss_by_hand_and_only_on_counted_pixels():
     expect = sum(-(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
                  for z, t in ((0.0, 0.5), (2.0, 1.0), (3.0, 0.2))) / 3
     logits.requires_grad_(True)
-    loss = W.reconstruction_loss(logits, target, counted)
+    loss = WT.reconstruction_loss(logits, target, counted)
     assert loss.item() == pytest.approx(expect, rel=1e-6)
     loss.backward()
     # the NaN target at the uncounted pixel gives no gradient (and no NaN) anywhere
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 1, 0] == 0
-    mse = W.reconstruction_loss(logits.detach(), target, counted, "mse")
+    mse = WT.reconstruction_loss(logits.detach(), target, counted, "mse")
     s = torch.sigmoid(torch.tensor([0.0, 2.0, 3.0]))
     assert mse.item() == pytest.approx(((s - torch.tensor([0.5, 1.0, 0.2])) ** 2).mean().item(), rel=1e-6)
 
@@ -191,16 +192,16 @@ def test_reconstruction_loss_is_a_per_image_mean():
     counted[0, 0, 0, 0] = True
     counted[1] = True
     a = b = math.log(2.0)
-    assert W.reconstruction_loss(logits, target, counted).item() == pytest.approx((a + b) / 2)
+    assert WT.reconstruction_loss(logits, target, counted).item() == pytest.approx((a + b) / 2)
 
 
 def test_reconstruction_loss_rejects_bad_input():
     with pytest.raises(TypeError, match="counted must be a bool"):
-        W.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+        WT.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match="counted must have shape"):
-        W.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(2, 1, 2, 2, dtype=torch.bool))
+        WT.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(2, 1, 2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="kind must be"):
-        W.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bool), "l1")
+        WT.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bool), "l1")
 
 
 def test_adversarial_losses_by_hand():
@@ -211,8 +212,8 @@ def test_adversarial_losses_by_hand():
         d.net[-1].bias.fill_(0.7)
     z = torch.randn(5, 3)
     s = 1 / (1 + math.exp(-0.7))
-    assert W.discriminator_loss(d, z, torch.randn(5, 3)).item() == pytest.approx(-math.log(s) - math.log(1 - s), rel=1e-6)
-    assert W.encoder_adversarial_loss(d, z).item() == pytest.approx(-math.log(s), rel=1e-6)
+    assert WT.discriminator_loss(d, z, torch.randn(5, 3)).item() == pytest.approx(-math.log(s) - math.log(1 - s), rel=1e-6)
+    assert WT.encoder_adversarial_loss(d, z).item() == pytest.approx(-math.log(s), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- the two steps
@@ -220,7 +221,7 @@ def _step_setup(front):
     """A tiny WAE with ``front``, its optimisers, a batch, its codes and snapshots of the three nets."""
     torch.manual_seed(0)
     model = _tiny(front)
-    opts = W.make_optimizers(model)
+    opts = WT.make_optimizers(model)
     x, missing, complete = _batch()
     z = model.encode(x, missing, _aux(front, complete, missing))
     snaps = _snapshot(model.encoder), _snapshot(model.decoder), _snapshot(model.discriminator)
@@ -230,7 +231,7 @@ def _step_setup(front):
 @pytest.mark.parametrize("front", ["zero", "pc", "gt", "dmfa_misconv_complete"])
 def test_discriminator_step_changes_only_the_discriminator(front):
     model, opts, x, missing, z, (enc, dec, disc) = _step_setup(front)
-    out = W.discriminator_step(model, opts["discriminator"], z, generator=torch.Generator().manual_seed(1))
+    out = WT.discriminator_step(model, opts["discriminator"], z, generator=torch.Generator().manual_seed(1))
     assert set(out) == {"d_loss", "d_prior", "d_encoded"} and all(math.isfinite(v) for v in out.values())
     assert _changed(model.encoder, enc) == set() and _changed(model.decoder, dec) == set()
     assert _changed(model.discriminator, disc) == set(disc)          # every discriminator parameter moved
@@ -240,7 +241,7 @@ def test_discriminator_step_changes_only_the_discriminator(front):
 @pytest.mark.parametrize("front", ["zero", "pc", "gt", "dmfa_misconv_complete"])
 def test_autoencoder_step_changes_only_encoder_and_decoder(front):
     model, opts, x, missing, z, (enc, dec, disc) = _step_setup(front)
-    out = W.autoencoder_step(model, opts["autoencoder"], z, x, ~missing, lambda_adv=1.0)
+    out = WT.autoencoder_step(model, opts["autoencoder"], z, x, ~missing, lambda_adv=1.0)
     assert set(out) == {"loss", "recon", "adv"} and all(math.isfinite(v) for v in out.values())
     assert _changed(model.discriminator, disc) == set()
     assert all(p.grad is None for p in model.discriminator.parameters())
@@ -258,30 +259,30 @@ def test_train_step_ignores_missing_pixels_and_learns():
     x = torch.where(missing, torch.tensor(float("nan")), complete)
     torch.manual_seed(0)
     model = _tiny()
-    opts = W.make_optimizers(model, lr=1e-2)
-    first = W.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(0))
+    opts = WT.make_optimizers(model, lr=1e-2)
+    first = WT.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(0))
     # the values behind the mask never matter: NaN there or the true pixels give the same step
     torch.manual_seed(0)
     twin = _tiny()
-    same = W.train_step(twin, W.make_optimizers(twin, lr=1e-2), complete, missing,
+    same = WT.train_step(twin, WT.make_optimizers(twin, lr=1e-2), complete, missing,
                         generator=torch.Generator().manual_seed(0))
     assert same == pytest.approx(first, rel=1e-5, abs=1e-6)
     g = torch.Generator().manual_seed(1)
     for _ in range(40):
-        last = W.train_step(model, opts, x, missing, generator=g)
+        last = WT.train_step(model, opts, x, missing, generator=g)
     assert last["recon"] < 0.8 * first["recon"]
 
 
 def test_train_step_rejects_bad_input():
     model = _tiny()
-    opts = W.make_optimizers(model)
+    opts = WT.make_optimizers(model)
     x, missing, _ = _batch(B=2)
     with pytest.raises(ValueError, match="optimizers must have keys.*'all'"):
-        W.train_step(model, {"autoencoder": opts["autoencoder"]}, x, missing)
+        WT.train_step(model, {"autoencoder": opts["autoencoder"]}, x, missing)
     with pytest.raises(TypeError, match="missing must be a bool"):
-        W.train_step(model, opts, x, missing.float())
+        WT.train_step(model, opts, x, missing.float())
     with pytest.raises(ValueError, match="lr_disc must be a positive"):
-        W.make_optimizers(model, lr_disc=0.0)
+        WT.make_optimizers(model, lr_disc=0.0)
 
 
 def _authors_reference_grads(model, x, missing, complete, *, generator_seed, disc_weight=0.01, lambda_adv=0.01):
@@ -310,14 +311,14 @@ def _authors_reference_grads(model, x, missing, complete, *, generator_seed, dis
 def test_authors_joint_recipe_one_adam_weighted_losses_and_mse():
     torch.manual_seed(0)
     model = _tiny()
-    opts = W.make_optimizers(model, lr=4e-4, lr_disc=None, recipe="authors_joint")
+    opts = WT.make_optimizers(model, lr=4e-4, lr_disc=None, recipe="authors_joint")
     assert list(opts) == ["all"] and opts["all"].param_groups[0]["lr"] == 4e-4
     ids = {id(p) for p in opts["all"].param_groups[0]["params"]}
     assert ids == {id(p) for p in model.parameters()}                  # encoder, decoder and discriminator
     x, missing, complete = _batch(B=6)
     d_ref, ae_ref = _authors_reference_grads(model, x, missing, complete, generator_seed=3)
     before = _snapshot(model)
-    out = W.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(3), lambda_adv=0.01,
+    out = WT.train_step(model, opts, x, missing, generator=torch.Generator().manual_seed(3), lambda_adv=0.01,
                        recon="mse", disc_weight=0.01)
     assert set(out) == {"d_loss", "d_prior", "d_encoded", "loss", "recon", "adv"}
     # one step moved all three networks ...
@@ -328,7 +329,7 @@ def test_authors_joint_recipe_one_adam_weighted_losses_and_mse():
     for p, g in zip(model.autoencoder_parameters(), ae_ref):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
     # the supplement's optimizers are two, with their own rates
-    two = W.make_optimizers(model, lr=4e-4, lr_disc=2e-4, recipe="supplement")
+    two = WT.make_optimizers(model, lr=4e-4, lr_disc=2e-4, recipe="supplement")
     assert sorted(two) == ["autoencoder", "discriminator"] and two["discriminator"].param_groups[0]["lr"] == 2e-4
 
 
@@ -376,14 +377,13 @@ def _fake_cell(calls, fail=()):
 
 def _small_cfg(tmp_path, **kw):
     kw = {"n_train": 20, "n_test": 10, "dmfa_complete": None, **kw}
-    return WS.WAEConfig(results_dir=str(tmp_path), progress=False, cache_dir=str(tmp_path / "cache"), **kw)
+    return WS.WAEConfig(results_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), **kw)
 
 
 def test_sweep_records_keyed_rows_and_skips_only_cells_with_the_same_key(tmp_path, capsys):
     calls = []
-    cfg = _small_cfg(tmp_path)
-    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, cell_fn=_fake_cell(calls),
-                      max_cells=3)
+    cfg = _small_cfg(tmp_path, fronts=["zero", "pc", "misconv"], seeds=[0, 1])
+    df = WS.run(cfg, progress=False, cell_fn=_fake_cell(calls), max_cells=3)
     # seeds outermost; misconv has no DMFA checkpoint configured, so it waits
     assert calls == [("mnist", "zero", 0, 1), ("mnist", "pc", 0, 1), ("mnist", "zero", 1, 1)]
     assert "waiting mnist/dmfa_misconv_complete/s0" in capsys.readouterr().out
@@ -395,11 +395,11 @@ def test_sweep_records_keyed_rows_and_skips_only_cells_with_the_same_key(tmp_pat
         ("authors", 1, "mse", 0.01, 20)
     assert {"train", "test", "masks"} <= set(json.loads(df["inputs"][0]))
     # a rerun runs only the unfinished cell
-    df = WS.run_sweep("mnist", ["zero", "pc", "misconv"], [0, 1], "t", config=cfg, cell_fn=_fake_cell(calls))
+    df = WS.run(cfg, progress=False, cell_fn=_fake_cell(calls))
     assert calls[3:] == [("mnist", "pc", 1, 1)] and len(df) == 4
     assert len(store.read_details()) == 4
     # other settings are other cells: nothing is skipped, and the table shows the planned rows only
-    df2 = WS.run_sweep("mnist", ["zero", "pc"], [0], "t", config=cfg, cell_fn=_fake_cell(calls), epochs=2)
+    df2 = WS.run(cfg.replace(fronts=["zero", "pc"], seeds=[0], epochs=2), progress=False, cell_fn=_fake_cell(calls))
     assert calls[4:] == [("mnist", "zero", 0, 2), ("mnist", "pc", 0, 2)] and len(df2) == 2
     everything = WS.read_results(tmp_path)
     assert len(everything) == 6
@@ -415,42 +415,34 @@ def test_sweep_records_keyed_rows_and_skips_only_cells_with_the_same_key(tmp_pat
 
 def test_a_failing_cell_is_reported_and_the_others_run(tmp_path):
     calls = []
-    cfg = _small_cfg(tmp_path)
+    cfg = _small_cfg(tmp_path, fronts=["zero", "pc", "gt"])
     with pytest.raises(SweepFailed, match=r"(?s)1 cell\(s\) failed.*mnist/pc/s0.*cannot be read"):
-        WS.run_sweep("mnist", ["zero", "pc", "gt"], [0], "t", config=cfg, cell_fn=_fake_cell(calls, fail={"pc"}))
+        WS.run(cfg, progress=False, cell_fn=_fake_cell(calls, fail={"pc"}))
     assert sorted(WS.read_results(tmp_path)["front"]) == ["gt", "zero"]
 
 
-def test_run_wae_script_exits_1_listing_failed_cells_and_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_wae_script", REPO / "scripts" / "run_wae.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    monkeypatch.setattr(WS, "_cell_job", _fake_cell([], fail={"pc"}))
+def test_a_failed_sweep_still_gets_its_report_beside_the_results_and_the_docs_only_on_request(tmp_path):
+    cfg = _small_cfg(tmp_path / "res", fronts=["zero", "pc"])
+    with pytest.raises(SweepFailed, match="mnist/pc/s0"):
+        WS.run(cfg, progress=False, cell_fn=_fake_cell([], fail={"pc"}))
+    rows = WS.read_rows(cfg, WS.plan(cfg))
     readme = (REPO / "README.md").read_bytes()
-    code = script.main(["--profile", "quick", "--fronts", "zero", "pc", "--seeds", "0", "--no-progress",
-                        "-p", "n_train=20", "-p", "n_test=10", "-p", f"results_dir={tmp_path}",
-                        "-p", f"cache_dir={tmp_path / 'cache'}"])
-    assert code == 1
-    assert "mnist/pc/s0" in capsys.readouterr().err
+    written = WS.write_report(cfg, rows)
     assert (REPO / "README.md").read_bytes() == readme
-    assert "| zero | 1 |" in (tmp_path / "table.md").read_text()
-
-
-def test_run_wae_script_refuses_a_misspelt_override(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_wae_script", REPO / "scripts" / "run_wae.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    ran = []
-    monkeypatch.setattr(WS, "_cell_job", _fake_cell(ran))
-    with pytest.raises(SystemExit) as info:
-        script.main(["--profile", "quick", "--fronts", "zero", "--seeds", "0", "--no-progress",
-                     "-p", "epoch=2", "-p", f"results_dir={tmp_path}"])
-    assert info.value.code == 2 and not ran
-    assert "'epoch' is not a key of the quick profile's 03_wae section (did you mean epochs?)" in capsys.readouterr().err
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "| zero | 1 |" in table and "_1 of 2 planned runs; seeds [0]" in table
+    assert table.startswith("<!-- wae-table:quick -->")                 # the marker: the profile's name
+    assert tmp_path / "res" / "figures" / "mnist-metrics.png" in written
+    assert all(p.is_file() for p in written)
+    # a document: only its marked block is replaced
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- wae-table:quick -->\nold\n<!-- /wae-table:quick -->\nafter\n")
+    assert doc in WS.write_report(cfg, rows, doc=doc)
+    text = doc.read_text()
+    assert text.startswith("before\n<!-- wae-table:quick -->\n| front |") and "old" not in text
+    assert text.endswith("<!-- /wae-table:quick -->\nafter\n") and "| zero | 1 |" in text
+    with pytest.raises(ValueError, match="lacks the markers <!-- wae-table:other -->"):
+        WS.write_report(cfg, rows, doc=doc, marker="other")
 
 
 def test_keys_follow_the_checkpoint_a_front_reads(tmp_path):
@@ -467,7 +459,7 @@ def test_keys_follow_the_checkpoint_a_front_reads(tmp_path):
     assert a.key != b.key
     # a cell planned with the old file refuses to run on the new one
     with pytest.raises(InputError, match="changed since the sweep was planned"):
-        WS._check_inputs_unchanged(a, cfg)
+        WS.check_inputs_unchanged(a, cfg)
     # the zero front reads no checkpoint: its key does not move
     assert "dmfa" not in WS.plan_cell("mnist", "zero", 0, cfg).inputs
     # other training images (another n_train) are other inputs
@@ -478,9 +470,10 @@ def test_one_real_cell_end_to_end(tmp_path):
     """A real (tiny) cell: trained, scored with the skimage columns, figures under its key, no
     partial checkpoint left, and found done by a rerun."""
     cfg = WS.WAEConfig(results_dir=str(tmp_path), n_train=48, n_test=16, epochs=1, batch_size=16, feature_epochs=1,
-                       progress=False, cache_dir=str(tmp_path / "cache"), eval_batch=16, n_figure=4)
-    df = WS.run_sweep("mnist", ["zero"], [0], "t", config=cfg)
-    (cell,) = WS.plan_cells("mnist", ["zero"], [0], cfg)
+                       lr=4e-4, precision="32", fronts=["zero"], seeds=[0], cache_dir=str(tmp_path / "cache"),
+                       eval_batch=16, n_figure=4)
+    df = WS.run(cfg, progress=False)
+    (cell,) = WS.plan(cfg)
     assert list(df["key"]) == [cell.key]
     row = df.iloc[0]
     assert all(math.isfinite(row[c]) for c in WS.METRIC_COLUMNS + WS.SKIMAGE_COLUMNS)
@@ -492,8 +485,12 @@ def test_one_real_cell_end_to_end(tmp_path):
     details = WS.result_store(tmp_path).read_details()[0]
     assert details["key"] == cell.key and details["history"][0]["batches"] == 3
     outcomes = []
-    WS.run_sweep("mnist", ["zero"], [0], "t", config=cfg, cell_fn=lambda c, x: outcomes.append(x))
+    WS.run(cfg, progress=False, cell_fn=lambda c, x: outcomes.append(x))
     assert outcomes == []
+    # the report draws the fronts side by side from the example tensors the cell saved
+    written = WS.write_report(cfg, df)
+    assert tmp_path / "figures" / "mnist-fronts-s0-reconstruction.png" in written
+    assert (tmp_path / "figures" / "mnist-fronts-s0-samples.png").is_file()
 
 
 def _migration_script():
@@ -536,28 +533,34 @@ def test_migrated_rows_get_the_keys_the_sweep_plans(tmp_path):
     assert df[WS.SKIMAGE_COLUMNS].isna().all().all()              # optional: they did not exist then
     assert float(df[df["front"] == "zero"]["psnr_all"].iloc[0]) == 2.0
     cfg = WS.WAEConfig(recipe="supplement", lr_disc=2e-4, lambda_adv=1.0, recon="bce", epochs=1, batch_size=32,
-                       n_train=20, n_test=10, feature_epochs=3, results_dir=str(folder), progress=False)
-    cells = WS.plan_cells("mnist", ["gt", "zero"], [0], cfg)
+                       lr=4e-4, precision="32", n_train=20, n_test=10, feature_epochs=3, results_dir=str(folder),
+                       fronts=["gt", "zero"], seeds=[0])
+    cells = WS.plan(cfg)
     assert sorted(df["key"]) == sorted(c.key for c in cells)
     calls = []
-    WS.run_sweep("mnist", ["gt", "zero"], [0], "cpu", config=cfg, cell_fn=_fake_cell(calls))
+    WS.run(cfg, progress=False, cell_fn=_fake_cell(calls))
     assert calls == []                                             # found done
     zero = [c for c in cells if c.coords["front"] == "zero"][0]
     assert (folder / "figures" / f"{WS.cell_stem(zero)}-samples.png").read_bytes() == b"png"
     assert "migrated_from" in WS.result_store(folder).read_details()[0]
     # the authors' recipe is another cell; a second migration finds nothing to do
-    assert WS.plan_cells("mnist", ["zero"], [0], replace(cfg, recipe="authors", lr_disc=None, lambda_adv=None,
-                                                           recon=None))[0].key != zero.key
+    assert WS.plan(cfg.replace(fronts=["zero"], recipe="authors", lr_disc=None, lambda_adv=None,
+                               recon=None))[0].key != zero.key
     assert mig._wae_folder(folder, "cpu", dry_run=False) == 0 and len(WS.read_results(folder)) == 2
 
 
-def test_sweep_rejects_unknown_settings(tmp_path):
-    with pytest.raises(ValueError, match="unknown WAE setting 'epoch'"):
-        WS.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), epoch=3)
+def test_a_config_refuses_unknown_settings_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown setting 'epoch' for 03_wae.*did you mean 'epochs'"):
+        WS.WAEConfig.build("quick", {"epoch": 3, "results_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="setting 'dataset' of 03_wae must be a data set.*got 'cifar100'"):
+        WS.WAEConfig.build("quick", {"dataset": "cifar100"})
     with pytest.raises(ValueError, match="no WAE architecture for dataset 'cifar100'"):
-        WS.run_sweep("cifar100", ["zero"], [0], "t", results_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown WAE recipe 'fast'"):
-        WS.run_sweep("mnist", ["zero"], [0], "t", results_dir=str(tmp_path), recipe="fast")
+        WS.dataset_arch("cifar100")
+    with pytest.raises(ValueError, match="setting 'recipe' of 03_wae must be a WAE recipe.*got 'fast'"):
+        WS.WAEConfig.build("quick", {"recipe": "fast"})
+    with pytest.raises(ValueError, match="setting 'fronts' of 03_wae must be .*'magic'"):
+        WS.WAEConfig.build("quick", {"fronts": ["zero", "magic"]})
+    assert not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- notebook 03 (papermill)
@@ -586,13 +589,13 @@ def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
     from labkit.studies.engine import SweepIncomplete
 
     calls = []
-    cfg = _small_cfg(tmp_path)
-    held = [c for c in WS.plan_cells(["mnist"], ["pc", "zero"], [0], cfg) if c.coords["front"] == "pc"][0]
+    cfg = _small_cfg(tmp_path, fronts=["pc", "zero"])
+    held = [c for c in WS.plan(cfg) if c.coords["front"] == "pc"][0]
     store = WS.result_store(tmp_path)
     with ExitStack() as other:
         assert other.enter_context(store.claim(held.key)) is True
         with pytest.raises(SweepIncomplete, match="not finished"):
-            WS.run_sweep("mnist", ["pc", "zero"], [0], "t", config=cfg, cell_fn=_fake_cell(calls))
+            WS.run(cfg, progress=False, cell_fn=_fake_cell(calls))
     assert [c[1] for c in calls] == ["zero"]
-    WS.run_sweep("mnist", ["pc", "zero"], [0], "t", config=cfg, cell_fn=_fake_cell(calls))
+    WS.run(cfg, progress=False, cell_fn=_fake_cell(calls))
     assert [c[1] for c in calls] == ["zero", "pc"]

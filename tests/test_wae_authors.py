@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from labkit.models import wae as W
+from labkit.models import wae_training as WT
 from labkit.studies import wae as WS
+from labkit.studies import wae_cells
 from labkit.studies.engine import Cell
 
 #: a small MNIST-shaped WAE with BatchNorm in encoder and decoder (the step tests run in milliseconds)
@@ -94,10 +96,10 @@ def test_alternating_step_is_the_authors_loop():
     model = _tiny()
     twin = copy.deepcopy(model)
     batches = [_batch(1), _batch(2)]
-    opts = W.make_optimizers(model, lr=1e-2, lr_disc=None, recipe="authors")
+    opts = WT.make_optimizers(model, lr=1e-2, lr_disc=None, recipe="authors")
     g = torch.Generator().manual_seed(7)
     for x, missing, _ in batches:
-        out = W.train_step(model, opts, x, missing, generator=g, lambda_adv=0.01, disc_weight=0.01, recon="mse",
+        out = WT.train_step(model, opts, x, missing, generator=g, lambda_adv=0.01, disc_weight=0.01, recon="mse",
                            step="alternating", recon_average="all_pixels")
     assert set(out) == {"d_loss", "d_prior", "d_encoded", "loss", "recon", "adv"}
     _authors_loop(twin, batches, lr=1e-2, prior_seed=7)
@@ -115,7 +117,7 @@ def test_two_optimizer_steps_per_batch_and_momentum_of_frozen_networks():
     and the encoder once (it had no gradient yet at the discriminator's step); from then on every
     parameter takes two Adam steps per batch."""
     model = _tiny()
-    opt = W.make_optimizers(model, lr=1e-3, lr_disc=None, recipe="authors")["all"]
+    opt = WT.make_optimizers(model, lr=1e-3, lr_disc=None, recipe="authors")["all"]
     calls = []
     real_step = opt.step
     opt.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
@@ -124,7 +126,7 @@ def test_two_optimizer_steps_per_batch_and_momentum_of_frozen_networks():
         return {int(opt.state[p]["step"]) for p in module.parameters()}
 
     x, missing, _ = _batch(3)
-    W.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(0),
+    WT.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(0),
                  lambda_adv=0.01, disc_weight=0.01, recon="mse", step="alternating", recon_average="all_pixels")
     assert len(calls) == 2
     assert steps(model.discriminator) == {2} and steps(model.encoder) == {1} and steps(model.decoder) == {1}
@@ -134,7 +136,7 @@ def test_two_optimizer_steps_per_batch_and_momentum_of_frozen_networks():
     opt.step = lambda *a, **k: (step1.append({n: p.detach().clone() for n, p in model.encoder.named_parameters()})
                                 if not step1 else None, real_step(*a, **k))[1]
     x, missing, _ = _batch(4)
-    W.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(1),
+    WT.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(1),
                  lambda_adv=0.01, disc_weight=0.01, recon="mse", step="alternating", recon_average="all_pixels")
     assert steps(model.discriminator) == {4} and steps(model.encoder) == {3}
     assert all(torch.equal(step1[0][n], enc_before[n]) for n in enc_before)     # not before the first step ...
@@ -146,7 +148,7 @@ def test_the_autoencoder_step_sees_the_updated_discriminator():
     """The fooling term of step 2 is computed with the discriminator after step 1: its value equals
     BCE(D_new(z), 1) for the codes of the same (unchanged) encoder, not BCE(D_old(z), 1)."""
     model = _tiny()
-    opt = W.make_optimizers(model, lr=5e-2, lr_disc=None, recipe="authors")["all"]
+    opt = WT.make_optimizers(model, lr=5e-2, lr_disc=None, recipe="authors")["all"]
     x, missing, _ = _batch(5)
     before = copy.deepcopy(model)
     seen = {}
@@ -160,7 +162,7 @@ def test_the_autoencoder_step_sees_the_updated_discriminator():
         return real_step(*a, **k)
 
     opt.step = spy
-    out = W.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(0),
+    out = WT.train_step(model, {"all": opt}, x, missing, generator=torch.Generator().manual_seed(0),
                        lambda_adv=0.01, disc_weight=0.01, recon="mse", step="alternating", recon_average="all_pixels")
     # the encoder did not move in step 1 (no momentum yet), so step 2's codes are before's codes
     # (BatchNorm in training mode: the batch statistics, the same batch)
@@ -182,18 +184,18 @@ def test_reconstruction_averaged_over_all_pixels_by_hand():
     target = torch.cat([target, torch.full((1, 1, 2, 2), 0.5)])
     counted = torch.ones(2, 1, 2, 2, dtype=torch.bool)
     counted[0, 0, 1, 1] = False
-    assert float(W.reconstruction_loss(logits, target, counted, "mse", "all_pixels")) == pytest.approx(0.75 / 8)
-    assert float(W.reconstruction_loss(logits, target, counted, "mse", "per_image")) == pytest.approx(0.125)
+    assert float(WT.reconstruction_loss(logits, target, counted, "mse", "all_pixels")) == pytest.approx(0.75 / 8)
+    assert float(WT.reconstruction_loss(logits, target, counted, "mse", "per_image")) == pytest.approx(0.125)
     # BCE at 0.5: log 2 per counted pixel (7 of 8)
-    assert float(W.reconstruction_loss(logits, target, counted, "bce", "all_pixels")) == pytest.approx(7 * math.log(2) / 8)
+    assert float(WT.reconstruction_loss(logits, target, counted, "bce", "all_pixels")) == pytest.approx(7 * math.log(2) / 8)
     # on MNIST squares every image has 3/4 of its pixels counted: the authors' average is 3/4 of ours
     x, missing, complete = _batch(0)
     lg = torch.randn(5, 1, 28, 28)
-    a = W.reconstruction_loss(lg, complete, ~missing, "mse", "all_pixels")
-    b = W.reconstruction_loss(lg, complete, ~missing, "mse", "per_image")
+    a = WT.reconstruction_loss(lg, complete, ~missing, "mse", "all_pixels")
+    b = WT.reconstruction_loss(lg, complete, ~missing, "mse", "per_image")
     assert float(a) == pytest.approx(0.75 * float(b), rel=1e-6)
     with pytest.raises(ValueError, match="average must be"):
-        W.reconstruction_loss(logits, target, counted, "mse", "mean")
+        WT.reconstruction_loss(logits, target, counted, "mse", "mean")
 
 
 def test_recipes_and_their_settings():
@@ -207,7 +209,7 @@ def test_recipes_and_their_settings():
     assert W.recipe_procedure("supplement")["step"] == "sequential"
     model = _tiny()
     with pytest.raises(ValueError, match="step 'alternating' does not go with"):
-        W.train_step(model, W.make_optimizers(model, recipe="supplement"), *_batch(0)[:2], step="alternating")
+        WT.train_step(model, WT.make_optimizers(model, recipe="supplement"), *_batch(0)[:2], step="alternating")
 
 
 def _plan(tmp_path, recipe, front="zero"):
@@ -220,7 +222,7 @@ def _plan(tmp_path, recipe, front="zero"):
     data = CellData("mnist", "square", 0, imgs[:n], labels[:n], miss[:n], torch.arange(n), torch.arange(0),
                     imgs[n:], labels[n:], miss[n:])
     cfg = WS.WAEConfig(recipe=recipe, results_dir=str(tmp_path), n_train=n, n_test=nt, dmfa_complete=None,
-                       progress=False, precision="32", device="cpu")
+                       precision="32", device="cpu")
     return WS.plan_cell("mnist", front, 0, cfg, data=data)
 
 
@@ -292,13 +294,13 @@ def test_ground_truth_front_counts_what_the_recipe_says(tmp_path, monkeypatch, r
         seen.update(counted=counted.clone(), missing=missing.clone(), step=step, average=recon_average)
         raise _Stop
 
-    monkeypatch.setattr(WS, "train_step", capture)
+    monkeypatch.setattr(wae_cells, "train_step", capture)
     cfg = WS.WAEConfig(recipe=recipe, results_dir=str(tmp_path), n_train=16, n_test=8, epochs=1, batch_size=8,
-                       progress=False, cache_dir=str(tmp_path / "cache"), precision="32", device="cpu",
-                       dmfa_complete=None)
-    (cell,) = WS.plan_cells("mnist", ["gt"], [0], cfg)
+                       cache_dir=str(tmp_path / "cache"), precision="32", device="cpu", dmfa_complete=None,
+                       fronts=["gt"], seeds=[0])
+    (cell,) = WS.plan(cfg)
     with pytest.raises(_Stop):
-        WS.run_cell(cell, cfg, features=lambda x: x.flatten(1)[:, :4], figures=False)
+        WS.run_cell(cell, cfg, features=lambda x: x.flatten(1)[:, :4], figures=False, progress=False)
     assert bool(seen["counted"].all()) == all_counted
     if not all_counted:
         assert torch.equal(seen["counted"], ~seen["missing"])

@@ -6,7 +6,8 @@
 - :mod:`labkit.models.dmfa_training`  the DMFA loss and its resumable trainer
 - :mod:`labkit.models.acflow`         the ACFlow imputer (a conditional normalizing flow)
 - :mod:`labkit.models.acflow_training`  its trainer, loader and NLL evaluation
-- :mod:`labkit.models.wae`            WAE-GAN networks, losses and optimisation steps
+- :mod:`labkit.models.wae`            WAE-GAN networks and training recipes
+- :mod:`labkit.models.wae_training`   WAE-GAN losses, optimizers and training steps
 
 Models never import :mod:`labkit.studies` at run time.
 """

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data"]
+__all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data", "stable_seed", "with_nan"]
 
 
-def _stable_seed(*parts: Any) -> int:
+def stable_seed(*parts: Any) -> int:
     """A 63-bit seed mixed from names and numbers: the same in every process and on every machine
     (strings go through crc32, never Python's randomised ``hash``)."""
     words = [zlib.crc32(str(p).encode()) if not isinstance(p, (int, np.integer)) else int(p) for p in parts]
@@ -45,7 +45,7 @@ def cell_masks(dataset: str, split: str, kind: str, seed: int, n: int, height: i
     """
     from labkit.masks import make_masks
 
-    g = torch.Generator().manual_seed(_stable_seed("masks", dataset, split, SEED_WORD.get(kind, kind), int(seed)))
+    g = torch.Generator().manual_seed(stable_seed("masks", dataset, split, SEED_WORD.get(kind, kind), int(seed)))
     return make_masks(kind, n, height, width, generator=g, device="cpu")
 
 
@@ -139,6 +139,9 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
     return data
 
 
-def _with_nan(x: Tensor, missing: Tensor) -> Tensor:
+def with_nan(x: Tensor, missing: Tensor) -> Tensor:
     """``x`` ``(B, C, H, W)`` with NaN where ``missing`` (bool, same shape) is True."""
     return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)
+
+
+#: the former private names, for the modules that still import them

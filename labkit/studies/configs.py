@@ -23,8 +23,9 @@ from typing import Any
 from labkit.config import StudyConfig, at_least, choices, fraction, list_of, positive_number, setting
 from labkit import data
 from labkit.masks import MASK_KINDS
-from labkit.models.wae import RECIPES
-from labkit.precision import PRECISIONS
+from labkit.device import resolve_device
+from labkit.models.wae import RECIPES, recipe_settings
+from labkit.precision import PRECISIONS, resolve_precision
 from labkit.studies.imputers import METHODS
 
 __all__ = ["CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "TimingConfig", "TourConfig",
@@ -230,11 +231,38 @@ class WAEConfig(StudyConfig):
     dmfa_incomplete: str | None = setting("results/dmfa/cpu/{dataset}_incomplete{mask_suffix}.pt",
                                           "incomplete-data DMFA per mask kind")
     acflow: str | None = setting("results/acflow/acflow_{dataset}.pt", "ACFlow checkpoint")
+    knn_fit: int | None = setting(5000, "k-NN front: incomplete training images the KNNImputer is fitted on",
+                                  rule=_POSITIVE)
+    knn_k: list[int] = setting([1, 3, 5, 10], "k-NN front: candidate numbers of neighbours",
+                               rule=list_of(_POSITIVE, "integers >= 1", unique=True))
+    knn_val: int = setting(500, "k-NN front: validation images used to choose k", rule=_POSITIVE)
+    mfa_components: int = setting(4, "MFA fronts: classical MFA components K", rule=_POSITIVE)
+    mfa_factors: int = setting(4, "MFA fronts: factors L", rule=_POSITIVE)
+    mfa_iterations: int = setting(30, "MFA fronts: EM iterations", rule=_POSITIVE)
+    acflow_samples: int = setting(4, "ACFlow front: the mean of this many samples", rule=_POSITIVE)
+    impute_batch: int = setting(256, "ACFlow imputation batch (its sampling noise depends on it)", rule=_POSITIVE)
     wait: bool = setting(False, "wait for DMFA checkpoints that do not exist yet", key=False)
     threads: int | None = setting(None, "torch CPU threads (None: torch's default)", rule=_NATURAL, key=False)
     cache_dir: str | None = setting(None, "imputers' cache (None: the classification study's)", key=False)
     results_dir: str | None = setting(None, "where results go (None: results/wae/<profile>)", key=False)
     committed: str | None = setting("cpu", _COMMITTED_DOC, key=False)
+
+    def check(self) -> list[str]:
+        """The recipe's overrides must fit the recipe (``lr_disc`` only with two optimizers, ``recon``
+        mse | bce) and the precision must run on the device (``16-mixed``: CUDA only)."""
+        problems = []
+        # a value its own rule refuses is reported once, by its rule
+        if not any(self.value_problem(k, getattr(self, k)) for k in ("recipe", "lambda_adv", "recon", "lr_disc")):
+            try:
+                recipe_settings(self.recipe, lambda_adv=self.lambda_adv, recon=self.recon, lr_disc=self.lr_disc)
+            except ValueError as exc:
+                problems.append(f"{self.SECTION}: {exc}")
+        if not self.value_problem("precision", self.precision) and _device(self.device) is None:
+            try:
+                resolve_precision(self.precision, resolve_device(self.device))
+            except ValueError as exc:
+                problems.append(f"{self.SECTION}: {exc}")
+        return problems
 
 
 @dataclass(frozen=True)

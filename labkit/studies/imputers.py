@@ -25,14 +25,15 @@ Imputers are frozen, so their outputs are cached on disk under ``cache_dir`` (de
 them: the content hashes of the split and its masks, *which* rows a model was fitted on (a digest of
 the row indices into that hashed split: :func:`rows_fingerprint`, so another ``val_fraction`` or
 ``knn_fit`` is another key even at the same count), the fitted model itself (the MFA mean imputation
-is keyed by a digest of the MFA's parameters) and every setting that changes the values. The preparers read their settings from an :class:`ImputerConfig` (the classification study's
-:class:`~labkit.studies.classification.SweepConfig` extends it); :func:`method_available` says
+is keyed by a digest of the MFA's parameters) and every setting that changes the values. The
+preparers read their settings from an :class:`ImputerSettings`, made from a study's config by
+:func:`imputer_settings` (the classification and the WAE study share them); :func:`method_available` says
 whether a method's checkpoint (DMFA, ACFlow) exists yet.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from labkit.device import resolve_device
 from labkit.mfa import MFA, ClassicalMFA
 from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
                                   MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront)
-from labkit.studies.cells import CellData, _stable_seed, _with_nan
+from labkit.studies.cells import CellData, stable_seed, with_nan
 from labkit.studies.engine import cached, digest, input_fingerprint, tensor_digest
 
 __all__ = [
@@ -54,12 +55,14 @@ __all__ = [
     "METHODS",
     "AuxSource",
     "ConditionedMFAAux",
-    "ImputerConfig",
+    "IMPUTER_FIELDS",
+    "ImputerSettings",
     "MFAAux",
     "Method",
     "TensorAux",
     "cached",
     "classical_mfa",
+    "imputer_settings",
     "method_available",
     "model_fingerprint",
     "prepare_acflow",
@@ -145,29 +148,31 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 # ============================================================================ settings
-@dataclass
-class ImputerConfig:
-    """What the preparers read: k-NN and MFA settings, the DMFA/ACFlow checkpoints, the cache.
+@dataclass(frozen=True)
+class ImputerSettings:
+    """What the preparers read: k-NN and MFA settings, the DMFA/ACFlow checkpoints, the cache, the
+    device. Made from a study's config by :func:`imputer_settings` (no defaults here: the study
+    configs hold them, :mod:`labkit.studies.configs`).
 
     Checkpoint paths are templates (see :meth:`resolve`); relative ones are relative to the
     checkout (:func:`labkit.paths.repo_path`).
     """
 
-    knn_fit: int | None = 5000                # incomplete training images the KNNImputer is fitted on
-    knn_k: Sequence[int] = (1, 3, 5, 10)       # candidates for n_neighbors, chosen on validation
-    knn_val: int = 500                        # validation images used to choose k
-    mfa_components: int = 10
-    mfa_factors: int = 4
-    mfa_iterations: int = 30
-    dmfa_complete: str | None = "results/dmfa/cpu/{dataset}_complete{replicate}.pt"      # {dataset} is filled in
-    dmfa_incomplete: str | None = "results/dmfa/cpu/{dataset}_incomplete{mask_suffix}{replicate}.pt"   # one per mask kind
-    acflow: str | None = "results/acflow/acflow_{dataset}.pt"
-    acflow_samples: int = 4
-    dmfa_replicates: int = 1                  # independently trained DMFAs per kind, for square masks (see resolve)
-    impute_batch: int = 256                   # ACFlow's sampling noise depends on it (see ACFLOW_IMPUTE_BATCH)
-    cache_dir: str | None = None              # default data/cache/classification
-    device: Any = None
-    progress: bool = True
+    knn_fit: int | None             # incomplete training images the KNNImputer is fitted on (None: all)
+    knn_k: tuple[int, ...]          # candidates for n_neighbors, chosen on validation
+    knn_val: int                    # validation images used to choose k
+    mfa_components: int
+    mfa_factors: int
+    mfa_iterations: int
+    dmfa_complete: str | None
+    dmfa_incomplete: str | None
+    dmfa_replicates: int            # independently trained DMFAs per kind, for square masks (see resolve)
+    acflow: str | None
+    acflow_samples: int
+    impute_batch: int               # ACFlow's sampling noise depends on it (see ACFLOW_IMPUTE_BATCH)
+    cache_dir: str | None           # None: data/cache/classification
+    device: torch.device
+    progress: bool
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else paths.cache_dir("classification")
@@ -190,6 +195,39 @@ class ImputerConfig:
                                .replace("{replicate}", f"_s{r}" if r else ""))
 
 
+#: the fields :func:`imputer_settings` reads from a study config (all required but ``dmfa_replicates``)
+IMPUTER_FIELDS = ("knn_fit", "knn_k", "knn_val", "mfa_components", "mfa_factors", "mfa_iterations", "dmfa_complete",
+                  "dmfa_incomplete", "acflow", "acflow_samples", "impute_batch", "cache_dir", "device")
+
+
+def imputer_settings(cfg: Any, *, device: str | torch.device | None = None, progress: bool = True) -> ImputerSettings:
+    """The preparers' settings taken from a study config (classification, WAE).
+
+    Reads these attributes of ``cfg`` (:data:`IMPUTER_FIELDS`): ``knn_fit``, ``knn_k``, ``knn_val``,
+    ``mfa_components``, ``mfa_factors``, ``mfa_iterations``, ``dmfa_complete``, ``dmfa_incomplete``,
+    ``acflow``, ``acflow_samples``, ``impute_batch``, ``cache_dir`` and ``device`` (resolved here
+    unless ``device`` is given: :func:`labkit.device.resolve_device`); every one is required, since
+    the k-NN, MFA and ACFlow values enter the keys of the cells of those methods. The one optional
+    attribute is ``dmfa_replicates`` (default 1: one DMFA per mask kind, what a study that never
+    trained replicates reads). ``progress``: show the imputers' progress bars (not a setting of any
+    result).
+
+    Raises:
+        TypeError: ``cfg`` lacks required attributes (named).
+    """
+    lacking = [name for name in IMPUTER_FIELDS if not hasattr(cfg, name)]
+    if lacking:
+        raise TypeError(f"{type(cfg).__name__} lacks the imputer setting(s) {', '.join(lacking)} "
+                        "(labkit.studies.imputers.imputer_settings reads them)")
+    return ImputerSettings(
+        knn_fit=cfg.knn_fit, knn_k=tuple(int(k) for k in cfg.knn_k), knn_val=cfg.knn_val,
+        mfa_components=cfg.mfa_components, mfa_factors=cfg.mfa_factors, mfa_iterations=cfg.mfa_iterations,
+        dmfa_complete=cfg.dmfa_complete, dmfa_incomplete=cfg.dmfa_incomplete,
+        dmfa_replicates=int(getattr(cfg, "dmfa_replicates", 1)), acflow=cfg.acflow, acflow_samples=cfg.acflow_samples,
+        impute_batch=cfg.impute_batch, cache_dir=cfg.cache_dir,
+        device=resolve_device(cfg.device if device is None else device), progress=bool(progress))
+
+
 # ============================================================================ methods
 @dataclass
 class Method:
@@ -197,10 +235,10 @@ class Method:
 
     name: str
     front: type[Front]
-    prepare: Callable[[CellData, ImputerConfig], tuple[AuxSource, AuxSource, dict]]
+    prepare: Callable[[CellData, ImputerSettings], tuple[AuxSource, AuxSource, dict]]
     needs: Callable[..., str | None] = field(default=lambda cfg, dataset="mnist", mask=None, seed=0: None)
     description: str = ""
-    settings: Callable[[ImputerConfig], dict] = field(default=lambda cfg: {})
+    settings: Callable[[ImputerSettings], dict] = field(default=lambda cfg: {})
     inputs: Callable[..., dict] = field(default=lambda cfg, dataset="mnist", mask=None, seed=0: {})
 
 
@@ -222,7 +260,7 @@ def _chunks(n: int, size: int, desc: str, progress: bool):
 # ---------------------------------------------------------------------------- k-NN
 def _knn_impute(imputer, images: Tensor, missing: Tensor, desc: str, progress: bool, chunk: int = 250) -> Tensor:
     N = images.shape[0]
-    flat = _with_nan(images, missing.expand_as(images)).reshape(N, -1).numpy().astype(np.float64)
+    flat = with_nan(images, missing.expand_as(images)).reshape(N, -1).numpy().astype(np.float64)
     out = np.empty_like(flat)
     for s in _chunks(N, chunk, desc, progress):
         out[s:s + chunk] = imputer.transform(flat[s:s + chunk])
@@ -230,7 +268,7 @@ def _knn_impute(imputer, images: Tensor, missing: Tensor, desc: str, progress: b
     return torch.where(missing.expand_as(images), res, images)
 
 
-def prepare_knn(data: CellData, cfg: ImputerConfig):
+def prepare_knn(data: CellData, cfg: ImputerSettings):
     """k-NN imputation with scikit-learn's ``KNNImputer`` (uniform weights, nan-Euclidean distance).
 
     - fitted on the *incomplete* training images (NaN at missing pixels; no complete image is
@@ -251,11 +289,11 @@ def prepare_knn(data: CellData, cfg: ImputerConfig):
 
     def compute():
         N, C, H, W = data.train_images.shape
-        X_fit = _with_nan(data.train_images[fit_rows], data.train_missing[fit_rows].expand(-1, C, -1, -1))
+        X_fit = with_nan(data.train_images[fit_rows], data.train_missing[fit_rows].expand(-1, C, -1, -1))
         X_fit = X_fit.reshape(len(fit_rows), -1).numpy().astype(np.float64)
         # choose k: hide an extra square among the observed pixels of validation images
         vidx = data.val_idx[: cfg.knn_val]
-        g = torch.Generator().manual_seed(_stable_seed("knn-hidden", data.dataset, data.mask, data.seed))
+        g = torch.Generator().manual_seed(stable_seed("knn-hidden", data.dataset, data.mask, data.seed))
         hidden = make_masks("square", len(vidx), H, W, generator=g, device="cpu") & ~data.train_missing[vidx]
         vmiss = data.train_missing[vidx] | hidden
         scores = {}
@@ -280,7 +318,7 @@ def prepare_knn(data: CellData, cfg: ImputerConfig):
 
 
 # ---------------------------------------------------------------------------- classical MFA
-def classical_mfa(data: CellData, cfg: ImputerConfig) -> ClassicalMFA:
+def classical_mfa(data: CellData, cfg: ImputerSettings) -> ClassicalMFA:
     """The classical MFA of the data set: EM (:func:`labkit.mfa.fit_mfa`) on the complete images of
     the classifier's training split (not the validation or test images), cached."""
     from labkit.mfa import fit_mfa
@@ -303,20 +341,20 @@ def classical_mfa(data: CellData, cfg: ImputerConfig) -> ClassicalMFA:
     return model
 
 
-def _mfa_mean_images(model: ClassicalMFA, images: Tensor, missing: Tensor, cfg: ImputerConfig, desc: str) -> Tensor:
-    dev = resolve_device(cfg.device)
+def _mfa_mean_images(model: ClassicalMFA, images: Tensor, missing: Tensor, cfg: ImputerSettings, desc: str) -> Tensor:
+    dev = cfg.device
     m = model.to(dev)
     out = torch.empty_like(images)
     for s in _chunks(len(images), cfg.impute_batch, desc, cfg.progress):
         x = images[s:s + cfg.impute_batch].to(dev)
         j = missing[s:s + cfg.impute_batch].to(dev)
         with torch.no_grad():
-            mean = m.condition(_with_nan(x, j.expand_as(x)), ~j).mean()
+            mean = m.condition(with_nan(x, j.expand_as(x)), ~j).mean()
         out[s:s + cfg.impute_batch] = torch.where(j.expand_as(x), mean, x).cpu()
     return out
 
 
-def prepare_mfa_mean(data: CellData, cfg: ImputerConfig):
+def prepare_mfa_mean(data: CellData, cfg: ImputerSettings):
     model = classical_mfa(data, cfg)
     # keyed by the fitted MFA itself: another fit (other rows, settings, data) is another key
     key = {**data.key("train"), "test": data.key("test"), "method": "mfa_mean", "K": cfg.mfa_components,
@@ -330,7 +368,7 @@ def prepare_mfa_mean(data: CellData, cfg: ImputerConfig):
     return TensorAux(v["train"]), TensorAux(v["test"]), {"mfa_K": cfg.mfa_components, "mfa_L": cfg.mfa_factors}
 
 
-def prepare_mfa_misconv(data: CellData, cfg: ImputerConfig):
+def prepare_mfa_misconv(data: CellData, cfg: ImputerSettings):
     model = classical_mfa(data, cfg)
     src = ConditionedMFAAux(model)
     return src, src, {"mfa_K": cfg.mfa_components, "mfa_L": cfg.mfa_factors}
@@ -352,13 +390,13 @@ def _load_input(loader, path: Path, role: str, device):
                          "(scripts/train_dmfa.py, scripts/train_acflow.py)") from exc
 
 
-def _dmfa_path(cfg: ImputerConfig, variant: str, dataset: str = "mnist", mask: str | None = None,
+def _dmfa_path(cfg: ImputerSettings, variant: str, dataset: str = "mnist", mask: str | None = None,
                seed: int = 0) -> Path | None:
     return cfg.resolve(cfg.dmfa_complete if variant == "complete" else cfg.dmfa_incomplete, dataset, mask, seed)
 
 
 def _dmfa_needs(variant: str):
-    def needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
+    def needs(cfg: ImputerSettings, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
         p = _dmfa_path(cfg, variant, dataset, mask, seed)
         if p is None:
             return f"no {variant}-data DMFA checkpoint configured"
@@ -368,7 +406,7 @@ def _dmfa_needs(variant: str):
     return needs
 
 
-def _dmfa_mfas(data: CellData, cfg: ImputerConfig, variant: str) -> dict:
+def _dmfa_mfas(data: CellData, cfg: ImputerSettings, variant: str) -> dict:
     """Per-image DMFA outputs for train and test (fields stored float16), cached."""
     from labkit.models.dmfa import load_dmfa, predict_mfa
 
@@ -377,11 +415,11 @@ def _dmfa_mfas(data: CellData, cfg: ImputerConfig, variant: str) -> dict:
            "checkpoint": _checkpoint_id(path, f"{variant}-data DMFA checkpoint"), "v": 2}
 
     def compute():
-        dev = resolve_device(cfg.device)
+        dev = cfg.device
         model, _ = _load_input(load_dmfa, path, f"{variant}-data DMFA checkpoint", dev)
         out = {}
         for split, images, missing in data.splits():
-            mfa = predict_mfa(model, _with_nan(images, missing.expand_as(images)), missing,
+            mfa = predict_mfa(model, with_nan(images, missing.expand_as(images)), missing,
                               batch_size=cfg.impute_batch, device=dev, out_device="cpu")
             out[split] = _mfa_fields(mfa)
         return out
@@ -413,7 +451,7 @@ def _prepare_dmfa_misconv(variant: str):
 
 
 # ---------------------------------------------------------------------------- ACFlow
-def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
+def _acflow_needs(cfg: ImputerSettings, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> str | None:
     p = cfg.resolve(cfg.acflow, dataset)
     if p is None:
         return "no ACFlow checkpoint configured"
@@ -429,13 +467,13 @@ def _acflow_needs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None =
 ACFLOW_IMPUTE_BATCH = 256
 
 
-def _acflow_batch_setting(cfg: ImputerConfig) -> dict:
+def _acflow_batch_setting(cfg: ImputerSettings) -> dict:
     """``{}`` for the committed ``impute_batch`` (:data:`ACFLOW_IMPUTE_BATCH`), else ``{"impute_batch": n}``."""
     n = int(cfg.impute_batch)
     return {} if n == ACFLOW_IMPUTE_BATCH else {"impute_batch": n}
 
 
-def prepare_acflow(data: CellData, cfg: ImputerConfig):
+def prepare_acflow(data: CellData, cfg: ImputerSettings):
     """ACFlow imputation: the mean of ``cfg.acflow_samples`` samples of the missing pixels (seeded).
 
     The noise is drawn ``cfg.impute_batch`` images at a time from one generator per split, so the
@@ -449,11 +487,11 @@ def prepare_acflow(data: CellData, cfg: ImputerConfig):
            **_acflow_batch_setting(cfg), "v": 2}
 
     def compute():
-        dev = resolve_device(cfg.device)
+        dev = cfg.device
         model, _ = _load_input(load_acflow, path, "ACFlow checkpoint", dev)
         out = {}
         for split, images, missing in data.splits():
-            g = torch.Generator(device=dev).manual_seed(_stable_seed("acflow", data.dataset, split, data.mask, data.seed))
+            g = torch.Generator(device=dev).manual_seed(stable_seed("acflow", data.dataset, split, data.mask, data.seed))
             res = torch.empty_like(images)
             for s in _chunks(len(images), cfg.impute_batch, f"ACFlow {split}", cfg.progress):
                 x = images[s:s + cfg.impute_batch].to(dev)
@@ -467,22 +505,22 @@ def prepare_acflow(data: CellData, cfg: ImputerConfig):
     return TensorAux(v["train"]), TensorAux(v["test"]), info
 
 
-def _knn_settings(cfg: ImputerConfig) -> dict:
+def _knn_settings(cfg: ImputerSettings) -> dict:
     return {"knn_fit": cfg.knn_fit, "knn_k": list(cfg.knn_k), "knn_val": cfg.knn_val}
 
 
-def _mfa_settings(cfg: ImputerConfig) -> dict:
+def _mfa_settings(cfg: ImputerSettings) -> dict:
     return {"mfa_components": cfg.mfa_components, "mfa_factors": cfg.mfa_factors,
             "mfa_iterations": cfg.mfa_iterations}
 
 
 def _dmfa_inputs(variant: str):
-    def inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
+    def inputs(cfg: ImputerSettings, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
         return {"dmfa": _checkpoint_id(_dmfa_path(cfg, variant, dataset, mask, seed), f"{variant}-data DMFA checkpoint")}
     return inputs
 
 
-def _acflow_inputs(cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
+def _acflow_inputs(cfg: ImputerSettings, dataset: str = "mnist", mask: str | None = None, seed: int = 0) -> dict:
     return {"acflow": _checkpoint_id(cfg.resolve(cfg.acflow, dataset), "ACFlow checkpoint")}
 
 
@@ -520,7 +558,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_available(name: str, cfg: ImputerConfig, dataset: str = "mnist", mask: str | None = None,
+def method_available(name: str, cfg: ImputerSettings, dataset: str = "mnist", mask: str | None = None,
                      seed: int = 0) -> str | None:
     """``None`` if method ``name`` can run now on ``dataset`` with ``mask``-kind missing data (and the
     DMFA replicate of ``seed``), else why not (e.g. its checkpoint does not exist yet)."""

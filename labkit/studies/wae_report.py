@@ -1,14 +1,23 @@
-r"""Tables and figures of the WAE study (:mod:`labkit.studies.wae`): the summary table beside the
-authors' numbers (:data:`AUTHORS_WAE_MNIST`), its Markdown form, the metric bars and the image grids
-(reconstructions, prior samples, one row per front).
+r"""The WAE study's results (:mod:`labkit.studies.wae`): where they live, their columns, and their
+tables and figures.
+
+Files: ``results_path(cfg)`` (``results/wae/<profile>`` unless ``cfg.results_dir``) holds
+``metrics.csv`` (one row per cell key, :func:`result_store`), ``runs.jsonl`` (details per run),
+``figures/`` and the git-ignored ``_scratch/`` (checkpoints, the feature network, example tensors,
+:func:`scratch_path`). A cell's files are named by :func:`cell_stem`.
+
+Report: the summary table beside the authors' numbers (:data:`AUTHORS_WAE_MNIST`), its Markdown
+form, the metric bars and the image grids (reconstructions, prior samples, one row per front), and
+:func:`write_report`, which writes them beside the results and into a document's marked block.
 
 The tables refuse (:func:`~labkit.studies.engine.check_uniform`) to put rows made with other
-settings side by side; only the front's own settings (:data:`FRONT_SETTINGS`) may differ. Every
-name here is re-exported by :mod:`labkit.studies.wae`.
+settings side by side; only the front's own settings (:data:`FRONT_SETTINGS`) may differ. The
+public names here are re-exported by :mod:`labkit.studies.wae`.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,23 +26,97 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from labkit import paths
+from labkit.checkpoint import load_checkpoint
 from labkit.studies import engine
+from labkit.studies.engine import Cell, ResultStore
 
 __all__ = [
     "AUTHORS_WAE_MNIST",
     "COLUMN_NAMES",
+    "COORDS",
     "FD_NAME",
     "FRONT_ORDER",
     "FRONT_SETTINGS",
+    "METRIC_COLUMNS",
+    "SKIMAGE_COLUMNS",
+    "cell_stem",
+    "file_stem",
+    "load_examples",
     "plot_front_grid",
     "plot_metrics",
     "plot_reconstructions",
     "plot_samples",
+    "read_results",
+    "result_store",
+    "results_path",
+    "scratch_path",
     "settings_line",
     "shared_settings",
     "summary_table",
+    "table_block",
     "table_markdown",
+    "write_report",
 ]
+
+#: the coordinates of a cell, the columns that name a row of ``metrics.csv``
+COORDS = ["dataset", "front", "seed"]
+METRIC_COLUMNS = ["psnr_missing", "ssim_missing", "psnr_all", "ssim_all", "fd_reconstruction", "fd_samples"]
+#: whole-image PSNR/SSIM as scikit-image computes them when called like the authors did
+#: (:func:`labkit.metrics.skimage_psnr_ssim`); optional: rows migrated from before they existed lack them
+SKIMAGE_COLUMNS = ["psnr_all_skimage", "ssim_all_skimage"]
+
+
+# --------------------------------------------------------------------------- files
+def results_path(cfg) -> Path:
+    """Where a config's results go: ``cfg.results_dir``, else ``results/wae/<profile>``."""
+    return Path(cfg.results_dir) if cfg.results_dir else paths.results_dir("wae", cfg.profile)
+
+
+def scratch_path(cfg) -> Path:
+    """Git-ignored working files beside the results: checkpoints, the feature network, example tensors."""
+    return results_path(cfg) / "_scratch"
+
+
+def result_store(results_dir: str | Path) -> ResultStore:
+    """The study's results: ``<results_dir>/metrics.csv`` (one row per cell key) and ``runs.jsonl``.
+
+    ``results_dir`` may also be the path of ``metrics.csv`` itself.
+    """
+    folder = Path(results_dir)
+    if folder.suffix == ".csv":
+        folder = folder.parent
+    return ResultStore(folder / "metrics.csv", coords=COORDS, metrics=METRIC_COLUMNS, optional=SKIMAGE_COLUMNS,
+                       details=folder / "runs.jsonl")
+
+
+def read_results(results_dir: str | Path):
+    """The valid rows of the study's results (:meth:`ResultStore.read`) as a DataFrame."""
+    return result_store(results_dir).read()
+
+
+def file_stem(dataset: str, front: str, seed: int, key: str) -> str:
+    """File stem of a cell's working files and figures: ``<dataset>-<front>-s<seed>-<key[:8]>``."""
+    return f"{dataset}-{front}-s{int(seed)}-{key[:8]}"
+
+
+def cell_stem(cell: Cell) -> str:
+    """:func:`file_stem` of a planned cell."""
+    c = cell.coords
+    return file_stem(c["dataset"], c["front"], c["seed"], cell.key)
+
+
+def _stored_examples(cfg, stem: str) -> dict[str, Tensor] | None:
+    path = scratch_path(cfg) / "models" / f"{stem}.pt"
+    stored = load_checkpoint(path, map_location="cpu") if path.exists() else None
+    return None if stored is None else stored["examples"]
+
+
+def load_examples(cell: Cell, cfg) -> dict[str, Tensor] | None:
+    """The example tensors the cell's run saved (``None`` if absent): inputs ``(k, C, H, W)`` with NaN
+    at missing pixels, reconstructions, targets, masks ``(k, 1, H, W)`` and prior samples."""
+    return _stored_examples(cfg, cell_stem(cell))
+
 
 #: display order and labels
 FRONT_ORDER = ["gt", "zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
@@ -86,9 +169,6 @@ def summary_table(df, keys=None, *, dataset: str | None = None, with_authors: bo
     The rows must share their settings (:func:`shared_settings`). Returns a DataFrame of strings.
     """
     import pandas as pd
-
-    # at call time: wae imports this module to re-export it
-    from labkit.studies.wae import METRIC_COLUMNS, SKIMAGE_COLUMNS
 
     df = _select(df, keys, dataset)
     if df.empty:
@@ -276,3 +356,90 @@ def plot_front_grid(examples_by_front: Mapping[str, Mapping[str, Tensor]], *, wh
     _image_rows(axes, [(label, [_to_rgb(imgs[i], None if miss is None else miss[i]) for i in range(k)])
                        for label, imgs, miss in rows], fontsize=8)
     return _finish_figure(fig, title, path)
+
+
+# --------------------------------------------------------------------------- the report of a run
+def table_block(cfg, rows, marker: str | None = None) -> str:
+    """The table of ``rows`` (:func:`table_markdown`) with a line saying how many of the config's
+    planned runs it holds and where it came from, between ``<!-- wae-table:<marker> -->`` and
+    ``<!-- /wae-table:<marker> -->`` (``marker``: default the profile's name)."""
+    marker = marker or cfg.profile
+    table = table_markdown(rows)
+    info = ""
+    if len(rows):
+        seeds = sorted({int(s) for s in rows["seed"]})
+        planned = len(cfg.fronts) * len(cfg.seeds)
+        csv = results_path(cfg) / "metrics.csv"
+        root = paths.repo_root()
+        shown = csv.relative_to(root) if csv.is_relative_to(root) else csv
+        info = (f"\n\n_{len(rows)} of {planned} planned runs; seeds {seeds}; generated from `{shown}` by "
+                f"`./lab study wae --profile {cfg.profile}`._")
+    return f"<!-- wae-table:{marker} -->\n{table}{info}\n<!-- /wae-table:{marker} -->"
+
+
+def _replace_block(path: Path, block: str, marker: str) -> None:
+    """Put ``block`` in place of the file's marked block; a new or empty file becomes the block."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    pattern = re.compile(rf"<!-- wae-table:{re.escape(marker)} -->.*?<!-- /wae-table:{re.escape(marker)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif not text.strip():
+        text = block + "\n"
+    else:
+        raise ValueError(f"{path} lacks the markers <!-- wae-table:{marker} --> ... <!-- /wae-table:{marker} -->")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def write_report(cfg, rows, *, doc: str | Path | None = None, marker: str | None = None) -> list[Path]:
+    """The tables and figures of ``rows`` (the rows of a config's planned cells), beside its results.
+
+    Writes under :func:`results_path`: ``table.md`` (the table with its settings and a line on how
+    many planned runs it holds, :func:`table_block`), ``figures/<dataset>-metrics.png``
+    (:func:`plot_metrics`) and, from the example tensors the cells saved, the reconstructions and
+    the prior samples of every finished front of the first seed side by side
+    (``figures/<dataset>-fronts-s<seed>-reconstruction.png`` and ``...-samples.png``). With ``doc``
+    (a Markdown file) the block between ``<!-- wae-table:<marker> -->`` and its closing marker is
+    replaced by the table (``marker``: default the profile's name; a file without the markers is
+    only written when it is new or empty, else ``ValueError``). Returns the files written.
+    """
+    import matplotlib.pyplot as plt
+
+    # the configs name the fronts as the user wrote them (aliases); rows carry the method names
+    from labkit.studies.configs import FRONT_ALIASES
+
+    marker = marker or cfg.profile
+    folder = results_path(cfg)
+    written = []
+    block = table_block(cfg, rows, marker)
+    _write_text(folder / "table.md", block + "\n")
+    written.append(folder / "table.md")
+    if doc is not None:
+        _replace_block(Path(doc), block, marker)
+        written.append(Path(doc))
+    rows = rows[rows["dataset"] == cfg.dataset] if len(rows) else rows
+    figs = folder / "figures"
+    dataset = cfg.dataset
+    if len(rows):
+        path = figs / f"{dataset}-metrics.png"
+        plt.close(plot_metrics(rows, path, title=f"WAE on incomplete {dataset} ({cfg.profile} profile, recipe "
+                                                  f"{cfg.recipe})"))
+        written.append(path)
+        order = {FRONT_ALIASES.get(f, f): i for i, f in enumerate(cfg.fronts)}
+        shown = min(int(s) for s in cfg.seeds)
+        first = rows[rows["seed"].astype(int) == shown]
+        first = first.iloc[sorted(range(len(first)), key=lambda i: order.get(first["front"].iloc[i], len(order)))]
+        examples = {r.front: _stored_examples(cfg, file_stem(r.dataset, r.front, r.seed, r.key))
+                    for r in first.itertuples()}
+        examples = {f: e for f, e in examples.items() if e is not None}
+        if examples:
+            for what, words in (("reconstruction", "reconstructions"), ("samples", "decoded prior samples")):
+                path = figs / f"{dataset}-fronts-s{shown}-{what}.png"
+                plt.close(plot_front_grid(examples, what=what, title=f"{dataset}, seed {shown}: {words}", path=path))
+                written.append(path)
+    return written
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
