@@ -128,7 +128,8 @@ def test_train_dmfa_step_with_mse_warmup(warmup):
     torch.manual_seed(0)
     model = build_dmfa("cifar10")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train_dmfa(model, _smooth_images(8), dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, mse_warmup_epochs=warmup, precision="32"), mode="incomplete", seed=0, device="cpu", progress=False)
+    recipe = dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, mse_warmup_epochs=warmup, precision="32")
+    history = train_dmfa(model, _smooth_images(8), recipe, mode="incomplete", seed=0, device="cpu", progress=False)
     (h,) = history
     assert h["batches"] == 1
     for k in ("loss", "nll", "sse"):

@@ -125,7 +125,9 @@ def test_trainers_on_cuda_under_mixed_precision(tmp_path, precision):
     torch.manual_seed(0)
     dmfa = build_dmfa("cifar10")
     before = {k: v.clone() for k, v in dmfa.state_dict().items()}
-    hist = train_dmfa(dmfa, _smooth_images(16), dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=precision), mode="incomplete", seed=0, device="cuda", progress=False, checkpoint=tmp_path / "d.pt")
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=precision)
+    hist = train_dmfa(dmfa, _smooth_images(16), recipe, mode="incomplete", seed=0, device="cuda", progress=False,
+                      checkpoint=tmp_path / "d.pt")
     assert all(math.isfinite(h[k]) for h in hist for k in ("loss", "nll", "sse"))
     assert any(not torch.equal(before[k], v.cpu()) for k, v in dmfa.state_dict().items())
     saved = load_checkpoint(tmp_path / "d.pt")

@@ -542,8 +542,8 @@ def test_a_float16_dmfa_is_scored_and_used_exactly_as_stored(tmp_path):
     size16, size32 = (tmp_path / "m16.pt").stat().st_size, Path(meta32["checkpoint_path"]).stat().st_size
     assert size16 < 0.55 * size32
     with pytest.raises(ValueError, match="weights_dtype"):
-        density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", dataclasses.replace(full_recipe, weights_dtype="bfloat16"),
-                                   **kw)
+        bad = dataclasses.replace(full_recipe, weights_dtype="bfloat16")
+        density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", bad, **kw)
 
 
 def test_a_figure_is_redrawn_from_the_runs_own_model_and_setting(tmp_path):

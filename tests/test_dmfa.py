@@ -251,7 +251,9 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
     for sentinel in (float("nan"), 1e6):
         poisoned = torch.where(missing, torch.tensor(sentinel), images)
         model = _tiny_model()
-        history = train_dmfa(model, poisoned, dmfa_recipe(epochs=2, batch_size=8, lr=1e-3), mode="incomplete", hole=hole, seed=seed, progress=False, device="cpu")
+        recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+        history = train_dmfa(model, poisoned, recipe, mode="incomplete", hole=hole, seed=seed, progress=False,
+                             device="cpu")
         assert all(math.isfinite(h["nll"]) for h in history)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         runs.append(model.state_dict())
@@ -268,7 +270,8 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
         assert sup.any()
     # passing the masks explicitly is the same run as letting train_dmfa draw them from the seed
     model = _tiny_model()
-    train_dmfa(model, torch.where(missing, torch.tensor(0.5), images), dmfa_recipe(epochs=2, batch_size=8, lr=1e-3), mode="incomplete", missing=missing,
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+    train_dmfa(model, torch.where(missing, torch.tensor(0.5), images), recipe, mode="incomplete", missing=missing,
                hole=hole, seed=seed, progress=False, device="cpu")
     for k in runs[0]:
         assert torch.equal(runs[0][k], model.state_dict()[k]), k
@@ -294,7 +297,8 @@ def test_incomplete_data_dmfa_input_hides_every_supervised_pixel(monkeypatch):
         return step_loss(mfa, x, sup, **kw)
 
     monkeypatch.setattr(dmt, "_step_loss", loss_spy)
-    train_dmfa(_tiny_model(), images, dmfa_recipe(epochs=2, batch_size=8, lr=1e-3), mode="incomplete", hole=hole, seed=seed,
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+    train_dmfa(_tiny_model(), images, recipe, mode="incomplete", hole=hole, seed=seed,
                progress=False, device="cpu")
     assert len(given) == len(supervised) == 2 * math.ceil(n / 8)
     for (x, unknown), sup in zip(given, supervised):
@@ -583,7 +587,8 @@ def test_channels_last_training_matches_the_default_layout():
     for layout in (False, True):
         torch.manual_seed(0)
         model = dm.FullyConvDMFA((3, 8, 8), n_factors=1)
-        histories.append(dmt.train_dmfa(model, images, dmfa_recipe(epochs=1, batch_size=4, lr=1e-3, precision="32", channels_last=layout), seed=0, device="cpu",
+        recipe = dmfa_recipe(epochs=1, batch_size=4, lr=1e-3, precision="32", channels_last=layout)
+        histories.append(dmt.train_dmfa(model, images, recipe, seed=0, device="cpu",
                                         progress=False))
         if layout:
             convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]

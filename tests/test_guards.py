@@ -378,7 +378,8 @@ def test_dmfa_validation_runs_in_float32_under_bf16_training():
     val_missing = test_masks(12, 8, 8, side=4, seed=3, device=CPU)
     log = []
     _autocast_probe(model, log)
-    history = train_dmfa(model, images, dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, precision="bf16-mixed"), hidden_hole=4, device=CPU, progress=False,
+    recipe = dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, precision="bf16-mixed")
+    history = train_dmfa(model, images, recipe, hidden_hole=4, device=CPU, progress=False,
                          val_images=val, val_missing=val_missing)
     train = [r for r in log if r[0]]
     evals = [r for r in log if not r[0]]

@@ -365,7 +365,8 @@ def test_train_dmfa_under_bf16_mixed(tmp_path):
     conv_out = set()
     _dtypes_of(model.extractor[0], conv_out)
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    hist = train_dmfa(model, images, dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=BF16), device="cpu",
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=BF16)
+    hist = train_dmfa(model, images, recipe, device="cpu",
                       progress=False, checkpoint=tmp_path / "d.pt")
     assert conv_out == {torch.bfloat16}  # the network ran in bfloat16 ...
     assert _finite(hist, "loss", "nll", "sse")  # ... the NLL (epoch 0: with the MSE warm-up) is finite
