@@ -49,29 +49,32 @@ from typing import Optional  # the annotations below mark the parameters that al
 
 profile = "quick"
 device = "auto"
-seed = 0
 dataset = "mnist"
-mode = "incomplete"       # complete | incomplete
+modes = ["incomplete"]        # the grid's training modes: complete | incomplete
+missing_kinds = ["square"]    # kinds of the incomplete images' truly missing parts (square, trapezoid, noise...)
+holes = [None]                # sides of the square holes, train and test (None: half the image's: 14 on 28x28)
+seeds = [0]                   # model initialisation, masks and validation split
 epochs = 1
 n_train: Optional[int] = 2000  # training images: the first n of the split (None: all), n_val of them held out
 n_val = 200               # validation images for the per-epoch curve (0: none)
 n_test: Optional[int] = 100   # test images: the first n (None: all)
-hole: Optional[int] = None    # side of the square holes, train and test (None: half the image's: 14 on 28x28, 16 on 32x32)
 batch_size = 48
 lr = 1.0e-3
 lr_milestones = []        # epochs at which the learning rate is multiplied by lr_gamma
 lr_gamma = 1.0
 mse_warmup_epochs = 0     # add the MSE of the mean during the first epochs (fully conv models)
-precision = "32"          # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto" (labkit.precision)
+precision = "auto"        # training precision: "32", "bf16-mixed", "16-mixed" (CUDA only) or "auto" (labkit.precision)
 n_components = 1          # K
 n_factors = 4             # L
+weights_dtype = "float32"  # how the checkpoint stores the weights ("float16": half the file)
 mfa_components = 10       # classical MFA baseline: K (0: skip the baseline)
 mfa_factors = 4
 mfa_iterations = 10
-acflow = "results/acflow/acflow_{dataset}.pt"   # trained ACFlow scored on the same holes, if it exists ("": skip)
+acflow: Optional[str] = "results/acflow/acflow_{dataset}.pt"   # trained ACFlow scored on the same holes, if it exists ("": skip)
 acflow_samples = 4        # ACFlow imputation: the mean of this many samples
-threads = 0               # torch intra-op threads (0: leave the default)
-results_dir = None        # default: results/dmfa/<profile>
+n_figure = 6              # test images in the inpainting figure
+threads = 1               # torch intra-op threads (0: torch's default)
+results_dir: Optional[str] = None   # default: results/dmfa/<profile>
 committed: Optional[str] = "cpu"   # the profile whose committed results are shown beside this run's (None: none)
 
 # %%
@@ -83,22 +86,24 @@ import torch
 from IPython.display import Image, Markdown, display
 
 import labkit
-from labkit import paths
 from labkit.machine import machine_summary
 from labkit.studies import density
+from labkit.studies.configs import DensityConfig
 
-if threads:
-    torch.set_num_threads(int(threads))
-dev = labkit.resolve_device(device)
-out_dir = Path(results_dir) if results_dir else paths.results_dir("dmfa", profile)
-out_dir.mkdir(parents=True, exist_ok=True)
+cfg = DensityConfig.from_namespace(globals())
+if cfg.threads:
+    torch.set_num_threads(cfg.threads)
+dev = labkit.resolve_device(cfg.device)
+out_dir = density.results_path(cfg)
 print(f"device {dev}, {torch.get_num_threads()} threads on {machine_summary()}")
 print(f"results -> {out_dir.resolve()}")
 
 # %% [markdown]
 # ## 1. Train (or load) the DMFA
 #
-# `run_experiment` loads the first `n_train` training images, holds `n_val` of them out for the
+# The config's grid (`modes` x `missing_kinds` x `holes` x `seeds`) is planned into cells; this
+# notebook trains and shows the first (`./lab study dmfa` runs them all and records each in
+# `density.csv`). `run_experiment` loads the first `n_train` training images, holds `n_val` of them out for the
 # validation curve, and calls `load_or_train_dmfa`: if `<dataset>_<mode>.pt` was trained with these
 # very settings (sizes, epochs, learning rate, seed, precision, the training images' content hash)
 # it is loaded; otherwise the model is trained with a checkpoint after every epoch, so an
@@ -108,7 +113,9 @@ print(f"results -> {out_dir.resolve()}")
 # so), and the table at the end shows both.
 
 # %%
-result = density.experiment_from_parameters(globals(), results_dir=out_dir, device=dev)  # the parameters cell, as one set
+cells = density.plan(cfg)
+print(f"the grid has {len(cells)} cell(s): " + ", ".join(c.short() for c in cells))
+result = density.run_experiment(cfg, **density.cell_arguments(cells[0]), device=dev)   # the first cell
 history = result["history"]
 print(f"model {Path(result['paths']['model']).name}: {result['n_train']} training images, {result['epochs']} epochs, "
       f"{result['n_parameters']:,} parameters, checkpoint {result['checkpoint_mb']:.1f} MB")
@@ -122,7 +129,7 @@ print(f"inference throughput {result['infer_images_per_s']:.0f} images/s "
 from labkit.data import load_dataset
 from labkit.lab.notices import offline_banner
 
-banner = offline_banner(load_dataset(dataset, "test", limit=n_test, quiet=True))
+banner = offline_banner(load_dataset(cfg.dataset, "test", limit=cfg.n_test, quiet=True))
 if banner:
     display(Markdown(banner))
 
@@ -173,7 +180,8 @@ display(Image(filename=result["paths"]["figure"]))
 # %%
 from labkit.studies.reporting import committed_results
 
-view = committed_results("01_dmfa", globals(), setting=committed,
+# the settings compared side by side, and the mode whose committed figure is shown (the first cell's)
+view = committed_results("01_dmfa", {**cfg.as_dict(), "mode": result["mode"]}, setting=cfg.committed,
                          note="Its samples stay speckled: a factor analyser adds independent noise to every pixel.")
 if view is not None:
     view.show()
@@ -186,12 +194,8 @@ if view is not None:
 # same holes.
 
 # %%
-if mfa_components:
-    mfa_results = density.run_mfa_baseline(
-        dataset, results_dir=out_dir, n_train=n_train, n_test=n_test, holes=[result["hole"]],  # the DMFA's holes
-        n_components=mfa_components, n_factors=mfa_factors, iterations=mfa_iterations, seed=seed,
-        profile=profile, device=dev,
-    )
+if cfg.mfa_components:
+    mfa_results = density.run_mfa_baseline(cfg, holes=[result["hole"]], seed=result["seed"], device=dev)  # the DMFA's holes
     for r in mfa_results:
         print(f"classical MFA K={r['n_components']} L={r['n_factors']}, {r['hole']}x{r['hole']}: "
               f"mean NLL {r['test_nll']:.1f}, mean SSE {r['test_sse']:.2f}")
@@ -213,11 +217,9 @@ if mfa_components:
 # flow's by its logit margin. So compare the NLLs with care and the SSEs directly.
 
 # %%
-acflow_path = paths.repo_path(acflow.format(dataset=dataset)) if acflow else None
+acflow_path = density.acflow_checkpoint(cfg)
 if acflow_path is not None and acflow_path.exists():
-    for r in density.run_acflow_baseline(dataset, results_dir=out_dir, checkpoint=acflow_path, n_test=n_test,
-                                         holes=[result["hole"]], n_samples=acflow_samples, seed=seed, profile=profile,
-                                         device=dev):
+    for r in density.run_acflow_baseline(cfg, holes=[result["hole"]], seed=result["seed"], device=dev):
         print(f"ACFlow {r['hole']}x{r['hole']}: mean NLL {r['test_nll']:.1f} at exact values, "
               f"{r['test_nll_dequantized']:.1f} dequantised ({r['test_bits_per_dim']:.2f} bits/pixel); "
               f"mean SSE {r['test_sse']:.2f}")
@@ -235,4 +237,4 @@ else:
 # summarise the CSV beside it is left out of the table and listed under it.
 
 # %%
-display(Markdown(density.density_table(out_dir, dataset)))
+display(Markdown(density.density_table(out_dir, cfg.dataset)))

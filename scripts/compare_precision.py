@@ -48,27 +48,30 @@ def _cell_fn(cell: Cell, *, device: str) -> dict:
     torch.manual_seed(stable_seed("precision-comparison", model, seed))
     if model == "dmfa":
         from labkit.models.dmfa import build_dmfa, evaluate_dmfa, test_masks
-        from labkit.models.dmfa_training import train_dmfa
+        from labkit.models.dmfa_training import DMFARecipe, train_dmfa
 
         train = load_dataset("mnist", "train", limit=s["n_train"], quiet=True)
         test = load_dataset("mnist", "test", limit=s["n_test"], quiet=True)
         net = build_dmfa("mnist")
-        history = train_dmfa(net, train.images, mode="complete", epochs=s["epochs"], batch_size=s["batch_size"],
-                             lr=s["lr"], seed=seed, device=device, progress=False, precision=precision)
+        recipe = DMFARecipe(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], lr_milestones=(), lr_gamma=1.0,
+                            mse_warmup_epochs=0, n_components=net.n_components, n_factors=net.n_factors,
+                            precision=precision, weights_dtype="float32")
+        history = train_dmfa(net, train.images, recipe, mode="complete", seed=seed, device=device, progress=False)
         holes = test_masks(len(test), 28, 28, side=14, seed=0, device="cpu")
         scores = evaluate_dmfa(net.eval(), test.images, holes, device=device)
         return {"metrics": {"nll": float(scores["nll"].mean()), "sse": float(scores["sse"].mean())},
                 "details": {"history": history, "precision": precision}}
-    from labkit.studies.classification import SweepConfig, run_cell
+    from labkit.studies.classification import run_cell
+    from labkit.studies.configs import ClassificationConfig
 
     method = "zero" if model == "zero" else "dmfa_misconv_complete"
-    cfg = SweepConfig(profile="precision", epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-                      n_train=s["n_train"], n_test=s["n_test"], precision=precision, device=device, progress=False,
-                      dmfa_complete="results/dmfa/cpu/{dataset}_complete.pt")
+    cfg = ClassificationConfig(profile="precision", epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
+                               n_train=s["n_train"], n_test=s["n_test"], precision=precision, device=device,
+                               dmfa_complete="results/dmfa/cpu/{dataset}_complete.pt")
     # the inner cell's key (it names the resumable checkpoint) differs per precision
     inner = Cell("classification", {"dataset": "mnist", "mask": "square", "method": method, "seed": seed},
                  {**s, "precision": precision})
-    out = run_cell(inner, cfg)
+    out = run_cell(inner, cfg, progress=False)
     return {"metrics": {"accuracy": out["metrics"]["accuracy"]}, "details": out["details"]}
 
 

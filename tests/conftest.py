@@ -53,3 +53,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def dmfa_recipe(**changes):
+    """A DMFA training recipe for tests: the quick profile's (``DensityConfig``'s defaults) in
+    float32, with ``changes`` (any :class:`labkit.models.dmfa_training.DMFARecipe` field)."""
+    import dataclasses
+
+    from labkit.studies.configs import DensityConfig
+    from labkit.studies.density_experiment import recipe_from
+
+    return dataclasses.replace(recipe_from(DensityConfig(precision="32")), **changes)

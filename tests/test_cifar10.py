@@ -19,6 +19,7 @@ from labkit import paths
 from labkit.mfa import MFA
 from labkit.models.dmfa import FullyConvDMFA, build_dmfa, test_masks
 from tests.conftest import random_mfa
+from tests.conftest import dmfa_recipe
 
 #: the CIFAR-10 label order of the original data set's ``batches.meta`` (label i = CLASSES[i])
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -127,8 +128,8 @@ def test_train_dmfa_step_with_mse_warmup(warmup):
     torch.manual_seed(0)
     model = build_dmfa("cifar10")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train_dmfa(model, _smooth_images(8), mode="incomplete", epochs=1, batch_size=8, lr=1e-3,
-                         mse_warmup_epochs=warmup, seed=0, device="cpu", progress=False, precision="32")
+    recipe = dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, mse_warmup_epochs=warmup, precision="32")
+    history = train_dmfa(model, _smooth_images(8), recipe, mode="incomplete", seed=0, device="cpu", progress=False)
     (h,) = history
     assert h["batches"] == 1
     for k in ("loss", "nll", "sse"):

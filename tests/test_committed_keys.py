@@ -77,13 +77,12 @@ def _plan_wae(profile: str):
 def _plan_density(profile: str):
     """The committed DMFA sweep rows: the square DMFA replicates of seeds 1 and 2, both modes, stored
     in float16 (the seed-0 DMFAs were trained before the sweep engine recorded rows)."""
-    from labkit.lab.profiles import load_profile
-    from labkit.studies import density_sweep
+    from labkit.studies import density
+    from labkit.studies.configs import DensityConfig
 
-    params = load_profile(profile, "01_dmfa")
-    settings = {k: params[k] for k in density_sweep.SETTINGS if k in params}
-    settings.update(device="cpu", weights_dtype="float16")
-    return density_sweep.plan_density_cells("mnist", ["complete", "incomplete"], ["square"], [None], [1, 2], settings)
+    cfg = DensityConfig.build(profile, {"device": "cpu", "weights_dtype": "float16", "modes": ["complete", "incomplete"],
+                                        "missing_kinds": ["square"], "holes": [None], "seeds": [1, 2]})
+    return density.plan(cfg)
 
 
 #: (file, planner, profile, settings that tell rows of another grid variant apart at the same

@@ -22,6 +22,7 @@ from labkit.mfa import MFA
 from labkit.models.dmfa import build_dmfa, test_masks
 from labkit.misconv import MisConv2d
 from tests.conftest import random_mfa
+from tests.conftest import dmfa_recipe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -124,8 +125,8 @@ def test_trainers_on_cuda_under_mixed_precision(tmp_path, precision):
     torch.manual_seed(0)
     dmfa = build_dmfa("cifar10")
     before = {k: v.clone() for k, v in dmfa.state_dict().items()}
-    hist = train_dmfa(dmfa, _smooth_images(16), mode="incomplete", epochs=2, batch_size=8, lr=1e-3,
-                      mse_warmup_epochs=1, seed=0, device="cuda", progress=False, precision=precision,
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=precision)
+    hist = train_dmfa(dmfa, _smooth_images(16), recipe, mode="incomplete", seed=0, device="cuda", progress=False,
                       checkpoint=tmp_path / "d.pt")
     assert all(math.isfinite(h[k]) for h in hist for k in ("loss", "nll", "sse"))
     assert any(not torch.equal(before[k], v.cpu()) for k, v in dmfa.state_dict().items())

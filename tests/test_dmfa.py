@@ -24,7 +24,9 @@ from labkit.models.dmfa import (
     test_masks,
 )
 from labkit.models.dmfa_training import dmfa_loss, train_dmfa
+from labkit.studies.configs import DensityConfig
 from labkit.studies.density import csv_digest, density_table, run_experiment
+from tests.conftest import dmfa_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -149,13 +151,13 @@ def test_bad_inputs_raise_with_the_argument_named():
     with pytest.raises(ValueError, match="divisible by 4"):
         LinearHeadsDMFA((1, 10, 10))
     with pytest.raises(ValueError, match="mode must be 'complete' or 'incomplete'"):
-        train_dmfa(model, x, mode="partial", epochs=1, batch_size=2, lr=1e-3, progress=False)
+        train_dmfa(model, x, dmfa_recipe(epochs=1, batch_size=2, lr=1e-3), mode="partial", progress=False)
     with pytest.raises(ValueError, match=r"images must have images of shape \(1, 28, 28\)"):
-        train_dmfa(model, torch.rand(2, 1, 8, 8), epochs=1, batch_size=2, lr=1e-3, progress=False)
+        train_dmfa(model, torch.rand(2, 1, 8, 8), dmfa_recipe(epochs=1, batch_size=2, lr=1e-3), progress=False)
     with pytest.raises(ValueError, match="hole must be <= 28"):
-        train_dmfa(model, x, hole=30, epochs=1, batch_size=2, lr=1e-3, progress=False)
+        train_dmfa(model, x, dmfa_recipe(epochs=1, batch_size=2, lr=1e-3), hole=30, progress=False)
     with pytest.raises(ValueError, match="missing is only used with mode='incomplete'"):
-        train_dmfa(model, x, missing=miss, epochs=1, batch_size=2, lr=1e-3, progress=False)
+        train_dmfa(model, x, dmfa_recipe(epochs=1, batch_size=2, lr=1e-3), missing=miss, progress=False)
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -187,10 +189,10 @@ class Interrupted(Exception):
 
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch):
     images = _images(40, (1, 12, 12))
-    kw = dict(mode="incomplete", hole=6, epochs=3, batch_size=8, lr=1e-3, seed=3, progress=False,
-              mse_warmup_epochs=1, lr_milestones=(2,), lr_gamma=0.5, device="cpu")
+    recipe = dmfa_recipe(epochs=3, batch_size=8, lr=1e-3, mse_warmup_epochs=1, lr_milestones=(2,), lr_gamma=0.5)
+    kw = dict(mode="incomplete", hole=6, seed=3, progress=False, device="cpu")
     reference = _tiny_model(K=2)
-    ref_history = train_dmfa(reference, images, checkpoint=tmp_path / "ref.pt", **kw)
+    ref_history = train_dmfa(reference, images, recipe, checkpoint=tmp_path / "ref.pt", **kw)
 
     model = _tiny_model(K=2)
     calls = {"n": 0}
@@ -204,11 +206,11 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
 
     monkeypatch.setattr(dmt, "_step_loss", failing)
     with pytest.raises(Interrupted):
-        train_dmfa(model, images, checkpoint=tmp_path / "run.pt", **kw)
+        train_dmfa(model, images, recipe, checkpoint=tmp_path / "run.pt", **kw)
     monkeypatch.setattr(dmt, "_step_loss", original)
 
     resumed = _tiny_model(seed=99, K=2)   # a fresh process would build different initial weights
-    history = train_dmfa(resumed, images, checkpoint=tmp_path / "run.pt", **kw)
+    history = train_dmfa(resumed, images, recipe, checkpoint=tmp_path / "run.pt", **kw)
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["nll"] for h in history] == [h["nll"] for h in ref_history]
@@ -249,8 +251,9 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
     for sentinel in (float("nan"), 1e6):
         poisoned = torch.where(missing, torch.tensor(sentinel), images)
         model = _tiny_model()
-        history = train_dmfa(model, poisoned, mode="incomplete", hole=hole, epochs=2, batch_size=8, lr=1e-3,
-                             seed=seed, progress=False, device="cpu")
+        recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+        history = train_dmfa(model, poisoned, recipe, mode="incomplete", hole=hole, seed=seed, progress=False,
+                             device="cpu")
         assert all(math.isfinite(h["nll"]) for h in history)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         runs.append(model.state_dict())
@@ -267,8 +270,9 @@ def test_incomplete_mode_never_feeds_nor_supervises_truly_missing_pixels(monkeyp
         assert sup.any()
     # passing the masks explicitly is the same run as letting train_dmfa draw them from the seed
     model = _tiny_model()
-    train_dmfa(model, torch.where(missing, torch.tensor(0.5), images), mode="incomplete", missing=missing,
-               hole=hole, epochs=2, batch_size=8, lr=1e-3, seed=seed, progress=False, device="cpu")
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+    train_dmfa(model, torch.where(missing, torch.tensor(0.5), images), recipe, mode="incomplete", missing=missing,
+               hole=hole, seed=seed, progress=False, device="cpu")
     for k in runs[0]:
         assert torch.equal(runs[0][k], model.state_dict()[k]), k
 
@@ -293,7 +297,8 @@ def test_incomplete_data_dmfa_input_hides_every_supervised_pixel(monkeypatch):
         return step_loss(mfa, x, sup, **kw)
 
     monkeypatch.setattr(dmt, "_step_loss", loss_spy)
-    train_dmfa(_tiny_model(), images, mode="incomplete", hole=hole, epochs=2, batch_size=8, lr=1e-3, seed=seed,
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3)
+    train_dmfa(_tiny_model(), images, recipe, mode="incomplete", hole=hole, seed=seed,
                progress=False, device="cpu")
     assert len(given) == len(supervised) == 2 * math.ceil(n / 8)
     for (x, unknown), sup in zip(given, supervised):
@@ -313,7 +318,7 @@ def test_training_lowers_validation_nll():
     model = _tiny_model()
     holes = test_masks(16, 12, 12, side=6, seed=0, device="cpu")
     before = evaluate_dmfa(model, val, holes)["nll"].mean()
-    history = train_dmfa(model, images[:48], epochs=3, batch_size=8, lr=2e-3, progress=False, device="cpu",
+    history = train_dmfa(model, images[:48], dmfa_recipe(epochs=3, batch_size=8, lr=2e-3), progress=False, device="cpu",
                          val_images=val, val_missing=holes)
     assert history[-1]["val_nll"] < before
     assert history[-1]["val_nll"] == pytest.approx(evaluate_dmfa(model, val, holes)["nll"].mean(), rel=1e-5)
@@ -397,9 +402,9 @@ def test_density_table_leaves_out_pairs_whose_json_summarises_another_csv(tmp_pa
 
 
 def _tiny_experiment(folder, **kw):
-    args = dict(results_dir=folder, n_train=24, n_val=0, n_test=4, hole=14, epochs=1, batch_size=12, lr=1e-3,
-                n_figure=2, device="cpu", progress=False)
-    return run_experiment("mnist", "complete", **{**args, **kw})
+    cfg = DensityConfig(results_dir=str(folder), n_train=24, n_val=0, n_test=4, epochs=1, batch_size=12, lr=1e-3,
+                        n_figure=2, device="cpu", precision="32").replace(**kw)
+    return run_experiment(cfg, mode="complete", hole=14, progress=False)
 
 
 def test_run_experiment_writes_its_files_as_one_set(tmp_path, monkeypatch):
@@ -506,13 +511,13 @@ def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path)
     from labkit.studies.density import run_acflow_baseline, score_holes
 
     model = ACFlow(1, 28, 28, hidden=4, n_blocks=0, n_scales=2, n_couplings=1)
+    cfg = DensityConfig(results_dir=str(tmp_path), n_test=6, acflow_samples=2, n_figure=2, device="cpu")
     ckpt = tmp_path / "acflow.pt"
     atomic_save({"model": model.state_dict(), "meta": {"config": {"model": model.config}, "epochs": 0,
                  "setting": {"n_train": 7, "mask_kinds": ["square"]}}}, ckpt)
     with pytest.raises(FileNotFoundError, match="train_acflow"):
-        run_acflow_baseline(results_dir=tmp_path, checkpoint=tmp_path / "nope.pt", n_test=4, progress=False)
-    [r] = run_acflow_baseline(results_dir=tmp_path, checkpoint=ckpt, n_test=6, holes=[10], n_samples=2,
-                              n_figure=2, progress=False)
+        run_acflow_baseline(cfg.replace(n_test=4), checkpoint=tmp_path / "nope.pt", progress=False)
+    [r] = run_acflow_baseline(cfg, checkpoint=ckpt, holes=[10], progress=False)
     df = pd.read_csv(tmp_path / "mnist_acflow_h10.csv")
     assert len(df) == 6 and (df["n_missing"] == 100).all()
     from labkit.data import load_dataset
@@ -582,8 +587,9 @@ def test_channels_last_training_matches_the_default_layout():
     for layout in (False, True):
         torch.manual_seed(0)
         model = dm.FullyConvDMFA((3, 8, 8), n_factors=1)
-        histories.append(dmt.train_dmfa(model, images, epochs=1, batch_size=4, lr=1e-3, seed=0, device="cpu",
-                                        progress=False, precision="32", channels_last=layout))
+        recipe = dmfa_recipe(epochs=1, batch_size=4, lr=1e-3, precision="32", channels_last=layout)
+        histories.append(dmt.train_dmfa(model, images, recipe, seed=0, device="cpu",
+                                        progress=False))
         if layout:
             convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
             assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)

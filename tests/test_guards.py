@@ -18,6 +18,7 @@ from torch import nn
 from labkit import masks as M
 from labkit.metrics import frechet_distance, ssim, ssim_map
 from tests.conftest import random_mfa
+from tests.conftest import dmfa_recipe
 
 CPU = torch.device("cpu")
 
@@ -377,8 +378,9 @@ def test_dmfa_validation_runs_in_float32_under_bf16_training():
     val_missing = test_masks(12, 8, 8, side=4, seed=3, device=CPU)
     log = []
     _autocast_probe(model, log)
-    history = train_dmfa(model, images, epochs=1, batch_size=8, lr=1e-3, hidden_hole=4, device=CPU, progress=False,
-                         val_images=val, val_missing=val_missing, precision="bf16-mixed")
+    recipe = dmfa_recipe(epochs=1, batch_size=8, lr=1e-3, precision="bf16-mixed")
+    history = train_dmfa(model, images, recipe, hidden_hole=4, device=CPU, progress=False,
+                         val_images=val, val_missing=val_missing)
     train = [r for r in log if r[0]]
     evals = [r for r in log if not r[0]]
     assert train and all(on for _, on, *_ in train)

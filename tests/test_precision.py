@@ -12,6 +12,7 @@ from labkit import precision as P
 from labkit.checkpoint import load_checkpoint
 from labkit.mfa import MFA
 from labkit.training import CheckpointMismatchError, fit
+from tests.conftest import dmfa_recipe
 
 N, BATCH, EPOCHS = 32, 8, 3  # 4 batches per epoch
 BF16 = "bf16-mixed"
@@ -364,8 +365,9 @@ def test_train_dmfa_under_bf16_mixed(tmp_path):
     conv_out = set()
     _dtypes_of(model.extractor[0], conv_out)
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    hist = train_dmfa(model, images, epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, device="cpu",
-                      progress=False, precision=BF16, checkpoint=tmp_path / "d.pt")
+    recipe = dmfa_recipe(epochs=2, batch_size=8, lr=1e-3, mse_warmup_epochs=1, precision=BF16)
+    hist = train_dmfa(model, images, recipe, device="cpu",
+                      progress=False, checkpoint=tmp_path / "d.pt")
     assert conv_out == {torch.bfloat16}  # the network ran in bfloat16 ...
     assert _finite(hist, "loss", "nll", "sse")  # ... the NLL (epoch 0: with the MSE warm-up) is finite
     assert load_checkpoint(tmp_path / "d.pt")["config"]["precision"] == BF16
@@ -377,7 +379,7 @@ def test_train_dmfa_under_bf16_mixed(tmp_path):
         mfa = model(x, miss)
     assert {t.dtype for t in (mfa.weights, mfa.means, mfa.factors, mfa.variances)} == {torch.float32}
     with pytest.raises(CheckpointMismatchError, match="precision: checkpoint 'bf16-mixed', now '32'"):
-        train_dmfa(model, images, epochs=3, batch_size=8, lr=1e-3, mse_warmup_epochs=1, device="cpu",
+        train_dmfa(model, images, dmfa_recipe(epochs=3, batch_size=8, lr=1e-3, mse_warmup_epochs=1), device="cpu",
                    progress=False, checkpoint=tmp_path / "d.pt")
 
 

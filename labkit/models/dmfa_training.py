@@ -13,6 +13,9 @@ Training (:func:`train_dmfa`, built on :func:`labkit.training.fit`, so resumable
   before a batch is used so that a leak would show. Each batch hides an extra fresh square
   ``hidden``; the model sees ``visible = ~(missing | hidden)`` and the loss is the NLL on
   ``hidden & ~missing`` only.
+- how to train is one object, :class:`DMFARecipe` (epochs, batch size, learning rate and its
+  schedule, MSE warm-up, K, L, precision, how the weights are stored), handed down whole; the
+  density study builds it from its config (``labkit.studies.density_experiment.recipe_from``).
 - the loss (:func:`dmfa_loss`) is the NLL summed over an image's supervised pixels and averaged
   over the images of the batch ("per image"); optional MSE warm-up (sum of squared errors of the
   mixture mean on the same pixels) for the first ``mse_warmup_epochs`` epochs; Adam, optional step
@@ -22,7 +25,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +39,66 @@ from labkit.mfa import MFA
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 from labkit.models.dmfa import DMFA, evaluate_dmfa, incomplete_masks, test_masks
 
-__all__ = ["dmfa_loss", "train_dmfa"]
+__all__ = ["DMFARecipe", "WEIGHTS_DTYPES", "dmfa_loss", "train_dmfa"]
+
+#: how DMFA weights may be stored (:attr:`DMFARecipe.weights_dtype`); None keeps the model's own
+WEIGHTS_DTYPES = {"float32": None, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DMFARecipe:
+    """How a DMFA is made from its training images: one object handed down whole (trainer,
+    checkpoint, experiment, sweep) instead of a dozen keywords repeated at every level.
+
+    No field has a default taken from a study: the density study builds its recipe from its
+    config in one place (``labkit.studies.density_experiment.recipe_from``).
+
+    Fields:
+        epochs, batch_size, lr: Adam, ``epochs`` in total (a resumed run continues up to it).
+        lr_milestones, lr_gamma: multiply the learning rate by ``lr_gamma`` at these epochs
+            (the paper's fully convolutional schedule: ``(10,)``, ``0.25``: 4e-5 then 1e-5); stored sorted.
+        mse_warmup_epochs: add the MSE of the mean to the loss during the first epochs.
+        n_components, n_factors: the architecture's K and L (:func:`labkit.models.dmfa.build_dmfa`).
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (CUDA) or ``"auto"`` (:mod:`labkit.precision`).
+        weights_dtype: how a checkpoint stores the weights (a key of :data:`WEIGHTS_DTYPES`).
+        grad_clip: clip the gradient's global norm to this value (``None``: no clipping). The NLL
+            has heavy tails (a stroke where the model was sure of background costs ~1/(2 d) nats
+            per pixel), and clipping keeps such batches from throwing the weights far.
+        channels_last: run the convolutions in the channels-last memory layout (same values, another
+            order in memory). ``None``: where it measured faster, i.e. under bf16-mixed
+            (``benchmarks/bench_training.py``: 1.53× instead of 1.37× over float32 for the MNIST DMFA,
+            2.00× instead of 1.81× for the fully convolutional one).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_milestones: tuple[int, ...]
+    lr_gamma: float
+    mse_warmup_epochs: int
+    n_components: int
+    n_factors: int
+    precision: str
+    weights_dtype: str
+    grad_clip: float | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        for name, least in (("epochs", 0), ("batch_size", 1), ("mse_warmup_epochs", 0), ("n_components", 1),
+                            ("n_factors", 0)):
+            put(name, check_int(getattr(self, name), name, least))
+        put("lr_milestones", tuple(sorted(check_int(m, "lr_milestones entries", 1) for m in self.lr_milestones)))
+        for name in ("lr", "lr_gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            put(name, float(v))
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}")
+
 
 
 def dmfa_loss(mfa: MFA, x: Tensor, supervised: Tensor, *, mse_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -85,19 +148,13 @@ class _BatchLog:
 def train_dmfa(
     model: DMFA,
     images: Tensor,
+    recipe: DMFARecipe,
     *,
     mode: str = "complete",
     missing: Tensor | None = None,
     missing_kind: str = "square",
     hole: int | None = None,
     hidden_hole: int | None = None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    lr_milestones: Sequence[int] = (),
-    lr_gamma: float = 1.0,
-    mse_warmup_epochs: int = 0,
-    grad_clip: float | None = None,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     device=None,
@@ -105,41 +162,30 @@ def train_dmfa(
     val_images: Tensor | None = None,
     val_missing: Tensor | None = None,
     config: Mapping[str, Any] | None = None,
-    precision: str = "32",
-    channels_last: bool | None = None,
 ) -> list[dict]:
     """Train a DMFA in place (resumable through :func:`labkit.training.fit`).
 
     Args:
         model: a :class:`DMFA`; moved to ``device``.
         images: ``(N, C, H, W)`` training images in [0, 1]; stay where they are, batches are moved.
+        recipe: epochs, batch size, learning rate and schedule, MSE warm-up, precision, gradient
+            clipping, memory layout (:class:`DMFARecipe`; its K, L and weights' storage are the
+            business of whoever builds and stores the model). The network runs under autocast of
+            the recipe's precision, its MFA heads are cast to float32 before the likelihood and the
+            MSE warm-up; the precision is recorded in the checkpoint (resuming under another one
+            raises). Validation runs in float32.
         mode: ``"complete"`` (hide a fresh square per batch, learn it) or ``"incomplete"`` (each image
             has a fixed truly missing region, never seen nor supervised; see the module docstring).
         missing: incomplete mode only: the truly missing masks, bool ``(N, 1, H, W)``; default
             :func:`incomplete_masks` of ``missing_kind`` (square side ``hole``) drawn from ``seed``.
         hole: side of the truly missing squares (default H/2).
         hidden_hole: side of the hidden (supervised) squares (default ``hole``, else H/2).
-        epochs, batch_size, lr: Adam, ``epochs`` in total (a resumed run continues up to it).
-        lr_milestones, lr_gamma: multiply the learning rate by ``lr_gamma`` at these epochs
-            (the paper's fully convolutional schedule: ``(10,)``, ``0.25``: 4e-5 then 1e-5).
-        mse_warmup_epochs: add the MSE of the mean to the loss during the first epochs.
-        grad_clip: clip the gradient's global norm to this value (``None``: no clipping). The NLL
-            has heavy tails (a stroke where the model was sure of background costs ~1/(2 d) nats
-            per pixel), and clipping keeps such batches from throwing the weights far.
         seed: run seed (model initialisation is the caller's business).
         checkpoint: per-epoch resumable checkpoint (``None``: none).
         val_images, val_missing: optional validation set and its holes (bool ``(M, 1, H, W)``);
             adds ``val_nll``/``val_sse`` (per image) to each epoch's history.
         config: extra JSON-able description stored with the checkpoint (resuming with another
             config raises :class:`labkit.training.CheckpointMismatchError`).
-        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (CUDA) or ``"auto"`` (see
-            :mod:`labkit.precision`): the network runs under autocast, its MFA heads are cast to
-            float32 before the likelihood and the MSE warm-up; recorded in the checkpoint (resuming
-            under another precision raises). Validation runs in float32.
-        channels_last: run the convolutions in the channels-last memory layout (same values, another
-            order in memory). ``None``: where it measured faster, i.e. under bf16-mixed
-            (``benchmarks/bench_training.py``: 1.53× instead of 1.37× over float32 for the MNIST DMFA,
-            2.00× instead of 1.81× for the fully convolutional one).
 
     Returns:
         fit's history: per epoch ``nll``, ``sse``, ``nll_px``, ``loss``, ``lr``, ``val_*``,
@@ -152,11 +198,10 @@ def train_dmfa(
     images = check_images(images, "images", model.image_shape)
     if mode not in ("complete", "incomplete"):
         raise ValueError(f"mode must be 'complete' or 'incomplete', got {mode!r}")
-    epochs = check_int(epochs, "epochs", 0)
-    batch_size = check_int(batch_size, "batch_size", 1)
-    mse_warmup_epochs = check_int(mse_warmup_epochs, "mse_warmup_epochs", 0)
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(recipe, DMFARecipe):
+        raise TypeError(f"recipe must be a DMFARecipe, got {type(recipe).__name__}")
+    epochs, batch_size, lr, mse_warmup_epochs = recipe.epochs, recipe.batch_size, recipe.lr, recipe.mse_warmup_epochs
+    grad_clip, channels_last = recipe.grad_clip, recipe.channels_last
     N, C, H, W = images.shape
     if hole is not None:
         check_int(hole, "hole", 1)
@@ -168,7 +213,7 @@ def train_dmfa(
         raise ValueError(f"hidden_hole must be <= {min(H, W)} for {H}x{W} images, got {hidden_hole}")
     device = resolve_device(device)
     model.to(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(recipe.precision, device)
     scaler = grad_scaler(precision, device)
     if channels_last is None:
         channels_last = precision == "bf16-mixed"
@@ -193,8 +238,8 @@ def train_dmfa(
     # 7.4 M-parameter MNIST heads made the unfused update as costly as forward + backward
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(lr), fused=fused or None)
-    milestones = sorted(int(m) for m in lr_milestones)
-    scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=float(lr_gamma))
+    milestones = list(recipe.lr_milestones)
+    scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=recipe.lr_gamma)
                  if milestones else None)
     log = _BatchLog()
     nan = torch.tensor(float("nan"), dtype=images.dtype, device=device)
@@ -243,7 +288,7 @@ def train_dmfa(
     run_config = {
         "model": getattr(model, "config", {}), "n_images": N, "mode": mode,
         "missing_kind": missing_kind if mode == "incomplete" else None, "hole": hole, "hidden_hole": hidden_hole,
-        "batch_size": batch_size, "lr": float(lr), "lr_milestones": milestones, "lr_gamma": float(lr_gamma),
+        "batch_size": batch_size, "lr": float(lr), "lr_milestones": milestones, "lr_gamma": recipe.lr_gamma,
         "mse_warmup_epochs": mse_warmup_epochs, "n_val": None if val_images is None else len(val_images),
         "grad_clip": grad_clip,
     }

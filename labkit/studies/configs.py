@@ -53,6 +53,15 @@ def _device(v: Any) -> str | None:
     return None
 
 
+def _holes(v: Any) -> str | None:
+    words = "a non-empty list of hole sides (integers >= 1, or None: half the image side) without repeats"
+    if v is None:
+        return None
+    ok = isinstance(v, (list, tuple)) and v and all(h is None or (isinstance(h, int) and not isinstance(h, bool)
+                                                                  and h >= 1) for h in v)
+    return None if ok and len(set(v)) == len(v) else words
+
+
 _DEVICE_DOC = "where tensors live: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:1'"
 _PROFILE_DOC = "the profile these settings came from (names the results folder)"
 _COMMITTED_DOC = "the profile whose committed results are shown beside this run's (None: none)"
@@ -84,17 +93,23 @@ class DensityConfig(StudyConfig):
 
     profile: str = setting("quick", _PROFILE_DOC, key=False)
     device: str = setting("auto", _DEVICE_DOC, rule=_device)
-    seed: int = setting(0, "model initialisation, masks and validation split", rule=_NATURAL)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
-    mode: str = setting("incomplete", "complete: trained on whole images; incomplete: on images with holes",
-                        rule=choices(("complete", "incomplete"), "a training mode"))
+    modes: list[str] = setting(["incomplete"], "training modes of the grid: complete (whole images), incomplete "
+                               "(images with truly missing parts)",
+                               rule=list_of(choices(("complete", "incomplete"), "a training mode"), "training modes",
+                                            unique=True))
+    missing_kinds: list[str] = setting(["square"], "kinds of the incomplete images' truly missing parts (complete "
+                                       "runs have none)",
+                                       rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True))
+    holes: list[int | None] = setting([None], "sides of the square holes in pixels, train and test (None: half "
+                                      "the image side)", rule=_holes)
+    seeds: list[int] = setting([0], "seeds: model initialisation, masks and validation split",
+                               rule=list_of(_NATURAL, "integers >= 0", unique=True))
     epochs: int = setting(1, "training epochs", rule=_POSITIVE)
     n_train: int | None = setting(2000, "training images: the first n of the split (None: all), n_val held out",
                                   rule=_POSITIVE)
     n_val: int = setting(200, "validation images for the per-epoch curve (0: none)", rule=_NATURAL)
     n_test: int | None = setting(100, "test images: the first n (None: all)", rule=_POSITIVE)
-    hole: int | None = setting(None, "side of the square holes in pixels (None: half the image side)",
-                               rule=_POSITIVE)
     batch_size: int = setting(48, "training batch size", rule=_POSITIVE)
     lr: float = setting(1e-3, "Adam learning rate", rule=positive_number())
     lr_milestones: list[int] = setting([], "epochs at which the learning rate is multiplied by lr_gamma",

@@ -16,21 +16,22 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from labkit.device import resolve_device
-from labkit.mfa import ClassicalMFA
 from labkit.checks import check_images
 from labkit.data import canonical_dataset
+from labkit.device import resolve_device
+from labkit.mfa import ClassicalMFA
 from labkit.models.dmfa import DMFA, ClassicalMFAImputer, _derived_seed, build_dmfa
-from labkit.models.dmfa_training import train_dmfa
+from labkit.models.dmfa_training import WEIGHTS_DTYPES, DMFARecipe, train_dmfa
 
 __all__ = [
+    "jsonable",
     "checkpoint_megabytes",
     "config_checkpoint",
     "load_or_fit_mfa",
@@ -44,7 +45,8 @@ CONTENT_KEY = "train_data_sha"
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:[\\/]|/)[^\s;,()]*")
 
 
-def _json(value):
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples as lists, keys as strings): what a summary records."""
     return json.loads(json.dumps(value))
 
 
@@ -146,26 +148,15 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
     return derived, dict(content)
 
 
-#: how DMFA weights may be stored (``load_or_train_dmfa(weights_dtype=...)``); None keeps the model's own
-WEIGHTS_DTYPES = {"float32": None, "float16": torch.float16}
-
-
 def load_or_train_dmfa(
     path: str | os.PathLike,
     dataset: str,
+    recipe: DMFARecipe,
     *,
     images: Tensor,
-    n_components: int = 1,
-    n_factors: int = 4,
     mode: str = "complete",
     missing_kind: str = "square",
     hole: int | None = None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    lr_milestones: Sequence[int] = (),
-    lr_gamma: float = 1.0,
-    mse_warmup_epochs: int = 0,
     seed: int = 0,
     val_images: Tensor | None = None,
     val_missing: Tensor | None = None,
@@ -175,8 +166,6 @@ def load_or_train_dmfa(
     progress: bool = True,
     quiet: bool = False,
     meta: Mapping[str, Any] | None = None,
-    precision: str = "32",
-    weights_dtype: str = "float32",
 ) -> tuple[DMFA, dict]:
     """Load the DMFA of these settings if it was trained before, else train it (resumably) and store it.
 
@@ -190,10 +179,11 @@ def load_or_train_dmfa(
     their ``data_source`` agrees with ``meta["data_source"]`` but for its paths
     (:func:`portable_source`).
 
-    ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``; :mod:`labkit.precision`)
-    applies to training and is part of the config (resolved for ``device``). ``weights_dtype``
-    (``"float32"`` or ``"float16"``): how the weights are stored; a float16 file is half the size
-    (an MNIST DMFA: 14.9 MB instead of 29.8) and the model is rounded to it before anything is
+    ``recipe`` (:class:`~labkit.models.dmfa_training.DMFARecipe`): how the model is built and
+    trained. Its precision (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"``;
+    :mod:`labkit.precision`) applies to training and is part of the config (resolved for
+    ``device``). Its ``weights_dtype`` (``"float32"`` or ``"float16"``): how the weights are stored; a
+    float16 file is half the size (an MNIST DMFA: 14.9 MB instead of 29.8) and the model is rounded to it before anything is
     computed from it, so its scores and every study use exactly the stored weights. Part of the
     config (files from before it existed count as float32).
 
@@ -220,21 +210,20 @@ def load_or_train_dmfa(
     def build():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derived_seed(seed, 0x696E6974))  # "init"
-            return build_dmfa(key, n_components=n_components, n_factors=n_factors)
+            return build_dmfa(key, n_components=recipe.n_components, n_factors=recipe.n_factors)
 
     model0 = build()
-    config = _json({
+    config = jsonable({
         "dataset": key, "n_train": int(images.shape[0]), "n_val": None if val_images is None else len(val_images),
         "mode": mode, "missing_kind": missing_kind if mode == "incomplete" else None,
-        "hole": hole if hole is not None else images.shape[2] // 2, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "lr_milestones": list(lr_milestones), "lr_gamma": lr_gamma, "mse_warmup_epochs": mse_warmup_epochs,
-        "seed": seed, "model": model0.config, "precision": resolve_precision(precision, resolve_device(device)),
+        "hole": hole if hole is not None else images.shape[2] // 2, "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size, "lr": recipe.lr, "lr_milestones": list(recipe.lr_milestones),
+        "lr_gamma": recipe.lr_gamma, "mse_warmup_epochs": recipe.mse_warmup_epochs, "seed": seed,
+        "model": model0.config, "precision": resolve_precision(recipe.precision, resolve_device(device)),
         "train_data_sha": tensor_digest(images),
-        "weights_dtype": weights_dtype,
+        "weights_dtype": recipe.weights_dtype,
         **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {}),
     })
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     legacy = {"precision": "32", "train_data_sha": config["train_data_sha"], "weights_dtype": "float32"}
     chosen, check = config_checkpoint(path, config, legacy=legacy, quiet=False)
     if partial is None:
@@ -245,12 +234,9 @@ def load_or_train_dmfa(
 
     def train(model):
         started = time.perf_counter()
-        history = train_dmfa(
-            model, images, mode=mode, missing_kind=missing_kind, hole=hole, epochs=epochs, batch_size=batch_size,
-            lr=lr, lr_milestones=lr_milestones, lr_gamma=lr_gamma, mse_warmup_epochs=mse_warmup_epochs, seed=seed,
-            checkpoint=partial, device=device, progress=progress, val_images=val_images, val_missing=val_missing,
-            precision=precision,
-        )
+        history = train_dmfa(model, images, recipe, mode=mode, missing_kind=missing_kind, hole=hole, seed=seed,
+                             checkpoint=partial, device=device, progress=progress, val_images=val_images,
+                             val_missing=val_missing)
         train_s = sum(h["train_seconds"] for h in history)
         info = {
             **config, "n_parameters": sum(p.numel() for p in model.parameters()),
@@ -260,10 +246,10 @@ def load_or_train_dmfa(
         }
         if meta:
             info.update(dict(meta))
-        return _json(info)
+        return jsonable(info)
 
     model, info = load_or_train(chosen, lambda: model0, train, device=device, quiet=quiet, config=check,
-                                legacy=legacy, weights_dtype=WEIGHTS_DTYPES[weights_dtype])
+                                legacy=legacy, weights_dtype=WEIGHTS_DTYPES[recipe.weights_dtype])
     if not keep_partial and chosen.exists():
         partial.unlink(missing_ok=True)
     info["checkpoint_path"] = str(chosen)
@@ -297,7 +283,7 @@ def load_or_fit_mfa(
 
     images = check_images(images, "images")
     shape = tuple(images.shape[1:])
-    config = _json({"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
+    config = jsonable({"n_train": int(images.shape[0]), "n_components": n_components, "n_factors": n_factors,
                     "iterations": iterations, "seed": seed, "train_data_sha": tensor_digest(images),
                     **({"data_source": meta["data_source"]} if meta and "data_source" in meta else {})})
     legacy = {"train_data_sha": config["train_data_sha"]}
@@ -315,7 +301,7 @@ def load_or_fit_mfa(
                 "wall_seconds": time.perf_counter() - started}
         if meta:
             info.update(dict(meta))
-        return _json(info)
+        return jsonable(info)
 
     imputer, info = load_or_train(chosen, build, train, device=device, quiet=quiet, config=check, legacy=legacy)
     info["checkpoint_path"] = str(chosen)

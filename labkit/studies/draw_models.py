@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,11 +24,14 @@ from labkit.device import resolve_device
 from labkit.masks import make_masks
 from labkit.misconv import MisConv2d
 from labkit.models.dmfa import load_dmfa
+from labkit.models.dmfa_training import DMFARecipe
+from labkit.studies.density_checkpoints import load_or_train_dmfa
 from labkit.studies.draw import check_size
 
 __all__ = [
     "COMPLETE",
     "DMFA_SEARCH",
+    "FALLBACK_DMFA",
     "MISCONV",
     "TRAIN_MASK_KINDS",
     "ZERO",
@@ -51,6 +54,11 @@ def draw_dir() -> Path:
     go: ``<repo>/results/draw``."""
     return paths.results_dir("draw")
 
+
+#: how the fallback DMFA is trained when no DMFA study checkpoint is found (``epochs``: per call):
+#: complete images, batch 32, Adam lr 3e-4, MSE warm-up in the first epoch, K=1, L=4, float32
+FALLBACK_DMFA = DMFARecipe(epochs=1, batch_size=32, lr=3e-4, lr_milestones=(), lr_gamma=1.0, mse_warmup_epochs=1,
+                           n_components=1, n_factors=4, precision="32", weights_dtype="float32")
 
 #: DMFA checkpoints of the DMFA study, in order of preference (repository-relative); ``{d}`` = data set.
 #: The complete-data DMFA comes first: it learnt to fill holes anywhere in complete digits, which
@@ -398,13 +406,11 @@ def load_draw_models(
         meta["dmfa"] = {**m, "path": str(path), "source": "DMFA study"}
     else:
         from labkit.data import load_dataset
-        from labkit.studies.density import load_or_train_dmfa
 
         path = out_dir / f"dmfa_fallback_{dataset}.pt"
         tr = load_dataset(dataset, "train", limit=dmfa_n_train, quiet=True)
-        dmfa, m = load_or_train_dmfa(path, dataset, images=tr.images, mode="complete", epochs=dmfa_epochs,
-                                     batch_size=32, lr=3e-4, mse_warmup_epochs=1, seed=seed, device=device,
-                                     progress=progress, quiet=quiet,
+        dmfa, m = load_or_train_dmfa(path, dataset, replace(FALLBACK_DMFA, epochs=dmfa_epochs), images=tr.images,
+                                     mode="complete", seed=seed, device=device, progress=progress, quiet=quiet,
                                      meta={"note": "fallback DMFA of the draw-a-mask notebook (no DMFA study "
                                                    "checkpoint was found)"})
         meta["dmfa"] = {**m, "path": str(path), "source": "fallback"}

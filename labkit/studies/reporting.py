@@ -76,8 +76,8 @@ def marked_block(md_path: str | os.PathLike, name: str) -> str:
 
 
 #: the settings a "this run / committed run" comparison states, in this order (those both runs have)
-SETTING_KEYS = ("dataset", "mode", "n_train", "n_val", "n_test", "epochs", "batch_size", "lr", "lr_milestones",
-                "precision", "seeds", "masks", "methods", "fronts", "recipe")
+SETTING_KEYS = ("dataset", "mode", "modes", "n_train", "n_val", "n_test", "epochs", "batch_size", "lr",
+                "lr_milestones", "precision", "seeds", "masks", "methods", "fronts", "recipe")
 
 
 def _shown(value: Any) -> str:
