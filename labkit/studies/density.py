@@ -42,7 +42,7 @@ from labkit.studies.density_sweep import cell_arguments, density_store, plan_den
 from labkit.studies.engine import Cell
 
 __all__ = [
-    "COST_GROUP", "plan", "run", "results_path", "result_store", "read_rows", "write_report",
+    "COST_GROUP", "plan", "run", "run_baselines", "results_path", "result_store", "read_rows", "write_report",
     "AUTHORS_DENSITY", "FilesBusy", "acflow_checkpoint", "cell_arguments", "checkpoint_megabytes",
     "config_checkpoint", "csv_digest", "density_table", "load_or_fit_mfa", "load_or_train_dmfa",
     "measure_throughput", "own_files", "plot_acflow_inpainting", "plot_history", "plot_inpainting", "recipe_from",
@@ -65,7 +65,7 @@ def plan(cfg: DensityConfig) -> list[Cell]:
 
 def run(cfg: DensityConfig, *, progress: bool = True, executor: Any = None, wait: bool = False,
         poll_seconds: float = 300.0, max_cells: int | None = None,
-        on_record: Callable[[Any], None] | None = None):
+        on_record: Callable[[Any], None] | None = None, baselines: bool = True):
     """Run every planned cell not yet recorded in ``results_path(cfg)``; returns the rows of the
     planned cells (a DataFrame, :func:`read_rows`).
 
@@ -76,8 +76,11 @@ def run(cfg: DensityConfig, *, progress: bool = True, executor: Any = None, wait
     failed; ``wait``, ``poll_seconds``: as :func:`labkit.studies.engine.run_cells`. ``on_record``:
     called after each recorded cell with the rows of the planned cells so far.
 
+    ``baselines``: then score the baselines on the same holes (:func:`run_baselines`: the classical
+    MFA unless ``mfa_components`` is 0, a trained ACFlow when its checkpoint exists), as notebook 01 does.
+
     Raises :class:`labkit.studies.engine.SweepIncomplete` (a ``SweepFailed``) when cells failed or
-    were left unfinished, after the others ran.
+    were left unfinished, after the others ran (the baselines then do not run).
     """
     cfg = cfg.replace(precision=resolve_precision(cfg.precision, resolve_device(cfg.device)))
     cells = plan(cfg)
@@ -89,7 +92,24 @@ def run(cfg: DensityConfig, *, progress: bool = True, executor: Any = None, wait
 
     run_density_sweep(cfg, cells=cells, executor=executor, progress=progress, wait=wait, poll_seconds=poll_seconds,
                       max_cells=max_cells, on_outcome=recorded if on_record is not None else None)
+    if baselines:
+        run_baselines(cfg, progress=progress)
     return _rows_of(cfg, keys)
+
+
+def run_baselines(cfg: DensityConfig, *, device: Any = None, progress: bool = True) -> list[dict]:
+    """The density baselines on the config's holes at its first seed: the classical MFA
+    (:func:`run_mfa_baseline`, loaded when fitted with these settings) unless ``mfa_components`` is
+    0, and the trained ACFlow (:func:`run_acflow_baseline`) when ``acflow`` names an existing
+    checkpoint. Returns their summaries (one per hole side each)."""
+    device = resolve_device(cfg.device if device is None else device)
+    out = []
+    if cfg.mfa_components > 0:
+        out += run_mfa_baseline(cfg, device=device, progress=progress)
+    path = acflow_checkpoint(cfg)
+    if path is not None and path.is_file():
+        out += run_acflow_baseline(cfg, device=device, progress=progress)
+    return out
 
 
 def read_rows(cfg: DensityConfig, cells: Sequence[Cell]):
