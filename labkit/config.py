@@ -123,14 +123,16 @@ def list_of(item: Rule, item_words: str, *, nonempty: bool = True, unique: bool 
     return rule
 
 
-def setting(default: Any, doc: str, *, rule: Rule | None = None, key: bool = True) -> Any:
+def setting(default: Any, doc: str, *, rule: Rule | None = None, key: bool = True, grid: bool = False) -> Any:
     """A config field: its default, one line of doc and an optional value rule.
 
     ``key=False`` marks a field that never changes a result (where results go, what is shown
-    beside them), so that tables can say which settings a row's key covers.
+    beside them), so that tables can say which settings a row's key covers. ``grid=True`` marks a
+    list of grid coordinates (seeds, masks, methods): a run of some of a profile's values runs some
+    of the profile's own cells, not other settings.
     A list default is copied for every config (a dataclass field may not share a mutable default).
     """
-    meta = {"doc": doc, "rule": rule, "key": key}
+    meta = {"doc": doc, "rule": rule, "key": key, "grid": grid}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -242,6 +244,11 @@ class StudyConfig:
     def key_fields(cls) -> list[str]:
         """The fields that may change a result (all but those declared ``key=False``)."""
         return [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+    @classmethod
+    def grid_fields(cls) -> list[str]:
+        """The fields that list grid coordinates (declared ``grid=True``)."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("grid", False)]
 
     @classmethod
     def _field(cls, name: str) -> dataclasses.Field:

@@ -605,3 +605,20 @@ def test_lab_makes_the_filter_required_so_git_refuses_when_it_cannot_run(lab):  
     refused = subprocess.run(git + ["add", "notebooks/00_x.ipynb"], capture_output=True, text=True)
     assert refused.returncode != 0 and "labstrip" in refused.stderr
     assert subprocess.run(git + ["ls-files", "--", "notebooks"], capture_output=True, text=True).stdout == ""
+
+
+def test_some_of_the_profiles_grid_is_its_own_run_other_grid_values_are_ad_hoc(scratch, monkeypatch, capsys):
+    """-p seeds=[0] of a profile with seeds [0, 1] runs some of the profile's own cells (same keys):
+    they belong in its committed results; a seed the profile does not list goes aside."""
+    ran = _fake_classifier_cells(monkeypatch)
+    (scratch.root / "profiles" / "cpu.yaml").write_text(PROFILE.replace("seeds: [0], epochs: 1", "seeds: [0, 1], epochs: 1", 1))
+    rc = _study("classification")
+    committed = scratch.root / "results" / "classification" / "cpu"
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[1]"]) == 0
+    assert len(ran) == 1 and (committed / "accuracy.csv").is_file()
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[0,1]"]) == 0      # seed 1 found, seed 0 runs
+    assert len(ran) == 2 and len((committed / "accuracy.csv").read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[2]"]) == 0
+    assert "ad hoc: changed seeds=[2] (profile: [0, 1])" in capsys.readouterr().out
+    assert len((committed / "accuracy.csv").read_text().splitlines()) == 3

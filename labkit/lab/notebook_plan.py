@@ -141,7 +141,8 @@ def prepare_notebook(stem: str, profile: str | os.PathLike, params: Mapping[str,
             match = match_labels(splits[0].label, _committed_draw_labels(committed), committed)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         lines.append(f"plan: cannot plan {stem} ({type(exc).__name__}: {exc}); the notebook will say more")
-    changed = changed_settings(profile_params, params, ignore=DISPLAY.get(stem, ()))
+    grid = CONFIGS[stem].grid_fields() if stem in CONFIGS else ()
+    changed = changed_settings(profile_params, params, ignore=DISPLAY.get(stem, ()), grid=grid)
     chosen = params.get(folder_key) if folder_key and (folder_key in explicit or profile_params.get(folder_key)) else None
     dest = choose_destination(committed, adhoc_root, name, changed=changed, profile_params=profile_params,
                               match=match, data_label=splits[0].label if splits else None, explicit=chosen,

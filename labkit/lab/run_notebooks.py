@@ -60,6 +60,7 @@ from typing import Any
 
 from labkit import paths
 from labkit.lab import notebook_plan, runplan
+from labkit.studies.configs import CONFIGS
 from labkit.lab.notebook_sync import check_clean, strip_outputs, sync  # noqa: F401  (the runner's commands)
 from labkit.lab.venv_check import pythonpath_first
 from labkit.lab.profiles import (
@@ -386,7 +387,8 @@ def _prepare(plans: Sequence[tuple[Path, dict[str, Any]]], profile: str | os.Pat
         if prepared.destination is not None:
             notes.append((prepared.destination,
                           runplan.changed_settings({**defaults, **profile_params}, {**defaults, **prepared.params},
-                                                   ignore=notebook_plan.DISPLAY.get(nb.stem, ()))))
+                                                   ignore=notebook_plan.DISPLAY.get(nb.stem, ()),
+                                                   grid=CONFIGS[nb.stem].grid_fields() if nb.stem in CONFIGS else ())))
         out.append((nb, prepared.params))
     for dest, changed in notes:
         runplan.write_note(dest, profile=name, changed=changed)

@@ -89,12 +89,23 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def changed_settings(profile_params: Mapping[str, Any], params: Mapping[str, Any], *,
-                     ignore: Iterable[str] = ()) -> dict[str, Any]:
+                     ignore: Iterable[str] = (), grid: Iterable[str] = ()) -> dict[str, Any]:
     """The parameters of ``params`` that differ from the profile's (or that it lacks), :data:`PLUMBING`
-    and ``ignore`` (e.g. :data:`DISPLAY`) aside: what makes a run something other than the profile's own."""
+    and ``ignore`` (e.g. :data:`DISPLAY`) aside: what makes a run something other than the profile's own.
+
+    ``grid``: the parameters that list grid coordinates (seeds, masks, methods, ...): some of the
+    profile's values (``-p seeds=[0]`` of seeds 0, 1, 2) select some of its own cells, which change
+    nothing; a value the profile lacks (seed 3) is a change."""
     skip = PLUMBING | set(ignore)
-    return {k: v for k, v in params.items()
-            if k not in skip and not (k in profile_params and same_value(profile_params[k], v))}
+    grid = set(grid)
+
+    def same(k, v):
+        if k not in profile_params:
+            return False
+        if k in grid and isinstance(v, (list, tuple)) and isinstance(profile_params[k], (list, tuple)):
+            return all(any(same_value(x, y) for y in profile_params[k]) for x in v)
+        return same_value(profile_params[k], v)
+    return {k: v for k, v in params.items() if k not in skip and not same(k, v)}
 
 
 def describe_changes(changed: Mapping[str, Any], profile_params: Mapping[str, Any]) -> list[str]:

@@ -97,14 +97,14 @@ class DensityConfig(StudyConfig):
     modes: list[str] = setting(["incomplete"], "training modes of the grid: complete (whole images), incomplete "
                                "(images with truly missing parts)",
                                rule=list_of(choices(("complete", "incomplete"), "a training mode"), "training modes",
-                                            unique=True))
+                                            unique=True), grid=True)
     missing_kinds: list[str] = setting(["square"], "kinds of the incomplete images' truly missing parts (complete "
                                        "runs have none)",
-                                       rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True))
+                                       rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True), grid=True)
     holes: list[int | None] = setting([None], "sides of the square holes in pixels, train and test (None: half "
-                                      "the image side)", rule=_holes)
+                                      "the image side)", rule=_holes, grid=True)
     seeds: list[int] = setting([0], "seeds: model initialisation, masks and validation split",
-                               rule=list_of(_NATURAL, "integers >= 0", unique=True))
+                               rule=list_of(_NATURAL, "integers >= 0", unique=True), grid=True)
     epochs: int = setting(1, "training epochs", rule=_POSITIVE)
     n_train: int | None = setting(2000, "training images: the first n of the split (None: all), n_val held out",
                                   rule=_POSITIVE)
@@ -146,13 +146,13 @@ class ClassificationConfig(StudyConfig):
     device: str = setting("auto", _DEVICE_DOC, rule=_device)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     masks: list[str] = setting(["square"], "mask kinds (columns of the table)",
-                               rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True))
+                               rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True), grid=True)
     methods: list[str] = setting(["zero", "dmfa_mean_complete", "dmfa_misconv_complete", "gt"],
                                  "missing-data fronts (rows of the table)",
                                  rule=list_of(choices(lambda: list(METHODS), "a method"), "method names",
-                                              unique=True))
+                                              unique=True), grid=True)
     seeds: list[int] = setting([0], "seeds: masks, validation split and the classifier's initialisation",
-                               rule=list_of(_NATURAL, "integers >= 0", unique=True))
+                               rule=list_of(_NATURAL, "integers >= 0", unique=True), grid=True)
     epochs: int | None = setting(1, "training epochs (None: the paper's value for the data set)", rule=_POSITIVE)
     batch_size: int | None = setting(24, "training batch size (None: the paper's)", rule=_POSITIVE)
     lr: float | None = setting(1e-3, "Adam learning rate (None: the paper's)", rule=positive_number())
@@ -202,8 +202,8 @@ class WAEConfig(StudyConfig):
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     fronts: list[str] = setting(["gt", "zero", "misconv"], "encoder fronts (method names; aliases misconv, dmfa_mean)",
                                 rule=list_of(choices(lambda: list(METHODS) + list(FRONT_ALIASES), "a front"),
-                                             "front names", unique=True))
-    seeds: list[int] = setting([0], "seeds", rule=list_of(_NATURAL, "integers >= 0", unique=True))
+                                             "front names", unique=True), grid=True)
+    seeds: list[int] = setting([0], "seeds", rule=list_of(_NATURAL, "integers >= 0", unique=True), grid=True)
     recipe: str = setting("authors", "training loop and losses (labkit.models.wae.RECIPES)",
                           rule=choices(lambda: list(RECIPES), "a WAE recipe"))
     epochs: int = setting(1, "training epochs", rule=_POSITIVE)
