@@ -46,6 +46,7 @@ __all__ = [
     "visible",
     "check_mask",
     "check_observed_finite",
+    "with_nan",
     "ink_hidden",
 ]
 
@@ -459,3 +460,9 @@ def ink_hidden(images: torch.Tensor, missing: torch.Tensor, *, threshold: float 
     centre_share = missing[..., top:top + centre, left:left + centre].flatten(1).double().mean(1)
     return {"ink_hidden": float(share.mean()), "centre_hidden": float(centre_share.mean()),
             "most_ink_lost": float((share > 0.75).double().mean())}
+
+
+def with_nan(x: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, C, H, W)`` with NaN where ``missing`` (bool, same shape) is True: what a front
+    sees of the missing pixels, so that a value there can never leak into an output unnoticed."""
+    return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)

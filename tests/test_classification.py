@@ -15,7 +15,8 @@ from labkit.models import classifier as models_clf
 from labkit.models.classifier import build_classifier, train_classifier
 from labkit.studies import classification as clf
 from labkit.studies import imputers
-from labkit.studies.cells import CellData, cell_masks, with_nan
+from labkit.masks import with_nan
+from labkit.studies.cells import CellData, cell_masks
 from labkit.studies.classification import ACCURACY_COLUMNS, pivot_table, table_markdown
 from labkit.studies.configs import ClassificationConfig
 from labkit.studies.imputers import METHODS, imputer_settings

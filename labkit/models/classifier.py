@@ -19,19 +19,16 @@ the model with NaN at missing pixels, which proves that nothing leaks through th
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.device import resolve_device
+from labkit.masks import with_nan
 from labkit.models.fronts import Front, make_front
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
-
-if TYPE_CHECKING:  # the data and aux protocols the trainer reads; no import at run time
-    from labkit.studies.cells import CellData
-    from labkit.studies.imputers import AuxSource
 
 __all__ = [
     "ARCHITECTURES",
@@ -94,7 +91,7 @@ def build_classifier(arch: str, front: str | type[Front], *, in_channels: int | 
 
 
 # ============================================================================ train / evaluate
-def evaluate_accuracy(model: Classifier, images: Tensor, labels: Tensor, missing: Tensor, aux: AuxSource,
+def evaluate_accuracy(model: Classifier, images: Tensor, labels: Tensor, missing: Tensor, aux: Any,
                       idx: Tensor | None = None, *, batch_size: int = 500, device=None) -> float:
     """Accuracy of ``model`` on ``images[idx]`` (NaN put at missing pixels), in eval mode, no grad."""
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
@@ -106,7 +103,7 @@ def evaluate_accuracy(model: Classifier, images: Tensor, labels: Tensor, missing
         for s in range(0, len(idx), batch_size):
             b = idx[s:s + batch_size]
             x, j = images[b].to(dev), missing[b].to(dev)
-            x = _with_nan(x, j.expand_as(x))
+            x = with_nan(x, j.expand_as(x))
             logits = model(x, j, aux.get(b, x, j))
             correct += int((logits.argmax(1).cpu() == labels[b]).sum())
     model.train(was_training)
@@ -128,7 +125,7 @@ class _Best:
         self.acc, self.epoch, self.state = d["acc"], d["epoch"], d["state"]
 
 
-def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *, epochs: int, batch_size: int,
+def train_classifier(model: Classifier, data: Any, aux_train: Any, *, epochs: int, batch_size: int,
                      lr: float, seed: int, checkpoint: str | os.PathLike | None = None, select: str = "best_val",
                      device=None, progress: bool = True, config: dict | None = None,
                      eval_batch: int = 500, precision: str = "32",
@@ -164,7 +161,7 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
 
     def step(b, epoch, g):
         x, j = data.train_images[b].to(dev), data.train_missing[b].to(dev)
-        x = _with_nan(x, j.expand_as(x))
+        x = with_nan(x, j.expand_as(x))
         y = data.train_labels[b].to(dev)
         aux = aux_train.get(b, x, j)
         with autocast(precision, dev):
@@ -198,7 +195,3 @@ def train_classifier(model: Classifier, data: CellData, aux_train: AuxSource, *,
             info["last_state"] = last_state
     model.eval()
     return history, info
-
-
-def _with_nan(x: Tensor, missing: Tensor) -> Tensor:
-    return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)

@@ -71,6 +71,7 @@ __all__ = [
     "evaluate_dmfa",
     "predict_mfa",
     "load_dmfa",
+    "derived_seed",
 ]
 
 #: image shape (C, H, W) of each data set
@@ -345,7 +346,7 @@ class ClassicalMFAImputer(nn.Module):
 
 
 # ============================================================================ masks for the protocol
-def _derived_seed(seed: int, *words: int) -> int:
+def derived_seed(seed: int, *words: int) -> int:
     """A seed for a named purpose, unrelated to ``seed``'s other uses (SeedSequence mixing)."""
     state = np.random.SeedSequence([int(seed), *map(int, words)]).generate_state(1, dtype=np.uint64)
     return int(state[0]) >> 1
@@ -363,7 +364,7 @@ def incomplete_masks(n: int, height: int, width: int, *, kind: str = "square", s
     has the same mask in every epoch and after a resume. ``kind`` is a :data:`labkit.masks.MASK_KINDS`
     name; ``side`` sets the square's side (default H/2). Returns bool ``(n, 1, height, width)``.
     """
-    g = torch.Generator().manual_seed(_derived_seed(seed, _PURPOSE_MISSING))
+    g = torch.Generator().manual_seed(derived_seed(seed, _PURPOSE_MISSING))
     if kind == "square" and side is not None:
         kw = {**kw, "side": side}
     return _masks.make_masks(kind, n, height, width, generator=g, device=resolve_device(device), **kw)
@@ -375,7 +376,7 @@ def test_masks(n: int, height: int, width: int, *, side: int | None = None, seed
     Deterministic in ``seed``, so a DMFA and the classical MFA are scored on the same holes.
     Returns bool ``(n, 1, height, width)``.
     """
-    g = torch.Generator().manual_seed(_derived_seed(seed, _PURPOSE_TEST))
+    g = torch.Generator().manual_seed(derived_seed(seed, _PURPOSE_TEST))
     return _masks.square(n, height, width, side=side, generator=g, device=resolve_device(device))
 
 

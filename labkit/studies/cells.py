@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data", "stable_seed", "with_nan"]
+__all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data", "stable_seed"]
 
 
 def stable_seed(*parts: Any) -> int:
@@ -137,8 +137,3 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
     )
     fingerprint_cell(data)
     return data
-
-
-def with_nan(x: Tensor, missing: Tensor) -> Tensor:
-    """``x`` ``(B, C, H, W)`` with NaN where ``missing`` (bool, same shape) is True."""
-    return torch.where(missing, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)

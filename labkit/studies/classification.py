@@ -66,7 +66,8 @@ from labkit.machine import machine_summary
 from labkit.device import resolve_device
 from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
 from labkit.precision import resolve_precision
-from labkit.studies.cells import data_source_key, fingerprint_cell, load_cell_data, stable_seed, with_nan
+from labkit.masks import with_nan
+from labkit.studies.cells import data_source_key, fingerprint_cell, load_cell_data, stable_seed
 from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decode_predictions, encode_predictions,
                                                        predict, with_predictions)
 from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS, PAPER_TABLE1,

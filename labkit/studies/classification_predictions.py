@@ -14,7 +14,7 @@ import json
 import numpy as np
 import torch
 
-from labkit.studies.cells import with_nan
+from labkit.masks import with_nan
 from labkit.studies.engine import ResultStore
 
 __all__ = ["PREDICTIONS_FORMAT", "decode_predictions", "encode_predictions", "predict", "with_predictions"]

@@ -27,7 +27,7 @@ from labkit.checks import check_images
 from labkit.data import canonical_dataset
 from labkit.device import resolve_device
 from labkit.mfa import ClassicalMFA
-from labkit.models.dmfa import DMFA, ClassicalMFAImputer, _derived_seed, build_dmfa
+from labkit.models.dmfa import DMFA, ClassicalMFAImputer, derived_seed, build_dmfa
 from labkit.models.dmfa_training import WEIGHTS_DTYPES, DMFARecipe, train_dmfa
 
 __all__ = [
@@ -209,7 +209,7 @@ def load_or_train_dmfa(
 
     def build():
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(seed, 0x696E6974))  # "init"
+            torch.manual_seed(derived_seed(seed, 0x696E6974))  # "init"
             return build_dmfa(key, n_components=recipe.n_components, n_factors=recipe.n_factors)
 
     model0 = build()

@@ -48,13 +48,15 @@ def canonical(obj: Any) -> Any:
     return str(obj)
 
 
-def _dumps(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
+    """``obj`` as compact JSON of its :func:`canonical` form, keys sorted: what a key digests and
+    what a result row stores as its settings and inputs."""
     return json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"))
 
 
 def digest(obj: Any, length: int = 16) -> str:
     """A hex digest of ``obj``'s canonical JSON (:func:`canonical`)."""
-    return hashlib.sha256(_dumps(obj).encode()).hexdigest()[:length]
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
 def tensor_digest(*tensors: torch.Tensor, length: int = 16) -> str:

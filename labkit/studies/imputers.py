@@ -47,7 +47,8 @@ from labkit.device import resolve_device
 from labkit.mfa import MFA, ClassicalMFA
 from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
                                   MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront)
-from labkit.studies.cells import CellData, stable_seed, with_nan
+from labkit.masks import with_nan
+from labkit.studies.cells import CellData, stable_seed
 from labkit.studies.engine import cached, digest, input_fingerprint, tensor_digest
 
 __all__ = [

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labkit import paths
+from labkit.studies.configs import CONFIGS
+
 __all__ = ["BlockNotFound", "CommittedResults", "SETTING_KEYS", "committed_results", "committed_sources",
            "marked_block", "replace_marked_block"]
 
@@ -151,8 +154,6 @@ class CommittedResults:
 
 
 def _relative(path: Path) -> str:
-    from labkit import paths
-
     root = paths.repo_root()
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
@@ -208,18 +209,17 @@ def committed_results(notebook: str, live: Mapping[str, Any], *, setting: str | 
 
     Raises:
         ValueError: ``live`` has no ``profile``; ``setting`` is not a profile or has no section for
-            ``notebook`` (:func:`labkit.lab.profiles.load_profile`'s message); a table's file has
+            ``notebook`` (:meth:`labkit.config.StudyConfig.build`'s message); a table's file has
             its block twice or only a start (a broken document, not a missing result).
     """
-    from labkit import paths
-    from labkit.lab.profiles import load_profile
-
     if "profile" not in live:
         raise ValueError("live parameters lack 'profile' (pass the notebook's globals() after its parameters cell)")
     live_profile = str(live["profile"])
     if not setting or live_profile == setting:
         return None
-    committed = load_profile(setting, notebook, directory=profiles_dir)
+    # the committed profile's whole config (its file holds only what differs from the defaults)
+    profile = Path(profiles_dir) / f"{setting}.yaml" if profiles_dir is not None else setting
+    committed = CONFIGS[notebook].build(profile).as_dict()
     if tables is None or figures is None:
         default_tables, default_figures = committed_sources(notebook, str(live.get("dataset", "mnist")),
                                                             live.get("mode"), setting)

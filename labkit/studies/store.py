@@ -29,7 +29,7 @@ try:
 except ImportError:             # Windows: no advisory locks; one sweep process per results folder
     fcntl = None
 
-from labkit.studies.engine_keys import Cell, _dumps, canonical
+from labkit.studies.engine_keys import Cell, canonical_json, canonical
 
 # ============================================================================ atomic files
 @contextlib.contextmanager
@@ -438,7 +438,7 @@ class ResultStore:
                 _check_number(cell, m, v)
                 v = canonical(v)                  # numpy / torch scalars as plain numbers
             row[m] = "" if v is None else v
-        row.update(settings=_dumps(cell.settings), inputs=_dumps(cell.inputs), origin=origin)
+        row.update(settings=canonical_json(cell.settings), inputs=canonical_json(cell.inputs), origin=origin)
         return row
 
     def record(self, cell: Cell, metrics: Mapping[str, Any], details: Mapping[str, Any] | None = None, *,

@@ -26,7 +26,8 @@ from labkit.models.wae import WAE, recipe_procedure, recipe_settings
 from labkit.models.wae_training import make_optimizers, train_step
 from labkit.precision import grad_scaler, resolve_precision
 from labkit.studies import engine
-from labkit.studies.cells import load_cell_data, stable_seed, with_nan
+from labkit.masks import with_nan
+from labkit.studies.cells import load_cell_data, stable_seed
 from labkit.studies.configs import FRONT_ALIASES
 from labkit.studies.engine import Cell, InputError
 from labkit.studies.imputers import METHODS, ImputerSettings, imputer_settings, method_available
