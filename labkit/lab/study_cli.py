@@ -186,7 +186,8 @@ def _plan(study, folder: str, name: str, profile_cfg, cfg, args):
     splits = runplan.inspect_and_report(counts, datasets)
     if (counts["n_train"], counts["n_test"]) != (cfg.n_train, cfg.n_test):   # fewer images exist: record the real count
         cfg = cfg.replace(**counts)
-    changed = runplan.changed_settings(profile_cfg.as_dict(), cfg.as_dict())
+    # a study's SELECTORS (density: modes, holes...) pick which of the profile's runs to make: not ad hoc
+    changed = runplan.changed_settings(profile_cfg.as_dict(), cfg.as_dict(), ignore=getattr(study, "SELECTORS", ()))
     committed = paths.results_dir(folder, name)
     cells = study.plan(cfg)
     match = runplan.match_cells(cells, study.result_store(committed))

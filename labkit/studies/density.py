@@ -13,7 +13,8 @@ x ``seeds``). The entry points every study has:
 - :func:`run`: every planned cell not yet recorded in ``results_path(cfg)/density.csv``;
 - :func:`results_path`, :func:`result_store`, :func:`read_rows`: where the rows are, and those of some cells;
 - :func:`write_report`: the density table beside the results and in a Markdown page's block;
-- :data:`COST_GROUP`: the coordinate whose cells cost alike (a complete and an incomplete DMFA do not).
+- :data:`COST_GROUP`: the coordinate whose cells cost alike (a complete and an incomplete DMFA do not);
+- :data:`SELECTORS`: the grid lists that pick which of a profile's runs to make, not how they run.
 
 The parts, re-exported here: one run (:mod:`labkit.studies.density_experiment`:
 :func:`run_experiment`, :func:`result_stem`, :func:`own_files`, :func:`redraw_figure`), the
@@ -42,7 +43,8 @@ from labkit.studies.density_sweep import cell_arguments, density_store, plan_den
 from labkit.studies.engine import Cell
 
 __all__ = [
-    "COST_GROUP", "plan", "run", "run_baselines", "results_path", "result_store", "read_rows", "write_report",
+    "COST_GROUP", "SELECTORS", "plan", "run", "run_baselines", "results_path", "result_store", "read_rows",
+    "write_report",
     "AUTHORS_DENSITY", "FilesBusy", "acflow_checkpoint", "cell_arguments", "checkpoint_megabytes",
     "config_checkpoint", "csv_digest", "density_table", "load_or_fit_mfa", "load_or_train_dmfa",
     "measure_throughput", "own_files", "plot_acflow_inpainting", "plot_history", "plot_inpainting", "recipe_from",
@@ -53,6 +55,10 @@ __all__ = [
 #: the coordinate whose cells cost alike, to estimate a plan's time: a complete-data DMFA and an
 #: incomplete-data one train at other speeds, the seeds and holes of one mode at the same
 COST_GROUP = "mode"
+#: the settings that pick which of a profile's runs to make, not how any run trains: another mode,
+#: missing-data kind or hole side is another of the profile's own runs (its cells' keys hold the
+#: profile's settings), so changing these alone writes into the profile's results, not aside
+SELECTORS = ("modes", "missing_kinds", "holes")
 #: the study's rows in a results folder (``density.csv``, details in ``density_runs.jsonl``)
 result_store = density_store
 
