@@ -9,7 +9,6 @@ training itself.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -33,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROFILE = """\
 defaults: {device: cpu, seed: 0}
-01_dmfa: {dataset: mnist, mode: incomplete, epochs: 1, precision: "32", n_train: 40, n_val: 4, n_test: 20,
-          hole: null, batch_size: 8, lr: 1.0e-3, lr_milestones: [], lr_gamma: 1.0, mse_warmup_epochs: 0,
+01_dmfa: {dataset: mnist, modes: [incomplete], epochs: 1, precision: "32", n_train: 40, n_val: 4, n_test: 20,
+          holes: [null], batch_size: 8, lr: 1.0e-3, lr_milestones: [], lr_gamma: 1.0, mse_warmup_epochs: 0,
           n_components: 1, n_factors: 4, mfa_components: 2, mfa_factors: 2, mfa_iterations: 2,
           acflow: "", acflow_samples: 1, threads: 1}
 02_classification: {dataset: mnist, masks: [square], methods: [zero], seeds: [0], epochs: 1, batch_size: 8,
@@ -48,13 +47,6 @@ SOURCES = {"files": "MNIST {split}: idx files in /data/mnist (offline copy)",
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _study(name: str):
@@ -216,27 +208,46 @@ def test_a_wae_trial_leaves_the_committed_results_and_the_docs_alone(scratch, mo
     assert "--doc" in capsys.readouterr().err and doc.read_text() == page
 
 
-def test_train_dmfa_sends_other_settings_aside_and_keeps_committed_tables(scratch, monkeypatch, capsys):
-    from labkit.studies import density
+def test_lab_study_dmfa_sends_other_settings_aside_and_keeps_committed_tables(scratch, monkeypatch, capsys):
+    """The profile's own runs (any modes, missing kinds, hole sides and seeds) grow
+    results/dmfa/<profile>; a changed setting (epochs, factors) goes to results/dmfa/adhoc/, and an
+    ad-hoc run never rewrites a page with --doc."""
+    from labkit.studies import density, density_experiment
 
-    written = []
+    ran = []
 
-    def run_experiment(dataset, mode, *, results_dir, **kw):
-        written.append(Path(results_dir))
-        raise SystemExit(0)          # the destination is all this test needs
+    def run_experiment(cfg, *, mode, missing_kind, hole, seed, device=None, progress=True):
+        ran.append((Path(cfg.results_dir), mode, hole, seed))
+        return {"n_train": cfg.n_train - cfg.n_val, "n_val": cfg.n_val, "n_test": cfg.n_test, "test_nll": -1.0,
+                "test_sse": 1.0, "paths": {"csv": str(Path(cfg.results_dir) / f"{mode}.csv")}}
 
-    monkeypatch.setattr(density, "run_experiment", run_experiment)
-    td = _script("train_dmfa")
-    for argv in (["--profile", "cpu"], ["--profile", "cpu", "--mode", "complete"], ["--profile", "cpu", "--epochs", "2"]):
-        with pytest.raises(SystemExit):
-            td.main(argv)
+    monkeypatch.setattr(density_experiment, "load_split", lambda name, split, limit: scratch(name, split, limit=limit))
+    monkeypatch.setattr(density_experiment, "run_experiment", run_experiment)
+    monkeypatch.setattr(density, "run_baselines", lambda cfg, **kw: [])
+    dmfa = _study("dmfa")
     committed = scratch.root / "results" / "dmfa" / "cpu"
-    assert written[:2] == [committed, committed]       # --mode picks one of the profile's runs
-    assert written[2].parent == scratch.root / "results" / "dmfa" / "adhoc"
+    assert dmfa(["--profile", "cpu", "--no-progress"]) == 0                     # the profile's own run
+    assert dmfa(["--profile", "cpu", "--no-progress", "-p", "modes=[complete]", "-p", "holes=[10]"]) == 0
+    assert [r[:3] for r in ran] == [(committed, "incomplete", 14), (committed, "complete", 10)]   # another of its runs
+    assert len(density.result_store(committed).read()) == 2
     doc = scratch.root / "density.md"
-    with pytest.raises(SystemExit):
-        td.main(["--profile", "cpu", "-p", "lr=0.01", "--table", str(doc)])
-    assert "never rewrites a file outside its folder" in capsys.readouterr().err and not doc.exists()
+    assert dmfa(["--profile", "cpu", "--table-only", "--doc", str(doc)]) == 0     # the profile's table, into the page
+    begin, end = density.table_markers("mnist")
+    assert begin in doc.read_text() and end in doc.read_text()
+    before, page = _snapshot(committed), doc.read_text()
+
+    capsys.readouterr()
+    assert dmfa(["--profile", "cpu", "--no-progress", "-p", "epochs=2"]) == 0
+    assert dmfa(["--profile", "cpu", "--no-progress", "-p", "n_factors=2"]) == 0
+    out = capsys.readouterr().out
+    assert "ad hoc: changed epochs=2 (profile: 1)" in out and "ad hoc: changed n_factors=2 (profile: 4)" in out
+    adhoc = scratch.root / "results" / "dmfa" / "adhoc"
+    assert [r[0].parent for r in ran[2:]] == [adhoc, adhoc] and ran[2][0] != ran[3][0]
+    assert all((r[0] / "density.csv").is_file() and (r[0] / "adhoc.json").is_file() for r in ran[2:])
+    assert _snapshot(committed) == before and doc.read_text() == page
+    with pytest.raises(SystemExit):      # a trial never rewrites the docs: refused before anything runs
+        dmfa(["--profile", "cpu", "--no-progress", "-p", "lr=0.01", "--doc", str(doc)])
+    assert "--doc" in capsys.readouterr().err and len(ran) == 4 and doc.read_text() == page
 
 
 def test_lab_run_points_a_trial_notebook_at_an_adhoc_folder(scratch, monkeypatch, capsys):
@@ -607,18 +618,19 @@ def test_lab_makes_the_filter_required_so_git_refuses_when_it_cannot_run(lab):  
     assert subprocess.run(git + ["ls-files", "--", "notebooks"], capture_output=True, text=True).stdout == ""
 
 
-def test_some_of_the_profiles_grid_is_its_own_run_other_grid_values_are_ad_hoc(scratch, monkeypatch, capsys):
-    """-p seeds=[0] of a profile with seeds [0, 1] runs some of the profile's own cells (same keys):
-    they belong in its committed results; a seed the profile does not list goes aside."""
+def test_grid_lists_pick_the_profiles_own_cells_other_settings_are_ad_hoc(scratch, monkeypatch, capsys):
+    """-p on a grid list (seeds, masks, methods...) picks cells whose settings are the profile's: they
+    belong in its committed results, whether the profile lists those values or not; another setting
+    goes aside."""
     ran = _fake_classifier_cells(monkeypatch)
     (scratch.root / "profiles" / "cpu.yaml").write_text(PROFILE.replace("seeds: [0], epochs: 1", "seeds: [0, 1], epochs: 1", 1))
     rc = _study("classification")
     committed = scratch.root / "results" / "classification" / "cpu"
     assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[1]"]) == 0
     assert len(ran) == 1 and (committed / "accuracy.csv").is_file()
-    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[0,1]"]) == 0      # seed 1 found, seed 0 runs
-    assert len(ran) == 2 and len((committed / "accuracy.csv").read_text().splitlines()) == 3
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[0,1,2]"]) == 0    # seed 1 found; 0 and 2 run
+    assert len(ran) == 3 and len((committed / "accuracy.csv").read_text().splitlines()) == 4
     capsys.readouterr()
-    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[2]"]) == 0
-    assert "ad hoc: changed seeds=[2] (profile: [0, 1])" in capsys.readouterr().out
-    assert len((committed / "accuracy.csv").read_text().splitlines()) == 3
+    assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[1]", "-p", "lr=0.01"]) == 0
+    assert "ad hoc: changed lr=0.01 (profile: 0.001)" in capsys.readouterr().out
+    assert len((committed / "accuracy.csv").read_text().splitlines()) == 4

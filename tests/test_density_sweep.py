@@ -1,11 +1,10 @@
-"""labkit.studies.density_sweep and scripts/train_dmfa.py's grid mode: DMFA runs as engine cells.
+"""labkit.studies.density_sweep and ``./lab study dmfa`` (its grid): DMFA runs as engine cells.
 
 Tiny runs on the offline MNIST (40 training images, 20 test images, one epoch: a few seconds a
 cell), each in a temporary results folder.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from labkit.lab import study_cli
 from labkit.studies import density, density_experiment
 from labkit.studies.configs import DensityConfig
 from labkit.studies.density_sweep import (COMPLETE_KIND, _stem, density_store, plan_density_cells, run_density_cell,
@@ -31,13 +31,6 @@ def _grid(modes, kinds, holes, seeds, cfg=TINY, **changes):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_dmfa_script", REPO / "scripts" / "train_dmfa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fake_result(*, fail_seed: int | None = None, calls: list | None = None):
@@ -174,24 +167,24 @@ def test_a_failing_cell_is_reported_and_the_other_is_recorded(monkeypatch, tmp_p
     assert list(rows["seed"]) == [0] and list(rows["test_nll"]) == [-10.0]
 
 
-@pytest.mark.skip(reason="scripts/train_dmfa.py becomes an alias of ./lab study dmfa (the lead ports it)")
-def test_script_grid_flags_and_help(capsys, tmp_path):
-    script = _script()
+def test_the_command_takes_the_grid_and_executor_flags_and_refuses_bad_values(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
-        script.main(["--help"])
+        study_cli.main(["dmfa", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--executor", "--address", "--gpus-per-cell", "--modes", "--missing-kinds", "--seeds", "--holes"):
+    for flag in ("--executor", "--address", "--gpus-per-cell", "--param", "--table-only", "--doc", "--into-committed"):
         assert flag in text
-    for bad in (["--mfa", "--seeds", "0", "1"], ["--mode", "complete", "--modes", "incomplete"],
-                ["--table", "x.md", "--executor", "ray"]):
+    base = ["dmfa", "--results", str(tmp_path), "--no-progress", "-p", "n_train=40", "-p", "n_val=0", "-p", "n_test=20"]
+    for bad in (["-p", "modes=[complete,complete]"], ["-p", "missing_kinds=[squares]"], ["-p", "seeds=[-1]"],
+                ["-p", "modes=complete"]):
         with pytest.raises(SystemExit) as info:
-            script.main(["--results-dir", str(tmp_path), *bad])
+            study_cli.main([*base, *bad])
         assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "apply to DMFA runs" in err and "give --mode or --modes, not both" in err
+    assert "'modes' of 01_dmfa" in err and "'missing_kinds' of 01_dmfa" in err and "'seeds' of 01_dmfa" in err
+    assert "did you mean 'square'?" in err
     # an executor that cannot be built: exit status 2, nothing run
-    assert script.main(["--results-dir", str(tmp_path), "--executor", "ray", "--address", "nowhere"]) == 2
+    assert study_cli.main([*base, "--executor", "ray", "--address", "nowhere"]) == 2
     assert not (tmp_path / "density.csv").exists()
 
 
@@ -223,26 +216,25 @@ def test_ray_records_the_same_rows_as_local(tmp_path):
         {"mnist_complete.csv", "mnist_incomplete.csv"}
 
 
-@pytest.mark.skip(reason="scripts/train_dmfa.py becomes an alias of ./lab study dmfa (the lead ports it)")
-def test_script_param_overrides_reach_the_run_and_typos_are_named(monkeypatch, tmp_path, capsys):
+def test_p_values_reach_the_runs_and_a_misspelt_one_is_named(monkeypatch, tmp_path, capsys):
+    """The CIFAR-10 recipe's settings (docs/density.md) reach every cell's run as given."""
     calls = []
-    monkeypatch.setattr(density, "run_experiment", lambda dataset, mode, **kw: calls.append(kw) or {
-        "dataset": dataset, "mode": mode, "hole": 16, "test_nll": 1.0, "test_sse": 2.0, "train_images_per_s": 1.0,
-        "infer_images_per_s": 1.0, "checkpoint_mb": 1.0, "paths": dict.fromkeys(("csv", "setting", "figure", "model"), "x")})
-    base = ["--results-dir", str(tmp_path), "--mode", "complete", "--no-progress"]
-    assert _script().main([*base, "-p", "precision=bf16-mixed", "-p", "lr_milestones=[10]", "-p", "lr_gamma=0.25",
-                           "-p", "mse_warmup_epochs=10", "--epochs", "12"]) == 0
+    monkeypatch.setattr(density_experiment, "run_experiment", _fake_result(calls=calls))
+    monkeypatch.setattr(density, "run_baselines", lambda cfg, **kw: [])
+    base = ["dmfa", "--results", str(tmp_path), "--no-progress", "-p", "n_train=40", "-p", "n_val=0", "-p", "n_test=20",
+            "-p", "modes=[complete]", "-p", "device=cpu"]
+    assert study_cli.main([*base, "-p", "precision=bf16-mixed", "-p", "lr_milestones=[10]", "-p", "lr_gamma=0.25",
+                           "-p", "mse_warmup_epochs=10", "-p", "epochs=12"]) == 0
     [kw] = calls
-    assert (kw["precision"], list(kw["lr_milestones"]), kw["lr_gamma"], kw["mse_warmup_epochs"], kw["epochs"]) == \
-        ("bf16-mixed", [10], 0.25, 10, 12)
-    # a flag given beside -p wins over it; a misspelt key is an error naming the closest key
-    assert _script().main([*base, "-p", "epochs=3", "--epochs", "5"]) == 0
-    assert calls[-1]["epochs"] == 5
+    cfg = kw["cfg"]
+    assert (cfg.precision, list(cfg.lr_milestones), cfg.lr_gamma, cfg.mse_warmup_epochs, cfg.epochs, kw["mode"]) == \
+        ("bf16-mixed", [10], 0.25, 10, 12, "complete")
     with pytest.raises(SystemExit) as info:
-        _script().main([*base, "-p", "mse_warmup=1"])
+        study_cli.main([*base, "-p", "mse_warmup=1"])
     assert info.value.code == 2
-    assert "'mse_warmup' is not a key" in capsys.readouterr().err
-    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting 'mse_warmup'" in err and "mse_warmup_epochs" in err
+    assert len(calls) == 1
 
 
 def test_each_data_set_has_its_own_table_in_the_docs(monkeypatch, tmp_path):

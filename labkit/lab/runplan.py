@@ -93,19 +93,13 @@ def changed_settings(profile_params: Mapping[str, Any], params: Mapping[str, Any
     """The parameters of ``params`` that differ from the profile's (or that it lacks), :data:`PLUMBING`
     and ``ignore`` (e.g. :data:`DISPLAY`) aside: what makes a run something other than the profile's own.
 
-    ``grid``: the parameters that list grid coordinates (seeds, masks, methods, ...): some of the
-    profile's values (``-p seeds=[0]`` of seeds 0, 1, 2) select some of its own cells, which change
-    nothing; a value the profile lacks (seed 3) is a change."""
-    skip = PLUMBING | set(ignore)
-    grid = set(grid)
-
-    def same(k, v):
-        if k not in profile_params:
-            return False
-        if k in grid and isinstance(v, (list, tuple)) and isinstance(profile_params[k], (list, tuple)):
-            return all(any(same_value(x, y) for y in profile_params[k]) for x in v)
-        return same_value(profile_params[k], v)
-    return {k: v for k, v in params.items() if k not in skip and not same(k, v)}
+    ``grid``: the parameters that list grid coordinates (seeds, masks, methods, modes, holes, ...).
+    They pick which cells run, not how: a cell's key holds its coordinates and the profile's
+    settings, so other seeds or another mode are more of the profile's own cells and change nothing
+    here (other data, another data set, are caught by the data comparison)."""
+    skip = PLUMBING | set(ignore) | set(grid)
+    return {k: v for k, v in params.items()
+            if k not in skip and not (k in profile_params and same_value(profile_params[k], v))}
 
 
 def describe_changes(changed: Mapping[str, Any], profile_params: Mapping[str, Any]) -> list[str]:

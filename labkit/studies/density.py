@@ -13,7 +13,7 @@ x ``seeds``). The entry points every study has:
 - :func:`run`: every planned cell not yet recorded in ``results_path(cfg)/density.csv``;
 - :func:`results_path`, :func:`result_store`, :func:`read_rows`: where the rows are, and those of some cells;
 - :func:`write_report`: the density table beside the results and in a Markdown page's block;
-- :data:`COST_GROUP`: the coordinate whose cells cost alike (a complete and an incomplete DMFA do not).
+- :data:`COST_GROUP`: the coordinate whose cells cost alike (a complete and an incomplete DMFA do not);
 
 The parts, re-exported here: one run (:mod:`labkit.studies.density_experiment`:
 :func:`run_experiment`, :func:`result_stem`, :func:`own_files`, :func:`redraw_figure`), the
@@ -25,6 +25,7 @@ figures (:mod:`labkit.studies.density_figures`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from labkit.device import resolve_device
@@ -42,7 +43,8 @@ from labkit.studies.density_sweep import cell_arguments, density_store, plan_den
 from labkit.studies.engine import Cell
 
 __all__ = [
-    "COST_GROUP", "plan", "run", "run_baselines", "results_path", "result_store", "read_rows", "write_report",
+    "COST_GROUP", "plan", "run", "run_baselines", "results_path", "result_store", "read_rows",
+    "write_report",
     "AUTHORS_DENSITY", "FilesBusy", "acflow_checkpoint", "cell_arguments", "checkpoint_megabytes",
     "config_checkpoint", "csv_digest", "density_table", "load_or_fit_mfa", "load_or_train_dmfa",
     "measure_throughput", "own_files", "plot_acflow_inpainting", "plot_history", "plot_inpainting", "recipe_from",
@@ -50,6 +52,7 @@ __all__ = [
     "table_markers",
 ]
 
+#: the study's rows in a results folder (``density.csv``, details in ``density_runs.jsonl``)
 #: the coordinate whose cells cost alike, to estimate a plan's time: a complete-data DMFA and an
 #: incomplete-data one train at other speeds, the seeds and holes of one mode at the same
 COST_GROUP = "mode"
@@ -101,7 +104,8 @@ def run_baselines(cfg: DensityConfig, *, device: Any = None, progress: bool = Tr
     """The density baselines on the config's holes at its first seed: the classical MFA
     (:func:`run_mfa_baseline`, loaded when fitted with these settings) unless ``mfa_components`` is
     0, and the trained ACFlow (:func:`run_acflow_baseline`) when ``acflow`` names an existing
-    checkpoint. Returns their summaries (one per hole side each)."""
+    checkpoint; at a seed other than 0 their files carry ``_s<seed>`` (the committed ones are seed 0's).
+    Returns their summaries (one per hole side each), each said in one line with ``progress``."""
     device = resolve_device(cfg.device if device is None else device)
     out = []
     if cfg.mfa_components > 0:
@@ -109,6 +113,10 @@ def run_baselines(cfg: DensityConfig, *, device: Any = None, progress: bool = Tr
     path = acflow_checkpoint(cfg)
     if path is not None and path.is_file():
         out += run_acflow_baseline(cfg, device=device, progress=progress)
+    for result in out:
+        if progress:
+            print(f"[dmfa] baseline {Path(result['paths']['csv']).stem}: test NLL {result['test_nll']:.2f}, "
+                  f"SSE {result['test_sse']:.2f}", flush=True)
     return out
 
 

@@ -145,7 +145,7 @@ def _run_mfa_baseline(cfg: DensityConfig, key: str, name: str, *, holes: list[in
     tag = model_path.stem[len(f"{key}_{name}"):]           # "" or "-<digest8>"
     results = []
     for hole in holes:
-        stem = result_stem(key, name, hole) + tag
+        stem = result_stem(key, name, hole, seed=seed) + tag
         test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device=test_set.images.device)
         df, seconds = timed_evaluate(imputer, test_set.images, test_missing, batch_size=batch_size, device=device)
         text = csv_text(df)
@@ -216,7 +216,7 @@ def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | N
     test_set = load_split(key, "test", cfg.n_test)
     results = []
     for hole in holes:
-        stem = result_stem(key, "acflow", hole) + tag
+        stem = result_stem(key, "acflow", hole, seed=seed) + tag
         test_missing = test_masks(len(test_set), H, W, side=hole, seed=seed, device="cpu")
         started = time.perf_counter()
         df = score_holes(model, test_set.images, test_missing, n_samples=n_samples, batch_size=batch_size,
