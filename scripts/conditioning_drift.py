@@ -19,7 +19,6 @@ Writes ``results/classification/<profile>/conditioning_drift.csv`` (atomically) 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -31,13 +30,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_condition import textbook_condition  # noqa: E402
 from labkit.mfa import ClassicalMFA  # noqa: E402
 from labkit.studies.cells import load_cell_data  # noqa: E402
-from labkit.studies.classification import sweep_config  # noqa: E402
-from labkit.studies.imputers import classical_mfa  # noqa: E402
+from labkit.studies.classification import results_path  # noqa: E402
+from labkit.studies.configs import ClassificationConfig  # noqa: E402
+from labkit.studies.engine import write_files  # noqa: E402
+from labkit.studies.imputers import classical_mfa, imputer_settings  # noqa: E402
 
 
-def measure(dataset: str, mask: str, cfg, n_test: int | None, batch: int = 500) -> dict:
+def measure(mask: str, cfg: ClassificationConfig, n_test: int | None, batch: int = 500) -> dict:
+    """The drift of ``cfg.dataset``'s classical MFA on the seed-0 ``mask`` cell (module docstring)."""
+    dataset = cfg.dataset
     data = load_cell_data(dataset, mask, 0, n_train=cfg.n_train, n_test=n_test, val_fraction=cfg.val_fraction)
-    model = classical_mfa(data, cfg).float()
+    model = classical_mfa(data, imputer_settings(cfg)).float()
     m64 = ClassicalMFA(*(t.double() for t in (model.weights, model.means, model.factors, model.variances)))
     worst = {"resp_before": 0.0, "resp_now": 0.0, "mean_before": 0.0, "mean_now": 0.0}
     changed = total = 0
@@ -73,23 +76,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     import pandas as pd
 
-    rows = []
+    rows, out = [], None
     for dataset in a.datasets:
-        grid, cfg = sweep_config(a.profile, datasets=[dataset])
+        cfg = ClassificationConfig.build(a.profile, {"dataset": dataset})
+        out = results_path(cfg) / "conditioning_drift.csv"
         masks = ["square"] if dataset != "mnist" else ["square", "trapezoid", "noise"]
         for mask in masks:
-            row = measure(dataset, mask, cfg, a.n_test)
+            row = measure(mask, cfg, a.n_test)
             print(row, flush=True)
             rows.append(row)
     df = pd.DataFrame(rows)
-    out = ROOT / "results" / "classification" / a.profile / "conditioning_drift.csv"
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, float_format="%.3g")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(out)
+    write_files({out: df.to_csv(index=False, float_format="%.3g")})
     print(df.to_string(index=False))
-    print(f"written {out.relative_to(ROOT)}")
+    print(f"written {out}")
     return 0
 
 

@@ -71,7 +71,8 @@ def classification(profile: str = "cpu", dry_run: bool = False) -> int:
 
     from labkit.studies import classification as clf
     from labkit.studies.cells import load_cell_data
-    from labkit.studies.imputers import _dmfa_path
+    from labkit.studies.configs import ClassificationConfig
+    from labkit.studies.imputers import imputer_settings
 
     folder = REPO / "results" / "classification" / profile
     old_csv, old_jsonl = folder / "accuracy.csv", folder / "runs.jsonl"
@@ -83,7 +84,8 @@ def classification(profile: str = "cpu", dry_run: bool = False) -> int:
         return 0
     records = [json.loads(line) for line in old_jsonl.read_text().splitlines() if line.strip()]
     by_cell = {(r["dataset"], r["mask"], r["method"], int(r["seed"])): r for r in records}
-    grid, cfg = clf.sweep_config(profile)
+    cfg = ClassificationConfig.build(profile)
+    icfg = imputer_settings(cfg, progress=False)
     if cfg.precision != "32":
         raise SystemExit(f"profile {profile}'s 02_classification precision is {cfg.precision!r}; the committed rows "
                          "were trained in float32: set it to '32' (or migrate into another profile)")
@@ -114,7 +116,7 @@ def classification(profile: str = "cpu", dry_run: bool = False) -> int:
                     raise SystemExit(f"{cell_id}: the data loaded now ({data.sources}) are not the recorded ones "
                                      f"({rec['data']})")
                 checked_masks.add((dataset, kind, seed))
-            (cell,) = clf.plan_cells([dataset], [kind], [method], [seed], cfg)
+            (cell,) = clf.plan(cfg.replace(dataset=dataset, masks=[kind], methods=[method], seeds=[seed]))
             if "unavailable" in cell.inputs:
                 raise SystemExit(f"{cell_id}: {cell.inputs['unavailable']}")
             for name in ("dmfa", "acflow"):           # checkpoints: the size recorded then = the file now
@@ -122,7 +124,9 @@ def classification(profile: str = "cpu", dry_run: bool = False) -> int:
                 if name not in cell.inputs or not then:
                     continue
                 variant = "complete" if method.endswith("_complete") else "incomplete"
-                path = _dmfa_path(cfg, variant, dataset, kind) if name == "dmfa" else cfg.resolve(cfg.acflow, dataset)
+                template = (icfg.dmfa_complete if variant == "complete" else icfg.dmfa_incomplete) if name == "dmfa" \
+                    else icfg.acflow
+                path = icfg.resolve(template, dataset, kind if name == "dmfa" else None, seed if name == "dmfa" else 0)
                 if then.get("size") != path.stat().st_size:
                     raise SystemExit(f"{cell_id}: {path} has {path.stat().st_size} bytes, the run read {then.get('size')}")
             last = rec["epochs"] - 1
@@ -160,22 +164,17 @@ def _wae_config(rec: dict, profile: str, results_dir: Path):
     """The WAEConfig of an old WAE run: its runs.jsonl record, plus what the old code always did
     (recipe "supplement": two Adams, λ and reconstruction loss as recorded; float32) and the
     profile's checkpoint templates."""
-    from labkit.studies import wae
+    from labkit.studies.configs import WAEConfig
 
-    try:
-        from labkit.lab.profiles import notebook_parameters
-    except ImportError:  # before labkit/lab/ existed
-        from labkit.profiles import notebook_parameters
-
-    params = notebook_parameters(profile, "03_wae")
+    templates = WAEConfig.build(profile)
     feat = rec["feature_net"]
-    return wae.WAEConfig(
+    return WAEConfig(
         profile=rec.get("profile", profile), recipe="supplement", precision="32", epochs=rec["epochs"],
         batch_size=rec["batch_size"], lr=rec["lr"], lr_disc=rec["lr_disc"], lambda_adv=rec["lambda_adv"],
         recon=rec["recon"], n_train=rec["n_train"], n_test=rec["n_test"], mask=rec["mask"],
         feature_epochs=feat["epochs"], feature_n_train=None if feat["n_train"] == rec["n_train"] else feat["n_train"],
-        dmfa_complete=params.get("dmfa_complete"), dmfa_incomplete=params.get("dmfa_incomplete"),
-        acflow=params.get("acflow", wae.WAEConfig.acflow), results_dir=str(results_dir))
+        dmfa_complete=templates.dmfa_complete, dmfa_incomplete=templates.dmfa_incomplete, acflow=templates.acflow,
+        results_dir=str(results_dir))
 
 
 def _checkpoint_unchanged_since(path: Path, finished_at: str) -> None:
@@ -204,7 +203,6 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
     from labkit.studies import wae
     from labkit.studies.cells import load_cell_data
     from labkit.studies.engine import canonical, write_files
-    from labkit.studies.imputers import _dmfa_path
 
     old_csv, old_jsonl = folder / "metrics.csv", folder / "runs.jsonl"
     with open(old_csv, newline="") as fh:
@@ -250,8 +248,9 @@ def _wae_folder(folder: Path, profile: str, dry_run: bool) -> int:
                 raise SystemExit(f"{cell_id}: recorded settings {recorded} differ from the planned cell's {planned}")
             if "dmfa" in cell.inputs:
                 path = Path(rec["dmfa"])
-                now = _dmfa_path(wae.imputer_config(cfg), "complete" if front.endswith("_complete") else "incomplete",
-                                 dataset, cfg.mask)
+                icfg = wae.imputer_config(cfg, progress=False)
+                now = icfg.resolve(icfg.dmfa_complete if front.endswith("_complete") else icfg.dmfa_incomplete,
+                                   dataset, cfg.mask)
                 if path.name != now.name:
                     raise SystemExit(f"{cell_id}: the run read {path.name}, the planned cell reads {now.name}")
                 _checkpoint_unchanged_since(now, rec["finished_at"])

@@ -312,12 +312,14 @@ def test_update_markdown_table_replaces_only_between_markers(tmp_path):
 
 
 def test_imputation_quality_reports_errors_and_nll(tmp_path, monkeypatch):
+    from labkit.studies import classification_diagnostics as diag
+
     d = _tiny_data()
-    monkeypatch.setattr(clf, "load_cell_data", lambda *a, **k: d)
+    monkeypatch.setattr(diag, "load_cell_data", lambda *a, **k: d)
     cfg = ClassificationConfig(cache_dir=str(tmp_path), mfa_components=2, mfa_factors=2, mfa_iterations=3,
                                dmfa_complete=str(tmp_path / "no_such_dmfa.pt"), device="cpu")
-    q = clf.imputation_quality("mnist", "square", 0, ["zero", "mfa_mean", "mfa_misconv", "dmfa_mean_complete"],
-                               cfg, n=10, progress=False)
+    q = diag.imputation_quality("mnist", "square", 0, ["zero", "mfa_mean", "mfa_misconv", "dmfa_mean_complete"],
+                                cfg, n=10, progress=False)
     assert list(q.index) == ["zero", "mfa_mean", "mfa_misconv"]   # the DMFA has no checkpoint here
     hole = d.test_missing[:10].expand_as(d.test_images[:10])
     zero_sse = float((d.test_images[:10] ** 2)[hole].sum() / 10)
@@ -325,6 +327,43 @@ def test_imputation_quality_reports_errors_and_nll(tmp_path, monkeypatch):
     # the conditional mean of mfa_misconv's MFA is the mfa_mean imputation
     assert q.loc["mfa_misconv", "sse"] == pytest.approx(q.loc["mfa_mean", "sse"], rel=1e-2)
     assert np.isfinite(q.loc["mfa_misconv", "nll"]) and q.loc["mfa_misconv", "pred_std"] > 0
+
+
+def test_diagnostics_write_the_tables_keep_other_masks_and_fill_the_doc_block(tmp_path, monkeypatch):
+    from labkit.studies import classification_diagnostics as diag
+
+    monkeypatch.setattr(diag, "load_cell_data", lambda dataset, mask, seed, **k: _tiny_data(mask=mask, seed=seed))
+    cfg = ClassificationConfig(profile="t", results_dir=str(tmp_path / "res"), cache_dir=str(tmp_path / "cache"),
+                               masks=["square", "noise"], seeds=[3, 0], mfa_components=2, mfa_factors=2,
+                               mfa_iterations=3, dmfa_complete=str(tmp_path / "none.pt"), device="cpu")
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- imputation-quality:start -->\nold\n<!-- imputation-quality:end -->\nafter\n")
+    written = clf.diagnostics(cfg, n=10, methods=["knn", "mfa_misconv", "dmfa_misconv_complete"], doc=doc,
+                              progress=False)
+    res = tmp_path / "res"
+    # no complete-data DMFA here: its method is skipped and the MisConv-against-mean-fill table is not written
+    assert written == [res / "imputation_quality.csv", res / "mask_coverage.csv", res / "imputation_quality.json", doc]
+    table = pd.read_csv(res / "imputation_quality.csv")
+    assert list(zip(table["mask"], table["method"])) == [(m, k) for m in ("square", "noise")
+                                                         for k in ("knn", "mfa_misconv")]
+    assert (table["seed"] == 3).all() and (table["n_test_images"] == 10).all()      # the first seed of the grid
+    mfa = table[table["method"] == "mfa_misconv"]
+    assert np.allclose(mfa["rmse"], (mfa["sse"] / mfa["missing_pixels"]) ** 0.5, atol=2e-4) and mfa["nll"].notna().all()
+    assert list(pd.read_csv(res / "mask_coverage.csv")["mask"]) == ["square", "noise"]
+    text = doc.read_text()
+    assert "old" not in text and "| noise (" in text and "| classical MFA (K = 4, L = 4) |" in text
+    assert text.startswith("before\n") and text.endswith("after\n")
+    # one mask again: its rows are replaced, the other mask's stay
+    again = clf.diagnostics(cfg.replace(masks=["noise"]), seed=0, n=10, methods=["knn"], progress=False)
+    table = pd.read_csv(res / "imputation_quality.csv")
+    assert list(zip(table["mask"], table["method"], table["seed"])) == [
+        ("square", "knn", 3), ("square", "mfa_misconv", 3), ("noise", "knn", 0)]
+    assert doc not in again
+    # --table-only: the recorded table into the doc, nothing computed
+    monkeypatch.setattr(diag, "imputation_quality", lambda *a, **k: pytest.fail("computed with table_only"))
+    doc.write_text("<!-- imputation-quality:start -->\n<!-- imputation-quality:end -->\n")
+    assert clf.diagnostics(cfg, table_only=True, doc=doc) == [doc]
+    assert "| noise (" in doc.read_text() and "seed 3" in doc.read_text()
 
 
 def test_none_hyperparameters_are_the_papers_for_the_data_set(tmp_path):

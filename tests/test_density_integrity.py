@@ -371,7 +371,9 @@ def _quality_tables(folder: Path, masks, sse: float):
 
 
 def test_imputation_quality_keeps_other_masks_writes_one_set_and_refuses_a_cut_file(tmp_path, monkeypatch, capsys):
-    iq = _script("imputation_quality")
+    from labkit.lab import study_cli
+    from labkit.studies import classification_diagnostics as iq
+
     iq.write_results(tmp_path, *_quality_tables(tmp_path, ["square", "noise"], 1.0), {"command": "first"})
     iq.write_results(tmp_path, *_quality_tables(tmp_path, ["square"], 2.0), {"command": "second"})
     merged = pd.read_csv(tmp_path / "imputation_quality.csv")
@@ -400,13 +402,11 @@ def test_imputation_quality_keeps_other_masks_writes_one_set_and_refuses_a_cut_f
     with pytest.raises(TableFileError, match="mask_coverage.csv ends in the middle of a line"):
         iq.write_results(tmp_path, *_quality_tables(tmp_path, ["noise"], 3.0), {"command": "fourth"})
     assert (tmp_path / "imputation_quality.csv").read_bytes() == before["imputation_quality.csv"]
-    # the script refuses before it computes anything
-    grid, cfg = iq.sweep_config("quick")
-    cfg.results_dir = str(tmp_path)
-    monkeypatch.setattr(iq, "sweep_config", lambda profile: (grid, cfg))
+    # ./lab study classification --diagnostics refuses before it computes anything
     monkeypatch.setattr(iq, "imputation_quality", lambda *a, **k: pytest.fail("computed before checking the files"))
-    assert iq.main(["--profile", "quick"]) == 1
+    assert study_cli.main(["classification", "--profile", "quick", "--diagnostics", "--results", str(tmp_path)]) == 1
     assert "mask_coverage.csv ends in the middle of a line" in capsys.readouterr().out
+    assert (tmp_path / "imputation_quality.csv").read_bytes() == before["imputation_quality.csv"]
 
 
 def _timings(seconds: float) -> pd.DataFrame:

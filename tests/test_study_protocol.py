@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from labkit.lab import study_cli
 from labkit.studies import classification as clf
 from labkit.studies.configs import ClassificationConfig
 from labkit.studies.engine import SweepFailed
@@ -93,47 +94,30 @@ def test_one_failing_cell_is_reported_and_the_others_run(tmp_path):
     assert sorted(clf.read_results(tmp_path / "accuracy.csv")["method"]) == ["pc", "zero"]
 
 
-#: the script imports the names the study's config replaced; the lead turns it into an alias of
-#: ``./lab study classification`` after merging, and these two tests move to that command then
-_SCRIPT_PENDING = pytest.mark.skip(reason="scripts/run_classification.py still uses the removed SweepConfig API")
-
-
-def _script():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("run_classification",
-                                                  Path(__file__).parents[1] / "scripts" / "run_classification.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-@_SCRIPT_PENDING
-def test_the_script_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, capsys):
-    script = _script()
-
-    def run(cell, cfg):
+def test_the_command_exits_non_zero_listing_failed_cells(tmp_path, monkeypatch, capsys):
+    def run(cell, cfg, **kw):
         if cell.coords["method"] == "pc":
             raise RuntimeError("pc exploded")
         return {"metrics": {"accuracy": 0.5}, "details": {}}
 
     monkeypatch.setattr(clf, "run_cell", run)
-    code = script.main(["--profile", "quick", "--no-progress", "-p", f"results_dir={tmp_path}", "-p", "n_train=60",
-                        "-p", "n_test=20", "-p", "methods=[zero,pc]", "-p", "masks=[square]", "-p", "seeds=[0]"])
+    code = study_cli.main(["classification", "--profile", "quick", "--no-progress", "-p", f"results_dir={tmp_path}",
+                           "-p", "n_train=60", "-p", "n_test=20", "-p", "methods=[zero,pc]", "-p", "masks=[square]",
+                           "-p", "seeds=[0]"])
     out = capsys.readouterr().out
     assert code == 1 and "pc exploded" in out and "mnist/square/pc/s0" in out
     assert list(clf.read_results(tmp_path / "accuracy.csv")["method"]) == ["zero"]
 
 
-@_SCRIPT_PENDING
-def test_the_script_names_a_misspelt_or_malformed_override(tmp_path, monkeypatch, capsys):
+def test_the_command_names_a_misspelt_or_malformed_override(tmp_path, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(clf, "run_cell", lambda cell, cfg: ran.append(cell) or {"metrics": {"accuracy": 0.5}})
-    for bad, message in (("epoch=2", "unknown 02_classification parameter(s) ['epoch']"),
+    monkeypatch.setattr(clf, "run_cell", lambda cell, cfg, **kw: ran.append(cell) or {"metrics": {"accuracy": 0.5}})
+    for bad, message in (("epoch=2", "unknown setting 'epoch' for 02_classification (set by -p epoch=2); "
+                                     "did you mean 'epochs'?"),
                          ("epochs", "override 'epochs' must look like key=value")):
         with pytest.raises(SystemExit) as info:
-            _script().main(["--profile", "quick", "--no-progress", "-p", f"results_dir={tmp_path}", "-p", bad])
+            study_cli.main(["classification", "--profile", "quick", "--no-progress", "-p", f"results_dir={tmp_path}",
+                            "-p", bad])
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert not ran and not (tmp_path / "accuracy.csv").exists()
 

@@ -6,6 +6,7 @@
     ./lab study dmfa --profile cpu --executor ray                  # cells as Ray tasks
     ./lab study timing --profile cpu
     ./lab study classification --settings                          # every setting, its value and where it came from
+    ./lab study classification --profile cpu --diagnostics --doc docs/classification.md   # the imputers' diagnostics
 
 (``python -m labkit.lab.study_cli ...`` is the same command.) The settings are the study's config
 (:mod:`labkit.studies.configs`): its defaults, the profile's section, then each ``-p key=value``
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from labkit import paths
+from labkit.checkpoint import TableFileError
 from labkit.config import parse_override
 from labkit.lab import runplan
 from labkit.studies.configs import config_class
@@ -91,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-stem", default=None, metavar="NAME",
                     help="classification: the report's file names beside the CSV (<NAME>.md, <NAME>_paired.md, "
                          "<NAME>.png; default accuracy), e.g. for the CIFAR-10 rows kept beside the MNIST ones")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="classification: the imputers' diagnostics on the first 1,000 test images of the first seed, "
+                         "instead of the sweep")
     ap.add_argument("--wait", action="store_true", help="wait for DMFA/ACFlow checkpoints that do not exist yet")
     ap.add_argument("--poll-seconds", type=float, default=300.0, help="seconds between checks with --wait")
     ap.add_argument("--max-cells", type=int, default=None, help="stop after this many cells ran or failed")
@@ -125,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = importlib.import_module(module_name)
     name = Path(str(args.profile)).stem
     tag = f"[{args.study}]"
+    if args.diagnostics:
+        return _diagnostics(ap, study, cfg, args, tag)
     if not hasattr(study, "plan"):       # a study without cells (timing): run it whole
         if args.results:
             cfg = cfg.replace(results_dir=args.results)
@@ -170,6 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed is not None:
         print(f"{tag} {failed}", flush=True)
         return 1
+    return 0
+
+
+def _diagnostics(ap, study, cfg, args, tag: str) -> int:
+    """``--diagnostics``: the study's own diagnostics (its ``diagnostics`` function) instead of its cells."""
+    if not hasattr(study, "diagnostics"):
+        ap.error(f"the {args.study} study has no diagnostics (--diagnostics runs a study's own diagnostics, "
+                 "e.g. ./lab study classification --diagnostics)")
+    if args.results:
+        cfg = cfg.replace(results_dir=args.results)
+    try:
+        written = study.diagnostics(cfg, doc=args.doc, table_only=args.table_only, progress=not args.no_progress)
+    except TableFileError as exc:        # a recorded table is damaged: nothing was computed or written
+        print(f"{tag} {exc}", flush=True)
+        return 1
+    for path in written:
+        print(f"{tag} wrote {path}", flush=True)
     return 0
 
 

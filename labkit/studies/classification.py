@@ -44,7 +44,8 @@ every layer whose shapes agree across methods (all layers except the ``mask`` fr
 convolution, which has an extra input channel): :func:`init_classifier`.
 
 Reports: :func:`write_report` (the tables and the figure beside the results, and the marked blocks
-of a Markdown file), :func:`imputation_quality` (diagnostics of the imputers), and from
+of a Markdown file), :func:`diagnostics` (how good the imputers are:
+:mod:`labkit.studies.classification_diagnostics`), and from
 :mod:`labkit.studies.classification_tables` :func:`pivot_table`, :func:`paired_differences`,
 :func:`table_markdown`, :func:`paired_markdown`, :func:`update_markdown_table` and :func:`plot_results`.
 """
@@ -61,19 +62,18 @@ from typing import Any
 import pandas as pd
 import torch
 
-from labkit import paths
 from labkit.machine import machine_summary
 from labkit.device import resolve_device
 from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
 from labkit.precision import resolve_precision
-from labkit.masks import with_nan
 from labkit.studies.cells import data_source_key, fingerprint_cell, load_cell_data, stable_seed
 from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decode_predictions, encode_predictions,
                                                        predict, with_predictions)
 from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS, PAPER_TABLE1,
                                                   check_table_settings, paired_differences, paired_markdown,
-                                                  pivot_table, plot_results, settings_line, table_markdown,
-                                                  update_markdown_table)
+                                                  pivot_table, plot_results, results_path, settings_line,
+                                                  table_markdown, update_markdown_table)
+from labkit.studies.classification_diagnostics import diagnostics
 from labkit.studies.configs import ClassificationConfig
 from labkit.studies.engine import (Cell, CellOutcome, InputError, ResultStore, SweepIncomplete, held_unfinished,
                                    retry_held, run_cells, unfinished_text, write_files)
@@ -95,9 +95,9 @@ __all__ = [
     "cell_settings",
     "check_table_settings",
     "decode_predictions",
+    "diagnostics",
     "effective",
     "encode_predictions",
-    "imputation_quality",
     "init_classifier",
     "paired_differences",
     "paired_markdown",
@@ -139,11 +139,6 @@ def effective(cfg: ClassificationConfig) -> ClassificationConfig:
     given = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
     missing = {k: paper[i] for i, (k, v) in enumerate(given.items()) if v is None}
     return cfg.replace(**missing) if missing else cfg
-
-
-def results_path(cfg: ClassificationConfig) -> Path:
-    """Where the rows of ``cfg`` go: ``cfg.results_dir``, else ``results/classification/<profile>``."""
-    return Path(cfg.results_dir) if cfg.results_dir else paths.results_dir("classification", cfg.profile)
 
 
 # ============================================================================ results files
@@ -471,47 +466,3 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
             replace_marked_block(doc, f"{marker}-paired", paired)
         written.append(Path(doc))
     return written
-
-
-# ============================================================================ diagnostics
-def imputation_quality(dataset: str, mask: str, seed: int, methods: Sequence[str], cfg: ClassificationConfig, *,
-                       n: int = 1000, progress: bool = True) -> pd.DataFrame:
-    """How good each method's imputer is on the first ``n`` *test* images of a cell (diagnostics only;
-    never used to choose anything): per image, the sum of squared errors of the imputation at the
-    missing pixels (``sse``), and for MFA-based methods the negative log-likelihood of the true missing
-    pixels under the per-image MFA (``nll``, nats) and the mean predicted standard deviation there
-    (``pred_std``). Uses the same (cached) preparers, with ``cfg``'s settings, as the sweep.
-    """
-    icfg = imputer_settings(cfg, progress=progress)
-    data = load_cell_data(dataset, mask, seed, n_train=cfg.n_train, n_test=cfg.n_test,
-                          val_fraction=cfg.val_fraction)
-    idx = torch.arange(min(n, len(data.test_images)))
-    x_true = data.test_images[idx]
-    miss = data.test_missing[idx]
-    J = miss.expand_as(x_true)
-    x = with_nan(x_true, J)
-    rows = []
-    for name in methods:
-        if method_available(name, icfg, dataset, mask, seed):
-            continue
-        _, aux_test, _ = METHODS[name].prepare(data, icfg)
-        rec = {"method": name}
-        if METHODS[name].front.aux_kind == "mfa":
-            starts = range(0, len(idx), 250)
-            mfas = [aux_test.get(idx[s:s + 250], x[s:s + 250], miss[s:s + 250]) for s in starts]
-            nll = torch.cat([-m.log_prob(x_true[s:s + 250], miss[s:s + 250]) for s, m in zip(starts, mfas)])
-            mean = torch.cat([m.mean() for m in mfas])
-            var = torch.cat([m.variance() for m in mfas])
-            rec["nll"] = float(nll.mean())
-            rec["pred_std"] = float(var.sqrt()[J].mean())
-        elif METHODS[name].front.aux_kind == "images" and name != "gt":
-            mean = aux_test.get(idx, x, miss)
-        else:
-            mean = torch.zeros_like(x_true)   # zero / mask / pc: the hole is treated as 0 (or skipped)
-        err = torch.where(J, mean - x_true, torch.zeros((), dtype=x_true.dtype))
-        rec["sse"] = float((err ** 2).sum((1, 2, 3)).mean())
-        rec["missing_pixels"] = float(J.sum((1, 2, 3)).float().mean())
-        rows.append(rec)
-    return pd.DataFrame(rows).set_index("method")
-
-

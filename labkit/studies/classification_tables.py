@@ -9,8 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from labkit import paths
 from labkit.studies.engine import check_uniform
 from labkit.studies.reporting import replace_marked_block
+
+def results_path(cfg) -> Path:
+    """Where the rows, tables and figures of the classification config ``cfg`` go: ``cfg.results_dir``,
+    else ``results/classification/<profile>``."""
+    return Path(cfg.results_dir) if cfg.results_dir else paths.results_dir("classification", cfg.profile)
+
 
 #: display order of the methods (tables, plots)
 METHOD_ORDER = ["zero", "mask", "knn", "pc", "mfa_mean", "mfa_misconv", "dmfa_mean_complete",
