@@ -476,13 +476,13 @@ def load_dmfa(path: str | os.PathLike, device=None, *, input_role: str = "DMFA c
     The file is an *input* of the caller (``input_role`` names it, e.g. "incomplete-data DMFA
     checkpoint"): a missing, corrupt or mismatching file raises
     :class:`labkit.checkpoint.CheckpointError` naming the path and saying that it is an input to
-    restore or retrain (``scripts/train_dmfa.py``), not an output to delete.
+    restore or retrain (``./lab study dmfa``), not an output to delete.
     """
     from labkit.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(device)
     where = f"{input_role} {str(path)!r}"
-    hint = "it is an input of this step: restore it, or retrain it with scripts/train_dmfa.py"
+    hint = "it is an input of this step: restore it, or retrain it with ./lab study dmfa"
     stored = load_checkpoint(path, map_location=device, input_role=input_role)
     if stored is None:
         raise CheckpointError(f"{where} does not exist; {hint}")

@@ -186,8 +186,8 @@ class ImputerSettings:
 
         ``{replicate}`` picks one of ``dmfa_replicates`` independently trained DMFAs: on square masks
         the cell of seed ``s`` uses replicate ``r = s % dmfa_replicates``, the file of DMFA seed ``r``
-        (``""`` for r = 0, the original file; ``"_s<r>"`` otherwise, as ``scripts/train_dmfa.py
-        --seeds`` names them). Other mask kinds keep replicate 0: one DMFA of their kind was trained."""
+        (``""`` for r = 0, the original file; ``"_s<r>"`` otherwise, as ``./lab study dmfa
+        -p seeds=[...]`` names them). Other mask kinds keep replicate 0: one DMFA of their kind was trained."""
         if not path:
             return None
         suffix = "" if mask in (None, "square") else f"_{mask}"
@@ -387,8 +387,8 @@ def _load_input(loader, path: Path, role: str, device):
         cause = exc.__cause__ or exc          # the reader's own error, without a loader's generic advice
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise InputError(f"{role} {str(path)!r} cannot be used ({type(cause).__name__}: {first}); it is an "
-                         "input of this study: restore it, or retrain it with the script that makes it "
-                         "(scripts/train_dmfa.py, scripts/train_acflow.py)") from exc
+                         "input of this study: restore it, or retrain it with the command that makes it "
+                         "(./lab study dmfa, scripts/train_acflow.py)") from exc
 
 
 def _dmfa_path(cfg: ImputerSettings, variant: str, dataset: str = "mnist", mask: str | None = None,
