@@ -38,7 +38,7 @@
 # gives the final number only. Every finished cell is recorded in
 # `results/classification/<profile>/accuracy.csv` at once under its *key*, a digest of its
 # coordinates, its settings and the fingerprints of its images, masks and checkpoints: rerunning
-# this notebook (or `scripts/run_classification.py`) skips what is done and resumes an interrupted
+# this notebook (or `./lab study classification`) skips what is done and resumes an interrupted
 # cell, and a run with other settings computes new rows instead of reusing old ones.
 
 # %% tags=["parameters"]

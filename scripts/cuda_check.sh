@@ -11,7 +11,8 @@
 # 2. precision: scripts/compare_precision.py on CUDA, float32 against bf16-mixed and 16-mixed, three
 #    seeds (needs MNIST and results/dmfa/cpu/mnist_complete.pt) -> results/timing/cuda/precision_comparison.*
 # 3. timing: the paper's forward grid (MisConv against conv2d+ReLU, sizes 28/32/64, batches
-#    16/32/64), eager path and backward included, wall clock -> results/timing/cuda/forward/
+#    16/32/64), eager path and backward included, wall clock (./lab study timing, through the same
+#    interpreter) -> results/timing/cuda/forward/
 # 4. triton: benchmarks/bench_misconv_gpu.py, MisConv's fused Triton path against conv2d+ReLU, the
 #    eager formula and the CPU fast path (the paper's grid forward and forward+backward, larger
 #    batches, end to end per image, a training step of the MNIST and CIFAR-10 classifiers), the
@@ -53,7 +54,7 @@ step tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda \
     tests/test_misconv_triton.py
 step precision 200 "$PY" scripts/compare_precision.py --device cuda --precisions 32 bf16-mixed 16-mixed \
     --results-dir results/timing/cuda
-step timing 150 "$PY" -m labkit.studies.timing --profile cpu --device cuda --repeats 200 --eager-repeats 20 \
-    --backward --out results/timing/cuda/forward
+step timing 150 "$PY" -m labkit.lab.study_cli timing --profile cpu -p device=cuda -p repeats=200 -p eager_repeats=20 \
+    -p backward=true -p 'Ks=[]' -p 'Ls=[]' -p 'end_to_end_datasets=[]' --no-progress --results results/timing/cuda/forward
 step triton 240 "$PY" benchmarks/bench_misconv_gpu.py --out results/timing/cuda/triton
 exit $status

@@ -11,7 +11,7 @@
 - :mod:`labkit.studies.wae`             the WAE study (notebook 03)
 - :mod:`labkit.studies.wae_features`    its feature network (Fréchet distances)
 - :mod:`labkit.studies.wae_report`      its tables and figures
-- :mod:`labkit.studies.timing`          the timing study (notebook 04, ``python -m labkit.studies.timing``)
+- :mod:`labkit.studies.timing`          the timing study (notebook 04, ``./lab study timing``)
 - :mod:`labkit.studies.draw`            draw a mask: strokes, presets, panels, rendering (notebook 05)
 - :mod:`labkit.studies.draw_app`        draw a mask: the models and the widget app
 - :mod:`labkit.studies.reporting`       generated blocks in Markdown files, shared by every study
