@@ -4,6 +4,7 @@
     ./lab study classification --profile cpu -p epochs=5 -p seeds=[0]
     ./lab study wae --profile cpu --table-only --doc docs/wae.md   # only the tables
     ./lab study dmfa --profile cpu --executor ray                  # cells as Ray tasks
+    ./lab study dmfa --profile cpu --baselines-only                 # only the classical MFA and ACFlow baselines
     ./lab study timing --profile cpu
     ./lab study classification --settings                          # every setting, its value and where it came from
     ./lab study classification --profile cpu --diagnostics --doc docs/classification.md   # the imputers' diagnostics
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-stem", default=None, metavar="NAME",
                     help="classification: the report's file names beside the CSV (<NAME>.md, <NAME>_paired.md, "
                          "<NAME>.png; default accuracy), e.g. for the CIFAR-10 rows kept beside the MNIST ones")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="dmfa: only the baselines (classical MFA, a trained ACFlow) on the config's holes, not the "
+                         "DMFA grid (which runs them after itself)")
     ap.add_argument("--diagnostics", action="store_true",
                     help="classification: the imputers' diagnostics on the first 1,000 test images of the first seed, "
                          "instead of the sweep")
@@ -149,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in study.write_report(cfg, rows, doc=args.doc, **_marker(args)):
             print(f"{tag} wrote {path}", flush=True)
 
+    if args.baselines_only:
+        if not hasattr(study, "run_baselines"):
+            ap.error(f"the {args.study} study has no baselines (--baselines-only is the dmfa study's)")
+        study.run_baselines(cfg, progress=not args.no_progress)
+        report(study.read_rows(cfg, cells))
+        return 0
     if args.table_only:
         rows = study.read_rows(cfg, cells)
         report(rows)
