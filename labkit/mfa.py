@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from labkit.device import resolve_device
+
 _LOG_2PI = math.log(2.0 * math.pi)
 
 __all__ = ["MFA", "ClassicalMFA", "fit_mfa"]
@@ -479,7 +481,6 @@ def fit_mfa(
     Returns:
         (model, history of the mean log-likelihood per image after each iteration).
     """
-    from labkit.device import resolve_device
 
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from labkit.device import resolve_device
+
 __all__ = [
     "PRECISIONS",
     "autocast",
@@ -64,8 +66,6 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "sve_bf16", "bf16")
 
 
 def _device(device: Any) -> torch.device:
-    from labkit.device import resolve_device
-
     return resolve_device(device)
 
 

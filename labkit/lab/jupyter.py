@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from labkit import paths
+from labkit.lab.venv_check import pythonpath_first
 
 __all__ = ["START_PAGE", "command", "config_dir", "environment", "main"]
 
@@ -47,7 +48,6 @@ def environment(root: str | os.PathLike | None = None, base: Mapping[str, str] |
     first on ``PYTHONPATH`` with no entry holding another labkit
     (:func:`labkit.lab.venv_check.pythonpath_first`): the kernels start in ``notebooks/`` and would
     otherwise import the labkit of a checkout that ``PYTHONPATH`` names."""
-    from labkit.lab.venv_check import pythonpath_first
 
     root = Path(root if root is not None else paths.repo_root()).resolve()
     env = dict(os.environ if base is None else base)

@@ -58,6 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import labkit
 from labkit import paths
 from labkit.lab import notebook_plan, runplan
 from labkit.studies.configs import CONFIGS
@@ -229,7 +230,6 @@ def plan(
 
 def labkit_home() -> Path:
     """The folder holding the ``labkit`` package this process runs (its checkout)."""
-    import labkit
 
     return Path(labkit.__file__).resolve().parent.parent
 

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from labkit import paths
+from labkit.data import load_dataset
+from labkit.studies.engine_keys import digest, tensor_digest
 
 __all__ = [
     "ADHOC",
@@ -156,8 +158,6 @@ def inspect_split(dataset: str, split: str, requested: int | None) -> SplitData:
 
     Raises what :func:`labkit.data.load_dataset` raises (an unknown data set, files not found).
     """
-    from labkit.data import load_dataset
-    from labkit.studies.engine_keys import tensor_digest
 
     got = load_dataset(dataset, split, limit=requested, quiet=True)
     return SplitData(dataset, split, got.source, requested, len(got), tensor_digest(got.images, got.labels))
@@ -298,7 +298,6 @@ def sweep_destination(study: str, profile: str, committed: str | os.PathLike, *,
     the ad-hoc folder of ``study``, the data label of ``splits``, the refusal, when the run is ad
     hoc, of a committed file named by ``writes`` = ``(flag, value, name of the ad-hoc table file or
     "")``, and the two plan lines (data, destination)."""
-    from labkit import paths
 
     dest = choose_destination(committed, paths.results_dir(study, ADHOC), profile,
                               data_label="+".join(sorted({s.label for s in splits})), **choose)
@@ -355,8 +354,6 @@ def choose_destination(committed: str | os.PathLike, adhoc_root: str | os.PathLi
     if match.matches is False:
         parts.append(data_label or "data")
     if changed:
-        from labkit.studies.engine_keys import digest
-
         parts.append("p" + digest({k: changed[k] for k in sorted(changed)}, 8))
     return Destination(Path(adhoc_root) / "-".join(parts), committed, True, reasons)
 
@@ -426,7 +423,6 @@ class SweepPlan:
 def _cost_index(stores: Sequence[Any], group: str) -> tuple[dict, dict]:
     """Measured ``wall_seconds`` by (coordinates without the seed, settings) and by (``group``
     coordinate, settings), from the rows and ``runs.jsonl`` of ``stores``."""
-    from labkit.studies.engine_keys import digest
 
     exact: dict[tuple, list[float]] = {}
     loose: dict[tuple, list[float]] = {}
@@ -461,7 +457,6 @@ def plan_sweep(study: str, cells: Sequence[Any], target, *, cost_from: Sequence[
     recorded in; costs from ``target`` and ``cost_from`` (e.g. the committed results): the median
     ``wall_seconds`` of recorded cells with the same coordinates (seed aside) and settings, else of
     the same ``group`` coordinate (the method, the front) and settings."""
-    from labkit.studies.engine_keys import digest
 
     done = target.done_keys() if target.path.exists() else set()
     todo = [c for c in cells if c.key not in done]

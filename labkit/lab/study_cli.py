@@ -37,6 +37,8 @@ from labkit.checkpoint import TableFileError
 from labkit.config import parse_override
 from labkit.lab import runplan
 from labkit.studies.configs import config_class
+from labkit.studies.engine import SweepFailed
+from labkit.studies.executors import add_executor_arguments, ExecutorError, make_executor
 
 __all__ = ["STUDIES", "build_config", "main", "settings_table"]
 
@@ -76,8 +78,6 @@ def settings_table(cfg, profile_cfg) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from labkit.studies.executors import add_executor_arguments
-
     ap = argparse.ArgumentParser(prog="./lab study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help=f"one of {', '.join(STUDIES)}")
@@ -164,8 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(rows)
         print(f"{tag} tables of {len(rows)} of {len(cells)} planned cells written", flush=True)
         return 0
-    from labkit.studies.engine import SweepFailed
-    from labkit.studies.executors import ExecutorError, make_executor
 
     try:
         executor = make_executor(args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,

@@ -29,6 +29,7 @@ from labkit.device import resolve_device
 from labkit.masks import with_nan
 from labkit.models.fronts import Front, make_front
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
+from labkit.training import fit
 
 __all__ = [
     "ARCHITECTURES",
@@ -142,7 +143,6 @@ def train_classifier(model: Classifier, data: Any, aux_train: Any, *, epochs: in
     ``info = {"epoch_selected", "val_accuracy"}`` (plus, with ``keep_last_state``, ``"last_state"``: the last epoch's weights on the
     CPU, when the best validation epoch was restored).
     """
-    from labkit.training import fit
 
     if select not in ("best_val", "last"):
         raise ValueError(f"select must be 'best_val' or 'last', got {select!r}")

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from labkit import masks as _masks
+from labkit.checkpoint import CheckpointError, load_checkpoint
 from labkit.checks import check_images, check_int
 from labkit.data import canonical_dataset
 from labkit.device import resolve_device
@@ -478,7 +479,6 @@ def load_dmfa(path: str | os.PathLike, device=None, *, input_role: str = "DMFA c
     :class:`labkit.checkpoint.CheckpointError` naming the path and saying that it is an input to
     restore or retrain (``./lab study dmfa``), not an output to delete.
     """
-    from labkit.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(device)
     where = f"{input_role} {str(path)!r}"

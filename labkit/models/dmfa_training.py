@@ -38,6 +38,7 @@ from labkit.device import resolve_device
 from labkit.mfa import MFA
 from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 from labkit.models.dmfa import DMFA, evaluate_dmfa, incomplete_masks, test_masks
+from labkit.training import fit
 
 __all__ = ["DMFARecipe", "WEIGHTS_DTYPES", "dmfa_loss", "train_dmfa"]
 
@@ -191,7 +192,6 @@ def train_dmfa(
         fit's history: per epoch ``nll``, ``sse``, ``nll_px``, ``loss``, ``lr``, ``val_*``,
         ``seconds``, ``train_seconds`` (without validation), ``batch_nll`` (the per-batch NLLs).
     """
-    from labkit.training import fit
 
     if not isinstance(model, DMFA):
         raise TypeError(f"model must be a DMFA, got {type(model).__name__}")

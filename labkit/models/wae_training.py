@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.models.wae import RECIPES, WAE, Discriminator
-from labkit.precision import autocast, grad_scaler, to_float32
+from labkit.precision import autocast, grad_scaler, resolve_precision, to_float32
 
 __all__ = [
     "alternating_step",
@@ -120,7 +120,6 @@ def make_optimizers(model: WAE, lr: float = 4e-4, lr_disc: float | None = 4e-6, 
 
 def _scaler(precision: str, device, scaler):
     """The step's GradScaler: the run's (needed for 16-mixed, whose scale must persist), else a pass-through."""
-    from labkit.precision import resolve_precision
 
     if scaler is not None:
         return scaler

@@ -22,6 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from labkit import paths
+from labkit.data import load_dataset, train_val_split
+from labkit.masks import make_masks
+from labkit.studies.engine import data_fingerprint, tensor_digest
+
 __all__ = ["CellData", "cell_masks", "data_source_key", "fingerprint_cell", "load_cell_data", "stable_seed"]
 
 
@@ -43,7 +48,6 @@ def cell_masks(dataset: str, split: str, kind: str, seed: int, n: int, height: i
     Drawn by :func:`labkit.masks.make_masks` from a CPU generator seeded from all four names, so a
     rerun (or another machine) gets the same masks.
     """
-    from labkit.masks import make_masks
 
     g = torch.Generator().manual_seed(stable_seed("masks", dataset, split, SEED_WORD.get(kind, kind), int(seed)))
     return make_masks(kind, n, height, width, generator=g, device="cpu")
@@ -87,7 +91,6 @@ class CellData:
 def fingerprint_cell(data: CellData) -> dict:
     """``{"train": data fingerprint, "test": data fingerprint, "masks": digest}`` of a cell's data
     (:func:`labkit.studies.engine.data_fingerprint`); stored in ``data.fingerprints``."""
-    from labkit.studies.engine import data_fingerprint, tensor_digest
 
     if not data.fingerprints:
         data.fingerprints = {
@@ -106,7 +109,6 @@ def data_source_key() -> tuple[str, str]:
     (``$LABKIT_DATA``) and shared datasets folder (``$LABKIT_SHARED_DATASETS``). In-process caches of
     loaded images are keyed by it, so a changed ``LABKIT_DATA`` loads again instead of reusing the
     images of the other folder."""
-    from labkit import paths
 
     return str(paths.data_dir().resolve()), str(paths.shared_datasets_dir().resolve())
 
@@ -115,7 +117,6 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
                    val_fraction: float = 0.1, quiet: bool = True) -> CellData:
     """Load the images and make the masks of one (dataset, mask, seed) (images cached in memory,
     keyed by the data set, the sizes and where the files are read from: :func:`data_source_key`)."""
-    from labkit.data import load_dataset, train_val_split
 
     key = (dataset, n_train, n_test, data_source_key())
     if key not in _DATA_CACHE:

@@ -11,6 +11,7 @@ import numpy as np
 
 from labkit import paths
 from labkit.studies.engine import check_uniform
+from labkit.studies.paired_stats import covers_zero, paired_comparison
 from labkit.studies.reporting import replace_marked_block
 
 def results_path(cfg) -> Path:
@@ -151,7 +152,6 @@ def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n
     """
     import pandas as pd
 
-    from labkit.studies.paired_stats import paired_comparison
 
     check_table_settings(df[df["method"].isin([method, baseline])])
     cmp = paired_comparison(df, method, baseline, level=level, n_boot=n_boot)
@@ -259,7 +259,6 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
                 mean = f"{_points(r['mean'])} (one seed: no interval)"
                 # one seed says nothing about other seeds; its images can still resolve a difference
                 # for this one training run (the bootstrap over its images), and the verdict says which
-                from labkit.studies.paired_stats import covers_zero
 
                 have_boot = r["boot_low"] == r["boot_low"]
                 verdict = ("this seed only: resolved over its test images"

@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from labkit.checkpoint import config_differences, ConfigMismatchError, load_checkpoint, load_or_train, partial_path
 from labkit.checks import check_images
 from labkit.data import canonical_dataset
 from labkit.device import resolve_device
-from labkit.mfa import ClassicalMFA
+from labkit.mfa import ClassicalMFA, fit_mfa
 from labkit.models.dmfa import DMFA, ClassicalMFAImputer, derived_seed, build_dmfa
 from labkit.models.dmfa_training import WEIGHTS_DTYPES, DMFARecipe, train_dmfa
+from labkit.precision import resolve_precision
+from labkit.studies.engine import digest, tensor_digest
 
 __all__ = [
     "jsonable",
@@ -104,8 +107,6 @@ def config_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
     :func:`labkit.checkpoint.load_or_train`. The config returned holds no source key (the choice of
     file has compared them already, and the file's own record keeps its paths).
     """
-    from labkit.checkpoint import ConfigMismatchError, config_differences, load_checkpoint
-    from labkit.studies.engine import digest
 
     sources = {k: v for k, v in config.items() if _is_source(k)}
     content = {k: v for k, v in config.items() if not _is_source(k)}
@@ -199,9 +200,6 @@ def load_or_train_dmfa(
         the wall time and the training throughput (images/s), plus anything in ``meta``, and
         ``checkpoint_path``: the file used.
     """
-    from labkit.checkpoint import load_or_train, partial_path
-    from labkit.precision import resolve_precision
-    from labkit.studies.engine import tensor_digest
 
     key = canonical_dataset(dataset)
     path = Path(path)
@@ -277,9 +275,6 @@ def load_or_fit_mfa(
     ``meta["data_source"]`` is compared, paths left out, only with a file that lacks that hash. Returns ``(imputer, meta)`` where ``imputer`` is a
     :class:`ClassicalMFAImputer` and ``meta["checkpoint_path"]`` the file used.
     """
-    from labkit.checkpoint import load_or_train
-    from labkit.mfa import fit_mfa
-    from labkit.studies.engine import tensor_digest
 
     images = check_images(images, "images")
     shape = tuple(images.shape[1:])

@@ -20,13 +20,20 @@ import torch
 from torch import Tensor
 
 from labkit import paths
+from labkit.checkpoint import CheckpointError, config_differences, load_checkpoint, load_or_train, partial_path
+from labkit.data import load_dataset, train_val_split
 from labkit.device import resolve_device
 from labkit.masks import make_masks
 from labkit.misconv import MisConv2d
-from labkit.models.dmfa import load_dmfa
+from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
+from labkit.models.dmfa import load_dmfa, predict_mfa
 from labkit.models.dmfa_training import DMFARecipe
+from labkit.models.fronts import GroundTruthFront, MisConvFront, ZeroFront
+from labkit.studies.cells import CellData
 from labkit.studies.density_checkpoints import load_or_train_dmfa
 from labkit.studies.draw import check_size
+from labkit.studies.engine_keys import digest
+from labkit.studies.imputers import AuxSource, MFAAux, TensorAux
 
 __all__ = [
     "COMPLETE",
@@ -227,8 +234,6 @@ def classifier_file(path: str | os.PathLike, config: dict, *, quiet: bool = Fals
     """Where the classifier of ``config`` lives: ``path`` when absent or trained with ``config``
     (:func:`stored_settings`), else ``<stem>-<digest8 of config>.pt`` beside it, which is never
     reused for other settings either. Says in one line when a file is passed over."""
-    from labkit.checkpoint import CheckpointError, config_differences, load_checkpoint
-    from labkit.studies.engine_keys import digest
 
     path = Path(path)
 
@@ -292,12 +297,6 @@ def load_or_train_classifier(
     DMFA); otherwise the classifier of these settings lives in ``<stem>-<digest8>.pt`` beside it
     (:func:`classifier_file`), trained there when absent.
     """
-    from labkit.checkpoint import load_or_train, partial_path
-    from labkit.data import load_dataset, train_val_split
-    from labkit.models.classifier import build_classifier, evaluate_accuracy, train_classifier
-    from labkit.models.fronts import GroundTruthFront, MisConvFront, ZeroFront
-    from labkit.studies.cells import CellData
-    from labkit.studies.imputers import AuxSource, MFAAux, TensorAux
 
     device = resolve_device(device)
     if name == MISCONV and dmfa is None:
@@ -315,8 +314,6 @@ def load_or_train_classifier(
             return build_classifier("mnist", front)
 
     def dmfa_aux(images, missing):
-        from labkit.models.dmfa import predict_mfa
-
         x = torch.where(missing.expand_as(images), torch.full((), float("nan")), images)
         mfa = predict_mfa(dmfa, x, missing, batch_size=256, device=device, out_device="cpu")
         return MFAAux({f: getattr(mfa, f) for f in ("weights", "means", "factors", "variances")})
@@ -405,8 +402,6 @@ def load_draw_models(
         dmfa, m = load_dmfa(path, device=device)
         meta["dmfa"] = {**m, "path": str(path), "source": "DMFA study"}
     else:
-        from labkit.data import load_dataset
-
         path = out_dir / f"dmfa_fallback_{dataset}.pt"
         tr = load_dataset(dataset, "train", limit=dmfa_n_train, quiet=True)
         dmfa, m = load_or_train_dmfa(path, dataset, replace(FALLBACK_DMFA, epochs=dmfa_epochs), images=tr.images,

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from labkit.checkpoint import atomic_save, CheckpointError, load_checkpoint
 from labkit.studies.engine_keys import (Cell, InputError, canonical, data_fingerprint, digest, file_digest,
                                         input_fingerprint, settings_differences, tensor_digest)
 from labkit.studies.store import (InvalidMetric, Problem, ResultFileError, ResultStore, SettingsMismatch,
@@ -58,7 +59,6 @@ def cached(cache_dir: str | os.PathLike, name: str, key: Mapping[str, Any], comp
     mask hashes, checkpoint content hashes, settings). The stored key is compared in full on load;
     a mismatch or an unreadable file recomputes (never reuses).
     """
-    from labkit.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
     path = Path(cache_dir) / f"{name}-{digest(key)}.pt"
     want = canonical(key)

@@ -41,7 +41,7 @@ import socket
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from labkit.studies.engine import Cell, CellOutcome, LocalExecutor
+from labkit.studies.engine import Cell, CellOutcome, LocalExecutor, run_one
 
 __all__ = ["EXECUTORS", "ExecutorError", "RayExecutor", "cell_device", "make_executor"]
 
@@ -137,7 +137,6 @@ def _run_in_worker(fn: Callable[[Cell], Mapping], cell: Cell, threads: int) -> C
     """
     import torch
 
-    from labkit.studies.engine import run_one
 
     torch.set_num_threads(threads)
     return run_one(fn, cell)

@@ -43,13 +43,16 @@ import torch
 from torch import Tensor
 
 from labkit import paths
+from labkit.checkpoint import CheckpointError
 from labkit.device import resolve_device
-from labkit.mfa import MFA, ClassicalMFA
+from labkit.mfa import ClassicalMFA, fit_mfa, MFA
+from labkit.models.dmfa import load_dmfa, predict_mfa
+from labkit.models.acflow_training import load_acflow
 from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
                                   MFAMeanFront, MisConvFront, PartialConvFront, ZeroFront)
-from labkit.masks import with_nan
+from labkit.masks import make_masks, with_nan
 from labkit.studies.cells import CellData, stable_seed
-from labkit.studies.engine import cached, digest, input_fingerprint, tensor_digest
+from labkit.studies.engine import cached, digest, input_fingerprint, InputError, tensor_digest
 
 __all__ = [
     "ACFLOW_IMPUTE_BATCH",
@@ -281,7 +284,6 @@ def prepare_knn(data: CellData, cfg: ImputerSettings):
     """
     from sklearn.impute import KNNImputer
 
-    from labkit.masks import make_masks
 
     fit_rows = data.fit_idx[: cfg.knn_fit] if cfg.knn_fit else data.fit_idx
     # the rows it is fitted on and the validation rows choosing k, by content, not by count
@@ -322,7 +324,6 @@ def prepare_knn(data: CellData, cfg: ImputerSettings):
 def classical_mfa(data: CellData, cfg: ImputerSettings) -> ClassicalMFA:
     """The classical MFA of the data set: EM (:func:`labkit.mfa.fit_mfa`) on the complete images of
     the classifier's training split (not the validation or test images), cached."""
-    from labkit.mfa import fit_mfa
 
     K, L = cfg.mfa_components, cfg.mfa_factors
     C, H, W = data.train_images.shape[1:]
@@ -378,8 +379,6 @@ def prepare_mfa_misconv(data: CellData, cfg: ImputerSettings):
 # ---------------------------------------------------------------------------- DMFA
 def _load_input(loader, path: Path, role: str, device):
     """``loader(path, device=device)``; an unreadable file is reported as the *input* it is."""
-    from labkit.checkpoint import CheckpointError
-    from labkit.studies.engine import InputError
 
     try:
         return loader(path, device=device)
@@ -409,7 +408,6 @@ def _dmfa_needs(variant: str):
 
 def _dmfa_mfas(data: CellData, cfg: ImputerSettings, variant: str) -> dict:
     """Per-image DMFA outputs for train and test (fields stored float16), cached."""
-    from labkit.models.dmfa import load_dmfa, predict_mfa
 
     path = _dmfa_path(cfg, variant, data.dataset, data.mask, data.seed)
     key = {**data.key("train"), "test": data.key("test"), "method": f"dmfa_{variant}",
@@ -480,7 +478,6 @@ def prepare_acflow(data: CellData, cfg: ImputerSettings):
     The noise is drawn ``cfg.impute_batch`` images at a time from one generator per split, so the
     values depend on ``impute_batch``: it is part of the keys unless it is :data:`ACFLOW_IMPUTE_BATCH`.
     """
-    from labkit.models.acflow_training import load_acflow
 
     path = cfg.resolve(cfg.acflow, data.dataset)
     key = {**data.key("train"), "test": data.key("test"), "method": "acflow",

@@ -29,6 +29,7 @@ from torch import Tensor
 from labkit import paths
 from labkit.checkpoint import load_checkpoint
 from labkit.studies import engine
+from labkit.studies.configs import FRONT_ALIASES
 from labkit.studies.engine import Cell, ResultStore
 
 __all__ = [
@@ -406,7 +407,6 @@ def write_report(cfg, rows, *, doc: str | Path | None = None, marker: str | None
     import matplotlib.pyplot as plt
 
     # the configs name the fronts as the user wrote them (aliases); rows carry the method names
-    from labkit.studies.configs import FRONT_ALIASES
 
     marker = marker or cfg.profile
     folder = results_path(cfg)
