@@ -33,7 +33,6 @@ clock and date.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -46,9 +45,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import precision as P
-from labkit.machine import machine_summary
 from labkit.device import resolve_device
+from labkit.machine import machine_summary, tune_malloc
+from labkit.masks import make_masks
 from labkit.mfa import MFA
+from labkit.models.acflow import ACFlow
+from labkit.models.classifier import build_classifier
+from labkit.models.dmfa import build_dmfa
+from labkit.models.dmfa_training import dmfa_loss
+from labkit.models.wae import WAE
+from labkit.models.wae_training import make_optimizers, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("dmfa_mnist", "dmfa_cifar10", "clf_mnist_zero", "clf_mnist_misconv", "clf_cifar10_zero",
@@ -59,35 +65,13 @@ DEFAULT_TARGET = 1.3
 K, L = 1, 4
 
 
-def _attr(name: str, *modules: str):
-    """``name`` from the first of ``modules`` that imports and defines it."""
-    errors = []
-    for module in modules:
-        try:
-            found = importlib.import_module(module)
-        except ImportError as exc:
-            errors.append(f"{module}: {exc}")
-            continue
-        if hasattr(found, name):
-            return getattr(found, name)
-        errors.append(f"{module} has no {name}")
-    raise ImportError(f"cannot find {name}: " + "; ".join(errors))
-
-
-_DMFA = ("labkit.models.dmfa", "labkit.models.dmfa_training", "labkit.dmfa")
-_CLASSIFIER = ("labkit.models.classifier", "labkit.studies.classification", "labkit.classifier")
-_WAE = ("labkit.models.wae", "labkit.models.wae_training", "labkit.wae")
-_ACFLOW = ("labkit.models.acflow", "labkit.acflow")
-_MASKS = ("labkit.masks", "labkit.data.masks")
-
-
 # ------------------------------------------------------------------------------------ data
 def _images(batch: int, shape: tuple[int, int, int], device, channels_last: bool, seed: int):
     """Random images in [0, 1] ``(B, C, H, W)`` and a missing square of side H/2 per image (bool ``(B, 1, H, W)``)."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = shape
     x = torch.rand(batch, c, h, w, generator=g).to(device)
-    missing = _attr("make_masks", *_MASKS)("square", batch, h, w, generator=g, side=h // 2).to(device)
+    missing = make_masks("square", batch, h, w, generator=g, side=h // 2).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, missing
@@ -134,7 +118,6 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
     autocast = lambda: P.autocast(precision, device)  # noqa: E731
 
     if model_name.startswith("dmfa_"):
-        build_dmfa, dmfa_loss = _attr("build_dmfa", *_DMFA), _attr("dmfa_loss", *_DMFA)
         net = _prepare(build_dmfa(model_name.split("_", 1)[1]), device, channels_last)
         opt = _adam(net, device)
         x, missing = _images(batch, tuple(net.image_shape), device, channels_last, seed)
@@ -152,7 +135,7 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
     if model_name.startswith("clf_"):
         _, arch, front = model_name.split("_")
         shape = (1, 28, 28) if arch == "mnist" else (3, 32, 32)
-        net = _prepare(_attr("build_classifier", *_CLASSIFIER)(arch, "mfa_misconv" if front == "misconv" else "zero"), device,
+        net = _prepare(build_classifier(arch, "mfa_misconv" if front == "misconv" else "zero"), device,
                        channels_last)
         opt = _adam(net, device, lr=1e-3)
         x, missing = _images(batch, shape, device, channels_last, seed)
@@ -171,8 +154,6 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
     if model_name == "wae_mnist":
         # the library's step (labkit.models.wae.train_step, recipe "supplement": a discriminator
         # step, then an autoencoder step) with the study's MNIST architecture
-        WAE, make_optimizers = _attr("WAE", *_WAE), _attr("make_optimizers", *_WAE)
-        train_step = _attr("train_step", *_WAE)
         net = _prepare(WAE("zero", "mnist", device=device), device, channels_last)
         optimizers = make_optimizers(net)
         x, missing = _images(batch, (1, 28, 28), device, channels_last, seed)
@@ -184,7 +165,7 @@ def make_step(model_name: str, precision: str, channels_last: bool, batch: int, 
         return step
 
     if model_name == "acflow_mnist":
-        net = _prepare(_attr("ACFlow", *_ACFLOW)(1, 28, 28), device, channels_last)
+        net = _prepare(ACFlow(1, 28, 28), device, channels_last)
         opt = _adam(net, device, lr=1e-3)
         x, missing = _images(batch, (1, 28, 28), device, channels_last, seed)
         n_missing = missing.expand_as(x).sum().clamp_min(1)
@@ -249,7 +230,7 @@ def precisions_for(device) -> list[str]:
 
 def _tune_malloc() -> bool:
     try:
-        return bool(_attr("tune_malloc", "labkit.studies.timing", "labkit.timing")())
+        return bool(tune_malloc())
     except (ImportError, AttributeError):
         return False
 
