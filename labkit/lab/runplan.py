@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import paths
-from labkit.data import load_dataset
+import labkit.data
 from labkit.studies.engine_keys import digest, tensor_digest
 
 __all__ = [
@@ -159,7 +159,7 @@ def inspect_split(dataset: str, split: str, requested: int | None) -> SplitData:
     Raises what :func:`labkit.data.load_dataset` raises (an unknown data set, files not found).
     """
 
-    got = load_dataset(dataset, split, limit=requested, quiet=True)
+    got = labkit.data.load_dataset(dataset, split, limit=requested, quiet=True)
     return SplitData(dataset, split, got.source, requested, len(got), tensor_digest(got.images, got.labels))
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from labkit import paths
-from labkit.data import load_dataset, train_val_split
+import labkit.data
+from labkit.data import train_val_split
 from labkit.masks import make_masks
 from labkit.studies.engine import data_fingerprint, tensor_digest
 
@@ -120,8 +121,8 @@ def load_cell_data(dataset: str, mask: str, seed: int, *, n_train: int | None, n
 
     key = (dataset, n_train, n_test, data_source_key())
     if key not in _DATA_CACHE:
-        tr = load_dataset(dataset, "train", limit=n_train, quiet=quiet)
-        te = load_dataset(dataset, "test", limit=n_test, quiet=quiet)
+        tr = labkit.data.load_dataset(dataset, "train", limit=n_train, quiet=quiet)
+        te = labkit.data.load_dataset(dataset, "test", limit=n_test, quiet=quiet)
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = (tr, te)
     tr, te = _DATA_CACHE[key]

@@ -27,7 +27,8 @@ from labkit.checkpoint import config_differences, ConfigMismatchError, load_chec
 from labkit.checks import check_images
 from labkit.data import canonical_dataset
 from labkit.device import resolve_device
-from labkit.mfa import ClassicalMFA, fit_mfa
+import labkit.mfa
+from labkit.mfa import ClassicalMFA
 from labkit.models.dmfa import DMFA, ClassicalMFAImputer, derived_seed, build_dmfa
 from labkit.models.dmfa_training import WEIGHTS_DTYPES, DMFARecipe, train_dmfa
 from labkit.precision import resolve_precision
@@ -289,7 +290,7 @@ def load_or_fit_mfa(
 
     def train(imputer):
         started = time.perf_counter()
-        fitted, history = fit_mfa(images, n_components, n_factors, iterations=iterations, seed=seed,
+        fitted, history = labkit.mfa.fit_mfa(images, n_components, n_factors, iterations=iterations, seed=seed,
                                   device=device, progress=progress)
         imputer.mfa.load_state_dict(fitted.state_dict())
         info = {**config, "iterations_run": len(history), "train_loglik_per_image": history,

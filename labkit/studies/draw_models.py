@@ -21,7 +21,8 @@ from torch import Tensor
 
 from labkit import paths
 from labkit.checkpoint import CheckpointError, config_differences, load_checkpoint, load_or_train, partial_path
-from labkit.data import load_dataset, train_val_split
+import labkit.data
+from labkit.data import train_val_split
 from labkit.device import resolve_device
 from labkit.masks import make_masks
 from labkit.misconv import MisConv2d
@@ -302,7 +303,7 @@ def load_or_train_classifier(
     if name == MISCONV and dmfa is None:
         raise ValueError("the MisConv classifier needs the DMFA it runs over: pass dmfa")
     front = {ZERO: ZeroFront, COMPLETE: GroundTruthFront, MISCONV: MisConvFront}[name]
-    source = load_dataset(dataset, "train", limit=n_train, quiet=True).source
+    source = labkit.data.load_dataset(dataset, "train", limit=n_train, quiet=True).source
     config = classifier_config(name, dataset, n_train=n_train, n_test=n_test, epochs=epochs, batch_size=batch_size,
                                lr=lr, seed=seed, data_source=source,
                                dmfa_sha1=file_digest(dmfa_path) if name == MISCONV else None)
@@ -319,8 +320,8 @@ def load_or_train_classifier(
         return MFAAux({f: getattr(mfa, f) for f in ("weights", "means", "factors", "variances")})
 
     def train(model):
-        tr = load_dataset(dataset, "train", limit=n_train, quiet=True)
-        te = load_dataset(dataset, "test", limit=n_test, quiet=True)
+        tr = labkit.data.load_dataset(dataset, "train", limit=n_train, quiet=True)
+        te = labkit.data.load_dataset(dataset, "test", limit=n_test, quiet=True)
         _, _, H, W = tr.images.shape
         fit_idx, val_idx = train_val_split(len(tr), 0.1, seed=0)
         if name == COMPLETE:
@@ -403,7 +404,7 @@ def load_draw_models(
         meta["dmfa"] = {**m, "path": str(path), "source": "DMFA study"}
     else:
         path = out_dir / f"dmfa_fallback_{dataset}.pt"
-        tr = load_dataset(dataset, "train", limit=dmfa_n_train, quiet=True)
+        tr = labkit.data.load_dataset(dataset, "train", limit=dmfa_n_train, quiet=True)
         dmfa, m = load_or_train_dmfa(path, dataset, replace(FALLBACK_DMFA, epochs=dmfa_epochs), images=tr.images,
                                      mode="complete", seed=seed, device=device, progress=progress, quiet=quiet,
                                      meta={"note": "fallback DMFA of the draw-a-mask notebook (no DMFA study "

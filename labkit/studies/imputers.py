@@ -45,7 +45,8 @@ from torch import Tensor
 from labkit import paths
 from labkit.checkpoint import CheckpointError
 from labkit.device import resolve_device
-from labkit.mfa import ClassicalMFA, fit_mfa, MFA
+import labkit.mfa
+from labkit.mfa import ClassicalMFA, MFA
 from labkit.models.dmfa import load_dmfa, predict_mfa
 from labkit.models.acflow_training import load_acflow
 from labkit.models.fronts import (ACFlowFront, AuthorsMisConvFront, Front, GroundTruthFront, KNNFront, MaskFront,
@@ -333,7 +334,7 @@ def classical_mfa(data: CellData, cfg: ImputerSettings) -> ClassicalMFA:
            "fit": fit, "K": K, "L": L, "iterations": cfg.mfa_iterations, "v": 3}
 
     def compute():
-        model, history = fit_mfa(data.train_images[data.fit_idx], K, L, iterations=cfg.mfa_iterations,
+        model, history = labkit.mfa.fit_mfa(data.train_images[data.fit_idx], K, L, iterations=cfg.mfa_iterations,
                                  seed=0, progress=cfg.progress)
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history}
 
