@@ -19,7 +19,7 @@ that needs another setting makes a new one with :meth:`StudyConfig.replace`, so 
 records are the settings it ran with.
 
 This module is the mechanics only (no study is named here); ``labkit.studies.configs`` holds the
-six study configs.
+seven study configs.
 """
 from __future__ import annotations
 
