@@ -19,7 +19,7 @@ that needs another setting makes a new one with :meth:`StudyConfig.replace`, so 
 records are the settings it ran with.
 
 This module is the mechanics only (no study is named here); ``labkit.studies.configs`` holds the
-six study configs.
+seven study configs.
 """
 from __future__ import annotations
 
@@ -198,11 +198,14 @@ class StudyConfig:
 
     Subclasses are frozen dataclasses whose fields are made with :func:`setting`, and set
     ``STUDY`` (the study's name, as ``./lab study`` spells it) and ``SECTION`` (the profile section
-    and notebook stem, e.g. ``"02_classification"``).
+    and notebook stem, e.g. ``"02_classification"``; ``NOTEBOOK = False`` for a study that has no
+    notebook, whose section is then its own name).
     """
 
     STUDY: ClassVar[str] = ""
     SECTION: ClassVar[str] = ""
+    #: False for a study run from the shell only (its ``SECTION`` then names no notebook)
+    NOTEBOOK: ClassVar[bool] = True
 
     def __post_init__(self):
         hints = self._hints()

@@ -205,7 +205,7 @@ if cfg.mfa_components:
 # ## 6. ACFlow: a normalizing flow over the hidden pixels
 #
 # The other density baseline (`labkit/models/acflow.py`): a RealNVP-style flow over the missing
-# pixels conditioned on the observed ones, trained by `scripts/train_acflow.py` on a mix of square,
+# pixels conditioned on the observed ones, trained by `./lab study acflow --profile cpu` on a mix of square,
 # trapezoid and noise masks (this cell only *scores* it; it is skipped when no checkpoint exists).
 # Same test images, same holes. Its imputation is the mean of `acflow_samples` samples.
 #
@@ -225,7 +225,7 @@ if acflow_path is not None and acflow_path.exists():
               f"mean SSE {r['test_sse']:.2f}")
         display(Image(filename=r["paths"]["figure"]))
 else:
-    print(f"no ACFlow checkpoint at {acflow_path}: skipped (train one with scripts/train_acflow.py)")
+    print(f"no ACFlow checkpoint at {acflow_path}: skipped (train one with ./lab study acflow --profile cpu)")
 
 # %% [markdown]
 # ## 7. Next to the authors' figures

@@ -3,10 +3,13 @@ property (only missing coordinates move), normalisation, sampling, input validat
 from __future__ import annotations
 
 import math
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
+from labkit.lab.study_cli import build_config
 from labkit.models.acflow import ACFlow, AffineCoupling, squeeze2d, unsqueeze2d
 from labkit.models.acflow_training import bits_per_dim, evaluate_nll, load_acflow, study_mask_fn, train_acflow
 
@@ -487,57 +490,98 @@ def test_score_holes_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
-# scripts/train_acflow.py: a stored model is reused only with its settings
-def _train_acflow_script():
-    import importlib.util
-    from pathlib import Path
+# ./lab study acflow: a stored model is reused only with its settings
+def test_the_acflow_study_reuses_only_a_model_of_the_same_settings(tmp_path, capsys):
+    from labkit.lab.study_cli import main
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_acflow.py"
-    spec = importlib.util.spec_from_file_location("train_acflow_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_acflow_script_reuses_only_a_model_of_the_same_settings(tmp_path, capsys):
-    script = _train_acflow_script()
     out = tmp_path / "acflow_mnist.pt"
-    tiny = ["--n-train", "16", "--n-val", "0", "--epochs", "1", "--batch-size", "8", "--hidden", "4",
-            "--n-blocks", "0", "--n-scales", "2", "--n-couplings", "1", "--device", "cpu", "--no-progress",
-            "--out", str(out)]
-    assert script.main(tiny) == 0
+    tiny = ["acflow", "-p", "n_train=16", "-p", "n_val=0", "-p", "epochs=1", "-p", "batch_size=8", "-p", "hidden=4",
+            "-p", "n_blocks=0", "-p", "n_scales=2", "-p", "n_couplings=1", "-p", "device=cpu", "--no-progress",
+            "--results", str(tmp_path)]
+    assert main(tiny) == 0
     first = out.read_bytes()
     _, meta = load_acflow(out, device="cpu")
     assert meta["train_config"]["epochs"] == 1 and meta["train_config"]["precision"] == "32"
+    assert meta["resume_command"] == (f"./lab study acflow -p device=cpu -p n_train=16 -p n_val=0 -p batch_size=8 "
+                                      f"-p hidden=4 -p n_blocks=0 -p n_scales=2 -p n_couplings=1 -p results_dir={tmp_path}")
+    assert "| 1 |" in (tmp_path / "acflow_mnist.md").read_text()      # the report: one row per epoch
     capsys.readouterr()
-    assert script.main(tiny) == 0                                    # same settings: kept, nothing trained
+    assert main(tiny) == 0                                           # same settings: kept, nothing trained
     assert "kept, nothing to train" in capsys.readouterr().out and out.read_bytes() == first
-    assert script.main(tiny + ["--lr", "0.002"]) == 0                 # other settings: their own file
+    assert main(tiny + ["-p", "lr=0.002"]) == 0                      # other settings: their own file
     said = [line for line in capsys.readouterr().out.splitlines() if "other settings" in line]
     assert len(said) == 1 and "lr: stored 0.001, requested 0.002" in said[0]
     derived = [p for p in tmp_path.glob("acflow_mnist-*.pt")]
     assert len(derived) == 1 and derived[0].name in said[0] and out.read_bytes() == first
     assert load_acflow(derived[0], device="cpu")[1]["train_config"]["lr"] == 0.002
+    assert derived[0].with_suffix(".md").is_file()                   # its report beside it, not over the first's
     # more epochs of the first settings: another file, continuing the first run's progress
     longer_args = list(tiny)
-    longer_args[longer_args.index("--epochs") + 1] = "2"
-    assert script.main(longer_args) == 0
+    longer_args[longer_args.index("epochs=1")] = "epochs=2"
+    assert main(longer_args) == 0
     longer = [p for p in tmp_path.glob("acflow_mnist-*.pt") if p != derived[0]]
     assert len(longer) == 1 and out.read_bytes() == first
     history = load_acflow(longer[0], device="cpu")[1]["history"]
     assert len(history) == 2 and history[0]["nll_per_missing_pixel"] == meta["history"][0]["nll_per_missing_pixel"]
+    # --table-only: the report of the model of these settings, nothing trained
+    (tmp_path / "acflow_mnist.md").unlink()
+    capsys.readouterr()
+    assert main(tiny + ["--table-only"]) == 0
+    assert "| 1 |" in (tmp_path / "acflow_mnist.md").read_text() and out.read_bytes() == first
+    with pytest.raises(FileNotFoundError, match="no ACFlow trained with these settings.*./lab study acflow"):
+        main(tiny + ["-p", "seed=3", "--table-only"])
+
+
+def test_the_acflow_study_writes_its_history_into_a_marked_block(tmp_path):
+    from labkit.studies import acflow_study
+    from labkit.studies.configs import ACFlowConfig
+
+    meta = {"config": {"model": {"hidden": 4}, "batch_size": 8, "lr": 0.001, "precision": "32"},
+            "setting": {"dataset": "mnist", "n_train": 16, "n_val": 4, "mask_kinds": ["square"]}, "epochs": 1,
+            "seed": 0, "history": [{"epoch": 0, "nll_per_missing_pixel": -1.5, "bits_per_dim": 5.8, "seconds": 2.0,
+                                    "images_per_second": 8.0, "val_nll_per_missing_pixel": -1.25,
+                                    "val_bits_per_dim": 6.2}],
+            "checkpoint_path": str(tmp_path / "acflow_mnist.pt")}
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- acflow-training:start -->\nold\n<!-- acflow-training:end -->\n")
+    cfg = ACFlowConfig(results_dir=str(tmp_path))
+    written = acflow_study.write_report(cfg, meta, doc=doc)
+    assert written == [tmp_path / "acflow_mnist.md", doc]
+    assert "| 1 | -1.5000 | 5.800 | -1.2500 | 6.200 | 2 | 8.0 |" in doc.read_text() and "old" not in doc.read_text()
+    with pytest.raises(ValueError, match="lacks the markers"):
+        acflow_study.write_report(cfg, meta, doc=doc, marker="nope")
+
+
+def test_the_acflow_config_names_its_file_and_its_command():
+    from labkit.studies import acflow_study
+    from labkit.studies.configs import ACFlowConfig
+
+    cpu = ACFlowConfig.build("cpu")
+    assert acflow_study.checkpoint_path(cpu) == Path("results/acflow/acflow_mnist.pt")
+    assert acflow_study.results_path(cpu) == Path("results/acflow")
+    moved = cpu.replace(results_dir="/tmp/x")
+    assert acflow_study.checkpoint_path(moved) == Path("/tmp/x/acflow_mnist.pt") == acflow_study.results_path(moved) / "acflow_mnist.pt"
+    assert acflow_study.command_line(cpu.replace(precision="bf16-mixed")) == (
+        "./lab study acflow -p n_train=10000 -p n_val=1000 -p 'masks=[square,trapezoid_inside,noise]' -p epochs=10 "
+        "-p precision=bf16-mixed")
+    # the command's -p values, read back as the shell hands them over, give the same settings
+    for cfg in (cpu, cpu.replace(precision="auto", max_batches=3, device="cpu"), ACFlowConfig(precision="16-mixed")):
+        texts = shlex.split(acflow_study.command_line(cfg))[4::2]
+        again = build_config("acflow", "quick", texts)[1]
+        assert {**again.as_dict(), "profile": cfg.profile} == cfg.as_dict()
 
 
 def test_old_acflow_checkpoints_are_read_in_todays_words():
-    script = _train_acflow_script()
+    from labkit.studies.acflow_study import stored_settings
+
     old = {"config": {"model": {"hidden": 32}, "batch_size": 64, "lr": 0.001, "max_batches": None},
            "setting": {"dataset": "mnist", "n_train": 10000, "n_val": 1000, "train_source": "s",
                        "mask_kinds": ["square", "trapezoid", "noise"]}, "epochs": 10, "seed": 0}
-    view = script.stored_settings(old)
+    view = stored_settings(old)
     assert view["mask_kinds"] == ["square", "trapezoid_inside", "noise"] and "precision" not in view
     assert (view["epochs"], view["lr"], view["batch_size"]) == (10, 0.001, 64)
     recorded = {**old, "config": {**old["config"], "precision": "32"}}   # a file of the half-plane era
-    assert script.stored_settings(recorded)["mask_kinds"] == ["square", "trapezoid", "noise"]
+    assert stored_settings(recorded)["mask_kinds"] == ["square", "trapezoid", "noise"]
 
 
 def test_unreadable_acflow_checkpoint_is_reported_as_an_input(tmp_path):
@@ -548,5 +592,5 @@ def test_unreadable_acflow_checkpoint_is_reported_as_an_input(tmp_path):
     with pytest.raises(CheckpointError, match="(?s)ACFlow checkpoint.*acflow_mnist.pt.*input") as info:
         load_acflow(bad, device="cpu")
     assert "delete it" not in str(info.value)
-    with pytest.raises(FileNotFoundError, match="ACFlow checkpoint.*input.*train_acflow"):
+    with pytest.raises(FileNotFoundError, match="ACFlow checkpoint.*input.*./lab study acflow"):
         load_acflow(tmp_path / "nope.pt", device="cpu")

@@ -16,7 +16,7 @@ from labkit.lab.profiles import inspect_parameters
 from labkit.studies.configs import CONFIGS, ClassificationConfig, DensityConfig, WAEConfig, config_class
 
 
-@pytest.mark.parametrize("section", sorted(CONFIGS))
+@pytest.mark.parametrize("section", sorted(s for s, cls in CONFIGS.items() if cls.NOTEBOOK))
 def test_the_notebook_parameters_cell_repeats_the_config_defaults(section):
     cls = CONFIGS[section]
     cell = inspect_parameters(paths.notebooks_dir() / f"{section}.ipynb")
@@ -112,6 +112,13 @@ def test_every_setting_has_a_line_of_doc():
         for name in cls.names():
             assert cls.doc(name).strip(), f"{cls.__name__}.{name} has no doc"
         assert f"| `{cls.names()[0]}` |" in cls.describe()
+
+
+def test_a_study_without_a_notebook_has_none():
+    shell_only = {s for s, cls in CONFIGS.items() if not cls.NOTEBOOK}
+    assert shell_only == {"acflow"}
+    assert not any((paths.notebooks_dir() / f"{s}{ext}").exists() for s in shell_only for ext in (".ipynb", ".py"))
+    assert all((paths.notebooks_dir() / f"{s}.ipynb").exists() for s in set(CONFIGS) - shell_only)
 
 
 def test_studies_are_found_by_name_or_section():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -30,9 +29,9 @@ import torch
 
 from labkit import paths
 from labkit.checkpoint import TableFileError, atomic_save, read_whole_csv
-from labkit.studies import density, density_checkpoints, density_sweep, store, timing
+from labkit.studies import acflow_study, density, density_checkpoints, density_sweep, store, timing
 from labkit.studies import density_experiment
-from labkit.studies.configs import DensityConfig
+from labkit.studies.configs import ACFlowConfig, DensityConfig
 from labkit.studies.density_sweep import SweepIncomplete, density_store, plan_density_cells, run_density_sweep
 from labkit.studies.engine import Cell, SweepFailed
 
@@ -53,13 +52,6 @@ def _command(argv) -> int:
     from labkit.lab import study_cli
 
     return study_cli.main(["dmfa", *argv])
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny(folder, **kw):
@@ -279,14 +271,14 @@ def test_the_committed_checkpoints_are_found_through_another_data_path(tmp_path,
                                       iterations=30, seed=0, device="cpu", quiet=True,
                                       meta={"data_source": train.source})
     assert meta["checkpoint_path"] == str(committed / "mnist_mfa_K50_L6.pt")
-    # the ACFlow, copied elsewhere: scripts/train_acflow.py keeps it
-    script = _script("train_acflow")
-    monkeypatch.setattr(script, "train_acflow", retrain)
+    # the ACFlow, copied elsewhere: ./lab study acflow --profile cpu keeps it
+    monkeypatch.setattr(acflow_study, "train_acflow", retrain)
     acflow = tmp_path / "acflow" / "acflow_mnist.pt"
     acflow.parent.mkdir()
     shutil.copy(REPO / "results" / "acflow" / "acflow_mnist.pt", acflow)
     capsys.readouterr()
-    assert script.main(["--masks", "square,trapezoid_inside,noise", "--device", "cpu", "--out", str(acflow)]) == 0
+    acflow_cfg = ACFlowConfig.build("cpu", {"device": "cpu", "results_dir": str(acflow.parent)})
+    assert acflow_study.run(acflow_cfg, progress=False)["trained"] is False
     assert "kept, nothing to train" in capsys.readouterr().out and sorted(acflow.parent.iterdir()) == [acflow]
     assert load_acflow(acflow, device="cpu")[1]["setting"]["train_source"].startswith("MNIST train: idx files in /")
     # CIFAR-10: its stored settings with the data read from another folder

@@ -502,7 +502,7 @@ def test_unreadable_dmfa_checkpoints_are_reported_as_inputs(tmp_path):
 
 
 def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path):
-    # A fresh (identity) flow saved like scripts/train_acflow.py does: the runner must score it on
+    # A fresh (identity) flow saved like ./lab study acflow does: the runner must score it on
     # exactly the DMFA protocol's holes (test_masks) and write files density_table picks up.
     import pandas as pd
 
@@ -515,7 +515,7 @@ def test_run_acflow_baseline_scores_the_dmfa_holes_and_joins_the_table(tmp_path)
     ckpt = tmp_path / "acflow.pt"
     atomic_save({"model": model.state_dict(), "meta": {"config": {"model": model.config}, "epochs": 0,
                  "setting": {"n_train": 7, "mask_kinds": ["square"]}}}, ckpt)
-    with pytest.raises(FileNotFoundError, match="train_acflow"):
+    with pytest.raises(FileNotFoundError, match="./lab study acflow"):
         run_acflow_baseline(cfg.replace(n_test=4), checkpoint=tmp_path / "nope.pt", progress=False)
     [r] = run_acflow_baseline(cfg, checkpoint=ckpt, holes=[10], progress=False)
     df = pd.read_csv(tmp_path / "mnist_acflow_h10.csv")

@@ -21,6 +21,7 @@ from labkit.lab.profiles import (
 
 PROFILES = ["quick", "cpu", "paper"]
 NOTEBOOKS = ["00_misconv_tour", "01_dmfa", "02_classification", "03_wae", "04_timing", "05_draw_a_mask"]
+SHELL_STUDIES = ["acflow"]          # profile sections of the studies without a notebook
 NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -58,8 +59,8 @@ def test_profiles_name_every_notebook_and_hold_only_what_differs_from_the_defaul
 
     for name in PROFILES:
         profile = load_profile(name)
-        assert set(profile) - {"defaults"} == set(NOTEBOOKS), f"{name}.yaml"
-        for notebook in NOTEBOOKS:
+        assert set(profile) - {"defaults"} == set(NOTEBOOKS) | set(SHELL_STUDIES), f"{name}.yaml"
+        for notebook in NOTEBOOKS + SHELL_STUDIES:
             defaults = CONFIGS[notebook].defaults()
             same = [k for k, v in (profile[notebook] or {}).items() if k in defaults and v == defaults[k]
                     and k not in ("dataset", "mode", "modes", "seed", "seeds")]
@@ -320,3 +321,13 @@ def test_the_cpu10_profile_is_the_cpu_profile_with_ten_seeds():
     assert all(getattr(b, k) == getattr(a, k)
                for k in ("n_train", "n_test", "epochs", "batch_size", "lr", "precision", "val_fraction"))
     assert "{replicate}" in b.dmfa_complete and "{replicate}" in b.dmfa_incomplete
+
+
+def test_a_study_without_a_notebook_has_a_checked_section(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("acflow: {epochs: 0, n_trian: 5}\nacflw: {}\n")
+    text = "\n".join(problems := profile_problems(str(path), ["00_misconv_tour"]))
+    assert "setting 'epochs' of acflow must be an integer >= 1, got 0 (set by profile mine)" in text
+    assert "unknown setting 'n_trian' for acflow (set by profile mine); did you mean 'n_train'?" in text
+    assert "section 'acflw' names no notebook; did you mean 'acflow'?" in text
+    assert len(problems) == 3

@@ -41,6 +41,7 @@ __all__ = [
     "parse_override",
     "profile_path",
     "profile_problems",
+    "shell_sections",
     "unknown_parameter",
 ]
 
@@ -84,30 +85,23 @@ def notebook_stems(directory: str | os.PathLike | None = None) -> list[str]:
     return sorted({p.stem for pattern in ("[0-9][0-9]_*.ipynb", "[0-9][0-9]_*.py") for p in directory.glob(pattern)})
 
 
-def check_sections(profile: Mapping[str, Any], stems: Iterable[str], *, name: str = "the profile") -> list[str]:
-    """One message per section of ``profile`` that names no notebook of ``stems`` (``defaults`` aside),
-    with the closest valid section: a misspelt ``03_wea:`` would otherwise be ignored without a word."""
-    stems = sorted(stems)
-    problems = []
-    for section in profile:
-        if section == "defaults" or section in stems:
-            continue
-        close = difflib.get_close_matches(str(section), ["defaults", *stems], n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"sections are: defaults, {', '.join(stems)}"
-        problems.append(f"{name}: section {section!r} names no notebook; {hint}")
-    return problems
+def shell_sections() -> list[str]:
+    """The profile sections of the studies without a notebook (their config's ``NOTEBOOK`` is False:
+    ``acflow``), run from the shell only (``./lab study acflow``)."""
+    return [section for section, cls in CONFIGS.items() if not cls.NOTEBOOK]
 
 
 def check_sections(profile: Mapping[str, Any], stems: Iterable[str], *, name: str = "the profile") -> list[str]:
-    """One message per section of ``profile`` that names no notebook of ``stems`` (``defaults`` aside),
-    with the closest valid section: a misspelt ``03_wea:`` would otherwise be ignored without a word."""
-    stems = sorted(stems)
+    """One message per section of ``profile`` that names neither a notebook of ``stems`` nor a study
+    without a notebook (:func:`shell_sections`; ``defaults`` aside), with the closest valid section:
+    a misspelt ``03_wea:`` would otherwise be ignored without a word."""
+    valid = sorted(set(stems) | set(shell_sections()))
     problems = []
     for section in profile:
-        if section == "defaults" or section in stems:
+        if section == "defaults" or section in valid:
             continue
-        close = difflib.get_close_matches(str(section), ["defaults", *stems], n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"sections are: defaults, {', '.join(stems)}"
+        close = difflib.get_close_matches(str(section), ["defaults", *valid], n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"sections are: defaults, {', '.join(valid)}"
         problems.append(f"{name}: section {section!r} names no notebook; {hint}")
     return problems
 
@@ -347,12 +341,14 @@ def check_parameters(notebook: str, params: Mapping[str, Any], spec: Mapping[str
 
 def profile_problems(profile: str | os.PathLike, stems: Iterable[str] | None = None) -> list[str]:
     """Every section of ``profile`` checked: a section that names no notebook of ``stems``
-    (default: the lab's notebooks), and every setting against its study's config. Empty: it fits."""
+    (default: the lab's notebooks) nor a study without a notebook (:func:`shell_sections`), and
+    every setting against its study's config. Empty: it fits."""
     name = _profile_name(profile)
     loaded = load_profile(profile)
-    stems = list(stems) if stems is not None else (notebook_stems() or list(CONFIGS))
+    stems = list(stems) if stems is not None else (notebook_stems() or
+                                                   [s for s, cls in CONFIGS.items() if cls.NOTEBOOK])
     problems = check_sections(loaded, stems, name=f"profile {name!r}")
-    for stem in stems:
+    for stem in [*stems, *(s for s in shell_sections() if s not in stems)]:
         params = notebook_parameters(loaded, stem, name=name)
         params.pop("profile", None)
         try:

@@ -6,6 +6,7 @@
     ./lab study dmfa --profile cpu --executor ray                  # cells as Ray tasks
     ./lab study dmfa --profile cpu --baselines-only                 # only the classical MFA and ACFlow baselines
     ./lab study timing --profile cpu
+    ./lab study acflow --profile cpu                               # the ACFlow imputer (trained once: reused)
     ./lab study classification --settings                          # every setting, its value and where it came from
     ./lab study classification --profile cpu --diagnostics --doc docs/classification.md   # the imputers' diagnostics
 
@@ -44,7 +45,8 @@ __all__ = ["STUDIES", "build_config", "main", "settings_table"]
 
 #: study name -> (its module, its results folder under results/); the notebook-only studies are absent
 STUDIES = {"dmfa": ("labkit.studies.density", "dmfa"), "classification": ("labkit.studies.classification", "classification"),
-           "wae": ("labkit.studies.wae", "wae"), "timing": ("labkit.studies.timing", "timing")}
+           "wae": ("labkit.studies.wae", "wae"), "timing": ("labkit.studies.timing", "timing"),
+           "acflow": ("labkit.studies.acflow_study", "acflow")}
 NOTEBOOK_ONLY = {"tour": "00", "draw": "05"}
 
 
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag = f"[{args.study}]"
     if args.diagnostics:
         return _diagnostics(ap, study, cfg, args, tag)
-    if not hasattr(study, "plan"):       # a study without cells (timing): run it whole
+    if not hasattr(study, "plan"):       # a study without cells (timing, acflow): run it whole
         if args.results:
             cfg = cfg.replace(results_dir=args.results)
         results = study.read_results(cfg) if args.table_only else study.run(cfg, progress=not args.no_progress)

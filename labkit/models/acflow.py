@@ -59,7 +59,7 @@ Size for the CPU
 ----------------
 Defaults for MNIST 28×28 (``hidden=32, n_blocks=1, n_scales=3, n_couplings=3``): 17 couplings
 (3 at 28×28, 6 at 14×14, 8 at 7×7), 0.54 M parameters. Measured with
-``scripts/train_acflow.py`` on 10,000 MNIST images, batch 64, one torch thread on a 2-core AMD
+``./lab study acflow -p n_train=10000`` on 10,000 MNIST images, batch 64, one torch thread on a 2-core AMD
 EPYC that four other training runs were sharing: 310 s of optimisation per epoch (32 images/s);
 after one epoch the held-out NLL on mixed square/trapezoid/noise masks was 2.17 bits per missing
 pixel. So about 10 epochs fit in an hour even on a busy machine. Bigger models (``hidden=64,

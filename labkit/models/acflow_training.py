@@ -296,17 +296,17 @@ def train_acflow(
 
 def load_acflow(path: str | Path, device: str | torch.device | None = None, *,
                 input_role: str = "ACFlow checkpoint") -> tuple[ACFlow, dict]:
-    """Load a trained model saved by ``scripts/train_acflow.py`` (``{"model", "meta"}`` with
-    ``meta["config"]["model"]`` the constructor arguments) or a :func:`labkit.training.fit`
-    checkpoint of :func:`train_acflow`. Returns ``(model in eval mode on device, meta)``.
+    """Load a trained model saved by ``./lab study acflow`` (:mod:`labkit.studies.acflow_study`:
+    ``{"model", "meta"}`` with ``meta["config"]["model"]`` the constructor arguments) or a
+    :func:`labkit.training.fit` checkpoint of :func:`train_acflow`. Returns ``(model in eval mode on device, meta)``.
 
     The file is an *input* of the caller (``input_role`` names it): a missing file raises
     ``FileNotFoundError``, an unreadable or foreign one :class:`labkit.checkpoint.CheckpointError`,
     both naming the path and saying that it is an input to restore or retrain
-    (``scripts/train_acflow.py``).
+    (``./lab study acflow --profile cpu``).
     """
     device = resolve_device(device)
-    hint = "it is an input of this step: restore it, or retrain it with scripts/train_acflow.py"
+    hint = "it is an input of this step: restore it, or retrain it with ./lab study acflow --profile cpu"
     stored = load_checkpoint(path, map_location=device, input_role=input_role)
     if stored is None:
         raise FileNotFoundError(f"no {input_role} at {str(path)!r}; {hint}")

@@ -28,7 +28,7 @@ from labkit.models.wae import RECIPES, recipe_settings
 from labkit.precision import PRECISIONS, resolve_precision
 from labkit.studies.imputers import METHODS
 
-__all__ = ["CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "TimingConfig", "TourConfig",
+__all__ = ["ACFlowConfig", "CONFIGS", "ClassificationConfig", "DensityConfig", "DrawConfig", "TimingConfig", "TourConfig",
            "WAEConfig", "config_class"]
 
 _POSITIVE, _NATURAL = at_least(1), at_least(0)
@@ -181,7 +181,7 @@ class ClassificationConfig(StudyConfig):
                                           "'_trapezoid', '_noise')")
     dmfa_replicates: int = setting(1, "square masks: seed s reads DMFA replicate s % dmfa_replicates",
                                    rule=_POSITIVE)
-    acflow: str | None = setting("results/acflow/acflow_{dataset}.pt", "ACFlow checkpoint (scripts/train_acflow.py)")
+    acflow: str | None = setting("results/acflow/acflow_{dataset}.pt", "ACFlow checkpoint (./lab study acflow)")
     acflow_samples: int = setting(4, "ACFlow imputation: the mean of this many samples", rule=_POSITIVE)
     impute_batch: int = setting(256, "ACFlow imputation batch (its sampling noise depends on it)", rule=_POSITIVE)
     eval_batch: int = setting(500, "test-time batch size", rule=_POSITIVE, key=False)
@@ -323,9 +323,49 @@ class DrawConfig(StudyConfig):
     dmfa_epochs: int = setting(1, "fallback DMFA epochs", rule=_POSITIVE)
 
 
-#: profile section (notebook stem) -> its study's config
+@dataclass(frozen=True)
+class ACFlowConfig(StudyConfig):
+    """The ACFlow imputer the density and classification studies score: train it (or find it trained).
+
+    No notebook: ``./lab study acflow --profile cpu`` trains the committed checkpoint's settings.
+    """
+
+    STUDY = "acflow"
+    SECTION = "acflow"
+    NOTEBOOK = False
+
+    profile: str = setting("quick", _PROFILE_DOC, key=False)
+    device: str = setting("auto", _DEVICE_DOC, rule=_device)
+    dataset: str = setting("mnist", "data set", rule=_DATASET)
+    n_train: int = setting(2000, "training images: the first n of the training split", rule=_POSITIVE)
+    n_val: int = setting(200, "validation images: the first n of the test split, fixed masks (0: none)",
+                         rule=_NATURAL)
+    masks: list[str] = setting(["square", "trapezoid", "noise"], "mask kinds mixed in training, one drawn per image",
+                               rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True))
+    epochs: int = setting(1, "total epochs (a larger value continues the progress of the same settings)",
+                          rule=_POSITIVE)
+    batch_size: int = setting(64, "training batch size", rule=_POSITIVE)
+    lr: float = setting(1e-3, "Adam learning rate", rule=positive_number())
+    seed: int = setting(0, "seed: initialisation, batches, masks and the validation masks", rule=_NATURAL)
+    precision: str = setting("32", "training precision: '32', 'bf16-mixed', '16-mixed' (CUDA) or 'auto'",
+                             rule=_PRECISION)
+    hidden: int = setting(32, "ACFlow: channels of the coupling networks", rule=_POSITIVE)
+    n_blocks: int = setting(1, "ACFlow: residual blocks per coupling network", rule=_NATURAL)
+    n_scales: int = setting(3, "ACFlow: scales (a squeeze between two)", rule=_POSITIVE)
+    n_couplings: int = setting(3, "ACFlow: couplings per scale", rule=_POSITIVE)
+    max_batches: int | None = setting(None, "cap on the batches of an epoch (None: every batch; smoke runs)",
+                                      rule=_POSITIVE)
+    checkpoint: str = setting("results/acflow/acflow_{dataset}.pt",
+                              "the trained model's file ({dataset} filled in); a file of other settings there "
+                              "is kept, this run's model goes to <stem>-<digest8>.pt", key=False)
+    threads: int = setting(1, "torch intra-op threads (0: torch's default)", rule=_NATURAL, key=False)
+    results_dir: str | None = setting(None, "folder of the checkpoint and its report (None: the checkpoint "
+                                      "setting's folder)", key=False)
+
+
+#: profile section (notebook stem, or the study's name for a study without a notebook) -> its study's config
 CONFIGS: dict[str, type[StudyConfig]] = {c.SECTION: c for c in (TourConfig, DensityConfig, ClassificationConfig,
-                                                                  WAEConfig, TimingConfig, DrawConfig)}
+                                                                  WAEConfig, TimingConfig, DrawConfig, ACFlowConfig)}
 
 
 def config_class(name: str) -> type[StudyConfig]:

@@ -181,7 +181,7 @@ def _write_result_set(out: Path, stem: str, csv_text: str, setting: dict, fig) -
 def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | None = None,
                         holes: Sequence[int | None] | None = None, seed: int | None = None, batch_size: int = 250,
                         device=None, progress: bool = True) -> list[dict]:
-    """Score a trained ACFlow (``scripts/train_acflow.py``; default the config's ``acflow`` with its
+    """Score a trained ACFlow (``./lab study acflow``; default the config's ``acflow`` with its
     data set filled in) with the same test holes as
     :func:`~labkit.studies.density_experiment.run_experiment`, so it joins :func:`density_table`.
     ``holes``: default the config's; ``seed``: default its first; ``acflow_samples`` samples.
@@ -191,7 +191,7 @@ def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | N
     ``-<digest8>``): per image the NLL of the hidden pixels at exact values (the DMFA protocol) and
     at dequantised values, and the SSE of the mean of the samples (:func:`score_holes`); the JSON
     records the checkpoint's content hash and the CSV's digest. The checkpoint is an input: a
-    missing one raises ``FileNotFoundError`` naming the script that trains it, an unreadable one a
+    missing one raises ``FileNotFoundError`` naming the command that trains it, an unreadable one a
     :class:`labkit.checkpoint.CheckpointError` saying it is an input.
     """
     key = canonical_dataset(cfg.dataset)
@@ -207,7 +207,7 @@ def run_acflow_baseline(cfg: DensityConfig, *, checkpoint: str | os.PathLike | N
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"no ACFlow checkpoint at {str(checkpoint)!r} (an input of this step); train one "
-                                f"with scripts/train_acflow.py --out {checkpoint}")
+                                f"with ./lab study acflow --profile cpu -p checkpoint={checkpoint}")
     model, meta = load_acflow(checkpoint, device=device, input_role="ACFlow checkpoint")
     flow_cfg, train = meta.get("config", {}), meta.get("setting", {})
     tag = "-" + checkpoint.stem.rsplit("-", 1)[1] if "-" in checkpoint.stem else ""

@@ -388,7 +388,7 @@ def _load_input(loader, path: Path, role: str, device):
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise InputError(f"{role} {str(path)!r} cannot be used ({type(cause).__name__}: {first}); it is an "
                          "input of this study: restore it, or retrain it with the command that makes it "
-                         "(./lab study dmfa, scripts/train_acflow.py)") from exc
+                         "(./lab study dmfa, ./lab study acflow --profile cpu)") from exc
 
 
 def _dmfa_path(cfg: ImputerSettings, variant: str, dataset: str = "mnist", mask: str | None = None,
