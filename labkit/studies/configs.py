@@ -68,14 +68,20 @@ _COMMITTED_DOC = "the profile whose committed results are shown beside this run'
 
 
 @dataclass(frozen=True)
-class TourConfig(StudyConfig):
+class _Study(StudyConfig):
+    """The two settings every study has, first in each config."""
+
+    profile: str = setting("quick", _PROFILE_DOC, key=False)
+    device: str = setting("auto", _DEVICE_DOC, rule=_device)
+
+
+@dataclass(frozen=True)
+class TourConfig(_Study):
     """Notebook 00: MisConv's formulas on real digits, checked against Monte Carlo."""
 
     STUDY = "tour"
     SECTION = "00_misconv_tour"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     seed: int = setting(0, "seed of the masks, the MFA fit and the Monte Carlo draws", rule=_NATURAL)
     n_images: int = setting(8, "digits shown per figure", rule=_POSITIVE)
     mc_samples: int = setting(20000, "largest Monte Carlo sample size in the convergence plots", rule=_POSITIVE)
@@ -85,14 +91,12 @@ class TourConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class DensityConfig(StudyConfig):
+class DensityConfig(_Study):
     """Notebook 01 and the DMFA sweep: train (or load) a DMFA, score it on hidden squares."""
 
     STUDY = "dmfa"
     SECTION = "01_dmfa"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     modes: list[str] = setting(["incomplete"], "training modes of the grid: complete (whole images), incomplete "
                                "(images with truly missing parts)",
@@ -136,14 +140,12 @@ class DensityConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class ClassificationConfig(StudyConfig):
+class ClassificationConfig(_Study):
     """Notebook 02: a small CNN whose first layer is a missing-data front (Table 1)."""
 
     STUDY = "classification"
     SECTION = "02_classification"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     masks: list[str] = setting(["square"], "mask kinds (columns of the table)",
                                rule=list_of(choices(MASK_KINDS, "a mask kind"), "mask kinds", unique=True), grid=True)
@@ -191,14 +193,12 @@ class ClassificationConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class WAEConfig(StudyConfig):
+class WAEConfig(_Study):
     """Notebook 03: a Wasserstein autoencoder whose encoder starts with a missing-data front."""
 
     STUDY = "wae"
     SECTION = "03_wae"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     fronts: list[str] = setting(["gt", "zero", "misconv"], "encoder fronts (method names; aliases misconv, dmfa_mean)",
                                 rule=list_of(choices(lambda: list(METHODS) + list(FRONT_ALIASES), "a front"),
@@ -266,14 +266,12 @@ class WAEConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class TimingConfig(StudyConfig):
+class TimingConfig(_Study):
     """Notebook 04: MisConv against a plain convolution, interleaved measurements (Table 2)."""
 
     STUDY = "timing"
     SECTION = "04_timing"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     seed: int = setting(0, "seed of the inputs", rule=_NATURAL)
     repeats: int = setting(20, "measurements per setting and layer (paper: 5000)", rule=_POSITIVE)
     sizes: list[int] = setting([28], "image sizes (channels: 1 for 28, else 3; hole: size // 2)",
@@ -298,14 +296,12 @@ class TimingConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class DrawConfig(StudyConfig):
+class DrawConfig(_Study):
     """Notebook 05: draw a hole into a digit and watch the models."""
 
     STUDY = "draw"
     SECTION = "05_draw_a_mask"
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     seed: int = setting(0, "seed of the fallback models and the DMFA samples", rule=_NATURAL)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     image_index: int = setting(0, "the test image shown first", rule=_NATURAL)
@@ -324,7 +320,7 @@ class DrawConfig(StudyConfig):
 
 
 @dataclass(frozen=True)
-class ACFlowConfig(StudyConfig):
+class ACFlowConfig(_Study):
     """The ACFlow imputer the density and classification studies score: train it (or find it trained).
 
     No notebook: ``./lab study acflow --profile cpu`` trains the committed checkpoint's settings.
@@ -334,8 +330,6 @@ class ACFlowConfig(StudyConfig):
     SECTION = "acflow"
     NOTEBOOK = False
 
-    profile: str = setting("quick", _PROFILE_DOC, key=False)
-    device: str = setting("auto", _DEVICE_DOC, rule=_device)
     dataset: str = setting("mnist", "data set", rule=_DATASET)
     n_train: int = setting(2000, "training images: the first n of the training split", rule=_POSITIVE)
     n_val: int = setting(200, "validation images: the first n of the test split, fixed masks (0: none)",
