@@ -9,9 +9,8 @@ r"""Draw a mask, the app: the notebook's ipywidgets/ipycanvas layer over its mod
   :meth:`DrawApp.preset`, ...) are what the mouse and the buttons call, so a script (papermill,
   tests) drives exactly the code a user does.
 
-``DRAW_DIR`` (where the notebook's own checkpoints and the browser screenshot go, default
-:func:`draw_dir`) and ``REPO_ROOT`` are read from :mod:`labkit.paths` when accessed, so they follow
-``LAB_ROOT``.
+Where the notebook's own checkpoints and the browser screenshot go: :func:`draw_dir`, read from
+:mod:`labkit.paths` when called, so it follows ``LAB_ROOT``.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from labkit import paths
 from labkit.data import load_dataset
 from labkit.device import resolve_device
 from labkit.studies.configs import DrawConfig
@@ -55,15 +53,6 @@ __all__ = [
     "stored_settings",
     "training_masks",
 ]
-
-
-def __getattr__(name: str):
-    # DRAW_DIR / REPO_ROOT for code outside labkit (the browser test): computed on access, never stale
-    if name == "DRAW_DIR":
-        return draw_dir()
-    if name == "REPO_ROOT":
-        return paths.repo_root()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # =============================================================================== the app
