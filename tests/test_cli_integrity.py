@@ -632,3 +632,19 @@ def test_grid_lists_pick_the_profiles_own_cells_other_settings_are_ad_hoc(scratc
     assert rc(["--profile", "cpu", "--no-progress", "-p", "seeds=[1]", "-p", "lr=0.01"]) == 0
     assert "ad hoc: changed lr=0.01 (profile: 0.001)" in capsys.readouterr().out
     assert len((committed / "accuracy.csv").read_text().splitlines()) == 4
+
+
+def test_diagnostics_with_other_settings_go_aside_like_a_run(scratch, monkeypatch, capsys):
+    """--diagnostics decides where it writes as a run does: the profile's folder for its own
+    settings, the ad-hoc folder for others (never mixed into the committed tables)."""
+    from labkit.studies import classification
+
+    seen = []
+    monkeypatch.setattr(classification, "diagnostics",
+                        lambda cfg, **kw: seen.append(Path(cfg.results_dir)) or [])
+    rc = _study("classification")
+    assert rc(["--profile", "cpu", "--no-progress", "--diagnostics"]) == 0
+    assert rc(["--profile", "cpu", "--no-progress", "--diagnostics", "-p", "n_train=30"]) == 0
+    assert seen[0] == scratch.root / "results" / "classification" / "cpu"
+    assert seen[1].parent == scratch.root / "results" / "classification" / "adhoc"
+    assert "ad hoc: changed n_train=30 (profile: 40)" in capsys.readouterr().out

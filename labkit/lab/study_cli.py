@@ -136,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = importlib.import_module(module_name)
     name = Path(str(args.profile)).stem
     tag = f"[{args.study}]"
-    if args.diagnostics:
-        return _diagnostics(ap, study, cfg, args, tag)
+    if args.diagnostics and not hasattr(study, "diagnostics"):
+        ap.error(f"the {args.study} study has no diagnostics (--diagnostics runs a study's own diagnostics, "
+                 "e.g. ./lab study classification --diagnostics)")
     if not hasattr(study, "plan"):       # a study without cells (timing, acflow): run it whole
         if args.results:
             cfg = cfg.replace(results_dir=args.results)
@@ -150,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     runplan.write_note(dest, profile=name, changed=changed, data=splits)
+    if args.diagnostics:                 # where they go was decided like a run's (ad hoc with other settings)
+        return _diagnostics(study, cfg, args, tag)
 
     def report(rows):
         for path in study.write_report(cfg, rows, doc=args.doc, **_marker(args)):
@@ -190,13 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _diagnostics(ap, study, cfg, args, tag: str) -> int:
+def _diagnostics(study, cfg, args, tag: str) -> int:
     """``--diagnostics``: the study's own diagnostics (its ``diagnostics`` function) instead of its cells."""
-    if not hasattr(study, "diagnostics"):
-        ap.error(f"the {args.study} study has no diagnostics (--diagnostics runs a study's own diagnostics, "
-                 "e.g. ./lab study classification --diagnostics)")
-    if args.results:
-        cfg = cfg.replace(results_dir=args.results)
     try:
         written = study.diagnostics(cfg, doc=args.doc, table_only=args.table_only, progress=not args.no_progress)
     except TableFileError as exc:        # a recorded table is damaged: nothing was computed or written
