@@ -599,3 +599,32 @@ def test_sweep_with_a_cell_held_by_another_copy_does_not_end_quietly(tmp_path):
     assert [c[1] for c in calls] == ["zero"]
     WS.run(cfg, progress=False, cell_fn=_fake_cell(calls))
     assert [c[1] for c in calls] == ["zero", "pc"]
+
+
+def test_paired_differences_between_fronts_match_a_hand_computation():
+    """Per-seed differences and the t interval over three seeds, computed here by hand
+    (t_{0.975, 2} = 4.302653): the report's paired table says the same, and names a tie."""
+    import pandas as pd
+
+    from labkit.studies import wae_report
+
+    rows = pd.DataFrame([{"dataset": "mnist", "front": f, "seed": s, "key": f"{f}{s}", **{m: 0.0 for m in
+                                                                                        wae_report.PAIRED_METRICS}}
+                         for f in ("dmfa_mean_incomplete", "dmfa_misconv_incomplete", "zero") for s in (0, 1, 2)])
+    psnr = {("dmfa_mean_incomplete", 0): 13.0, ("dmfa_mean_incomplete", 1): 13.5, ("dmfa_mean_incomplete", 2): 13.2,
+            ("dmfa_misconv_incomplete", 0): 12.0, ("dmfa_misconv_incomplete", 1): 12.1,
+            ("dmfa_misconv_incomplete", 2): 12.6}
+    rows["psnr_all"] = [psnr.get((f, s), 10.0) for f, s in zip(rows["front"], rows["seed"])]
+    got = {(r["front"], r["other"], r["metric"]): r for r in wae_report.paired_rows(rows)}
+    r = got[("dmfa_misconv_incomplete", "dmfa_mean_incomplete", "psnr_all")]
+    d = [-1.0, -1.4, -0.6]
+    mean = sum(d) / 3
+    sd = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5
+    assert r["differences"] == pytest.approx(d) and r["mean"] == pytest.approx(mean)
+    assert r["half_width"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)
+    assert r["high"] < 0                                        # resolved: MisConv below mean imputation
+    tie = got[("dmfa_misconv_incomplete", "dmfa_mean_incomplete", "ssim_all")]
+    assert tie["differences"] == [0.0, 0.0, 0.0] and tie["half_width"] == 0
+    md = wae_report.paired_markdown(rows)
+    assert "| `dmfa_misconv_incomplete` − `dmfa_mean_incomplete` | PSNR all (dB) | 3 | -1.00, -1.40, -0.60 |" in md
+    assert "resolved" in md and ("dmfa_misconv_complete", "dmfa_mean_complete", "psnr_all") not in got  # absent fronts

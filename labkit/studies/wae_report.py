@@ -31,9 +31,14 @@ from labkit.checkpoint import load_checkpoint
 from labkit.studies import engine
 from labkit.studies.configs import FRONT_ALIASES
 from labkit.studies.engine import Cell, ResultStore
+from labkit.studies.paired_stats import t_interval
 
 __all__ = [
     "AUTHORS_WAE_MNIST",
+    "PAIRED_METRICS",
+    "WAE_PAIRS",
+    "paired_markdown",
+    "paired_rows",
     "COLUMN_NAMES",
     "COORDS",
     "FD_NAME",
@@ -378,18 +383,65 @@ def table_block(cfg, rows, marker: str | None = None) -> str:
     return f"<!-- wae-table:{marker} -->\n{table}{info}\n<!-- /wae-table:{marker} -->"
 
 
-def _replace_block(path: Path, block: str, marker: str) -> None:
-    """Put ``block`` in place of the file's marked block; a new or empty file becomes the block."""
+def _replace_block(path: Path, block: str, marker: str, *, name: str = "wae-table") -> None:
+    """Put ``block`` in place of the file's marked block ``<!-- <name>:<marker> -->`` ...
+    ``<!-- /<name>:<marker> -->``; a new or empty file becomes the block."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(rf"<!-- wae-table:{re.escape(marker)} -->.*?<!-- /wae-table:{re.escape(marker)} -->", re.S)
+    pattern = re.compile(rf"<!-- {name}:{re.escape(marker)} -->.*?<!-- /{name}:{re.escape(marker)} -->", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     elif not text.strip():
         text = block + "\n"
     else:
-        raise ValueError(f"{path} lacks the markers <!-- wae-table:{marker} --> ... <!-- /wae-table:{marker} -->")
+        raise ValueError(f"{path} lacks the markers <!-- {name}:{marker} --> ... <!-- /{name}:{marker} -->")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+#: the WAE comparisons stated as paired differences (front − other front, per seed)
+WAE_PAIRS = [("dmfa_misconv_incomplete", "dmfa_mean_incomplete"), ("dmfa_misconv_complete", "dmfa_mean_complete"),
+             ("dmfa_misconv_incomplete", "zero"), ("dmfa_mean_incomplete", "zero"),
+             ("dmfa_misconv_complete", "zero"), ("dmfa_mean_complete", "zero"), ("zero", "pc")]
+#: the metrics they are stated in (higher is better for PSNR/SSIM, lower for the Fréchet distances)
+PAIRED_METRICS = ["psnr_missing", "ssim_missing", "psnr_all", "ssim_all", "fd_reconstruction", "fd_samples"]
+
+
+def paired_rows(rows, pairs=WAE_PAIRS, metrics=PAIRED_METRICS) -> list[dict]:
+    """Per pair of fronts present in ``rows`` and per metric: the per-seed differences (front − other,
+    over the seeds both have) and their mean with a 95 % t interval over the seeds and the t-test's
+    p (:func:`labkit.studies.paired_stats.t_interval`). One dict per (pair, metric)."""
+    out = []
+    if not len(rows):
+        return out
+    by = {(r.front, int(r.seed)): r for r in rows.itertuples()}
+    for a, b in pairs:
+        seeds = sorted(s for (f, s) in by if f == a and (b, s) in by)
+        if not seeds:
+            continue
+        for metric in metrics:
+            diffs = [float(getattr(by[(a, s)], metric)) - float(getattr(by[(b, s)], metric)) for s in seeds]
+            t = t_interval(diffs)
+            out.append({"front": a, "other": b, "metric": metric, "seeds": seeds, "differences": diffs, **t})
+    return out
+
+
+def paired_markdown(rows, pairs=WAE_PAIRS, metrics=PAIRED_METRICS) -> str:
+    """:func:`paired_rows` as a Markdown table: per seed, mean ± 95 % CI half-width, p and a verdict
+    ("no difference resolved" where the interval covers 0)."""
+    lines = ["| front − other front | metric | seeds | per seed | mean ± 95 % CI over seeds (t) | p (t-test) | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in paired_rows(rows, pairs, metrics):
+        digits = 3 if r["metric"].startswith("ssim") else 2
+        per = ", ".join(f"{d:+.{digits}f}" for d in r["differences"])
+        if r["n"] < 2:
+            interval, p, verdict = f"{r['mean']:+.{digits}f}", "–", "one seed: no interval"
+        else:
+            interval = f"{r['mean']:+.{digits}f} ± {r['half_width']:.{digits}f}"
+            p = f"{r['p']:.3f}"
+            verdict = "no difference resolved" if r["low"] <= 0 <= r["high"] else "resolved"
+        lines.append(f"| `{r['front']}` − `{r['other']}` | {COLUMN_NAMES.get(r['metric'], r['metric'])} | "
+                     f"{r['n']} | {per} | {interval} | {p} | {verdict} |")
+    return "\n".join(lines)
 
 
 def write_report(cfg, rows, *, doc: str | Path | None = None, marker: str | None = None) -> list[Path]:
@@ -414,8 +466,16 @@ def write_report(cfg, rows, *, doc: str | Path | None = None, marker: str | None
     block = table_block(cfg, rows, marker)
     _write_text(folder / "table.md", block + "\n")
     written.append(folder / "table.md")
+    paired = paired_markdown(rows)
+    _write_text(folder / "paired.md", f"Paired differences between fronts (front − other front, per seed), "
+                                      f"profile `{cfg.profile}`\n\n{paired}\n")
+    written.append(folder / "paired.md")
     if doc is not None:
         _replace_block(Path(doc), block, marker)
+        text = Path(doc).read_text(encoding="utf-8")
+        if f"<!-- wae-paired:{marker} -->" in text:       # the paired block, where the page has one
+            _replace_block(Path(doc), f"<!-- wae-paired:{marker} -->\n{paired}\n<!-- /wae-paired:{marker} -->",
+                           marker, name="wae-paired")
         written.append(Path(doc))
     rows = rows[rows["dataset"] == cfg.dataset] if len(rows) else rows
     figs = folder / "figures"
