@@ -14,9 +14,11 @@
 (:mod:`labkit.studies.configs`): its defaults, the profile's section, then each ``-p key=value``
 (YAML values, checked: an unknown name or a bad value is an error naming it, nothing runs). The
 command then says what it will do before anything trains (:mod:`labkit.lab.runplan`): the data,
-whether they are the committed results', where the results go (a run whose ``-p`` values change
-the profile's settings is *ad hoc* and writes under the git-ignored ``results/<study>/adhoc/``;
-``--into-committed`` grows the committed results on purpose), the cells found, to run and their
+whether they are the committed results', where the results go (``-p`` on a grid list — seeds,
+masks, methods, fronts, modes, missing kinds, holes — picks cells with the profile's own settings,
+which belong to its results; a ``-p`` that changes any other setting makes the run *ad hoc*: it
+writes under the git-ignored ``results/<study>/adhoc/``, and ``--into-committed`` grows the
+committed results on purpose), the cells found, to run and their
 estimated time. Finished cells are recorded one by one, so the command can be interrupted and
 rerun: it skips what is done and resumes an interrupted cell. After every recorded cell, and with
 ``--table-only`` instead of running, the study's tables and figures beside its results are
