@@ -648,3 +648,18 @@ def test_diagnostics_with_other_settings_go_aside_like_a_run(scratch, monkeypatc
     assert seen[0] == scratch.root / "results" / "classification" / "cpu"
     assert seen[1].parent == scratch.root / "results" / "classification" / "adhoc"
     assert "ad hoc: changed n_train=30 (profile: 40)" in capsys.readouterr().out
+
+
+def test_baselines_only_scores_the_baselines_without_the_grid(scratch, monkeypatch):
+    from labkit.studies import density, density_experiment
+
+    grid, baselines = [], []
+    monkeypatch.setattr(density_experiment, "load_split", lambda name, split, limit: scratch(name, split, limit=limit))
+    monkeypatch.setattr(density_experiment, "run_experiment", lambda cfg, **kw: grid.append(kw) or {})
+    monkeypatch.setattr(density, "run_baselines", lambda cfg, **kw: baselines.append(cfg) or [])
+    dmfa = _study("dmfa")
+    assert dmfa(["--profile", "cpu", "--no-progress", "--baselines-only", "-p", "holes=[10,14]"]) == 0
+    assert grid == [] and len(baselines) == 1 and baselines[0].holes == [10, 14]
+    assert Path(baselines[0].results_dir) == scratch.root / "results" / "dmfa" / "cpu"   # a grid list: the profile's own
+    with pytest.raises(SystemExit):                                                       # another study has none
+        _study("wae")(["--profile", "cpu", "--baselines-only"])
