@@ -640,7 +640,7 @@ def notebook_model_overrides(tmp_path_factory) -> dict:
     folder = tmp_path_factory.getbasetemp() / "draw_models"
     over = dict(out_dir=str(folder), n_train=120, epochs=1, dmfa_n_train=64, dmfa_epochs=1)
     with eager_misconv():
-        draw_app.load_draw_models("mnist", n_test=100, device="cpu", quiet=True, **over)
+        draw_app.load_draw_models(DrawConfig(**over), n_test=100, device="cpu", quiet=True)
     return over
 
 
@@ -717,10 +717,10 @@ def test_load_draw_models_trains_once_then_loads(tmp_path):
     torch.manual_seed(0)
     dm = build_dmfa("mnist", n_components=1, n_factors=1)
     dpath = atomic_save({"model": dm.state_dict(), "meta": {"model": dm.config}}, tmp_path / "dmfa.pt")
-    kw = dict(dmfa_checkpoint=dpath, out_dir=tmp_path / "draw", n_train=40, n_test=20, epochs=1, device="cpu",
-              quiet=True)
+    cfg = DrawConfig(dmfa_checkpoint=str(dpath), out_dir=str(tmp_path / "draw"), n_train=40, epochs=1)
+    kw = dict(n_test=20, device="cpu", quiet=True)
     with eager_misconv():
-        first = draw_app.load_draw_models("mnist", **kw)
+        first = draw_app.load_draw_models(cfg, **kw)
     files = sorted(p.name for p in (tmp_path / "draw").iterdir())
     assert files == sorted(["classifier_zero_mnist.pt", "classifier_complete_mnist.pt",
                             f"classifier_misconv_mnist_{draw_app.file_digest(dpath)}.pt"])
@@ -730,7 +730,7 @@ def test_load_draw_models_trains_once_then_loads(tmp_path):
         assert not first.classifiers[name].training
         assert not any(p.requires_grad for p in first.classifiers[name].parameters())
     assert all(not mod.fast for mod in first.classifiers[MISCONV].modules() if isinstance(mod, MisConv2d))
-    again = draw_app.load_draw_models("mnist", **kw)
+    again = draw_app.load_draw_models(cfg, **kw)
     x = torch.rand(1, 1, 28, 28)
     m = preset_mask("square", 28, 28, device="cpu")
     for name, fn in first.predictors().items():

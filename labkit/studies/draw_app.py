@@ -358,10 +358,7 @@ def open_app(cfg: DrawConfig, *, progress: bool = False, quiet: bool = False) ->
     ``app.data`` (the test split, :func:`labkit.data.load_dataset`: labels, where it was read from).
     """
     device = resolve_device(cfg.device)
-    models = load_draw_models(cfg.dataset, dmfa_checkpoint=cfg.dmfa_checkpoint, out_dir=cfg.out_dir,
-                              n_train=cfg.n_train, epochs=cfg.epochs, dmfa_n_train=cfg.dmfa_n_train,
-                              dmfa_epochs=cfg.dmfa_epochs, seed=cfg.seed, device=device, progress=progress,
-                              quiet=quiet)
+    models = load_draw_models(cfg, device=device, progress=progress, quiet=quiet)
     data = load_dataset(cfg.dataset, "test", limit=cfg.n_images, quiet=True)
     app = build_app(data.images.to(device), data.labels, dmfa=models.dmfa, classifiers=models.predictors(),
                     complete=models.complete, scale=cfg.scale, brush=cfg.brush, n_samples=cfg.n_samples,

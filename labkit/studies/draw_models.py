@@ -31,6 +31,7 @@ from labkit.models.dmfa import load_dmfa, predict_mfa
 from labkit.models.dmfa_training import DMFARecipe
 from labkit.models.fronts import GroundTruthFront, MisConvFront, ZeroFront
 from labkit.studies.cells import CellData
+from labkit.studies.configs import DrawConfig
 from labkit.studies.density_checkpoints import load_or_train_dmfa
 from labkit.studies.draw import check_size
 from labkit.studies.engine_keys import digest
@@ -41,6 +42,9 @@ __all__ = [
     "DMFA_SEARCH",
     "FALLBACK_DMFA",
     "MISCONV",
+    "CLASSIFIER_BATCH",
+    "CLASSIFIER_LR",
+    "CLASSIFIER_TEST_IMAGES",
     "TRAIN_MASK_KINDS",
     "ZERO",
     "DrawModels",
@@ -76,6 +80,9 @@ DMFA_SEARCH = tuple(f"results/dmfa/{profile}/{name}.pt" for profile in ("paper",
 #: mask kinds of the classifiers' training images, cycled over the images ("none": complete image),
 #: so that the classifiers have seen both heavy masks (the presets) and light ones (a few strokes)
 TRAIN_MASK_KINDS = ("square", "trapezoid", "noise", "none")
+#: how the app's classifiers train and are scored besides their images and epochs (the committed
+#: ones were made with these): batch, Adam's learning rate, test images scored
+CLASSIFIER_BATCH, CLASSIFIER_LR, CLASSIFIER_TEST_IMAGES = 32, 1e-3, 1000
 MISCONV, ZERO, COMPLETE = "MisConv (DMFA)", "zero imputation", "complete image"
 
 
@@ -269,11 +276,11 @@ def load_or_train_classifier(
     dmfa: torch.nn.Module | None = None,
     dmfa_path: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
-    n_train: int = 2000,
-    n_test: int = 1000,
-    epochs: int = 2,
-    batch_size: int = 32,
-    lr: float = 1e-3,
+    n_train: int,
+    epochs: int,
+    n_test: int = CLASSIFIER_TEST_IMAGES,
+    batch_size: int = CLASSIFIER_BATCH,
+    lr: float = CLASSIFIER_LR,
     seed: int = 0,
     device=None,
     progress: bool = False,
@@ -363,49 +370,37 @@ def load_or_train_classifier(
     return model.eval(), {**meta, "path": str(path)}
 
 
-def load_draw_models(
-    dataset: str = "mnist",
-    *,
-    dmfa_checkpoint: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    n_train: int = 2000,
-    n_test: int = 1000,
-    epochs: int = 2,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    dmfa_n_train: int = 1000,
-    dmfa_epochs: int = 1,
-    seed: int = 0,
-    device=None,
-    progress: bool = False,
-    quiet: bool = False,
-) -> DrawModels:
-    """The DMFA and the three classifiers: "load if it exists, otherwise train" (MNIST-like data sets).
+def load_draw_models(cfg: DrawConfig, *, n_test: int = CLASSIFIER_TEST_IMAGES, device=None, progress: bool = False,
+                     quiet: bool = False) -> DrawModels:
+    """The DMFA and the three classifiers of a :class:`~labkit.studies.configs.DrawConfig`: "load if
+    it exists, otherwise train" (MNIST-like data sets). ``n_test``: the test images each classifier
+    is scored on when it trains (its accuracy in the app's summary).
 
-    DMFA: ``dmfa_checkpoint`` if given, else :func:`find_dmfa_checkpoint` (the DMFA study's file),
-    else a small fallback trained into ``out_dir/dmfa_fallback_<dataset>.pt`` (complete-data mode,
-    ``dmfa_n_train`` images, ``dmfa_epochs`` epochs, batch 32, Adam lr 3e-4, MSE warm-up in the first
-    epoch; minutes on a CPU, and visibly blurrier than the study's DMFA).
+    DMFA: ``cfg.dmfa_checkpoint`` if given, else :func:`find_dmfa_checkpoint` (the DMFA study's file),
+    else a small fallback trained into ``<out_dir>/dmfa_fallback_<dataset>.pt`` (complete-data mode,
+    ``cfg.dmfa_n_train`` images, ``cfg.dmfa_epochs`` epochs, :data:`FALLBACK_DMFA`; minutes on a
+    CPU, and visibly blurrier than the study's DMFA).
 
     Classifiers: :func:`load_or_train_classifier` for :data:`ZERO`, :data:`COMPLETE` and
-    :data:`MISCONV` with the remaining arguments, saved in ``out_dir`` (default :func:`draw_dir`):
+    :data:`MISCONV` (``cfg.n_train`` images, ``cfg.epochs`` epochs), saved in ``cfg.out_dir`` (default :func:`draw_dir`):
     ``classifier_zero_<dataset>.pt``, ``classifier_complete_<dataset>.pt`` and
     ``classifier_misconv_<dataset>_<sha1 of the DMFA file>.pt`` (the MisConv classifier is tied to
     the DMFA it was trained with, so a new DMFA gets a new classifier). An existing file is loaded
     only when it was trained with the requested settings; other settings get their own file
     (:func:`classifier_file`).
     """
-    device = resolve_device(device)
-    out_dir = Path(out_dir) if out_dir is not None else draw_dir()
+    device = resolve_device(cfg.device if device is None else device)
+    dataset, seed = cfg.dataset, cfg.seed
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else draw_dir()
     meta: dict[str, dict] = {}
-    path = Path(dmfa_checkpoint) if dmfa_checkpoint is not None else find_dmfa_checkpoint(dataset)
+    path = Path(cfg.dmfa_checkpoint) if cfg.dmfa_checkpoint is not None else find_dmfa_checkpoint(dataset)
     if path is not None:
         dmfa, m = load_dmfa(path, device=device)
         meta["dmfa"] = {**m, "path": str(path), "source": "DMFA study"}
     else:
         path = out_dir / f"dmfa_fallback_{dataset}.pt"
-        tr = labkit.data.load_dataset(dataset, "train", limit=dmfa_n_train, quiet=True)
-        dmfa, m = load_or_train_dmfa(path, dataset, replace(FALLBACK_DMFA, epochs=dmfa_epochs), images=tr.images,
+        tr = labkit.data.load_dataset(dataset, "train", limit=cfg.dmfa_n_train, quiet=True)
+        dmfa, m = load_or_train_dmfa(path, dataset, replace(FALLBACK_DMFA, epochs=cfg.dmfa_epochs), images=tr.images,
                                      mode="complete", seed=seed, device=device, progress=progress, quiet=quiet,
                                      meta={"note": "fallback DMFA of the draw-a-mask notebook (no DMFA study "
                                                    "checkpoint was found)"})
@@ -417,8 +412,8 @@ def load_draw_models(
     classifiers = {}
     for name in (MISCONV, ZERO, COMPLETE):
         model, m = load_or_train_classifier(name, dataset, dmfa=dmfa, dmfa_path=path, out_dir=out_dir,
-                                            n_train=n_train, n_test=n_test, epochs=epochs, batch_size=batch_size,
-                                            lr=lr, seed=seed, device=device, progress=progress, quiet=quiet)
+                                            n_train=cfg.n_train, n_test=n_test, epochs=cfg.epochs, seed=seed,
+                                            device=device, progress=progress, quiet=quiet)
         classifiers[name] = model
         meta[name] = {**m, "source": "draw notebook"}
     return DrawModels(dmfa=dmfa, classifiers=classifiers, meta=meta)
