@@ -241,6 +241,7 @@ def summary_lines(tables: dict, compile_seconds: dict, *, clock: str) -> list[st
                          f"{r['classifier']:.3f} ms for the classifier on complete images "
                          f"({r['method / classifier']:.1f}×; the DMFA is {100 * r['DMFA share of the method']:.0f}% "
                          "of it).")
-    lines.append("- First-call compile time per fused kernel (s): "
-                 + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in compile_seconds.items()))
+    if compile_seconds:      # none when the tables are redone from rows on disk (nothing compiled here)
+        lines.append("- First-call compile time per fused kernel (s): "
+                     + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in compile_seconds.items()))
     return lines
