@@ -663,3 +663,28 @@ def test_baselines_only_scores_the_baselines_without_the_grid(scratch, monkeypat
     assert Path(baselines[0].results_dir) == scratch.root / "results" / "dmfa" / "cpu"   # a grid list: the profile's own
     with pytest.raises(SystemExit):                                                       # another study has none
         _study("wae")(["--profile", "cpu", "--baselines-only"])
+
+
+def test_beside_puts_another_profiles_rows_next_to_these(scratch, monkeypatch, capsys):
+    """--beside reads the other profile's recorded rows of the same grid into <stem>_budgets.md and
+    the doc's budgets block; a profile without such rows, or a study without the comparison, is a
+    usage error naming the problem."""
+    ran = _fake_classifier_cells(monkeypatch)
+    rc = _study("classification")
+    committed = scratch.root / "results" / "classification" / "cpu"
+    page = scratch.root / "page.md"
+    page.write_text("<!-- classification-table:start -->\n<!-- classification-table:end -->\n"
+                    "<!-- classification-budgets:start -->\n<!-- classification-budgets:end -->\n")
+    with pytest.raises(SystemExit):                               # nothing recorded yet
+        rc(["--profile", "cpu", "--table-only", "--beside", "cpu"])
+    assert "holds no rows of mnist" in capsys.readouterr().err and not ran
+    assert rc(["--profile", "cpu", "--no-progress"]) == 0
+    assert rc(["--profile", "cpu", "--table-only", "--beside", "cpu", "--doc", str(page)]) == 0
+    budgets = (committed / "accuracy_budgets.md").read_text()
+    assert "profile `cpu` against `cpu`" in budgets and "| zero | " in budgets
+    text = page.read_text()
+    block = text.split("<!-- classification-budgets:start -->")[1].split("<!-- classification-budgets:end -->")[0]
+    assert "- **profile `cpu`**: " in block and "| zero | " in block
+    with pytest.raises(SystemExit):
+        _study("wae")(["--profile", "cpu", "--table-only", "--beside", "cpu"])
+    assert "--beside is the classification study's" in capsys.readouterr().err

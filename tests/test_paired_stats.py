@@ -207,3 +207,72 @@ def test_one_seed_verdict_speaks_of_its_images_only():
     same = [dict(r, correct=a, accuracy=a.mean()) for r in rows]
     line = [r for r in paired_markdown(pd.DataFrame(same)).splitlines() if "dmfa_mean_complete` |" in r][0]
     assert line.endswith("| no difference resolved |")
+
+
+# ------------------------------------------------------------------ the forest plot and the budget table
+def _lines(ax, gid):
+    return [ln for ln in ax.lines if ln.get_gid() == gid]
+
+
+def test_forest_plot_draws_the_intervals_of_the_seeds():
+    """The plotted interval is the t interval of the per-seed differences, computed here from the
+    accuracies with scipy; the bootstrap line exists only where predictions do."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.studies.classification_tables import paired_results, plot_paired
+
+    for with_pred in (True, False):
+        df = _frame(with_pred)
+        fig = plot_paired(paired_results(df, pairs=[("misconv", "mean")], n_boot=500))
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles == ["square", "noise"]
+        sq = fig.axes[0]
+        acc = df[df["mask"] == "square"].pivot(index="seed", columns="method", values="accuracy")
+        d = 100 * (acc["misconv"] - acc["mean"]).to_numpy()                  # +3.00, +2.00, +2.50 points
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(len(d)))
+        (t_line,) = _lines(sq, "t-interval")
+        assert t_line.get_xdata() == pytest.approx([lo, hi], abs=1e-6)
+        (dot,) = _lines(sq, "mean")
+        assert dot.get_xdata() == pytest.approx([d.mean()])
+        assert dot.get_markerfacecolor() == dot.get_color()                   # resolved: filled
+        seeds = [ln for ln in sq.lines if ln.get_marker() == "."]
+        assert sorted(seeds[0].get_xdata()) == pytest.approx(sorted(d))
+        assert len(_lines(sq, "bootstrap")) == (1 if with_pred else 0)
+        noise = fig.axes[1]                                                   # one seed: a hollow dot, no interval
+        assert _lines(noise, "t-interval") == [] and _lines(noise, "mean")[0].get_markerfacecolor() == "white"
+        plt.close(fig)
+    with pytest.raises(ValueError, match="no paired results"):
+        plot_paired([])
+
+
+def test_budget_table_puts_two_budgets_and_the_logs_side_by_side():
+    from labkit.studies.classification_tables import budget_markdown
+
+    small = _frame(False)
+    small = small[small["mask"] == "square"]
+    full = small[small["seed"] < 2].copy()
+    full["accuracy"] = full["accuracy"] + np.where(full["method"] == "mean", 0.01, 0.0)   # +2.00, +1.00
+    md = budget_markdown({"small": small, "full": full}, pairs=[("misconv", "mean"), ("misconv", "knn")],
+                         authors={"misconv": (0.70, 0.72), "mean": (0.75,)})
+    lines = md.splitlines()
+    assert lines[:2] == ["- **small**: settings not recorded", "- **full**: settings not recorded"]
+    misconv = [ln for ln in lines if ln.startswith("| misconv |")][0].split(" | ")
+    assert misconv[1] == f"{small[small['method'] == 'misconv']['accuracy'].mean():.3f} ± " \
+                         f"{small[small['method'] == 'misconv']['accuracy'].std(ddof=1):.3f} (n=3)"
+    assert misconv[-1] == "0.7000 / 0.7200 |"
+    (pair,) = [ln for ln in lines if ln.startswith("| `misconv` − `mean`")]
+    cols = pair.split(" | ")
+    # small: the hand-computed +2.50 ± 1.24, p = 0.013 of the paired table; full: +2.00 and +1.00
+    # points, t_{0.975, 1} = 12.706 × 0.707 / √2 = 6.35, t = 3 with 1 df: p = 0.205
+    assert cols[1] == "+2.50 ± 1.24 (n=3, p = 0.013): resolved"
+    assert cols[2] == "+1.50 ± 6.35 (n=2, p = 0.205): no difference resolved"
+    assert cols[3] == "-4.00 |"                                            # 0.71 − 0.75 in their logs
+    assert not any(ln.startswith("| `misconv` − `knn`") for ln in lines)   # no budget has knn: no row
+    assert budget_markdown({"small": small.iloc[:0]}) == "(no results yet)"
+    other = _frame(False)
+    with pytest.raises(ValueError, match="one data set and one mask"):
+        budget_markdown({"small": other})
+    with pytest.raises(ValueError, match="compare different data"):
+        budget_markdown({"small": small, "noise": other[other["mask"] == "noise"]})

@@ -9,6 +9,7 @@
     ./lab study acflow --profile cpu                               # the ACFlow imputer (trained once: reused)
     ./lab study classification --settings                          # every setting, its value and where it came from
     ./lab study classification --profile cpu --diagnostics --doc docs/classification.md   # the imputers' diagnostics
+    ./lab study classification --profile cifar10_authors --table-only --beside cpu   # two budgets side by side
 
 (``python -m labkit.lab.study_cli ...`` is the same command.) The settings are the study's config
 (:mod:`labkit.studies.configs`): its defaults, the profile's section, then each ``-p key=value``
@@ -98,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-stem", default=None, metavar="NAME",
                     help="classification: the report's file names beside the CSV (<NAME>.md, <NAME>_paired.md, "
                          "<NAME>.png; default accuracy), e.g. for the CIFAR-10 rows kept beside the MNIST ones")
+    ap.add_argument("--beside", default=None, metavar="PROFILE",
+                    help="classification: also put the planned rows beside the same data set, masks and methods "
+                         "recorded by another profile (another budget): <NAME>_budgets.md, and the "
+                         "<marker>-budgets block of --doc")
     ap.add_argument("--baselines-only", action="store_true",
                     help="dmfa: only the baselines (classical MFA, a trained ACFlow) on the config's holes, not the "
                          "DMFA grid (which runs them after itself)")
@@ -156,8 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.diagnostics:                 # where they go was decided like a run's (ad hoc with other settings)
         return _diagnostics(study, cfg, args, tag)
 
+    beside = None
+    if args.beside:
+        if not hasattr(study, "rows_beside"):
+            ap.error(f"the {args.study} study has no budget comparison (--beside is the classification study's)")
+        try:
+            beside = (Path(args.beside).stem, study.rows_beside(cfg, config_class(args.study).build(args.beside)))
+        except ValueError as exc:
+            ap.error(str(exc))
+
     def report(rows):
-        for path in study.write_report(cfg, rows, doc=args.doc, **_marker(args)):
+        extra = {"beside": beside} if beside is not None else {}
+        for path in study.write_report(cfg, rows, doc=args.doc, **_marker(args), **extra):
             print(f"{tag} wrote {path}", flush=True)
 
     if args.baselines_only:

@@ -47,7 +47,9 @@ Reports: :func:`write_report` (the tables and the figure beside the results, and
 of a Markdown file), :func:`diagnostics` (how good the imputers are:
 :mod:`labkit.studies.classification_diagnostics`), and from
 :mod:`labkit.studies.classification_tables` :func:`pivot_table`, :func:`paired_differences`,
-:func:`table_markdown`, :func:`paired_markdown`, :func:`update_markdown_table` and :func:`plot_results`.
+:func:`table_markdown`, :func:`paired_markdown`, :func:`update_markdown_table`, :func:`plot_results`,
+:func:`plot_paired` (the paired differences as a forest plot) and :func:`budget_markdown` (one grid
+under two budgets side by side).
 """
 from __future__ import annotations
 
@@ -69,9 +71,10 @@ from labkit.precision import resolve_precision
 from labkit.studies.cells import data_source_key, fingerprint_cell, load_cell_data, stable_seed
 from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decode_predictions, encode_predictions,
                                                        predict, with_predictions)
-from labkit.studies.classification_tables import (AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS, PAPER_TABLE1,
-                                                  check_table_settings, paired_differences, paired_markdown,
-                                                  pivot_table, plot_results, results_path, settings_line,
+from labkit.studies.classification_tables import (AUTHORS_CIFAR10, AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS,
+                                                  PAPER_TABLE1, budget_markdown, check_table_settings,
+                                                  paired_differences, paired_markdown, paired_results, pivot_table,
+                                                  plot_paired, plot_results, results_path, settings_line,
                                                   table_markdown, update_markdown_table)
 from labkit.studies.classification_diagnostics import diagnostics
 from labkit.studies.configs import ClassificationConfig
@@ -83,6 +86,7 @@ from labkit.studies.reporting import replace_marked_block
 __all__ = [
     "ACCURACY_COLUMNS",
     "ACCURACY_COORDS",
+    "AUTHORS_CIFAR10",
     "AUTHORS_SQUARE",
     "COST_GROUP",
     "INIT_SCHEMES",
@@ -92,6 +96,7 @@ __all__ = [
     "PAPER_HYPERPARAMETERS",
     "PAPER_TABLE1",
     "PREDICTIONS_FORMAT",
+    "budget_markdown",
     "cell_settings",
     "check_table_settings",
     "decode_predictions",
@@ -101,8 +106,10 @@ __all__ = [
     "init_classifier",
     "paired_differences",
     "paired_markdown",
+    "paired_results",
     "pivot_table",
     "plan",
+    "plot_paired",
     "plot_results",
     "predict",
     "read_results",
@@ -110,6 +117,7 @@ __all__ = [
     "replace_marked_block",
     "result_store",
     "results_path",
+    "rows_beside",
     "run",
     "run_cell",
     "table_markdown",
@@ -172,6 +180,19 @@ def read_rows(cfg: ClassificationConfig, cells: Sequence[Cell]) -> pd.DataFrame:
     """The recorded rows of ``cells`` in :func:`results_path` ``(cfg)``, as :func:`read_results` gives them."""
     df = read_results(results_path(cfg))
     return df[df["key"].isin({c.key for c in cells})]
+
+
+def rows_beside(cfg: ClassificationConfig, other: ClassificationConfig) -> pd.DataFrame:
+    """The rows that profile ``other`` recorded for ``cfg``'s data set, masks and methods (in
+    ``results_path(other)``): the same grid under another budget, for :func:`budget_markdown`.
+    Raises ``ValueError`` naming the file when it holds none."""
+    path = results_path(other) / "accuracy.csv"
+    df = read_results(path) if path.exists() else pd.DataFrame(columns=["dataset", "mask", "method"])
+    df = df[(df["dataset"] == cfg.dataset) & df["mask"].isin(cfg.masks) & df["method"].isin(cfg.methods)]
+    if df.empty:
+        raise ValueError(f"{path} holds no rows of {cfg.dataset} with masks {list(cfg.masks)} and methods "
+                         f"{list(cfg.methods)}: nothing to put beside profile {cfg.profile!r}")
+    return df
 
 
 def with_settings_columns(df: pd.DataFrame, names: Sequence[str] = ("n_train", "n_test", "epochs", "precision")):
@@ -431,14 +452,20 @@ def run(cfg: ClassificationConfig, *, progress: bool = True, executor: Any = Non
 
 # ============================================================================ report
 def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os.PathLike | None = None,
-                 marker: str = "classification", stem: str = "accuracy") -> list[Path]:
+                 marker: str = "classification", stem: str = "accuracy",
+                 beside: tuple[str, pd.DataFrame] | None = None) -> list[Path]:
     """The report of ``rows`` (the planned cells' rows) beside the results, written as one set
     (:func:`labkit.studies.engine.write_files`): ``<stem>.md`` (the pivot beside the paper's Table 1),
-    ``<stem>_paired.md`` (per-seed differences, :func:`paired_markdown`) and ``<stem>.png``.
+    ``<stem>_paired.md`` (per-seed differences, :func:`paired_markdown`), ``<stem>.png`` (the dot
+    chart) and ``<stem>_paired.png`` (the paired differences' forest plot, :func:`plot_paired`).
+
+    ``beside``: ``(profile name, its rows)`` of the same data and mask made under another budget;
+    adds ``<stem>_budgets.md`` (:func:`budget_markdown`: both budgets' accuracies and paired
+    differences side by side, with the authors' CIFAR-10 logs on CIFAR-10).
 
     With ``doc`` (a Markdown file), also the blocks between its ``<!-- <marker>-table:start/end -->``
-    markers and, where it has them, ``<!-- <marker>-paired:start/end -->``. Returns the files
-    written (none when ``rows`` is empty).
+    markers and, where it has them, ``<!-- <marker>-paired:start/end -->`` and
+    ``<!-- <marker>-budgets:start/end -->``. Returns the files written (none when ``rows`` is empty).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -449,7 +476,9 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
     out, profile = results_path(cfg), cfg.profile
     title = f"{', '.join(sorted(set(rows['dataset'])))} test accuracy, profile {profile}"
     fig = plot_results(rows, None, title=title)
-    paired = paired_markdown(rows)
+    results = paired_results(rows)
+    paired = paired_markdown(rows, results=results)
+    figs = [fig]
     files = {
         out / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds); "
                             f"{settings_line(rows)}\n\n" + table_markdown(rows) + "\n",
@@ -457,12 +486,27 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
                                    "(labkit.studies.paired_stats)\n\n" + paired + "\n",
         out / f"{stem}.png": lambda p: fig.savefig(p, dpi=120, format="png"),
     }
+    if results:
+        figs.append(plot_paired(results, title=f"paired differences, profile {profile}; {settings_line(rows)}"))
+        files[out / f"{stem}_paired.png"] = lambda p, f=figs[-1]: f.savefig(p, dpi=120, format="png")
+    budgets = None
+    if beside is not None:
+        other, other_rows = beside
+        authors = AUTHORS_CIFAR10 if set(rows["dataset"]) == {"cifar10"} else None
+        budgets = budget_markdown({f"profile `{other}`": other_rows, f"profile `{profile}`": rows}, authors=authors)
+        files[out / f"{stem}_budgets.md"] = (f"The same methods under two budgets: profile `{other}` against "
+                                            f"`{profile}` (labkit.studies.classification_tables.budget_markdown)"
+                                            f"\n\n{budgets}\n")
     write_files(files)
-    plt.close(fig)
+    for f in figs:
+        plt.close(f)
     written = list(files)
     if doc:
         update_markdown_table(doc, rows, name=f"{marker}-table")
-        if f"<!-- {marker}-paired:start -->" in Path(doc).read_text(encoding="utf-8"):
+        text = Path(doc).read_text(encoding="utf-8")
+        if f"<!-- {marker}-paired:start -->" in text:
             replace_marked_block(doc, f"{marker}-paired", paired)
+        if budgets is not None and f"<!-- {marker}-budgets:start -->" in text:
+            replace_marked_block(doc, f"{marker}-budgets", budgets)
         written.append(Path(doc))
     return written

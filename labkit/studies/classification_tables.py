@@ -1,11 +1,13 @@
 """Tables and figures of the classification study: Table-1 pivots beside the paper's numbers,
-per-seed paired differences with their statistics (:mod:`labkit.studies.paired_stats`), the dot chart. Every function refuses to combine rows made with
-different settings (:func:`check_table_settings`)."""
+per-seed paired differences with their statistics (:mod:`labkit.studies.paired_stats`) as a table
+and as a forest plot, the dot chart, and one grid under two budgets side by side. Every function
+refuses to combine rows made with different settings (:func:`check_table_settings`)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -229,27 +231,38 @@ def _p_text(p: float) -> str:
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95) -> str:
+def paired_results(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95,
+                   n_boot: int = 10000) -> list[tuple[str, str, Any]]:
+    """``[(a, b, paired_differences(df, a, b)), ...]`` for the pairs of ``pairs`` whose two methods
+    ``df`` holds (in that order): computed once, read by :func:`paired_markdown` and
+    :func:`plot_paired`."""
+    have = set(df["method"])
+    return [(a, b, paired_differences(df, a, b, level=level, n_boot=n_boot)) for a, b in pairs if {a, b} <= have]
+
+
+def _ordered(d) -> list:
+    """The (dataset, mask) rows of a :func:`paired_differences` frame, masks in :data:`MASK_ORDER`."""
+    rank = {m: i for i, m in enumerate(MASK_ORDER)}
+    return sorted(d.iterrows(), key=lambda kv: (kv[0][0], rank.get(kv[0][1], 99), kv[0][1]))
+
+
+def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95,
+                    results: Sequence[tuple[str, str, Any]] | None = None) -> str:
     """:func:`paired_differences` for ``pairs`` as a Markdown table, in accuracy *points* (×100): one
     row per (pair, mask) with the seeds' differences, their mean ± the half-width of the t-based
     ``level`` interval over seeds and its t-test p, the bootstrap interval over images × seeds and
     McNemar's pooled exact p where per-image predictions exist ("–" where they do not), and
     "no difference resolved" where the interval over seeds holds 0. Pairs lacking results are left
-    out; the data set is named when the frame holds more than one."""
-    masks = [m for m in MASK_ORDER if m in set(df["mask"])] + sorted(set(df["mask"]) - set(MASK_ORDER))
+    out; the data set is named when the frame holds more than one. ``results``: what
+    :func:`paired_results` gave for ``df`` (computed here when not given)."""
     several = "dataset" in df.columns and df["dataset"].nunique() > 1
     pct = f"{100 * level:g} %"
     lines = [f"| method − other method | {'data set | ' if several else ''}mask | seeds | per seed | "
              f"mean ± {pct} CI over seeds (t) | p (t-test) | {pct} CI, bootstrap over images × seeds | "
              "McNemar p (pooled over seeds) | verdict |",
              "|---" * (9 + several) + "|"]
-    have = set(df["method"])
-    for a, b in pairs:
-        if not {a, b} <= have:
-            continue
-        d = paired_differences(df, a, b, level=level)
-        rows = sorted(d.iterrows(), key=lambda kv: (kv[0][0], masks.index(kv[0][1]) if kv[0][1] in masks else 99))
-        for (ds, mk), r in rows:
+    for a, b, d in (paired_results(df, pairs, level=level) if results is None else results):
+        for (ds, mk), r in _ordered(d):
             n = int(r["n"])
             per_seed = ", ".join(_points(v) for v in r["seeds"])
             if n >= 2:
@@ -324,3 +337,135 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_paired(results: Sequence[tuple[str, str, Any]], path: str | os.PathLike | None = None, *,
+                title: str | None = None, level: float = 0.95):
+    """Forest plot of :func:`paired_results`: one panel per (data set, mask), one row per pair, the
+    x axis in accuracy points (method − other method). Per row: the seeds' differences (grey dots),
+    the mean over seeds (filled where the interval over seeds excludes 0, hollow where it does not),
+    the t-based ``level`` interval over seeds (thick line) and, where per-image predictions exist, the
+    bootstrap interval over images × seeds (thin line just below). Saves to ``path`` when given;
+    returns the figure."""
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for _, _, d in results:
+        panels += [k for k, _ in _ordered(d) if k not in panels]
+    rank = {m: i for i, m in enumerate(MASK_ORDER)}
+    panels.sort(key=lambda k: (k[0], rank.get(k[1], 99), k[1]))
+    if not panels:
+        raise ValueError("no paired results to plot (no pair of methods with rows in common)")
+    several = len({ds for ds, _ in panels}) > 1
+    labels = [f"{a} − {b}" for a, b, _ in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 3.6 * len(panels) + 2.6), 0.42 * len(results) + 2.1),
+                             sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for i, (_, _, d) in enumerate(results):
+            if key not in d.index:
+                continue
+            r, y = d.loc[key], -i
+            colour = "C3" if bool(r["resolved"]) else "C0"
+            seeds = 100 * np.asarray(r["seeds"], dtype=float)
+            ax.plot(seeds, np.full(len(seeds), y + 0.2), ".", color="0.45", ms=3, zorder=2)
+            if r["boot_low"] == r["boot_low"]:
+                ax.plot([100 * r["boot_low"], 100 * r["boot_high"]], [y - 0.17, y - 0.17], "-", color=colour,
+                        lw=1, zorder=2, gid="bootstrap")
+            if int(r["n"]) >= 2:
+                ax.plot([100 * r["ci_low"], 100 * r["ci_high"]], [y, y], "-", color=colour, lw=2.5, zorder=3,
+                        gid="t-interval")
+            ax.plot([100 * r["mean"]], [y], "o", color=colour, mfc=colour if bool(r["resolved"]) else "white",
+                    ms=6, zorder=4, gid="mean")
+        ax.axvline(0, color="k", lw=0.8, zorder=1)
+        ax.set_title(f"{key[0]}, {key[1]}" if several else key[1])
+        ax.set_xlabel("difference in accuracy points")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks([-i for i in range(len(results))])
+    axes[0][0].set_yticklabels(labels, fontsize=8)
+    axes[0][0].set_ylim(-len(results) + 0.4, 0.6)
+    pct = f"{100 * level:g} %"
+    legend = (f"dot: mean over seeds (red and filled: its {pct} interval over seeds excludes 0)\n"
+              f"thick line: that interval (t); thin line below: {pct} bootstrap over images × seeds; "
+              "grey dots: the seeds")
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+#: what the budget comparison pairs: MisConv against mean imputation from the same DMFA, and the
+#: DMFA fronts against zero imputation (the authors' CIFAR-10 logs have all of them within a point)
+BUDGET_PAIRS = [("dmfa_misconv_incomplete", "dmfa_mean_incomplete"), ("dmfa_misconv_complete", "dmfa_mean_complete"),
+                ("dmfa_misconv_incomplete", "zero"), ("dmfa_misconv_complete", "zero"),
+                ("dmfa_mean_incomplete", "zero"), ("dmfa_mean_complete", "zero")]
+
+
+def _only_cell(df, what: str) -> tuple[str, str]:
+    keys = sorted(set(zip(df["dataset"], df["mask"])))
+    if len(keys) != 1:
+        raise ValueError(f"{what}: a budget comparison needs the rows of one data set and one mask, got {keys}")
+    return keys[0]
+
+
+def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] = BUDGET_PAIRS, *,
+                    authors: Mapping[str, Sequence[float]] | None = None, level: float = 0.95) -> str:
+    """The same methods trained under different budgets, side by side (Markdown).
+
+    ``frames``: label -> result rows of one budget (one data set and one mask, the same in every
+    frame; each frame's rows share their settings, :func:`check_table_settings`). First the budgets'
+    settings, then a table of accuracies (mean ± std over seeds, n; per budget the validation-picked
+    and the last epoch's) with ``authors`` (method -> their logged runs) as a last column, then the
+    paired differences of ``pairs`` per budget (mean ± the t-based ``level`` half-width over seeds,
+    n, p; "resolved" where the interval excludes 0) beside the same difference in ``authors``' logs
+    (means of their runs)."""
+    frames = {label: df for label, df in frames.items() if len(df)}
+    if not frames:
+        return "(no results yet)"
+    cells = {label: _only_cell(df, label) for label, df in frames.items()}
+    if len(set(cells.values())) > 1:
+        raise ValueError(f"the budgets compare different data: {cells}")
+    labels = list(frames)
+    authors = authors or {}
+    lines = [f"- **{label}**: {settings_line(df) or 'settings not recorded'}" for label, df in frames.items()]
+    present = set().union(*(set(df["method"]) for df in frames.values()))
+    methods = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    head = [h for label in labels for h in (label, f"{label}, last epoch")] + (["authors' log"] if authors else [])
+    lines += ["", "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for meth in methods:
+        cols = []
+        for label in labels:
+            sel = frames[label][frames[label]["method"] == meth]
+            cols += [_summary(sel["accuracy"]) or "–",
+                     (_summary(sel["accuracy_last"]) if "accuracy_last" in sel.columns else "") or "–"]
+        if authors:
+            cols.append(" / ".join(f"{v:.4f}" for v in authors.get(meth, ())) or "–")
+        lines.append(f"| {meth} | " + " | ".join(cols) + " |")
+    pct = f"{100 * level:g} %"
+    head = ([f"{label}: mean ± {pct} CI over seeds (n, p)" for label in labels]
+            + (["authors' logs (means of their runs)"] if authors else []))
+    lines += ["", "| method − other method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for a, b in pairs:
+        cols = []
+        for label in labels:
+            df = frames[label]
+            if not {a, b} <= set(df["method"]):
+                cols.append("–")
+                continue
+            r = paired_differences(df, a, b, level=level, n_boot=1000).iloc[0]
+            n = int(r["n"])
+            if n >= 2:
+                verdict = "resolved" if r["resolved"] else "no difference resolved"
+                cols.append(f"{_points(r['mean'])} ± {100 * (r['ci_high'] - r['mean']):.2f} "
+                            f"(n={n}, p = {_p_text(r['p'])}): {verdict}")
+            else:
+                cols.append(f"{_points(r['mean'])} (n=1: no interval)" if n else "–")
+        if authors:
+            if authors.get(a) and authors.get(b):
+                cols.append(_points(float(np.mean(authors[a])) - float(np.mean(authors[b]))))
+            else:
+                cols.append("–")
+        if set(cols[:len(labels)]) != {"–"}:
+            lines.append(f"| `{a}` − `{b}` | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
