@@ -538,7 +538,7 @@ def test_write_report_writes_the_tables_the_figure_and_the_marked_blocks(tmp_pat
     doc.write_text("x\n<!-- clf-table:start -->\n<!-- clf-table:end -->\n<!-- clf-paired:start -->\n"
                    "<!-- clf-paired:end -->\n")
     written = clf.write_report(cfg, rows, doc=doc, marker="clf", stem="acc")
-    assert [p.name for p in written] == ["acc.md", "acc_paired.md", "acc.png", "doc.md"]
+    assert [p.name for p in written] == ["acc.md", "acc_paired.md", "acc.png", "acc_paired.png", "doc.md"]
     assert all(p.is_file() for p in written) and written[0].parent == tmp_path
     text = doc.read_text()
     assert "| dmfa_misconv_complete |" in text and "`dmfa_misconv_complete` − `dmfa_mean_complete`" in text

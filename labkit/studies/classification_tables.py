@@ -285,6 +285,21 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
     return "\n".join(lines)
 
 
+def _finish(fig, legend: str, title: str | None, path: str | os.PathLike | None):
+    """Title ``fig`` (``title`` over ``legend``, each line wrapped to the figure's width), lay it out,
+    save it to ``path`` when given; return it."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 13))       # characters of 9-point text per line
+    text = f"{title}\n{legend}" if title else legend
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.splitlines()), fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None = None):
     """Dot chart: accuracy per method per mask, a marker at the mean over seeds with an error bar of
     one standard deviation, small dots for the seeds, and the paper's Table 1 values as black ticks.
@@ -331,12 +346,7 @@ def plot_results(df, path: str | os.PathLike | None = None, *, title: str | None
         ("; black ticks: paper's Table 1" if paper else "") + "; each panel has its own y range"
     shared = settings_line(df)
     legend = f"{legend}\n{shared}" if shared else legend
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, legend, title, path)
 
 
 def plot_paired(results: Sequence[tuple[str, str, Any]], path: str | os.PathLike | None = None, *,
@@ -387,12 +397,7 @@ def plot_paired(results: Sequence[tuple[str, str, Any]], path: str | os.PathLike
     legend = (f"dot: mean over seeds (red and filled: its {pct} interval over seeds excludes 0)\n"
               f"thick line: that interval (t); thin line below: {pct} bootstrap over images × seeds; "
               "grey dots: the seeds")
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, legend, title, path)
 
 
 #: what the budget comparison pairs: MisConv against mean imputation from the same DMFA, and the
