@@ -688,3 +688,26 @@ def test_beside_puts_another_profiles_rows_next_to_these(scratch, monkeypatch, c
     with pytest.raises(SystemExit):
         _study("wae")(["--profile", "cpu", "--table-only", "--beside", "cpu"])
     assert "--beside is the classification study's" in capsys.readouterr().err
+
+
+def test_merge_from_brings_rows_recorded_elsewhere_home(scratch, monkeypatch, capsys):
+    """Cells run into another folder (as on a GPU machine) are merged into the profile's results
+    without running anything, and its tables are written; a folder of another study is refused."""
+    ran = _fake_classifier_cells(monkeypatch)
+    rc = _study("classification")
+    elsewhere = scratch.root / "brought_back"
+    committed = scratch.root / "results" / "classification" / "cpu"
+    assert rc(["--profile", "cpu", "--no-progress", "--results", str(elsewhere)]) == 0
+    assert len(ran) == 1 and not (committed / "accuracy.csv").exists()
+    assert rc(["--profile", "cpu", "--merge-from", str(elsewhere)]) == 0
+    out = capsys.readouterr().out
+    assert "1 row(s) added, 0 already here" in out and len(ran) == 1
+    assert (committed / "accuracy.csv").read_text() == (elsewhere / "accuracy.csv").read_text()
+    assert (committed / "accuracy.md").is_file()
+    assert rc(["--profile", "cpu", "--merge-from", str(elsewhere)]) == 0
+    assert "0 row(s) added, 1 already here" in capsys.readouterr().out
+    wae_dir = scratch.root / "wae_results"
+    wae_dir.mkdir()
+    (wae_dir / "accuracy.csv").write_text("key,front\n")
+    assert rc(["--profile", "cpu", "--merge-from", str(wae_dir)]) == 1
+    assert "header" in capsys.readouterr().out

@@ -331,3 +331,61 @@ def test_checkpoint_with_another_config_is_not_reused(tmp_path):
     with pytest.raises(CheckpointError, match="(?s)complete-data DMFA checkpoint.*input of this step") as info:
         load_checkpoint(path, input_role="complete-data DMFA checkpoint")
     assert "delete it" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- merging two copies
+def _attached_store(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    return ResultStore(folder / "acc.csv", coords=["dataset", "method", "seed"], metrics=["accuracy"],
+                       optional=["accuracy_last"], details=folder / "runs.jsonl",
+                       attachments={"predictions": folder / "pred.jsonl"})
+
+
+def test_merge_adds_the_missing_rows_with_their_details_and_attachments(tmp_path):
+    """Rows recorded on another machine come home byte for byte, with their records; a key both
+    copies hold keeps the row here; keys outside the plan stay out."""
+    from labkit.studies.merge import merge_results
+
+    here, there = _attached_store(tmp_path / "here"), _attached_store(tmp_path / "there")
+    here.record(_cell(0), {"accuracy": 0.9}, {"history": [0], "predictions": {"p": "AAA"}})
+    there.record(_cell(0), {"accuracy": 0.8}, {"history": [9], "predictions": {"p": "ZZZ"}})   # a rerun there
+    there.record(_cell(1), {"accuracy": 0.7, "accuracy_last": 0.65}, {"history": [1], "predictions": {"p": "BBB"}})
+    there.record(_cell(2), {"accuracy": 0.6}, {"history": [2], "predictions": {"p": "CCC"}})
+    there_line = (tmp_path / "there" / "acc.csv").read_text().splitlines()[2]
+
+    r = merge_results(here, there, keys={_cell(0).key, _cell(1).key})
+    assert r.added == [_cell(1).key] and r.already_here == [_cell(0).key] and r.not_planned == [_cell(2).key]
+    df = here.read()
+    assert list(df["key"]) == [_cell(0).key, _cell(1).key]
+    assert list(df["accuracy"]) == [0.9, 0.7] and df["accuracy_last"].iloc[1] == 0.65
+    assert (tmp_path / "here" / "acc.csv").read_text().splitlines()[2] == there_line      # the row as written there
+    assert [d["history"] for d in here.read_details()] == [[0], [1]]
+    assert {k: v["p"] for k, v in here.read_attachments("predictions").items()} == {_cell(0).key: "AAA",
+                                                                                   _cell(1).key: "BBB"}
+    again = merge_results(here, there, keys={_cell(0).key, _cell(1).key})      # idempotent
+    assert again.added == [] and len(here.read()) == 2
+    fresh = _attached_store(tmp_path / "fresh")                                # into a folder without results
+    assert merge_results(fresh, there).added == [_cell(0).key, _cell(1).key, _cell(2).key]
+    assert fresh.read()["accuracy"].tolist() == [0.8, 0.7, 0.6]
+
+
+def test_merge_refuses_other_studies_and_rows_without_provenance(tmp_path):
+    from labkit.studies.merge import merge_results
+
+    here = _attached_store(tmp_path / "here")
+    with pytest.raises(ValueError, match="does not exist"):
+        merge_results(here, _attached_store(tmp_path / "empty"))
+    other = ResultStore(tmp_path / "wae" / "m.csv", coords=["dataset", "front", "seed"], metrics=["psnr"],
+                        details=tmp_path / "wae" / "runs.jsonl")
+    (tmp_path / "wae").mkdir()
+    other.record(Cell("demo", {"dataset": "mnist", "front": "zero", "seed": 0}, {}, {}), {"psnr": 20.0}, {})
+    with pytest.raises(ValueError, match="not tables of one study"):
+        merge_results(here, other)
+    there = _attached_store(tmp_path / "there")
+    there.record(_cell(1), {"accuracy": 0.7}, {"history": [1]})
+    (tmp_path / "there" / "runs.jsonl").write_text("")                        # its details lost
+    with pytest.raises(ValueError, match="without their provenance"):
+        merge_results(here, there)
+    assert not (tmp_path / "here" / "acc.csv").exists()                       # nothing written
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_results(here, here)

@@ -10,6 +10,7 @@
     ./lab study classification --settings                          # every setting, its value and where it came from
     ./lab study classification --profile cpu --diagnostics --doc docs/classification.md   # the imputers' diagnostics
     ./lab study classification --profile cifar10_authors --table-only --beside cpu   # two budgets side by side
+    ./lab study classification --profile cifar10_authors --merge-from DIR   # rows recorded elsewhere, brought home
 
 (``python -m labkit.lab.study_cli ...`` is the same command.) The settings are the study's config
 (:mod:`labkit.studies.configs`): its defaults, the profile's section, then each ``-p key=value``
@@ -41,8 +42,9 @@ from labkit.checkpoint import TableFileError
 from labkit.config import parse_override
 from labkit.lab import runplan
 from labkit.studies.configs import config_class
-from labkit.studies.engine import SweepFailed
+from labkit.studies.engine import ResultFileError, SweepFailed
 from labkit.studies.executors import add_executor_arguments, ExecutorError, make_executor
+from labkit.studies.merge import merge_results
 
 __all__ = ["STUDIES", "build_config", "main", "settings_table"]
 
@@ -103,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="classification: also put the planned rows beside the same data set, masks and methods "
                          "recorded by another profile (another budget): <NAME>_budgets.md, and the "
                          "<marker>-budgets block of --doc")
+    ap.add_argument("--merge-from", default=None, metavar="DIR",
+                    help="run nothing: add the rows recorded in DIR (another copy of these results, e.g. brought back "
+                         "from a GPU machine) for the planned cells not recorded here, with their details, then "
+                         "write the tables as --table-only")
     ap.add_argument("--baselines-only", action="store_true",
                     help="dmfa: only the baselines (classical MFA, a trained ACFlow) on the config's holes, not the "
                          "DMFA grid (which runs them after itself)")
@@ -181,7 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         study.run_baselines(cfg, progress=not args.no_progress)
         report(study.read_rows(cfg, cells))
         return 0
-    if args.table_only:
+    if args.merge_from:
+        if not hasattr(study, "result_store"):
+            ap.error(f"the {args.study} study keeps no result table to merge into (--merge-from)")
+        try:
+            merged = merge_results(study.result_store(study.results_path(cfg)), study.result_store(args.merge_from),
+                                   keys={c.key for c in cells})
+        except (ValueError, ResultFileError) as exc:
+            print(f"{tag} {exc}", flush=True)
+            return 1
+        print(f"{tag} merged from {args.merge_from}: {merged.summary()}", flush=True)
+    if args.table_only or args.merge_from:
         rows = study.read_rows(cfg, cells)
         report(rows)
         print(f"{tag} tables of {len(rows)} of {len(cells)} planned cells written", flush=True)

@@ -3,7 +3,8 @@
 - :mod:`labkit.studies.cells`           the data of one (dataset, mask kind, seed) cell, fixed masks
 - :mod:`labkit.studies.imputers`        the missing-data methods (``METHODS``) and their cached auxiliaries
 - :mod:`labkit.studies.classification`  the classification sweep (notebook 02)
-- :mod:`labkit.studies.classification_tables`  its tables (Table-1 pivot, paired differences) and figure
+- :mod:`labkit.studies.classification_tables`  its tables (Table-1 pivot, paired differences, two
+                                        budgets side by side) and figures
 - :mod:`labkit.studies.density`         the DMFA / MFA / ACFlow density study (notebook 01)
 - :mod:`labkit.studies.density_checkpoints`  its checkpoints: reused only when trained with the same settings
 - :mod:`labkit.studies.density_figures` its inpainting grids and training curves
@@ -17,4 +18,6 @@
 - :mod:`labkit.studies.reporting`       generated blocks in Markdown files, shared by every study
 - :mod:`labkit.studies.engine`          the bookkeeping every study shares (cell keys, result files,
                                         caches, executors: ``engine_keys``, ``store``, ``executors``)
+- :mod:`labkit.studies.merge`           two copies of one study's results merged (rows brought home
+                                        from another machine)
 """
