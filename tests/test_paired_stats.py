@@ -165,6 +165,11 @@ def test_paired_table_states_interval_p_and_verdict():
     assert md[3].endswith("| – | – | no difference resolved |")          # one seed, no predictions
     plain = paired_markdown(_frame(False), pairs=[("misconv", "mean")]).splitlines()
     assert plain[2].split(" | ")[6:8] == ["–", "–"]
+    # the results file's table adds McNemar per seed: 60, 40 and 50 discordant images, all one way
+    wide = paired_markdown(_frame(True), pairs=[("misconv", "mean")], per_seed_mcnemar=True).splitlines()
+    assert "McNemar p per seed" in wide[0] and wide[1].count("|---") == 10
+    assert wide[2].split(" | ")[8] == ", ".join(f"{2 * 0.5 ** k:.2g}" for k in (60, 40, 50))
+    assert wide[3].split(" | ")[8] == "–"
 
 
 def test_paired_table_of_the_committed_rows():

@@ -483,7 +483,8 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
         out / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds); "
                             f"{settings_line(rows)}\n\n" + table_markdown(rows) + "\n",
         out / f"{stem}_paired.md": f"Per-seed accuracy differences in points, profile `{profile}` "
-                                   "(labkit.studies.paired_stats)\n\n" + paired + "\n",
+                                   "(labkit.studies.paired_stats)\n\n"
+                                   + paired_markdown(rows, results=results, per_seed_mcnemar=True) + "\n",
         out / f"{stem}.png": lambda p: fig.savefig(p, dpi=120, format="png"),
     }
     if results:

@@ -149,7 +149,8 @@ def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n
     over seeds ``ci_low``/``ci_high`` and its two-sided t-test ``p``, ``resolved`` (the interval
     excludes 0), and where every compared cell stored its per-image predictions (a ``correct``
     column, :func:`labkit.studies.classification.with_predictions`) the bootstrap over images ×
-    seeds ``boot_low``/``boot_high`` and McNemar's exact test pooled over seeds ``mcnemar_p``
+    seeds ``boot_low``/``boot_high``, McNemar's exact test pooled over seeds ``mcnemar_p`` and per
+    seed ``mcnemar_p_per_seed`` (a list in seed order)
     (:mod:`labkit.studies.paired_stats`). Only seeds where both methods finished count.
     """
     import pandas as pd
@@ -161,7 +162,8 @@ def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n
                         "seeds": [[round(v, 4) for v in d] for d in cmp["differences"]],
                         "seed_ids": cmp["seeds"], "ci_low": cmp["ci_low"], "ci_high": cmp["ci_high"],
                         "p": cmp["t_p"], "resolved": cmp["resolved"], "n_predictions": cmp["n_predictions"],
-                        "boot_low": cmp["boot_low"], "boot_high": cmp["boot_high"], "mcnemar_p": cmp["mcnemar_p"]},
+                        "boot_low": cmp["boot_low"], "boot_high": cmp["boot_high"], "mcnemar_p": cmp["mcnemar_p"],
+                        "mcnemar_p_per_seed": cmp["mcnemar_p_per_seed"]},
                        index=cmp.index)
     return out
 
@@ -247,20 +249,21 @@ def _ordered(d) -> list:
 
 
 def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95,
-                    results: Sequence[tuple[str, str, Any]] | None = None) -> str:
+                    results: Sequence[tuple[str, str, Any]] | None = None, per_seed_mcnemar: bool = False) -> str:
     """:func:`paired_differences` for ``pairs`` as a Markdown table, in accuracy *points* (×100): one
     row per (pair, mask) with the seeds' differences, their mean ± the half-width of the t-based
     ``level`` interval over seeds and its t-test p, the bootstrap interval over images × seeds and
     McNemar's pooled exact p where per-image predictions exist ("–" where they do not), and
     "no difference resolved" where the interval over seeds holds 0. Pairs lacking results are left
     out; the data set is named when the frame holds more than one. ``results``: what
-    :func:`paired_results` gave for ``df`` (computed here when not given)."""
+    :func:`paired_results` gave for ``df`` (computed here when not given). ``per_seed_mcnemar``: a
+    column more, McNemar's exact p of each seed's two trained classifiers (seed order)."""
     several = "dataset" in df.columns and df["dataset"].nunique() > 1
     pct = f"{100 * level:g} %"
     lines = [f"| method − other method | {'data set | ' if several else ''}mask | seeds | per seed | "
              f"mean ± {pct} CI over seeds (t) | p (t-test) | {pct} CI, bootstrap over images × seeds | "
-             "McNemar p (pooled over seeds) | verdict |",
-             "|---" * (9 + several) + "|"]
+             "McNemar p (pooled over seeds) | " + ("McNemar p per seed | " if per_seed_mcnemar else "") + "verdict |",
+             "|---" * (9 + several + per_seed_mcnemar) + "|"]
     for a, b, d in (paired_results(df, pairs, level=level) if results is None else results):
         for (ds, mk), r in _ordered(d):
             n = int(r["n"])
@@ -272,7 +275,6 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
                 mean = f"{_points(r['mean'])} (one seed: no interval)"
                 # one seed says nothing about other seeds; its images can still resolve a difference
                 # for this one training run (the bootstrap over its images), and the verdict says which
-
                 have_boot = r["boot_low"] == r["boot_low"]
                 verdict = ("this seed only: resolved over its test images"
                            if have_boot and not covers_zero(r["boot_low"], r["boot_high"])
@@ -280,8 +282,12 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
             boot = (f"[{_points(r['boot_low'])}, {_points(r['boot_high'])}]" if r["boot_low"] == r["boot_low"]
                     else "–")
             lead = f"| `{a}` − `{b}` | " + (f"{ds} | " if several else "")
+            seeds_p = ""
+            if per_seed_mcnemar:
+                each = r["mcnemar_p_per_seed"]
+                seeds_p = (", ".join(_p_text(v) for v in each) if isinstance(each, list) else "–") + " | "
             lines.append(f"{lead}{mk} | {n} | {per_seed} | {mean} | {_p_text(r['p'])} | {boot} | "
-                         f"{_p_text(r['mcnemar_p'])} | {verdict} |")
+                         f"{_p_text(r['mcnemar_p'])} | {seeds_p}{verdict} |")
     return "\n".join(lines)
 
 
