@@ -230,9 +230,11 @@ plt.show()
 # compare the authors' published layer (`dmfa_authors_*`, an ablation) with the exact one.
 
 # %%
-paired = clf.paired_markdown(df)
-if paired.count("\n") > 1:     # a header and at least one pair
-    display(Markdown(paired))
+pairs = clf.paired_results(df)          # computed once: the table and the figure read them
+if pairs:
+    display(Markdown(clf.paired_markdown(df, results=pairs)))
+    fig = clf.plot_paired(pairs, title=f"paired differences, profile {cfg.profile}")   # shown, not saved
+    plt.show()
 else:
     print(f"no compared pair among this run's methods {sorted(set(df['method']))}; the pairs: {clf.PAIRS}")
 
