@@ -87,7 +87,9 @@ class Data:
 def scratch(tmp_path, monkeypatch):
     """A scratch lab: ``LAB_ROOT`` with profiles/cpu.yaml (tiny), the stand-in data, empty caches."""
     import labkit.data
-    from labkit.studies import cells, classification
+    # imported before the patch below: these modules bind load_dataset when first imported, and a
+    # first import under the patch would keep the stand-in for every later test of the session
+    from labkit.studies import acflow_study, cells, classification, density_experiment, draw_app  # noqa: F401
 
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "cpu.yaml").write_text(PROFILE)
