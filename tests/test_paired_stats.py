@@ -281,3 +281,12 @@ def test_budget_table_puts_two_budgets_and_the_logs_side_by_side():
         budget_markdown({"small": other})
     with pytest.raises(ValueError, match="compare different data"):
         budget_markdown({"small": small, "noise": other[other["mask"] == "noise"]})
+
+
+def test_no_bootstrap_when_none_is_asked_for():
+    """``n_boot=None`` (tables that show no bootstrap) leaves the interval NaN; the rest is unchanged."""
+    full = ps.paired_comparison(_frame(True), "misconv", "mean", n_boot=500).loc[("mnist", "square")]
+    bare = ps.paired_comparison(_frame(True), "misconv", "mean", n_boot=None).loc[("mnist", "square")]
+    assert math.isnan(bare["boot_low"]) and math.isnan(bare["boot_high"]) and not math.isnan(full["boot_low"])
+    for col in ("mean", "ci_low", "ci_high", "t_p", "mcnemar_p"):
+        assert bare[col] == full[col]

@@ -186,7 +186,7 @@ def rows_beside(cfg: ClassificationConfig, other: ClassificationConfig) -> pd.Da
     """The rows that profile ``other`` recorded for ``cfg``'s data set, masks and methods (in
     ``results_path(other)``): the same grid under another budget, for :func:`budget_markdown`.
     Raises ``ValueError`` naming the file when it holds none."""
-    path = results_path(other) / "accuracy.csv"
+    path = result_store(results_path(other)).path
     df = read_results(path) if path.exists() else pd.DataFrame(columns=["dataset", "mask", "method"])
     df = df[(df["dataset"] == cfg.dataset) & df["mask"].isin(cfg.masks) & df["method"].isin(cfg.methods)]
     if df.empty:

@@ -139,7 +139,7 @@ def pivot_table(df, *, with_paper: bool = True, dataset: str | None = None, last
     return pd.DataFrame(rows).set_index("method")
 
 
-def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n_boot: int = 10000):
+def paired_differences(df, method: str, baseline: str, *, level: float = 0.95, n_boot: int | None = 10000):
     """Accuracy of ``method`` minus ``baseline``, seed by seed, per (dataset, mask), with its statistics.
 
     Cells with the same seed share their masks and batch order (and, with ``init="shared"``, their
@@ -242,10 +242,15 @@ def paired_results(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float
     return [(a, b, paired_differences(df, a, b, level=level, n_boot=n_boot)) for a, b in pairs if {a, b} <= have]
 
 
+def _cell_order(key: tuple[str, str]) -> tuple:
+    """Sort key of a (dataset, mask): data sets by name, masks in :data:`MASK_ORDER`, others after."""
+    ds, mk = key
+    return ds, MASK_ORDER.index(mk) if mk in MASK_ORDER else len(MASK_ORDER), mk
+
+
 def _ordered(d) -> list:
-    """The (dataset, mask) rows of a :func:`paired_differences` frame, masks in :data:`MASK_ORDER`."""
-    rank = {m: i for i, m in enumerate(MASK_ORDER)}
-    return sorted(d.iterrows(), key=lambda kv: (kv[0][0], rank.get(kv[0][1], 99), kv[0][1]))
+    """The (dataset, mask) rows of a :func:`paired_differences` frame in :func:`_cell_order`."""
+    return sorted(d.iterrows(), key=lambda kv: _cell_order(kv[0]))
 
 
 def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: float = 0.95,
@@ -365,11 +370,7 @@ def plot_paired(results: Sequence[tuple[str, str, Any]], path: str | os.PathLike
     returns the figure."""
     import matplotlib.pyplot as plt
 
-    panels = []
-    for _, _, d in results:
-        panels += [k for k, _ in _ordered(d) if k not in panels]
-    rank = {m: i for i, m in enumerate(MASK_ORDER)}
-    panels.sort(key=lambda k: (k[0], rank.get(k[1], 99), k[1]))
+    panels = sorted({k for _, _, d in results for k in d.index}, key=_cell_order)
     if not panels:
         raise ValueError("no paired results to plot (no pair of methods with rows in common)")
     several = len({ds for ds, _ in panels}) > 1
@@ -464,7 +465,7 @@ def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] 
             if not {a, b} <= set(df["method"]):
                 cols.append("–")
                 continue
-            r = paired_differences(df, a, b, level=level, n_boot=1000).iloc[0]
+            r = paired_differences(df, a, b, level=level, n_boot=None).iloc[0]     # no bootstrap shown
             n = int(r["n"])
             if n >= 2:
                 verdict = "resolved" if r["resolved"] else "no difference resolved"

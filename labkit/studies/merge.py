@@ -18,7 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.studies.store import ResultStore, locked, write_files
+from labkit.studies.store import ResultStore, appended, locked, write_files
 
 __all__ = ["MergeResult", "merge_results"]
 
@@ -64,14 +64,6 @@ def _jsonl_lines(path: Path | None, keys: Collection[str]) -> list[str]:
     return out
 
 
-def _with_lines(path: Path, lines: list[str], header: str | None = None) -> bytes:
-    """The bytes of ``path`` (or ``header`` where it does not exist) with ``lines`` appended."""
-    old = path.read_bytes() if path.exists() else (header + "\n").encode() if header else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    return old + "".join(line + "\n" for line in lines).encode()
-
-
 def merge_results(into: ResultStore, other: ResultStore, *, keys: Collection[str] | None = None) -> MergeResult:
     """Add to ``into`` the valid rows of ``other`` whose keys it lacks (with ``keys``: only those
     among them), each with its details record and attachment records.
@@ -98,8 +90,8 @@ def merge_results(into: ResultStore, other: ResultStore, *, keys: Collection[str
             return result
         new = set(result.added)
         rows = _csv_lines(other.path)
-        files: dict[Path, bytes] = {into.path: _with_lines(into.path, [rows[k] for k in result.added],
-                                                           header=other.path.read_text(encoding="utf-8").splitlines()[0])}
+        files: dict[Path, bytes] = {into.path: appended(into.path, *(rows[k] for k in result.added),
+                                                        header=other.path.read_text(encoding="utf-8").splitlines()[0])}
         if into.details is not None:
             records = _jsonl_lines(other.details, new)
             lacking = new - {json.loads(line)["key"] for line in records}
@@ -107,10 +99,10 @@ def merge_results(into: ResultStore, other: ResultStore, *, keys: Collection[str
                 raise ValueError(f"{other.details or other.path}: no details record for {len(lacking)} row(s) to merge "
                                  f"({', '.join(sorted(k[:8] for k in lacking))}): they would arrive without their "
                                  "provenance; nothing merged")
-            files[into.details] = _with_lines(into.details, records)
+            files[into.details] = appended(into.details, *records)
         for name, file in into.attachments.items():
             lines = _jsonl_lines(other.attachments[name], new)
             if lines:
-                files[file] = _with_lines(file, lines)
+                files[file] = appended(file, *lines)
         write_files(files)
     return result

@@ -188,7 +188,7 @@ def _correct_of(row) -> np.ndarray | None:
     return np.asarray(v, dtype=bool)
 
 
-def paired_comparison(df, method: str, baseline: str, *, level: float = 0.95, n_boot: int = 10000,
+def paired_comparison(df, method: str, baseline: str, *, level: float = 0.95, n_boot: int | None = 10000,
                       boot_seed: int = 0):
     """``method`` minus ``baseline`` per (dataset, mask), over the seeds where both have a row.
 
@@ -198,7 +198,8 @@ def paired_comparison(df, method: str, baseline: str, *, level: float = 0.95, n_
     (dataset, mask) with :data:`COMPARISON_COLUMNS`: the t-interval over seeds (``ci_low``,
     ``ci_high``, ``t_p``; NaN for one seed), ``resolved`` (the interval excludes 0), and, only where
     every compared seed has predictions for both methods, the bootstrap over images × seeds
-    (``boot_low``/``boot_high``) and McNemar's test pooled over seeds (``mcnemar_*``) and per seed.
+    (``boot_low``/``boot_high``; ``n_boot=None`` leaves them NaN, for tables that do not show them)
+    and McNemar's test pooled over seeds (``mcnemar_*``) and per seed.
     Raises ``ValueError`` for a method without rows, two rows of one method in one cell, or
     predictions whose accuracy is not the row's.
     """
@@ -246,9 +247,11 @@ def paired_comparison(df, method: str, baseline: str, *, level: float = 0.95, n_
                 pairs.append((ca, cb))
         rec["n_predictions"] = len(pairs)
         if pairs and len(pairs) == len(keys):
-            boot = bootstrap_interval(pairs, level=level, n_boot=n_boot, seed=boot_seed)
+            if n_boot is not None:
+                boot = bootstrap_interval(pairs, level=level, n_boot=n_boot, seed=boot_seed)
+                rec.update(boot_low=boot["low"], boot_high=boot["high"])
             pooled = mcnemar_pooled(pairs)
-            rec.update(boot_low=boot["low"], boot_high=boot["high"], mcnemar_p=pooled["p"],
+            rec.update(mcnemar_p=pooled["p"],
                        mcnemar_n_ab=pooled["n_ab"], mcnemar_n_ba=pooled["n_ba"],
                        mcnemar_p_per_seed=[mcnemar_exact(ca, cb)["p"] for ca, cb in pairs])
         out.append(rec)

@@ -471,11 +471,11 @@ class ResultStore:
                     continue
                 if not isinstance(entry, Mapping):
                     raise TypeError(f"attachment {field!r} of {cell.short()} must be a dict, got {type(entry).__name__}")
-                files[file] = _appended(file, json.dumps({**canonical(entry), "key": cell.key}, sort_keys=True))
+                files[file] = appended(file, json.dumps({**canonical(entry), "key": cell.key}, sort_keys=True))
             if self.details is not None and details is not None:
                 line = json.dumps({"key": cell.key, "study": cell.study, "coords": canonical(cell.coords),
                                    **canonical(details)}, sort_keys=True)
-                files[self.details] = _appended(self.details, line)
+                files[self.details] = appended(self.details, line)
             write_files(files)
         return True
 
@@ -522,12 +522,13 @@ class ResultStore:
         return [d for d in out if isinstance(d, dict)]
 
 
-def _appended(path: Path, line: str) -> bytes:
-    """The bytes of ``path`` (none if absent) with ``line`` added as a line of its own."""
-    old = path.read_bytes() if path.exists() else b""
+def appended(path: Path, *lines: str, header: str | None = None) -> bytes:
+    """The bytes of ``path`` with ``lines`` added, each a line of its own; a file that does not
+    exist starts empty, or with ``header`` as its first line."""
+    old = path.read_bytes() if path.exists() else (header + "\n").encode() if header is not None else b""
     if old and not old.endswith(b"\n"):     # a torn last line stays a line of its own
         old += b"\n"
-    return old + line.encode() + b"\n"
+    return old + "".join(line + "\n" for line in lines).encode()
 
 
 def _check_number(cell: Cell, name: str, value: Any) -> None:
