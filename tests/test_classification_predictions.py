@@ -171,3 +171,21 @@ def test_real_cell_stores_predictions_that_give_its_accuracy(tmp_path, monkeypat
     out = paired_comparison(df, "gt", "zero", n_boot=200).loc[("mnist", "square")]
     assert out["n_predictions"] == 1 and out["mcnemar_p_per_seed"] is not None
     assert out["mcnemar_n_ab"] - out["mcnemar_n_ba"] == round(30 * out["mean"])
+
+
+def test_rows_carry_the_training_history_of_their_run_record(tmp_path):
+    """``read_results`` binds each row to its own cell's history (by key), and a row whose record
+    has none reads as None rather than borrowing another's."""
+    store = clf.result_store(tmp_path)
+    cells = [Cell("classification", {"dataset": "mnist", "mask": "square", "method": m, "seed": 0}, {}, {})
+             for m in ("zero", "gt", "mask")]
+    hist = {"zero": [{"epoch": 0, "val_accuracy": 0.5}, {"epoch": 1, "val_accuracy": 0.6}],
+            "gt": [{"epoch": 0, "val_accuracy": 0.9}]}
+    for cell in cells:
+        meth = cell.coords["method"]
+        details = {"n_train": 900 if meth == "zero" else 300, **({"history": hist[meth]} if meth in hist else {})}
+        store.record(cell, {"accuracy": 0.5}, details)
+    df = clf.read_results(tmp_path).set_index("method")
+    assert df.loc["zero", "history"] == hist["zero"] and df.loc["zero", "images_per_epoch"] == 900
+    assert df.loc["gt", "history"] == hist["gt"] and df.loc["gt", "images_per_epoch"] == 300
+    assert df.loc["mask", "history"] is None

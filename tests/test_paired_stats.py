@@ -290,3 +290,46 @@ def test_no_bootstrap_when_none_is_asked_for():
     assert math.isnan(bare["boot_low"]) and math.isnan(bare["boot_high"]) and not math.isnan(full["boot_low"])
     for col in ("mean", "ci_low", "ci_high", "t_p", "mcnemar_p"):
         assert bare[col] == full[col]
+
+
+def test_budget_curves_put_both_budgets_on_the_images_seen():
+    """Each seed's line is its history at (epoch + 1) × images per epoch; the thick line is the mean
+    of the seeds at the epochs all reached (hand-computed); rows without history are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.studies.classification_tables import plot_budget_curves
+
+    def rows(histories, n):
+        return pd.DataFrame([{"dataset": "cifar10", "mask": "square", "method": "zero", "seed": s,
+                              "accuracy": 0.5, "images_per_epoch": n,
+                              "history": [{"epoch": e, "val_accuracy": v} for e, v in enumerate(h)] if h else None}
+                             for s, h in enumerate(histories)])
+
+    small = rows([[0.2, 0.4], [0.3, 0.5], None], 100)      # the third seed recorded no history
+    full = rows([[0.3, 0.6, 0.7], [0.5, 0.6]], 1000)       # the second stopped an epoch early
+    fig = plot_budget_curves({"small": small, "full": full})
+    ax = fig.axes[0]
+    lines = {ln.get_gid(): ln for ln in ax.lines}
+    assert sum(ln.get_gid() == "seed|small|zero" for ln in ax.lines) == 2
+    mean = lines["mean|small|zero"]
+    assert list(mean.get_xdata()) == [100, 200] and list(mean.get_ydata()) == pytest.approx([0.25, 0.45])
+    mean = lines["mean|full|zero"]
+    assert list(mean.get_xdata()) == [1000, 2000] and list(mean.get_ydata()) == pytest.approx([0.4, 0.6])
+    assert [ln.get_xdata()[-1] for ln in ax.lines if ln.get_gid() == "seed|full|zero"] == [3000, 2000]
+    assert lines["mean|small|zero"].get_linestyle() != lines["mean|full|zero"].get_linestyle()
+    assert ax.get_xscale() == "log"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no training history"):
+        plot_budget_curves({"small": rows([None], 100)})
+    with pytest.raises(ValueError, match="compare different data"):
+        plot_budget_curves({"small": small, "noise": small.assign(mask="noise")})
+
+
+def test_paired_table_says_so_when_no_pair_is_complete():
+    """One method recorded (the first cell of a long run): a sentence, not an empty table."""
+    from labkit.studies.classification_tables import paired_markdown
+
+    df = _frame(False)
+    assert paired_markdown(df[df["method"] == "misconv"], pairs=[("misconv", "mean")]).startswith("(no pair")

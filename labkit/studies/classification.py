@@ -74,8 +74,8 @@ from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decod
 from labkit.studies.classification_tables import (AUTHORS_CIFAR10, AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS,
                                                   PAPER_TABLE1, budget_markdown, check_table_settings,
                                                   paired_differences, paired_markdown, paired_results, pivot_table,
-                                                  plot_paired, plot_results, results_path, settings_line,
-                                                  table_markdown, update_markdown_table)
+                                                  plot_budget_curves, plot_paired, plot_results, results_path,
+                                                  settings_line, table_markdown, update_markdown_table)
 from labkit.studies.classification_diagnostics import diagnostics
 from labkit.studies.configs import ClassificationConfig
 from labkit.studies.engine import (Cell, CellOutcome, InputError, ResultStore, SweepIncomplete, held_unfinished,
@@ -109,6 +109,7 @@ __all__ = [
     "paired_results",
     "pivot_table",
     "plan",
+    "plot_budget_curves",
     "plot_paired",
     "plot_results",
     "predict",
@@ -122,6 +123,7 @@ __all__ = [
     "run_cell",
     "table_markdown",
     "update_markdown_table",
+    "with_history",
     "with_predictions",
     "write_report",
 ]
@@ -173,7 +175,19 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     store = result_store(path if path.suffix != ".csv" else path.parent)
     if path.suffix == ".csv":
         store.path = path
-    return with_predictions(with_settings_columns(store.read()), store)
+    return with_history(with_predictions(with_settings_columns(store.read()), store), store)
+
+
+def with_history(df: pd.DataFrame, store: ResultStore) -> pd.DataFrame:
+    """``df`` (rows of ``store``) with each cell's training from its run record (``runs.jsonl``):
+    ``history`` (one dict per epoch, with ``epoch`` and ``val_accuracy``) and ``images_per_epoch``
+    (the training images of one epoch, the validation ones excluded); None where the record lacks them."""
+    records = {d.get("key"): d for d in store.read_details(report=False)} if len(df) else {}
+    df = df.copy()
+    found = [records.get(k, {}) for k in df["key"]] if len(df) else []
+    df["history"] = [r.get("history") or None for r in found]
+    df["images_per_epoch"] = [r.get("n_train") for r in found]
+    return df
 
 
 def read_rows(cfg: ClassificationConfig, cells: Sequence[Cell]) -> pd.DataFrame:
@@ -461,7 +475,9 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
 
     ``beside``: ``(profile name, its rows)`` of the same data and mask made under another budget;
     adds ``<stem>_budgets.md`` (:func:`budget_markdown`: both budgets' accuracies and paired
-    differences side by side, with the authors' CIFAR-10 logs on CIFAR-10).
+    differences side by side, with the authors' CIFAR-10 logs on CIFAR-10) and, where the rows'
+    run records hold their training histories, ``<stem>_budgets.png`` (:func:`plot_budget_curves`:
+    validation accuracy per epoch against the training images seen, both budgets on one axis).
 
     With ``doc`` (a Markdown file), also the blocks between its ``<!-- <marker>-table:start/end -->``
     markers and, where it has them, ``<!-- <marker>-paired:start/end -->`` and
@@ -498,6 +514,12 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
         files[out / f"{stem}_budgets.md"] = (f"The same methods under two budgets: profile `{other}` against "
                                             f"`{profile}` (labkit.studies.classification_tables.budget_markdown)"
                                             f"\n\n{budgets}\n")
+        frames = {f"profile {other}": other_rows, f"profile {profile}": rows}
+        if any(h is not None for df in frames.values() for h in df.get("history", ())):
+            figs.append(plot_budget_curves(frames, title=f"validation accuracy per epoch, profiles {other} and "
+                                                         f"{profile}; {', '.join(sorted(set(rows['dataset'])))}, "
+                                                         f"{', '.join(sorted(set(rows['mask'])))} masks"))
+            files[out / f"{stem}_budgets.png"] = lambda p, f=figs[-1]: f.savefig(p, dpi=120, format="png")
     write_files(files)
     for f in figs:
         plt.close(f)

@@ -198,7 +198,8 @@ def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classi
     n_cells = len(df)
     seeds = sorted(set(int(s) for s in df["seed"])) if n_cells else []
     shared = settings_line(df)
-    body = (f"_Generated from the CSV by `labkit.studies.classification.update_markdown_table`: {n_cells} cells, "
+    cells = f"{n_cells} cell" + ("" if n_cells == 1 else "s")
+    body = (f"_Generated from the CSV by `labkit.studies.classification.update_markdown_table`: {cells}, "
             f"seeds {seeds}{'; ' + shared if shared else ''}._\n\n" + table_markdown(df, **kw))
     return replace_marked_block(md_path, name, body)
 
@@ -293,6 +294,8 @@ def paired_markdown(df, pairs: Sequence[tuple[str, str]] = PAIRS, *, level: floa
                 seeds_p = (", ".join(_p_text(v) for v in each) if isinstance(each, list) else "–") + " | "
             lines.append(f"{lead}{mk} | {n} | {per_seed} | {mean} | {_p_text(r['p'])} | {boot} | "
                          f"{_p_text(r['mcnemar_p'])} | {seeds_p}{verdict} |")
+    if len(lines) == 2:
+        return "(no pair of methods compared yet: no seed has rows of both methods of a pair)"
     return "\n".join(lines)
 
 
@@ -423,7 +426,8 @@ def _only_cell(df, what: str) -> tuple[str, str]:
 
 def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] = BUDGET_PAIRS, *,
                     authors: Mapping[str, Sequence[float]] | None = None, level: float = 0.95) -> str:
-    """The same methods trained under different budgets, side by side (Markdown).
+    """The same methods trained under different budgets, side by side (Markdown; their training
+    curves: :func:`plot_budget_curves`).
 
     ``frames``: label -> result rows of one budget (one data set and one mask, the same in every
     frame; each frame's rows share their settings, :func:`check_table_settings`). First the budgets'
@@ -481,3 +485,56 @@ def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] 
         if set(cols[:len(labels)]) != {"–"}:
             lines.append(f"| `{a}` − `{b}` | " + " | ".join(cols) + " |")
     return "\n".join(lines)
+
+
+def plot_budget_curves(frames: Mapping[str, Any], path: str | os.PathLike | None = None, *,
+                       title: str | None = None):
+    """The training of the same methods under different budgets on one axis: validation accuracy
+    after each epoch against the training images seen so far (``(epoch + 1) × images_per_epoch``, log
+    scale), so that a short run's curve ends where a long run's is still climbing.
+
+    ``frames``: label -> result rows of one budget (one data set and one mask, the same in every
+    frame), each with ``history`` (per-epoch dicts with ``epoch`` and ``val_accuracy``, or None) and
+    ``images_per_epoch`` (:func:`labkit.studies.classification.with_history`). One colour per method,
+    one line style per budget; thin lines are the seeds, the thick line their mean at the epochs every
+    seed reached. Rows without a history are left out. Saves to ``path`` when given; returns the
+    figure. Raises ``ValueError`` when no row has a history."""
+    import matplotlib.pyplot as plt
+
+    frames = {label: df for label, df in frames.items() if len(df)}
+    cells = {label: _only_cell(df, label) for label, df in frames.items()}
+    if len(set(cells.values())) > 1:
+        raise ValueError(f"the budgets compare different data: {cells}")
+    present = set().union(*(set(df["method"]) for df in frames.values())) if frames else set()
+    methods = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    styles = ["--", "-", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    drawn = 0
+    for (label, df), style in zip(frames.items(), styles):
+        for i, meth in enumerate(methods):
+            curves = []
+            for r in df[df["method"] == meth].to_dict("records"):
+                history, n = r.get("history"), r.get("images_per_epoch")
+                if not history or not n:
+                    continue
+                seen = [(int(h["epoch"]) + 1) * int(n) for h in history]
+                acc = [float(h["val_accuracy"]) for h in history]
+                ax.plot(seen, acc, style, color=f"C{i}", lw=0.7, alpha=0.35, gid=f"seed|{label}|{meth}")
+                curves.append(dict(zip(seen, acc)))
+            if not curves:
+                continue
+            common = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(common, [float(np.mean([c[x] for c in curves])) for x in common], style, color=f"C{i}", lw=2,
+                    gid=f"mean|{label}|{meth}", label=f"{meth}, {label} (n={len(curves)})")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError("no training history to plot (no row's run record holds one)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images seen (epochs × training images per epoch, log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    legend = ("thick: the mean over seeds at the epochs every seed reached; thin: the seeds; line style: the "
+              "budget. Validation images are held out of the training images and pick the epoch the tables report")
+    return _finish(fig, legend, title, path)
