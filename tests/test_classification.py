@@ -542,3 +542,36 @@ def test_write_report_writes_the_tables_the_figure_and_the_marked_blocks(tmp_pat
     assert all(p.is_file() for p in written) and written[0].parent == tmp_path
     text = doc.read_text()
     assert "| dmfa_misconv_complete |" in text and "`dmfa_misconv_complete` − `dmfa_mean_complete`" in text
+
+
+def test_write_report_beside_another_budget_adds_its_pairs_curves_and_block(tmp_path):
+    """With ``beside``: the budgets table, the training curves (where histories exist) and the
+    paired table holds the budget pairs too (DMFA mean over the incomplete-data DMFA − zero is not
+    one of the Table-1 pairs); without it, neither."""
+    def rows_of(folder, epochs, n):
+        cfg = _config(folder, methods=["zero", "dmfa_mean_incomplete"], seeds=[0, 1],
+                      dmfa_incomplete=str(tmp_path / "dmfa.pt"))
+
+        def run(cell, cfg):
+            seed, meth = cell.coords["seed"], cell.coords["method"]
+            acc = 0.5 + 0.01 * seed + (0.02 if meth != "zero" else 0.0)
+            return {"metrics": {"accuracy": acc},
+                    "details": {"n_train": n, "history": [{"epoch": e, "val_accuracy": acc} for e in range(epochs)]}}
+        clf.run(cfg, _run_cell=run, progress=False)
+        return cfg, clf.read_rows(cfg, clf.plan(cfg))
+
+    (tmp_path / "dmfa.pt").write_bytes(b"a stand-in: the runner never reads it")
+    _, small = rows_of(tmp_path / "small", 2, 100)
+    cfg, full = rows_of(tmp_path / "full", 4, 1000)
+    assert full["history"].map(len).tolist() == [4, 4, 4, 4] and set(full["images_per_epoch"]) == {1000}
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- b-table:start -->\n<!-- b-table:end -->\n<!-- b-paired:start -->\n<!-- b-paired:end -->\n"
+                   "<!-- b-budgets:start -->\n<!-- b-budgets:end -->\n")
+    names = [p.name for p in clf.write_report(cfg, full, doc=doc, marker="b", beside=("small", small))]
+    assert {"accuracy_budgets.md", "accuracy_budgets.png"} <= set(names)
+    pair = "| `dmfa_mean_incomplete` − `zero` | square | 2 | +2.00, +2.00 |"
+    assert pair in (tmp_path / "full" / "accuracy_paired.md").read_text()
+    text = doc.read_text()
+    assert pair in text and "| `dmfa_mean_incomplete` − `zero` | +2.00 ± 0.00 (n=2" in text
+    names = [p.name for p in clf.write_report(cfg, full)]
+    assert "accuracy_budgets.md" not in names and pair not in (tmp_path / "full" / "accuracy_paired.md").read_text()

@@ -71,8 +71,8 @@ from labkit.precision import resolve_precision
 from labkit.studies.cells import data_source_key, fingerprint_cell, load_cell_data, stable_seed
 from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decode_predictions, encode_predictions,
                                                        predict, with_predictions)
-from labkit.studies.classification_tables import (AUTHORS_CIFAR10, AUTHORS_SQUARE, MASK_ORDER, METHOD_ORDER, PAIRS,
-                                                  PAPER_TABLE1, budget_markdown, check_table_settings,
+from labkit.studies.classification_tables import (AUTHORS_CIFAR10, AUTHORS_SQUARE, BUDGET_PAIRS, MASK_ORDER,
+                                                  METHOD_ORDER, PAIRS, PAPER_TABLE1, budget_markdown, check_table_settings,
                                                   paired_differences, paired_markdown, paired_results, pivot_table,
                                                   plot_budget_curves, plot_paired, plot_results, results_path,
                                                   settings_line, table_markdown, update_markdown_table)
@@ -475,7 +475,8 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
 
     ``beside``: ``(profile name, its rows)`` of the same data and mask made under another budget;
     adds ``<stem>_budgets.md`` (:func:`budget_markdown`: both budgets' accuracies and paired
-    differences side by side, with the authors' CIFAR-10 logs on CIFAR-10) and, where the rows'
+    differences side by side, with the authors' CIFAR-10 logs on CIFAR-10; the paired tables then
+    also hold every pair of :data:`BUDGET_PAIRS`) and, where the rows'
     run records hold their training histories, ``<stem>_budgets.png`` (:func:`plot_budget_curves`:
     validation accuracy per epoch against the training images seen, both budgets on one axis).
 
@@ -492,8 +493,10 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
     out, profile = results_path(cfg), cfg.profile
     title = f"{', '.join(sorted(set(rows['dataset'])))} test accuracy, profile {profile}"
     fig = plot_results(rows, None, title=title)
-    results = paired_results(rows)
-    paired = paired_markdown(rows, results=results)
+    # a grid put beside another budget also states, per seed, every pair the budget table compares
+    pairs = PAIRS if beside is None else PAIRS + [p for p in BUDGET_PAIRS if p not in PAIRS]
+    results = paired_results(rows, pairs)
+    paired = paired_markdown(rows, pairs, results=results)
     figs = [fig]
     files = {
         out / f"{stem}.md": f"Classification accuracy, profile `{profile}` (mean ± std over seeds; n = seeds); "
