@@ -513,13 +513,13 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
     if beside is not None:
         other, other_rows = beside
         authors = AUTHORS_CIFAR10 if set(rows["dataset"]) == {"cifar10"} else None
-        budgets = budget_markdown({f"profile `{other}`": other_rows, f"profile `{profile}`": rows}, authors=authors)
+        frames = {other: other_rows, profile: rows}
+        budgets = budget_markdown({f"profile `{name}`": df for name, df in frames.items()}, authors=authors)
         files[out / f"{stem}_budgets.md"] = (f"The same methods under two budgets: profile `{other}` against "
                                             f"`{profile}` (labkit.studies.classification_tables.budget_markdown)"
                                             f"\n\n{budgets}\n")
-        frames = {f"profile {other}": other_rows, f"profile {profile}": rows}
         if any(h is not None for df in frames.values() for h in df.get("history", ())):
-            figs.append(plot_budget_curves(frames, title=f"validation accuracy per epoch, profiles {other} and "
+            figs.append(plot_budget_curves({f"profile {name}": df for name, df in frames.items()}, title=f"validation accuracy per epoch, profiles {other} and "
                                                          f"{profile}; {', '.join(sorted(set(rows['dataset'])))}, "
                                                          f"{', '.join(sorted(set(rows['mask'])))} masks"))
             files[out / f"{stem}_budgets.png"] = lambda p, f=figs[-1]: f.savefig(p, dpi=120, format="png")

@@ -424,6 +424,17 @@ def _only_cell(df, what: str) -> tuple[str, str]:
     return keys[0]
 
 
+def _budget_grid(frames: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """The non-empty ``frames`` (label -> rows of one budget) and their methods in display order;
+    raises ``ValueError`` unless every frame holds one data set and mask, the same in all."""
+    frames = {label: df for label, df in frames.items() if len(df)}
+    cells = {label: _only_cell(df, label) for label, df in frames.items()}
+    if len(set(cells.values())) > 1:
+        raise ValueError(f"the budgets compare different data: {cells}")
+    present = set().union(*(set(df["method"]) for df in frames.values())) if frames else set()
+    return frames, [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
 def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] = BUDGET_PAIRS, *,
                     authors: Mapping[str, Sequence[float]] | None = None, level: float = 0.95) -> str:
     """The same methods trained under different budgets, side by side (Markdown; their training
@@ -436,17 +447,12 @@ def budget_markdown(frames: Mapping[str, Any], pairs: Sequence[tuple[str, str]] 
     paired differences of ``pairs`` per budget (mean ± the t-based ``level`` half-width over seeds,
     n, p; "resolved" where the interval excludes 0) beside the same difference in ``authors``' logs
     (means of their runs)."""
-    frames = {label: df for label, df in frames.items() if len(df)}
+    frames, methods = _budget_grid(frames)
     if not frames:
         return "(no results yet)"
-    cells = {label: _only_cell(df, label) for label, df in frames.items()}
-    if len(set(cells.values())) > 1:
-        raise ValueError(f"the budgets compare different data: {cells}")
     labels = list(frames)
     authors = authors or {}
     lines = [f"- **{label}**: {settings_line(df) or 'settings not recorded'}" for label, df in frames.items()]
-    present = set().union(*(set(df["method"]) for df in frames.values()))
-    methods = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
     head = [h for label in labels for h in (label, f"{label}, last epoch")] + (["authors' log"] if authors else [])
     lines += ["", "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for meth in methods:
@@ -501,12 +507,7 @@ def plot_budget_curves(frames: Mapping[str, Any], path: str | os.PathLike | None
     figure. Raises ``ValueError`` when no row has a history."""
     import matplotlib.pyplot as plt
 
-    frames = {label: df for label, df in frames.items() if len(df)}
-    cells = {label: _only_cell(df, label) for label, df in frames.items()}
-    if len(set(cells.values())) > 1:
-        raise ValueError(f"the budgets compare different data: {cells}")
-    present = set().union(*(set(df["method"]) for df in frames.values())) if frames else set()
-    methods = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    frames, methods = _budget_grid(frames)
     styles = ["--", "-", ":", "-."]
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     drawn = 0
