@@ -519,9 +519,10 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
                                             f"`{profile}` (labkit.studies.classification_tables.budget_markdown)"
                                             f"\n\n{budgets}\n")
         if any(h is not None for df in frames.values() for h in df.get("history", ())):
-            figs.append(plot_budget_curves({f"profile {name}": df for name, df in frames.items()}, title=f"validation accuracy per epoch, profiles {other} and "
-                                                         f"{profile}; {', '.join(sorted(set(rows['dataset'])))}, "
-                                                         f"{', '.join(sorted(set(rows['mask'])))} masks"))
+            # Markdown labels carry backticks; the figure legend gets the same names without them.
+            what = f"{', '.join(sorted(set(rows['dataset'])))}, {', '.join(sorted(set(rows['mask'])))} masks"
+            figs.append(plot_budget_curves({f"profile {name}": df for name, df in frames.items()},
+                                           title=f"validation accuracy per epoch, profiles {other} and {profile}; {what}"))
             files[out / f"{stem}_budgets.png"] = lambda p, f=figs[-1]: f.savefig(p, dpi=120, format="png")
     write_files(files)
     for f in figs:
