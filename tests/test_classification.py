@@ -575,3 +575,38 @@ def test_write_report_beside_another_budget_adds_its_pairs_curves_and_block(tmp_
     assert pair in text and "| `dmfa_mean_incomplete` − `zero` | +2.00 ± 0.00 (n=2" in text
     names = [p.name for p in clf.write_report(cfg, full)]
     assert "accuracy_budgets.md" not in names and pair not in (tmp_path / "full" / "accuracy_paired.md").read_text()
+
+
+def test_seeds_markdown_gives_each_cells_own_accuracy_with_its_last_epoch():
+    """Per seed, the validation-picked accuracy with the last epoch's in brackets, a dash for a
+    seed without a row, methods in the table order (zero before the DMFA fronts) and a mask column
+    only where there are several; the expected lines are written out by hand."""
+    import pandas as pd
+
+    from labkit.studies.classification_tables import seeds_markdown
+
+    df = pd.DataFrame([("dmfa_mean_incomplete", "square", 1, 0.6651, 0.6664),
+                       ("zero", "square", 0, 0.6562, 0.6565), ("zero", "square", 1, 0.6428, 0.6428),
+                       ("dmfa_mean_incomplete", "square", 0, 0.6631, 0.6704)],
+                      columns=["method", "mask", "seed", "accuracy", "accuracy_last"])
+    assert seeds_markdown(df).splitlines() == [
+        "| method | seed 0 | seed 1 |", "|---|---|---|",
+        "| zero | 0.6562 (0.6565) | 0.6428 (0.6428) |",
+        "| dmfa_mean_incomplete | 0.6631 (0.6704) | 0.6651 (0.6664) |"]
+    two = pd.concat([df.iloc[:2], pd.DataFrame([("zero", "noise", 1, 0.9, float("nan"))], columns=df.columns)])
+    assert seeds_markdown(two).splitlines()[2:] == [
+        "| zero | square | 0.6562 (0.6565) | – |", "| zero | noise | – | 0.9000 |",
+        "| dmfa_mean_incomplete | square | – | 0.6651 (0.6664) |"]
+    assert seeds_markdown(df.iloc[:0]) == "(no results yet)"
+
+
+def test_write_report_fills_the_seeds_block_where_the_doc_has_one(tmp_path):
+    cfg = _config(tmp_path, methods=["zero", "pc"], seeds=[0, 1])
+    clf.run(cfg, _run_cell=_fake_runner([]), progress=False)
+    rows = clf.read_rows(cfg, clf.plan(cfg))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- s-table:start -->\n<!-- s-table:end -->\n<!-- s-seeds:start -->\n<!-- s-seeds:end -->\n")
+    clf.write_report(cfg, rows, doc=doc, marker="s")
+    block = doc.read_text().split("<!-- s-seeds:start -->\n")[1].split("\n<!-- s-seeds:end -->")[0]
+    assert block.splitlines() == ["| method | seed 0 | seed 1 |", "|---|---|---|",
+                                  "| zero | 0.5000 | 0.5100 |", "| pc | 0.5000 | 0.5100 |"]

@@ -74,7 +74,7 @@ from labkit.studies.classification_predictions import (PREDICTIONS_FORMAT, decod
 from labkit.studies.classification_tables import (AUTHORS_CIFAR10, AUTHORS_SQUARE, BUDGET_PAIRS, MASK_ORDER,
                                                   METHOD_ORDER, PAIRS, PAPER_TABLE1, budget_markdown, check_table_settings,
                                                   paired_differences, paired_markdown, paired_results, pivot_table,
-                                                  plot_budget_curves, plot_paired, plot_results, results_path,
+                                                  plot_budget_curves, plot_paired, plot_results, results_path, seeds_markdown,
                                                   settings_line, table_markdown, update_markdown_table)
 from labkit.studies.classification_diagnostics import diagnostics
 from labkit.studies.configs import ClassificationConfig
@@ -482,7 +482,8 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
 
     With ``doc`` (a Markdown file), also the blocks between its ``<!-- <marker>-table:start/end -->``
     markers and, where it has them, ``<!-- <marker>-paired:start/end -->`` and
-    ``<!-- <marker>-budgets:start/end -->``. Returns the files written (none when ``rows`` is empty).
+    ``<!-- <marker>-budgets:start/end -->`` and ``<!-- <marker>-seeds:start/end -->`` (each cell's
+    accuracy per seed, :func:`seeds_markdown`). Returns the files written (none when ``rows`` is empty).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -535,5 +536,7 @@ def write_report(cfg: ClassificationConfig, rows: pd.DataFrame, *, doc: str | os
             replace_marked_block(doc, f"{marker}-paired", paired)
         if budgets is not None and f"<!-- {marker}-budgets:start -->" in text:
             replace_marked_block(doc, f"{marker}-budgets", budgets)
+        if f"<!-- {marker}-seeds:start -->" in text:
+            replace_marked_block(doc, f"{marker}-seeds", seeds_markdown(rows))
         written.append(Path(doc))
     return written

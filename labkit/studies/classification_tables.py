@@ -189,6 +189,37 @@ def table_markdown(df, **kw) -> str:
     return "\n".join(lines)
 
 
+def seeds_markdown(df) -> str:
+    """Every cell's own test accuracy as a Markdown table: rows = method (and mask where there are
+    several), columns = seeds, each cell the validation-picked epoch's accuracy with the last
+    epoch's in brackets (what the authors reported), "–" where a seed has no row. The pivot gives
+    means over seeds; this is the per-seed record beside it, read from the same rows."""
+    if df.empty:
+        return "(no results yet)"
+    check_table_settings(df)
+    masks = [m for m in MASK_ORDER if m in set(df["mask"])] + sorted(set(df["mask"]) - set(MASK_ORDER))
+    methods = [m for m in METHOD_ORDER if m in set(df["method"])] + sorted(set(df["method"]) - set(METHOD_ORDER))
+    seeds = sorted(set(int(s) for s in df["seed"]))
+    several = len(masks) > 1
+    lines = ["| method | " + ("mask | " if several else "") + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (1 + several + len(seeds)) + "|"]
+    for meth in methods:
+        for mk in masks:
+            sel = df[(df["method"] == meth) & (df["mask"] == mk)]
+            if sel.empty:
+                continue
+            cells = []
+            for s in seeds:
+                r = sel[sel["seed"].astype(int) == s]
+                if r.empty:
+                    cells.append("–")
+                    continue
+                last = r["accuracy_last"].iloc[0] if "accuracy_last" in r.columns else float("nan")
+                cells.append(f"{r['accuracy'].iloc[0]:.4f}" + (f" ({last:.4f})" if last == last else ""))
+            lines.append(f"| {meth} | " + (f"{mk} | " if several else "") + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def update_markdown_table(md_path: str | os.PathLike, df, *, name: str = "classification-table", **kw) -> bool:
     """Replace the text between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in ``md_path``
     with :func:`table_markdown` of ``df`` (plus a line saying how many cells it holds).
